@@ -1,0 +1,529 @@
+//! The configuration file: one TOML document, every key optional, every value checked.
+//!
+//! A value that is wrong is reported with the file, line and column, the key's full path
+//! (`pool.block_size`), what was wrong and what is allowed. Unknown keys are refused, so a typo
+//! never silently means "default".
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::error::{Error, Result};
+use crate::kernel::fs::FsType;
+use crate::names::PoolName;
+use crate::units::{ByteSize, Percent};
+
+/// Where the daemon looks for its configuration when none is named.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/thinstack/thinstack.toml";
+
+/// Smallest and largest pool block size the kernel accepts (`thin-provisioning.rst`:
+/// 64 KiB to 1 GiB, a multiple of 64 KiB).
+pub const BLOCK_SIZE_MIN: ByteSize = ByteSize::from_bytes(64 * 1024);
+/// See [`BLOCK_SIZE_MIN`].
+pub const BLOCK_SIZE_MAX: ByteSize = ByteSize::gib(1);
+
+/// Metadata device bounds: the kernel uses at most about 16 GiB of it
+/// (`THIN_METADATA_MAX_SECTORS` in `dm-thin-metadata.h`); below 2 MiB it cannot be formatted.
+pub const METADATA_SIZE_MIN: ByteSize = ByteSize::mib(2);
+/// See [`METADATA_SIZE_MIN`].
+pub const METADATA_SIZE_MAX: ByteSize = ByteSize::gib(16);
+
+/// mkfs.xfs (xfsprogs 5.19 and later) refuses new filesystems below 300 MiB.
+pub const XFS_SIZE_MIN: ByteSize = ByteSize::mib(300);
+
+/// Smallest layer size accepted for ext4.
+pub const EXT4_SIZE_MIN: ByteSize = ByteSize::mib(16);
+
+/// The whole configuration, with defaults for everything absent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Records, loop files and default mount points.
+    pub state_dir: AbsolutePath,
+    /// The API socket.
+    pub socket: AbsolutePath,
+    /// The thin pool.
+    pub pool: PoolConfig,
+    /// Defaults for layers.
+    pub layers: LayersConfig,
+}
+
+/// `[pool]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Device-mapper pool name (prefixed with `thinstack-1-`).
+    pub name: PoolName,
+    /// Where the pool's data and metadata live.
+    pub backend: Backend,
+    /// The pool's allocation unit.
+    pub block_size: BlockSize,
+    /// Refuse new layers when free data or metadata is below this share.
+    pub min_free_space: Percent,
+    /// `[pool.loop]`
+    #[serde(rename = "loop")]
+    pub loop_files: LoopConfig,
+}
+
+/// `pool.backend`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Sparse files under the state directory attached to loop devices.
+    Loop,
+}
+
+/// `[pool.loop]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoopConfig {
+    /// Size of the sparse data file.
+    pub data_size: ByteSize,
+    /// Size of the sparse metadata file.
+    pub metadata_size: MetadataSize,
+}
+
+/// `[layers]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LayersConfig {
+    /// Virtual size of a new base layer.
+    pub base_size: ByteSize,
+    /// Filesystem made on base layers.
+    pub filesystem: FsType,
+    /// Extra arguments for mkfs, appended after thinstack's own.
+    pub mkfs_args: Vec<String>,
+    /// Extra mount options, one per element.
+    pub mount_options: Vec<MountOption>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: AbsolutePath(PathBuf::from("/var/lib/thinstack")),
+            socket: AbsolutePath(PathBuf::from("/run/thinstack/thinstack.sock")),
+            pool: PoolConfig::default(),
+            layers: LayersConfig::default(),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            name: PoolName::new("thinstack").expect("valid default"),
+            backend: Backend::Loop,
+            block_size: BlockSize(BLOCK_SIZE_MIN),
+            min_free_space: Percent::new(10).expect("valid default"),
+            loop_files: LoopConfig::default(),
+        }
+    }
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            data_size: ByteSize::gib(100),
+            metadata_size: MetadataSize(ByteSize::gib(2)),
+        }
+    }
+}
+
+impl Default for LayersConfig {
+    fn default() -> Self {
+        LayersConfig {
+            base_size: ByteSize::gib(10),
+            filesystem: FsType::Ext4,
+            mkfs_args: Vec::new(),
+            mount_options: Vec::new(),
+        }
+    }
+}
+
+/// An absolute path (relative paths in a daemon's config depend on where it was started).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct AbsolutePath(PathBuf);
+
+impl AbsolutePath {
+    /// The path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// An absolute path; relative ones, and ones with `..`, are refused.
+    pub fn new(path: impl Into<PathBuf>) -> std::result::Result<Self, String> {
+        let path = path.into();
+        if !path.is_absolute() {
+            return Err(format!(
+                "{} is a relative path; write an absolute path such as \"/var/lib/thinstack\"",
+                path.display()
+            ));
+        }
+        if path.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(format!("{} contains \"..\"; write the path without it", path.display()));
+        }
+        Ok(AbsolutePath(path))
+    }
+}
+
+impl<'de> Deserialize<'de> for AbsolutePath {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        AbsolutePath::new(PathBuf::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The pool's block size: a multiple of 64K from 64K to 1G.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct BlockSize(ByteSize);
+
+impl BlockSize {
+    /// The size.
+    pub fn size(self) -> ByteSize {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let size = ByteSize::deserialize(d)?;
+        let in_range = (BLOCK_SIZE_MIN..=BLOCK_SIZE_MAX).contains(&size);
+        if !in_range || !size.is_multiple_of(BLOCK_SIZE_MIN) {
+            return Err(serde::de::Error::custom(format!(
+                "block size {size} is not allowed; it must be a multiple of 64K from 64K to 1G (such as \"64K\", \"512K\", \"1M\")"
+            )));
+        }
+        Ok(BlockSize(size))
+    }
+}
+
+/// The metadata area's size: 2M to 16G.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct MetadataSize(ByteSize);
+
+impl MetadataSize {
+    /// The size.
+    pub fn size(self) -> ByteSize {
+        self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for MetadataSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let size = ByteSize::deserialize(d)?;
+        if !(METADATA_SIZE_MIN..=METADATA_SIZE_MAX).contains(&size) {
+            return Err(serde::de::Error::custom(format!(
+                "metadata size {size} is out of range; it must be from 2M to 16G (the kernel uses at most about 16G)"
+            )));
+        }
+        Ok(MetadataSize(size))
+    }
+}
+
+/// One mount option such as `noatime` or `commit=60`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct MountOption(String);
+
+impl MountOption {
+    /// The option text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for MountOption {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() || text.contains(',') || text.contains('\0') {
+            return Err(serde::de::Error::custom(format!(
+                "mount option {text:?} is not allowed; write one non-empty option per element, such as [\"noatime\", \"commit=60\"]"
+            )));
+        }
+        Ok(MountOption(text))
+    }
+}
+
+impl Config {
+    /// Load the configuration from `path`; when `path` is the default and absent, all defaults.
+    ///
+    /// A path named explicitly must exist. Returns an `Invalid` error with line and column for
+    /// any malformed or out-of-range value.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let (path, explicit) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                Ok(Config::default())
+            }
+            Err(e) => Err(Error::io(format!("reading config {}", path.display()), e)),
+        }
+    }
+
+    /// Parse and check TOML text; `origin` names it in errors (a file path).
+    pub fn parse(text: &str, origin: &str) -> Result<Config> {
+        let config = deserialize(text).map_err(|e| e.into_error(text, origin))?;
+        config
+            .check()
+            .map_err(|e| e.into_error(text, origin))?;
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML, every key present.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a Config always serializes")
+    }
+
+    /// Checks that involve more than one key.
+    fn check(&self) -> std::result::Result<(), KeyError> {
+        let block = self.pool.block_size.size();
+        if self.pool.loop_files.data_size < block {
+            return Err(KeyError::new(
+                "pool.loop.data_size",
+                format!(
+                    "data size {} is smaller than one pool block ({block}); make it at least {block}",
+                    self.pool.loop_files.data_size
+                ),
+            ));
+        }
+        let base = self.layers.base_size;
+        let (fs, min) = match self.layers.filesystem {
+            FsType::Xfs => ("xfs", XFS_SIZE_MIN),
+            FsType::Ext4 => ("ext4", EXT4_SIZE_MIN),
+        };
+        if base < min {
+            return Err(KeyError::new(
+                "layers.base_size",
+                format!("base size {base} is too small for {fs}; it must be at least {min}"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Deserialize, keeping the path of the key that failed.
+fn deserialize(text: &str) -> std::result::Result<Config, KeyError> {
+    let de = toml::de::Deserializer::parse(text).map_err(|e| KeyError {
+        key: String::new(),
+        message: e.message().to_string(),
+        span: e.span(),
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        KeyError {
+            key: if key == "." { String::new() } else { key },
+            message: inner.message().to_string(),
+            span: inner.span(),
+        }
+    })
+}
+
+/// A failure tied to a key, before it is placed in the text.
+struct KeyError {
+    key: String,
+    message: String,
+    span: Option<Range<usize>>,
+}
+
+impl KeyError {
+    fn new(key: &str, message: String) -> Self {
+        KeyError {
+            key: key.to_string(),
+            message,
+            span: None,
+        }
+    }
+
+    /// Place the failure at a line and column of `text` and make the user-facing error.
+    fn into_error(self, text: &str, origin: &str) -> Error {
+        let span = self.span.or_else(|| locate_key(text, &self.key));
+        let place = span.map(|s| Place::of(text, s.start));
+        let key = if self.key.is_empty() {
+            String::new()
+        } else {
+            format!("{}: ", self.key)
+        };
+        let message = match place {
+            Some(place) => format!(
+                "invalid configuration {origin}, line {}, column {}: {key}{}\n{place}",
+                place.line, place.column, self.message
+            ),
+            None => format!("invalid configuration {origin}: {key}{}", self.message),
+        };
+        Error::invalid(message)
+    }
+}
+
+/// The span of the value of a dotted `key` in `text`, when the key is written there.
+fn locate_key(text: &str, key: &str) -> Option<Range<usize>> {
+    let document = toml::de::DeTable::parse(text).ok()?;
+    let mut table = document.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (_, value) = table.iter().find(|(k, _)| k.get_ref().as_ref() == part)?;
+        if parts.peek().is_none() {
+            return Some(value.span());
+        }
+        match value.get_ref() {
+            toml::de::DeValue::Table(inner) => table = inner,
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// A line and column (both from 1) and the line's text, for error messages.
+struct Place {
+    line: usize,
+    column: usize,
+    text: String,
+}
+
+impl Place {
+    fn of(text: &str, offset: usize) -> Place {
+        let offset = offset.min(text.len());
+        let before = &text[..offset];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[offset..].find('\n').map_or(text.len(), |i| offset + i);
+        Place {
+            line: before.matches('\n').count() + 1,
+            column: before[line_start..].chars().count() + 1,
+            text: text[line_start..line_end].to_string(),
+        }
+    }
+}
+
+impl fmt::Display for Place {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let gutter = self.line.to_string();
+        writeln!(f, "{gutter} | {}", self.text)?;
+        write!(
+            f,
+            "{} | {}^",
+            " ".repeat(gutter.len()),
+            " ".repeat(self.column - 1)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(text: &str) -> String {
+        Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn empty_text_means_all_defaults() {
+        assert_eq!(Config::parse("", "x").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn absent_default_file_means_defaults_but_named_file_must_exist() {
+        let missing = Path::new("/nonexistent/thinstack.toml");
+        let err = Config::load(Some(missing)).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let text = r#"
+state_dir = "/srv/ts"
+socket = "/run/ts.sock"
+[pool]
+name = "p1"
+backend = "loop"
+block_size = "512K"
+min_free_space = "5%"
+[pool.loop]
+data_size = "1T"
+metadata_size = "4G"
+[layers]
+base_size = "20G"
+filesystem = "xfs"
+mkfs_args = ["-m", "reflink=0"]
+mount_options = ["noatime"]
+"#;
+        let c = Config::parse(text, "x").unwrap();
+        assert_eq!(c.state_dir.path(), Path::new("/srv/ts"));
+        assert_eq!(c.pool.name.as_str(), "p1");
+        assert_eq!(c.pool.block_size.size(), ByteSize::from_bytes(512 * 1024));
+        assert_eq!(c.pool.min_free_space.value(), 5);
+        assert_eq!(c.pool.loop_files.data_size, ByteSize::gib(1024));
+        assert_eq!(c.pool.loop_files.metadata_size.size(), ByteSize::gib(4));
+        assert_eq!(c.layers.filesystem, FsType::Xfs);
+        assert_eq!(c.layers.mkfs_args, ["-m", "reflink=0"]);
+        assert_eq!(c.layers.mount_options[0].as_str(), "noatime");
+    }
+
+    #[test]
+    fn unknown_key_names_key_line_and_column() {
+        let err = error_of("[pool]\nname = \"x\"\nblok_size = \"64K\"\n");
+        assert!(err.contains("line 3, column 1"), "{err}");
+        assert!(err.contains("blok_size"), "{err}");
+        assert!(err.contains("expected one of"), "{err}");
+    }
+
+    #[test]
+    fn malformed_size_names_key_line_and_column() {
+        let err = error_of("[pool.loop]\n\ndata_size = \"10 gigs\"\n");
+        assert!(err.contains("line 3, column 13"), "{err}");
+        assert!(err.contains("pool.loop.data_size"), "{err}");
+        assert!(err.contains("not a size"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_say_what_is_allowed() {
+        let err = error_of("[pool]\nblock_size = \"96K\"\n");
+        assert!(err.contains("pool.block_size") && err.contains("multiple of 64K"), "{err}");
+        let err = error_of("[pool]\nblock_size = \"2G\"\n");
+        assert!(err.contains("from 64K to 1G"), "{err}");
+        let err = error_of("[pool.loop]\nmetadata_size = \"1M\"\n");
+        assert!(err.contains("pool.loop.metadata_size") && err.contains("2M to 16G"), "{err}");
+        let err = error_of("[pool]\nmin_free_space = \"150%\"\n");
+        assert!(err.contains("pool.min_free_space") && err.contains("0% to 100%"), "{err}");
+        let err = error_of("[pool]\nbackend = \"zfs\"\n");
+        assert!(err.contains("pool.backend") && err.contains("loop"), "{err}");
+        let err = error_of("[layers]\nfilesystem = \"btrfs\"\n");
+        assert!(err.contains("layers.filesystem") && err.contains("ext4"), "{err}");
+        let err = error_of("[pool]\nname = \"../etc\"\n");
+        assert!(err.contains("pool.name") && err.contains("pool names are"), "{err}");
+        let err = error_of("state_dir = \"relative/dir\"\n");
+        assert!(err.contains("state_dir") && err.contains("absolute"), "{err}");
+        let err = error_of("[layers]\nmount_options = [\"a,b\"]\n");
+        assert!(err.contains("layers.mount_options") && err.contains("one"), "{err}");
+    }
+
+    #[test]
+    fn cross_key_checks_point_at_the_key() {
+        let err = error_of("[layers]\nfilesystem = \"xfs\"\nbase_size = \"100M\"\n");
+        assert!(err.contains("line 3"), "{err}");
+        assert!(err.contains("layers.base_size") && err.contains("300M"), "{err}");
+        let err = error_of("[pool]\nblock_size = \"1M\"\n[pool.loop]\ndata_size = \"64K\"\n");
+        assert!(err.contains("line 4") && err.contains("pool.loop.data_size"), "{err}");
+    }
+
+    #[test]
+    fn malformed_toml_has_line_and_column() {
+        let err = error_of("[pool\nname = 1\n");
+        assert!(err.contains("line 1"), "{err}");
+        let err = error_of("state_dir = \n");
+        assert!(err.contains("line 1"), "{err}");
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = Config::default();
+        let again = Config::parse(&c.to_toml(), "x").unwrap();
+        assert_eq!(c, again);
+    }
+}

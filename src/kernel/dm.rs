@@ -1,0 +1,391 @@
+//! Device-mapper through the kernel's ioctl interface (the `devicemapper` crate), no `dmsetup`.
+//!
+//! Every multi-step operation undoes what it did when a later step fails: a device whose table
+//! does not load is removed again, and an origin suspended for a snapshot is resumed whether or
+//! not the snapshot message succeeded.
+
+use std::path::PathBuf;
+
+use devicemapper::{
+    DevId, Device, DeviceInfo, DmFlags, DmName, DmNameBuf, DmOptions, DmUuid, ThinPoolStatus,
+    ThinPoolTargetParams, ThinStatus, DM,
+};
+use nix::errno::Errno;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::names::ThinId;
+use crate::units::{DataBlocks, Sectors};
+
+/// The thin-pool target's name in tables and in the kernel's target list.
+pub const THIN_POOL_TARGET: &str = "thin-pool";
+/// The thin target's name.
+pub const THIN_TARGET: &str = "thin";
+
+/// One line of a device-mapper table: start, length (sectors), target type, parameters.
+pub type TableLine = (u64, u64, String, String);
+
+/// A handle on the kernel's device-mapper.
+pub struct Dm {
+    dm: DM,
+}
+
+impl Dm {
+    /// Open `/dev/mapper/control`.
+    ///
+    /// Returns an `Unsupported` error when the kernel has no device-mapper or this is not root.
+    pub fn open() -> Result<Dm> {
+        DM::new()
+            .map(|dm| Dm { dm })
+            .map_err(|e| Error::dm("open", "/dev/mapper/control", e))
+    }
+
+    /// Whether a device named `name` exists.
+    pub fn exists(&self, name: &DmName) -> Result<bool> {
+        match self.dm.device_info(&DevId::Name(name)) {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let err = Error::dm("look up", &name.to_string(), e);
+                if err.kind() == ErrorKind::NotFound {
+                    Ok(false)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// The device's info (device number, open count, flags).
+    pub fn info(&self, name: &DmName) -> Result<DeviceInfo> {
+        self.dm
+            .device_info(&DevId::Name(name))
+            .map_err(|e| Error::dm("look up", &name.to_string(), e))
+    }
+
+    /// Names of all dm devices whose name starts with `prefix`.
+    pub fn list_with_prefix(&self, prefix: &str) -> Result<Vec<DmNameBuf>> {
+        let devices = self
+            .dm
+            .list_devices()
+            .map_err(|e| Error::dm("list", "devices", e))?;
+        Ok(devices
+            .into_iter()
+            .map(|(name, _, _)| name)
+            .filter(|name| name.to_string().starts_with(prefix))
+            .collect())
+    }
+
+    /// Create device `name` with `table` and make it live (resume).
+    ///
+    /// When loading the table or resuming fails, the half-made device is removed again, so a
+    /// failure leaves nothing behind. `read_only` makes the device refuse writes.
+    pub fn create_device(
+        &self,
+        name: &DmName,
+        uuid: Option<&DmUuid>,
+        table: &[TableLine],
+        read_only: bool,
+    ) -> Result<DeviceInfo> {
+        let flags = if read_only {
+            DmFlags::DM_READONLY
+        } else {
+            DmFlags::empty()
+        };
+        self.dm
+            .device_create(name, uuid, DmOptions::default().set_flags(flags))
+            .map_err(|e| Error::dm("create", &name.to_string(), e))?;
+        let id = DevId::Name(name);
+        let loaded = self
+            .dm
+            .table_load(&id, table, DmOptions::default().set_flags(flags))
+            .map_err(|e| self.explain_table_error(name, table, e))
+            .and_then(|_| self.resume(name));
+        match loaded {
+            Ok(info) => Ok(info),
+            Err(err) => {
+                if let Err(undo) = self.remove_device(name) {
+                    tracing::error!(device = %name, error = %undo, "could not remove half-made device");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// A table-load failure, with the likely reason: a missing target module is named.
+    fn explain_table_error(
+        &self,
+        name: &DmName,
+        table: &[TableLine],
+        err: devicemapper::DmError,
+    ) -> Error {
+        let err = Error::dm("load table of", &name.to_string(), err);
+        if err.errno() != Some(Errno::EINVAL) {
+            return err;
+        }
+        let loaded = self.loaded_targets().unwrap_or_default();
+        let missing: Vec<&str> = table
+            .iter()
+            .map(|(_, _, target, _)| target.as_str())
+            .filter(|target| !loaded.iter().any(|t| t == target))
+            .collect();
+        match missing.first() {
+            Some(target) => Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "load table of {name}: the kernel lacks the device-mapper {target} target; \
+                     load it with `modprobe dm-{module}` or use a kernel built with it",
+                    module = if *target == THIN_POOL_TARGET || *target == THIN_TARGET {
+                        "thin-pool"
+                    } else {
+                        target
+                    }
+                ),
+            ),
+            None => err,
+        }
+    }
+
+    /// Names of the targets the kernel has loaded.
+    pub fn loaded_targets(&self) -> Result<Vec<String>> {
+        self.dm
+            .list_versions()
+            .map(|v| v.into_iter().map(|(name, ..)| name).collect())
+            .map_err(|e| Error::dm("list", "targets", e))
+    }
+
+    /// Remove device `name`. The crate retries EBUSY a few times (200 ms apart) because udev
+    /// may still hold a device briefly after it changed.
+    pub fn remove_device(&self, name: &DmName) -> Result<()> {
+        self.dm
+            .device_remove(&DevId::Name(name), DmOptions::default())
+            .map(|_| ())
+            .map_err(|e| Error::dm("remove", &name.to_string(), e))
+    }
+
+    /// Suspend `name`: I/O is flushed and a filesystem on it frozen until [`Dm::resume`].
+    pub fn suspend(&self, name: &DmName) -> Result<DeviceInfo> {
+        self.dm
+            .device_suspend(
+                &DevId::Name(name),
+                DmOptions::default().set_flags(DmFlags::DM_SUSPEND),
+            )
+            .map_err(|e| Error::dm("suspend", &name.to_string(), e))
+    }
+
+    /// Resume `name` (also makes a newly loaded table live).
+    pub fn resume(&self, name: &DmName) -> Result<DeviceInfo> {
+        self.dm
+            .device_suspend(&DevId::Name(name), DmOptions::default())
+            .map_err(|e| Error::dm("resume", &name.to_string(), e))
+    }
+
+    /// Load `table` into `name`'s inactive slot and make it live, with `name` suspended in
+    /// between (used to grow a pool or a thin device).
+    pub fn reload(&self, name: &DmName, table: &[TableLine]) -> Result<()> {
+        self.dm
+            .table_load(&DevId::Name(name), table, DmOptions::default())
+            .map_err(|e| Error::dm("load table of", &name.to_string(), e))?;
+        self.suspend(name)?;
+        self.resume(name).map(|_| ())
+    }
+
+    /// Send `message` to the pool `pool` and return its answer, if any.
+    pub fn message(&self, pool: &DmName, message: &str) -> Result<Option<String>> {
+        self.dm
+            .target_msg(&DevId::Name(pool), None, message)
+            .map(|(_, answer)| answer)
+            .map_err(|e| {
+                let verb = message.split_whitespace().next().unwrap_or(message);
+                Error::dm(&format!("{verb} message to"), &pool.to_string(), e)
+            })
+    }
+
+    /// The live table of `name`.
+    pub fn table(&self, name: &DmName) -> Result<Vec<TableLine>> {
+        self.dm
+            .table_status(
+                &DevId::Name(name),
+                DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
+            )
+            .map(|(_, table)| table)
+            .map_err(|e| Error::dm("read table of", &name.to_string(), e))
+    }
+
+    /// The live status line(s) of `name`.
+    fn status_lines(&self, name: &DmName) -> Result<Vec<TableLine>> {
+        self.dm
+            .table_status(&DevId::Name(name), DmOptions::default())
+            .map(|(_, status)| status)
+            .map_err(|e| Error::dm("read status of", &name.to_string(), e))
+    }
+
+    /// The thin pool's status (transaction id, usage, health).
+    pub fn pool_status(&self, pool: &DmName) -> Result<ThinPoolStatus> {
+        let lines = self.status_lines(pool)?;
+        let line = single_line(pool, &lines, THIN_POOL_TARGET)?;
+        line.parse()
+            .map_err(|e| Error::dm("parse status of", &pool.to_string(), e))
+    }
+
+    /// A thin device's status (mapped sectors).
+    pub fn thin_status(&self, name: &DmName) -> Result<ThinStatus> {
+        let lines = self.status_lines(name)?;
+        let line = single_line(name, &lines, THIN_TARGET)?;
+        line.parse()
+            .map_err(|e| Error::dm("parse status of", &name.to_string(), e))
+    }
+
+    /// Make a new, empty thin device `id` in `pool`.
+    pub fn create_thin(&self, pool: &DmName, id: ThinId) -> Result<()> {
+        self.message(pool, &format!("create_thin {id}")).map(|_| ())
+    }
+
+    /// Make thin device `new` a snapshot of `origin`.
+    ///
+    /// When the origin is active (`origin_active` names its dm device), it is suspended around
+    /// the message, as the kernel documentation requires, so the snapshot is consistent: a
+    /// filesystem on it is frozen with its data flushed. The origin is resumed in every case,
+    /// also when the message fails.
+    pub fn snapshot(
+        &self,
+        pool: &DmName,
+        origin: ThinId,
+        origin_active: Option<&DmName>,
+        new: ThinId,
+    ) -> Result<()> {
+        let message = format!("create_snap {new} {origin}");
+        let Some(active) = origin_active else {
+            return self.message(pool, &message).map(|_| ());
+        };
+        self.suspend(active)?;
+        let created = self.message(pool, &message);
+        let resumed = self.resume(active);
+        match (created, resumed) {
+            (Ok(_), Ok(_)) => Ok(()),
+            (Err(err), Ok(_)) => Err(err),
+            (Ok(_), Err(err)) => Err(err.context(format!(
+                "snapshot {new} of {origin} was made, but its origin {active} stayed suspended"
+            ))),
+            (Err(err), Err(resume_err)) => {
+                tracing::error!(device = %active, error = %resume_err, "could not resume origin after failed snapshot");
+                Err(err.context(format!(
+                    "origin {active} also could not be resumed ({resume_err})"
+                )))
+            }
+        }
+    }
+
+    /// Delete thin device `id` from `pool`; it must not be active.
+    pub fn delete_thin(&self, pool: &DmName, id: ThinId) -> Result<()> {
+        self.message(pool, &format!("delete {id}")).map(|_| ())
+    }
+
+    /// Set the pool's transaction id from `old` to `new` (refused unless `old` is current).
+    pub fn set_transaction_id(&self, pool: &DmName, old: u64, new: u64) -> Result<()> {
+        self.message(pool, &format!("set_transaction_id {old} {new}"))
+            .map(|_| ())
+    }
+}
+
+/// The one status line of a single-target device, checked to be of `target` type.
+fn single_line<'a>(name: &DmName, lines: &'a [TableLine], target: &str) -> Result<&'a str> {
+    match lines {
+        [(_, _, kind, line)] if kind == target => Ok(line),
+        _ => Err(Error::inconsistent(format!(
+            "{name} is not a {target} device (its table has {} line(s): {:?})",
+            lines.len(),
+            lines.iter().map(|l| l.2.as_str()).collect::<Vec<_>>()
+        ))),
+    }
+}
+
+/// The table of a thin pool over `metadata` and `data`.
+///
+/// `skip_block_zeroing`: a new block is not zeroed before first use; every layer gets a fresh
+/// filesystem or is a snapshot, so stale data is never exposed through a filesystem, and zeroing
+/// would double the cost of every first write.
+pub fn thin_pool_table(
+    metadata: Device,
+    data: Device,
+    data_length: Sectors,
+    block_size: Sectors,
+    low_water_mark: DataBlocks,
+) -> Vec<TableLine> {
+    use devicemapper::TargetParams;
+    let params = ThinPoolTargetParams::new(
+        metadata,
+        data,
+        block_size,
+        low_water_mark,
+        vec!["skip_block_zeroing".to_string()],
+    );
+    vec![(
+        0,
+        *data_length,
+        THIN_POOL_TARGET.to_string(),
+        params.param_str(),
+    )]
+}
+
+/// The table of thin device `id` of `pool`, `length` long.
+pub fn thin_table(pool: Device, id: ThinId, length: Sectors) -> Vec<TableLine> {
+    vec![(
+        0,
+        *length,
+        THIN_TARGET.to_string(),
+        format!("{pool} {id}"),
+    )]
+}
+
+/// The thin-pool parameters in a live table line, for checking an existing pool.
+pub fn parse_thin_pool_params(params: &str) -> Result<ThinPoolTargetParams> {
+    format!("{THIN_POOL_TARGET} {params}")
+        .parse()
+        .map_err(|e| Error::dm("parse table", "thin-pool", e))
+}
+
+/// The node of a dm device that the kernel itself creates (devtmpfs), present as soon as the
+/// device exists, with or without udev.
+pub fn kernel_node(info: &DeviceInfo) -> PathBuf {
+    PathBuf::from(format!("/dev/dm-{}", info.device().minor))
+}
+
+/// The `/dev/mapper/<name>` link that udev makes.
+pub fn mapper_path(name: &DmName) -> PathBuf {
+    PathBuf::from("/dev/mapper").join(name.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_table_has_block_size_low_water_mark_and_skip_zeroing() {
+        let table = thin_pool_table(
+            Device { major: 7, minor: 1 },
+            Device { major: 7, minor: 0 },
+            Sectors(2048 * 128),
+            Sectors(128),
+            DataBlocks(100),
+        );
+        assert_eq!(table.len(), 1);
+        let (start, length, target, params) = &table[0];
+        assert_eq!((*start, *length, target.as_str()), (0, 262144, "thin-pool"));
+        assert_eq!(params, "7:1 7:0 128 100 1 skip_block_zeroing");
+        let parsed = parse_thin_pool_params(params).unwrap();
+        assert_eq!(parsed.data_block_size, Sectors(128));
+        assert_eq!(parsed.metadata_dev, Device { major: 7, minor: 1 });
+    }
+
+    #[test]
+    fn thin_table_names_pool_and_id() {
+        let table = thin_table(
+            Device {
+                major: 253,
+                minor: 0,
+            },
+            ThinId::new(42).unwrap(),
+            Sectors(2048),
+        );
+        assert_eq!(table[0], (0, 2048, "thin".to_string(), "253:0 42".to_string()));
+    }
+}

@@ -1,0 +1,214 @@
+//! Names and ids: the pool's name, thin device ids, and the device-mapper names derived from
+//! them.
+//!
+//! Every device-mapper name thinstack creates starts with [`DM_PREFIX`], which carries a format
+//! version, so leftovers can be found by prefix and a future layout can live beside this one.
+//! Names are computed from the pool name and thin ids, never from user-chosen layer names, so a
+//! half-built device can always be found again by recomputing its name.
+
+use std::fmt;
+use std::str::FromStr;
+
+use devicemapper::{DmName, DmNameBuf, DmUuid, DmUuidBuf, ThinDevId};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Result};
+
+/// The format version carried in every device-mapper name and uuid.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The prefix of every device-mapper name and uuid thinstack creates.
+pub const DM_PREFIX: &str = "thinstack-1-";
+
+/// Longest pool name: keeps every derived dm name far below the kernel's 127-byte limit
+/// (`DM_NAME_LEN` in `linux/dm-ioctl.h`): "thinstack-1-" (12) + 32 + "-thin-" (6) + 8 digits
+/// of a 24-bit id = 58.
+pub const POOL_NAME_MAX: usize = 32;
+
+/// Largest thin device id the kernel accepts (24 bits; `Documentation/admin-guide/device-mapper/thin-provisioning.rst`).
+pub const THIN_ID_MAX: u32 = (1 << 24) - 1;
+
+/// A validated pool name: `[A-Za-z0-9][A-Za-z0-9._-]{0,31}`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolName(String);
+
+impl PoolName {
+    /// Validate `name`.
+    ///
+    /// Returns an `Invalid` error naming the rule when the name is empty, too long, or holds a
+    /// character other than letters, digits, `.`, `_` and `-` (or starts with one of the last three).
+    pub fn new(name: &str) -> Result<Self> {
+        let rule = "pool names are 1 to 32 characters: letters, digits, '.', '_' and '-', starting with a letter or digit";
+        let valid_first = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+        let valid_rest = name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid_first || !valid_rest || name.len() > POOL_NAME_MAX {
+            return Err(Error::invalid(format!(
+                "invalid pool name {name:?}: {rule}"
+            )));
+        }
+        Ok(PoolName(name.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The thin-pool device's name: `thinstack-1-<pool>-pool`.
+    pub fn pool_dm_name(&self) -> DmNameBuf {
+        dm_name(format!("{DM_PREFIX}{}-pool", self.0))
+    }
+
+    /// The thin-pool device's uuid, same text as its name.
+    pub fn pool_dm_uuid(&self) -> DmUuidBuf {
+        dm_uuid(format!("{DM_PREFIX}{}-pool", self.0))
+    }
+
+    /// An active thin device's name: `thinstack-1-<pool>-thin-<id>`.
+    pub fn thin_dm_name(&self, id: ThinId) -> DmNameBuf {
+        dm_name(format!("{DM_PREFIX}{}-thin-{}", self.0, id.0))
+    }
+
+    /// An active thin device's uuid, same text as its name.
+    pub fn thin_dm_uuid(&self, id: ThinId) -> DmUuidBuf {
+        dm_uuid(format!("{DM_PREFIX}{}-thin-{}", self.0, id.0))
+    }
+
+    /// The prefix shared by every dm device of this pool, for finding leftovers.
+    pub fn dm_prefix(&self) -> String {
+        format!("{DM_PREFIX}{}-", self.0)
+    }
+}
+
+/// Names built from validated parts always fit the kernel's limits; a failure is a bug here.
+fn dm_name(text: String) -> DmNameBuf {
+    DmNameBuf::new(text).expect("dm names from validated parts fit DM_NAME_LEN")
+}
+
+fn dm_uuid(text: String) -> DmUuidBuf {
+    DmUuidBuf::new(text).expect("dm uuids from validated parts fit DM_UUID_LEN")
+}
+
+/// The thin id of a device name of `pool`, if `name` is one of its thin devices.
+pub fn parse_thin_dm_name(pool: &PoolName, name: &DmName) -> Option<ThinId> {
+    let prefix = format!("{}thin-", pool.dm_prefix());
+    name.to_string()
+        .strip_prefix(&prefix)
+        .and_then(|id| id.parse::<u32>().ok())
+        .and_then(|id| ThinId::new(id).ok())
+}
+
+/// The uuid type used with dm devices, re-exported for callers building devices.
+pub type Uuid<'a> = &'a DmUuid;
+
+impl fmt::Display for PoolName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for PoolName {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        PoolName::new(text)
+    }
+}
+
+impl Serialize for PoolName {
+    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PoolName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        PoolName::new(&text).map_err(|e| serde::de::Error::custom(e.message()))
+    }
+}
+
+/// A thin device id in the pool: 24 bits, checked when built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "u32", into = "u32")]
+pub struct ThinId(u32);
+
+impl ThinId {
+    /// A thin id; values above [`THIN_ID_MAX`] are refused.
+    pub fn new(value: u32) -> Result<Self> {
+        if value > THIN_ID_MAX {
+            return Err(Error::invalid(format!(
+                "thin device id {value} is out of range (0 to {THIN_ID_MAX})"
+            )));
+        }
+        Ok(ThinId(value))
+    }
+
+    /// The id as a number.
+    pub fn value(self) -> u32 {
+        self.0
+    }
+
+    /// The devicemapper crate's id type.
+    pub fn dm(self) -> ThinDevId {
+        ThinDevId::new_u64(u64::from(self.0)).expect("checked to 24 bits")
+    }
+}
+
+impl TryFrom<u32> for ThinId {
+    type Error = String;
+    fn try_from(value: u32) -> std::result::Result<Self, String> {
+        ThinId::new(value).map_err(|e| e.message().to_string())
+    }
+}
+
+impl From<ThinId> for u32 {
+    fn from(id: ThinId) -> u32 {
+        id.0
+    }
+}
+
+impl fmt::Display for ThinId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_names_are_checked() {
+        for good in ["thinstack", "a", "Pool-1.x_y", &"p".repeat(32)] {
+            assert!(PoolName::new(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-x", ".x", "a/b", "..", "a b", "a\0b", &"p".repeat(33), "é"] {
+            let err = PoolName::new(bad).unwrap_err();
+            assert!(err.to_string().contains("pool names are"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn dm_names_carry_the_versioned_prefix_and_round_trip() {
+        let pool = PoolName::new("p").unwrap();
+        assert_eq!(pool.pool_dm_name().to_string(), "thinstack-1-p-pool");
+        let id = ThinId::new(THIN_ID_MAX).unwrap();
+        let name = pool.thin_dm_name(id);
+        assert_eq!(name.to_string(), "thinstack-1-p-thin-16777215");
+        assert_eq!(parse_thin_dm_name(&pool, &name), Some(id));
+        assert_eq!(parse_thin_dm_name(&pool, &pool.pool_dm_name()), None);
+        let longest = PoolName::new(&"p".repeat(32)).unwrap();
+        assert!(longest.thin_dm_name(id).to_string().len() <= 127);
+    }
+
+    #[test]
+    fn thin_ids_are_24_bit() {
+        assert!(ThinId::new(THIN_ID_MAX).is_ok());
+        assert!(ThinId::new(THIN_ID_MAX + 1).is_err());
+    }
+}

@@ -1,0 +1,319 @@
+//! Sizes and percentages as users write them (`64K`, `10G`, `10%`), as typed values.
+//!
+//! Kernel-facing units (`Bytes`, `Sectors`, `DataBlocks`, `MetaBlocks`) come from the
+//! `devicemapper` crate and are re-exported so the rest of thinstack uses one set of types.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+pub use devicemapper::{Bytes, DataBlocks, MetaBlocks, Sectors, SECTOR_SIZE};
+
+const KIB: u64 = 1024;
+const SUFFIXES: [(char, u32); 6] = [
+    ('K', 1),
+    ('M', 2),
+    ('G', 3),
+    ('T', 4),
+    ('P', 5),
+    ('E', 6),
+];
+
+/// A size in bytes, written as a whole number with an optional binary suffix:
+/// `512`, `64K`, `10G`, `2T` (`K` = 1024). `KiB`/`KB` style suffixes are accepted too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ByteSize(u64);
+
+impl ByteSize {
+    /// A size of `bytes` bytes.
+    pub const fn from_bytes(bytes: u64) -> Self {
+        ByteSize(bytes)
+    }
+
+    /// `n` binary megabytes.
+    pub const fn mib(n: u64) -> Self {
+        ByteSize(n * KIB * KIB)
+    }
+
+    /// `n` binary gigabytes.
+    pub const fn gib(n: u64) -> Self {
+        ByteSize(n * KIB * KIB * KIB)
+    }
+
+    /// The size in bytes.
+    pub const fn bytes(self) -> u64 {
+        self.0
+    }
+
+    /// The size in 512-byte sectors, rounded down.
+    pub fn sectors(self) -> Sectors {
+        Sectors(self.0 / SECTOR_SIZE as u64)
+    }
+
+    /// A size from a count of 512-byte sectors.
+    pub fn from_sectors(sectors: Sectors) -> Self {
+        ByteSize(*sectors * SECTOR_SIZE as u64)
+    }
+
+    /// Whether this size is a whole multiple of `unit` (false for a zero unit).
+    pub fn is_multiple_of(self, unit: ByteSize) -> bool {
+        unit.0 != 0 && self.0 % unit.0 == 0
+    }
+}
+
+/// Why a size string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    /// Nothing was written.
+    #[error("empty size; write a whole number with an optional suffix K, M, G, T or P, such as \"64K\" or \"10G\"")]
+    Empty,
+    /// The text is not a number with a known suffix.
+    #[error("\"{0}\" is not a size; write a whole number with an optional suffix K, M, G, T or P, such as \"64K\" or \"10G\"")]
+    Malformed(String),
+    /// The number does not fit in 64 bits of bytes.
+    #[error("\"{0}\" is too large; sizes must be below 16E")]
+    Overflow(String),
+}
+
+impl FromStr for ByteSize {
+    type Err = SizeError;
+
+    fn from_str(text: &str) -> Result<Self, SizeError> {
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            return Err(SizeError::Empty);
+        }
+        let malformed = || SizeError::Malformed(text.to_string());
+        let digits_end = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (digits, suffix) = trimmed.split_at(digits_end);
+        if digits.is_empty() {
+            return Err(malformed());
+        }
+        let number: u64 = digits
+            .parse()
+            .map_err(|_| SizeError::Overflow(text.to_string()))?;
+        let power = suffix_power(suffix.trim()).ok_or_else(malformed)?;
+        KIB.checked_pow(power)
+            .and_then(|unit| number.checked_mul(unit))
+            .map(ByteSize)
+            .ok_or_else(|| SizeError::Overflow(text.to_string()))
+    }
+}
+
+/// The power of 1024 a suffix stands for: "" = 0, "K"/"KiB"/"KB" = 1, and so on.
+fn suffix_power(suffix: &str) -> Option<u32> {
+    if suffix.is_empty() || suffix.eq_ignore_ascii_case("b") {
+        return Some(0);
+    }
+    let mut chars = suffix.chars();
+    let letter = chars.next()?.to_ascii_uppercase();
+    let rest = chars.as_str();
+    let valid_rest = rest.is_empty() || rest.eq_ignore_ascii_case("b") || rest == "iB";
+    let (_, power) = SUFFIXES.iter().find(|(c, _)| *c == letter)?;
+    valid_rest.then_some(*power)
+}
+
+impl fmt::Display for ByteSize {
+    /// The largest suffix that represents the size exactly, so the text parses back to it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0 == 0 {
+            return write!(f, "0");
+        }
+        for (letter, power) in SUFFIXES.iter().rev() {
+            let unit = KIB.pow(*power);
+            if self.0 % unit == 0 {
+                return write!(f, "{}{}", self.0 / unit, letter);
+            }
+        }
+        write!(f, "{}", self.0)
+    }
+}
+
+impl ByteSize {
+    /// A short human rendering with one decimal (`1.5G`), for status output.
+    pub fn human(self) -> String {
+        for (letter, power) in SUFFIXES.iter().rev() {
+            let unit = KIB.pow(*power);
+            if self.0 >= unit {
+                return format!("{:.1}{}", self.0 as f64 / unit as f64, letter);
+            }
+        }
+        format!("{}B", self.0)
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(SizeVisitor)
+    }
+}
+
+struct SizeVisitor;
+
+impl serde::de::Visitor<'_> for SizeVisitor {
+    type Value = ByteSize;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a size such as \"64K\" or \"10G\", or a whole number of bytes")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ByteSize, E> {
+        text.parse().map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, bytes: u64) -> Result<ByteSize, E> {
+        Ok(ByteSize(bytes))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, bytes: i64) -> Result<ByteSize, E> {
+        u64::try_from(bytes)
+            .map(ByteSize)
+            .map_err(|_| E::custom(format!("{bytes} is negative; sizes are zero or more")))
+    }
+}
+
+/// A whole percentage from 0 to 100, written `10%` (a bare `10` is accepted too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Percent(u8);
+
+impl Percent {
+    /// A percentage; values above 100 are refused.
+    pub fn new(value: u64) -> Result<Self, String> {
+        u8::try_from(value)
+            .ok()
+            .filter(|v| *v <= 100)
+            .map(Percent)
+            .ok_or_else(|| format!("{value}% is out of range; percentages go from 0% to 100%"))
+    }
+
+    /// The value, 0 to 100.
+    pub fn value(self) -> u8 {
+        self.0
+    }
+
+    /// This share of `total`, rounded up so a threshold is never undershot.
+    pub fn of(self, total: u64) -> u64 {
+        (u128::from(total) * u128::from(self.0)).div_ceil(100) as u64
+    }
+}
+
+impl FromStr for Percent {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim();
+        let digits = trimmed.strip_suffix('%').unwrap_or(trimmed).trim();
+        let value: u64 = digits.parse().map_err(|_| {
+            format!("\"{text}\" is not a percentage; write a whole number from 0 to 100 followed by %, such as \"10%\"")
+        })?;
+        Percent::new(value)
+    }
+}
+
+impl fmt::Display for Percent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}%", self.0)
+    }
+}
+
+impl Serialize for Percent {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Percent {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(PercentVisitor)
+    }
+}
+
+struct PercentVisitor;
+
+impl serde::de::Visitor<'_> for PercentVisitor {
+    type Value = Percent;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a percentage such as \"10%\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Percent, E> {
+        text.parse().map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, value: u64) -> Result<Percent, E> {
+        Percent::new(value).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Percent, E> {
+        u64::try_from(value)
+            .map_err(|_| E::custom(format!("{value}% is negative; percentages go from 0% to 100%")))
+            .and_then(|v| Percent::new(v).map_err(E::custom))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_suffixes() {
+        assert_eq!("512".parse::<ByteSize>().unwrap().bytes(), 512);
+        assert_eq!("64K".parse::<ByteSize>().unwrap().bytes(), 65536);
+        assert_eq!("64k".parse::<ByteSize>().unwrap().bytes(), 65536);
+        assert_eq!("10G".parse::<ByteSize>().unwrap(), ByteSize::gib(10));
+        assert_eq!("2T".parse::<ByteSize>().unwrap().bytes(), 2 << 40);
+        assert_eq!("100MiB".parse::<ByteSize>().unwrap(), ByteSize::mib(100));
+        assert_eq!("1GB".parse::<ByteSize>().unwrap(), ByteSize::gib(1));
+    }
+
+    #[test]
+    fn malformed_sizes_are_refused_with_the_text() {
+        for bad in ["", "G", "10X", "1.5G", "-1G", "10 Gigs", "0x10"] {
+            let err = bad.parse::<ByteSize>().unwrap_err().to_string();
+            assert!(err.contains("size"), "{bad}: {err}");
+        }
+        assert!(matches!(
+            "99999999999999999999".parse::<ByteSize>(),
+            Err(SizeError::Overflow(_))
+        ));
+        assert!(matches!(
+            "20000000E".parse::<ByteSize>(),
+            Err(SizeError::Overflow(_))
+        ));
+    }
+
+    #[test]
+    fn sizes_display_in_the_largest_exact_unit_and_round_trip() {
+        for text in ["0", "512", "64K", "10G", "2T", "1536K", "3E"] {
+            let size: ByteSize = text.parse().unwrap();
+            assert_eq!(size.to_string(), text);
+        }
+        assert_eq!(ByteSize::from_bytes(1536 * 1024).human(), "1.5M");
+    }
+
+    #[test]
+    fn sizes_convert_to_sectors() {
+        assert_eq!(ByteSize::mib(1).sectors(), Sectors(2048));
+        assert_eq!(ByteSize::from_sectors(Sectors(128)).bytes(), 65536);
+    }
+
+    #[test]
+    fn percentages_parse_and_bound() {
+        assert_eq!("10%".parse::<Percent>().unwrap().value(), 10);
+        assert_eq!("100".parse::<Percent>().unwrap().value(), 100);
+        assert!("101%".parse::<Percent>().is_err());
+        assert!("ten%".parse::<Percent>().is_err());
+        assert_eq!(Percent::new(10).unwrap().of(1000), 100);
+        assert_eq!(Percent::new(10).unwrap().of(1001), 101);
+    }
+}
