@@ -162,8 +162,14 @@ impl AbsolutePath {
                 path.display()
             ));
         }
-        if path.components().any(|c| c == std::path::Component::ParentDir) {
-            return Err(format!("{} contains \"..\"; write the path without it", path.display()));
+        if path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            return Err(format!(
+                "{} contains \"..\"; write the path without it",
+                path.display()
+            ));
         }
         Ok(AbsolutePath(path))
     }
@@ -187,16 +193,22 @@ impl BlockSize {
     }
 }
 
-impl<'de> Deserialize<'de> for BlockSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let size = ByteSize::deserialize(d)?;
+impl BlockSize {
+    /// A block size; refused unless a multiple of 64K from 64K to 1G.
+    pub fn new(size: ByteSize) -> std::result::Result<Self, String> {
         let in_range = (BLOCK_SIZE_MIN..=BLOCK_SIZE_MAX).contains(&size);
         if !in_range || !size.is_multiple_of(BLOCK_SIZE_MIN) {
-            return Err(serde::de::Error::custom(format!(
+            return Err(format!(
                 "block size {size} is not allowed; it must be a multiple of 64K from 64K to 1G (such as \"64K\", \"512K\", \"1M\")"
-            )));
+            ));
         }
         Ok(BlockSize(size))
+    }
+}
+
+impl<'de> Deserialize<'de> for BlockSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        BlockSize::new(ByteSize::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -212,15 +224,21 @@ impl MetadataSize {
     }
 }
 
-impl<'de> Deserialize<'de> for MetadataSize {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let size = ByteSize::deserialize(d)?;
+impl MetadataSize {
+    /// A metadata size; refused outside 2M to 16G.
+    pub fn new(size: ByteSize) -> std::result::Result<Self, String> {
         if !(METADATA_SIZE_MIN..=METADATA_SIZE_MAX).contains(&size) {
-            return Err(serde::de::Error::custom(format!(
+            return Err(format!(
                 "metadata size {size} is out of range; it must be from 2M to 16G (the kernel uses at most about 16G)"
-            )));
+            ));
         }
         Ok(MetadataSize(size))
+    }
+}
+
+impl<'de> Deserialize<'de> for MetadataSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        MetadataSize::new(ByteSize::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
@@ -270,9 +288,7 @@ impl Config {
     /// Parse and check TOML text; `origin` names it in errors (a file path).
     pub fn parse(text: &str, origin: &str) -> Result<Config> {
         let config = deserialize(text).map_err(|e| e.into_error(text, origin))?;
-        config
-            .check()
-            .map_err(|e| e.into_error(text, origin))?;
+        config.check().map_err(|e| e.into_error(text, origin))?;
         Ok(config)
     }
 
@@ -484,32 +500,62 @@ mount_options = ["noatime"]
     #[test]
     fn out_of_range_values_say_what_is_allowed() {
         let err = error_of("[pool]\nblock_size = \"96K\"\n");
-        assert!(err.contains("pool.block_size") && err.contains("multiple of 64K"), "{err}");
+        assert!(
+            err.contains("pool.block_size") && err.contains("multiple of 64K"),
+            "{err}"
+        );
         let err = error_of("[pool]\nblock_size = \"2G\"\n");
         assert!(err.contains("from 64K to 1G"), "{err}");
         let err = error_of("[pool.loop]\nmetadata_size = \"1M\"\n");
-        assert!(err.contains("pool.loop.metadata_size") && err.contains("2M to 16G"), "{err}");
+        assert!(
+            err.contains("pool.loop.metadata_size") && err.contains("2M to 16G"),
+            "{err}"
+        );
         let err = error_of("[pool]\nmin_free_space = \"150%\"\n");
-        assert!(err.contains("pool.min_free_space") && err.contains("0% to 100%"), "{err}");
+        assert!(
+            err.contains("pool.min_free_space") && err.contains("0% to 100%"),
+            "{err}"
+        );
         let err = error_of("[pool]\nbackend = \"zfs\"\n");
-        assert!(err.contains("pool.backend") && err.contains("loop"), "{err}");
+        assert!(
+            err.contains("pool.backend") && err.contains("loop"),
+            "{err}"
+        );
         let err = error_of("[layers]\nfilesystem = \"btrfs\"\n");
-        assert!(err.contains("layers.filesystem") && err.contains("ext4"), "{err}");
+        assert!(
+            err.contains("layers.filesystem") && err.contains("ext4"),
+            "{err}"
+        );
         let err = error_of("[pool]\nname = \"../etc\"\n");
-        assert!(err.contains("pool.name") && err.contains("pool names are"), "{err}");
+        assert!(
+            err.contains("pool.name") && err.contains("pool names are"),
+            "{err}"
+        );
         let err = error_of("state_dir = \"relative/dir\"\n");
-        assert!(err.contains("state_dir") && err.contains("absolute"), "{err}");
+        assert!(
+            err.contains("state_dir") && err.contains("absolute"),
+            "{err}"
+        );
         let err = error_of("[layers]\nmount_options = [\"a,b\"]\n");
-        assert!(err.contains("layers.mount_options") && err.contains("one"), "{err}");
+        assert!(
+            err.contains("layers.mount_options") && err.contains("one"),
+            "{err}"
+        );
     }
 
     #[test]
     fn cross_key_checks_point_at_the_key() {
         let err = error_of("[layers]\nfilesystem = \"xfs\"\nbase_size = \"100M\"\n");
         assert!(err.contains("line 3"), "{err}");
-        assert!(err.contains("layers.base_size") && err.contains("300M"), "{err}");
+        assert!(
+            err.contains("layers.base_size") && err.contains("300M"),
+            "{err}"
+        );
         let err = error_of("[pool]\nblock_size = \"1M\"\n[pool.loop]\ndata_size = \"64K\"\n");
-        assert!(err.contains("line 4") && err.contains("pool.loop.data_size"), "{err}");
+        assert!(
+            err.contains("line 4") && err.contains("pool.loop.data_size"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -198,7 +198,10 @@ fn describe_dm_errno(errno: Errno) -> String {
         Errno::ENOMEM => "the kernel is out of memory",
         _ => "the kernel refused the request",
     };
-    format!("{what} ({})", errno.desc().to_owned() + ", " + &format!("{errno:?}"))
+    format!(
+        "{what} ({})",
+        errno.desc().to_owned() + ", " + &format!("{errno:?}")
+    )
 }
 
 #[cfg(test)]

@@ -187,7 +187,17 @@ mod tests {
         for good in ["thinstack", "a", "Pool-1.x_y", &"p".repeat(32)] {
             assert!(PoolName::new(good).is_ok(), "{good}");
         }
-        for bad in ["", "-x", ".x", "a/b", "..", "a b", "a\0b", &"p".repeat(33), "é"] {
+        for bad in [
+            "",
+            "-x",
+            ".x",
+            "a/b",
+            "..",
+            "a b",
+            "a\0b",
+            &"p".repeat(33),
+            "é",
+        ] {
             let err = PoolName::new(bad).unwrap_err();
             assert!(err.to_string().contains("pool names are"), "{bad}: {err}");
         }

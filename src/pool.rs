@@ -245,7 +245,12 @@ impl Pool {
     ) -> Result<ActiveThin> {
         let dm_name = self.name.thin_dm_name(id);
         let table = dm::thin_table(self.device, id, size.sectors());
-        let info = dm.create_device(&dm_name, Some(&self.name.thin_dm_uuid(id)), &table, read_only)?;
+        let info = dm.create_device(
+            &dm_name,
+            Some(&self.name.thin_dm_uuid(id)),
+            &table,
+            read_only,
+        )?;
         Ok(ActiveThin {
             node: dm::kernel_node(&info),
             dm_name,
@@ -305,7 +310,10 @@ impl Pool {
             backend: Backend::Loop,
             block_size: ByteSize::from_sectors(self.block_size),
             data: Space::new(*usage.used_data * block, *usage.total_data * block),
-            metadata: Space::new(*usage.used_meta * meta_block, *usage.total_meta * meta_block),
+            metadata: Space::new(
+                *usage.used_meta * meta_block,
+                *usage.total_meta * meta_block,
+            ),
             transaction_id: Some(working.transaction_id),
             health: Health {
                 failed: false,
@@ -362,10 +370,17 @@ fn new_record(config: &Config) -> PoolRecord {
 fn check_record_matches(record: &PoolRecord, config: &Config, path: &Path) -> Result<()> {
     let mut changed = Vec::new();
     if record.name != config.pool.name.as_str() {
-        changed.push(format!("pool.name was {:?}, config says {:?}", record.name, config.pool.name.as_str()));
+        changed.push(format!(
+            "pool.name was {:?}, config says {:?}",
+            record.name,
+            config.pool.name.as_str()
+        ));
     }
     if record.backend != config.pool.backend {
-        changed.push(format!("pool.backend was {:?}, config says {:?}", record.backend, config.pool.backend));
+        changed.push(format!(
+            "pool.backend was {:?}, config says {:?}",
+            record.backend, config.pool.backend
+        ));
     }
     if record.block_size != config.pool.block_size.size() {
         changed.push(format!(
@@ -404,7 +419,10 @@ fn verify_existing_table(
             )))
         }
     };
-    if params.metadata_dev != metadata || params.data_dev != data || params.data_block_size != block_size {
+    if params.metadata_dev != metadata
+        || params.data_dev != data
+        || params.data_block_size != block_size
+    {
         return Err(Error::inconsistent(format!(
             "active pool {name} is over {}/{} with block size {} sectors, but this state directory's files are on {metadata}/{data} with {} sectors; \
              another thinstack with the same pool.name may own it: stop it, or choose another pool.name",
@@ -506,6 +524,73 @@ impl PoolStatus {
     }
 }
 
+impl std::fmt::Display for PoolStatus {
+    /// The status as aligned "Label: value" lines, in the spirit of `docker info`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let space = |s: &Space| {
+            format!(
+                "{} used of {} ({:.1}%), {} available",
+                s.used.human(),
+                s.total.human(),
+                s.percent_used(),
+                s.available.human()
+            )
+        };
+        let health = &self.health;
+        let flags: Vec<&str> = [
+            (health.failed, "FAILED"),
+            (health.needs_check, "needs_check"),
+            (health.read_only, "read-only"),
+            (health.out_of_space, "out of data space"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+        let transaction = self
+            .transaction_id
+            .map_or_else(|| "unknown".to_string(), |t| t.to_string());
+        let rows = [
+            ("Pool name", self.name.clone()),
+            ("Pool device", format!("/dev/mapper/{}", self.dm_name)),
+            ("Backend", "loop".to_string()),
+            ("Pool block size", self.block_size.to_string()),
+            (
+                "Data file",
+                format!(
+                    "{} on {}",
+                    self.backing.data_file.display(),
+                    self.backing.data_device.display()
+                ),
+            ),
+            (
+                "Metadata file",
+                format!(
+                    "{} on {}",
+                    self.backing.metadata_file.display(),
+                    self.backing.metadata_device.display()
+                ),
+            ),
+            ("Data space", space(&self.data)),
+            ("Metadata space", space(&self.metadata)),
+            ("Transaction id", transaction),
+            (
+                "Health",
+                if flags.is_empty() {
+                    "ok".to_string()
+                } else {
+                    flags.join(", ")
+                },
+            ),
+        ];
+        let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+        for (label, value) in rows {
+            writeln!(f, "{label:<width$}  {value}")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,7 +606,10 @@ mod tests {
         let err = check_record_matches(&made, &later, Path::new("/s/pool.json")).unwrap_err();
         let text = err.to_string();
         assert_eq!(err.kind(), ErrorKind::Invalid);
-        assert!(text.contains("pool.block_size was 64K, config says 128K"), "{text}");
+        assert!(
+            text.contains("pool.block_size was 64K, config says 128K"),
+            "{text}"
+        );
         assert!(text.contains("pool.name was \"a\""), "{text}");
         let same = config("[pool]\nname = \"a\"\n");
         check_record_matches(&made, &same, Path::new("/s/pool.json")).unwrap();

@@ -80,7 +80,8 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
 /// Remove the record at `path` durably; absent is fine.
 pub fn remove(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
-        Ok(()) => sync_dir_of(path).map_err(|e| Error::io(format!("syncing after removing {}", path.display()), e)),
+        Ok(()) => sync_dir_of(path)
+            .map_err(|e| Error::io(format!("syncing after removing {}", path.display()), e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("removing record {}", path.display()), e)),
     }
@@ -98,7 +99,8 @@ pub fn sweep_temp(dir: &Path) -> Result<usize> {
         let path = entry.path();
         // `Path::extension`, not `ends_with`: the latter compares whole components.
         if path.extension().is_some_and(|ext| ext == TEMP_EXTENSION) {
-            fs::remove_file(&path).map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+            fs::remove_file(&path)
+                .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
             swept += 1;
         }
     }

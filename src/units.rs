@@ -11,14 +11,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub use devicemapper::{Bytes, DataBlocks, MetaBlocks, Sectors, SECTOR_SIZE};
 
 const KIB: u64 = 1024;
-const SUFFIXES: [(char, u32); 6] = [
-    ('K', 1),
-    ('M', 2),
-    ('G', 3),
-    ('T', 4),
-    ('P', 5),
-    ('E', 6),
-];
+const SUFFIXES: [(char, u32); 6] = [('K', 1), ('M', 2), ('G', 3), ('T', 4), ('P', 5), ('E', 6)];
 
 /// A size in bytes, written as a whole number with an optional binary suffix:
 /// `512`, `64K`, `10G`, `2T` (`K` = 1024). `KiB`/`KB` style suffixes are accepted too.
@@ -58,7 +51,7 @@ impl ByteSize {
 
     /// Whether this size is a whole multiple of `unit` (false for a zero unit).
     pub fn is_multiple_of(self, unit: ByteSize) -> bool {
-        unit.0 != 0 && self.0 % unit.0 == 0
+        unit.0 != 0 && self.0.is_multiple_of(unit.0)
     }
 }
 
@@ -124,7 +117,7 @@ impl fmt::Display for ByteSize {
         }
         for (letter, power) in SUFFIXES.iter().rev() {
             let unit = KIB.pow(*power);
-            if self.0 % unit == 0 {
+            if self.0.is_multiple_of(unit) {
                 return write!(f, "{}{}", self.0 / unit, letter);
             }
         }
@@ -256,7 +249,11 @@ impl serde::de::Visitor<'_> for PercentVisitor {
 
     fn visit_i64<E: serde::de::Error>(self, value: i64) -> Result<Percent, E> {
         u64::try_from(value)
-            .map_err(|_| E::custom(format!("{value}% is negative; percentages go from 0% to 100%")))
+            .map_err(|_| {
+                E::custom(format!(
+                    "{value}% is negative; percentages go from 0% to 100%"
+                ))
+            })
             .and_then(|v| Percent::new(v).map_err(E::custom))
     }
 }

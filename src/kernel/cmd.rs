@@ -155,6 +155,10 @@ mod tests {
         // blkid (util-linux, on every Debian machine) exits 2 for a path that is not a device.
         let err = run(Program::Blkid, ["/nonexistent-thinstack-test"]).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Command);
-        assert!(err.to_string().contains("blkid /nonexistent-thinstack-test"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("blkid /nonexistent-thinstack-test"),
+            "{err}"
+        );
     }
 }

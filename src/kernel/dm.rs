@@ -328,12 +328,7 @@ pub fn thin_pool_table(
 
 /// The table of thin device `id` of `pool`, `length` long.
 pub fn thin_table(pool: Device, id: ThinId, length: Sectors) -> Vec<TableLine> {
-    vec![(
-        0,
-        *length,
-        THIN_TARGET.to_string(),
-        format!("{pool} {id}"),
-    )]
+    vec![(0, *length, THIN_TARGET.to_string(), format!("{pool} {id}"))]
 }
 
 /// The thin-pool parameters in a live table line, for checking an existing pool.
@@ -386,6 +381,9 @@ mod tests {
             ThinId::new(42).unwrap(),
             Sectors(2048),
         );
-        assert_eq!(table[0], (0, 2048, "thin".to_string(), "253:0 42".to_string()));
+        assert_eq!(
+            table[0],
+            (0, 2048, "thin".to_string(), "253:0 42".to_string())
+        );
     }
 }

@@ -44,7 +44,11 @@ fn mkfs_base_args(fs: FsType) -> (Program, Vec<&'static str>) {
     match fs {
         FsType::Ext4 => (
             Program::MkfsExt4,
-            vec!["-q", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"],
+            vec![
+                "-q",
+                "-E",
+                "nodiscard,lazy_itable_init=0,lazy_journal_init=0",
+            ],
         ),
         FsType::Xfs => (Program::MkfsXfs, vec!["-q", "-K"]),
     }

@@ -63,7 +63,8 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
 
 /// A file's identity (device and inode), which survives renames and differs after re-creation.
 fn file_identity(path: &Path) -> Result<(u64, u64)> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     Ok((meta.dev(), meta.ino()))
 }
 
@@ -155,12 +156,18 @@ pub fn detach(device: &Path) -> Result<()> {
 pub fn refresh_capacity(device: &Path) -> Result<()> {
     LoopDevice::open(device)
         .and_then(|d| d.set_capacity())
-        .map_err(|e| Error::io(format!("refreshing the capacity of {}", device.display()), e))
+        .map_err(|e| {
+            Error::io(
+                format!("refreshing the capacity of {}", device.display()),
+                e,
+            )
+        })
 }
 
 /// Major and minor numbers of the block device at `path`, for device-mapper tables.
 pub fn device_number(path: &Path) -> Result<Device> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
     Ok(Device::from(meta.rdev()))
 }
 
@@ -179,12 +186,22 @@ mod tests {
     fn sparse_files_are_created_once_and_never_touched_again() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
-        assert_eq!(ensure_sparse_file(&path, ByteSize::gib(4)).unwrap(), FileState::Created);
+        assert_eq!(
+            ensure_sparse_file(&path, ByteSize::gib(4)).unwrap(),
+            FileState::Created
+        );
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 4 << 30);
-        assert!(meta.blocks() < 64, "file should be sparse, has {} blocks", meta.blocks());
+        assert!(
+            meta.blocks() < 64,
+            "file should be sparse, has {} blocks",
+            meta.blocks()
+        );
         std::fs::write(&path, b"keep").unwrap();
-        assert_eq!(ensure_sparse_file(&path, ByteSize::gib(4)).unwrap(), FileState::Existing);
+        assert_eq!(
+            ensure_sparse_file(&path, ByteSize::gib(4)).unwrap(),
+            FileState::Existing
+        );
         assert_eq!(std::fs::read(&path).unwrap(), b"keep");
     }
 

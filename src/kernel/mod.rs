@@ -4,3 +4,4 @@ pub mod cmd;
 pub mod dm;
 pub mod fs;
 pub mod loopdev;
+pub mod thin_tools;

@@ -1,0 +1,140 @@
+//! Shared set-up for kernel tests: a pool of its own per test, on sparse files in a temporary
+//! state directory, and cleanup of everything the test left behind, even when it failed.
+//!
+//! Kernel tests are `#[ignore]`d so a plain `cargo test` leaves them out; `scripts/vm-test`
+//! runs them with `--ignored` as root on a kernel with dm-thin (in a VM where the host lacks it).
+//! They never pass by skipping: without root or dm-thin, [`require_dm_thin`] fails the test.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use thinstack::config::MetadataSize;
+use thinstack::kernel::dm::Dm;
+use thinstack::kernel::{fs, loopdev};
+use thinstack::pool::loop_files;
+use thinstack::units::ByteSize;
+use thinstack::{Config, Pool};
+
+/// Fail (never skip) unless this process can drive dm-thin.
+pub fn require_dm_thin() -> Dm {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "kernel tests need root and a dm-thin kernel: run them with scripts/vm-test"
+    );
+    let dm = Dm::open().unwrap_or_else(|e| {
+        panic!("kernel tests need device-mapper ({e}): run them with scripts/vm-test")
+    });
+    let _ = Command::new("modprobe").arg("dm-thin-pool").status();
+    dm
+}
+
+static SEQUENCE: AtomicUsize = AtomicUsize::new(0);
+
+/// A pool of a test's own, with its state directory; cleaned up when dropped.
+pub struct TestPool {
+    pub config: Config,
+    pub dir: tempfile::TempDir,
+    mounts: Vec<PathBuf>,
+}
+
+impl TestPool {
+    /// A config for a small pool named after the test, in a fresh state directory.
+    /// `extra` is TOML appended to the defaults (for example `[layers]` settings).
+    pub fn new(test: &str, extra: &str) -> TestPool {
+        let dir = tempfile::Builder::new()
+            .prefix("thinstack-test-")
+            .tempdir()
+            .expect("temp dir");
+        let n = SEQUENCE.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t{}-{n}-{test}", std::process::id());
+        let name: String = name.chars().take(32).collect();
+        let text = format!(
+            "state_dir = {:?}\n{extra}\n",
+            dir.path().join("state").display().to_string()
+        );
+        let mut config = Config::parse(&text, "test config").expect("test config");
+        if !extra.contains("name =") {
+            config.pool.name = name.parse().expect("pool name");
+        }
+        if !extra.contains("data_size") {
+            config.pool.loop_files.data_size = ByteSize::gib(4);
+        }
+        if !extra.contains("metadata_size") {
+            config.pool.loop_files.metadata_size = MetadataSize::new(ByteSize::mib(64)).unwrap();
+        }
+        TestPool {
+            config,
+            dir,
+            mounts: Vec::new(),
+        }
+    }
+
+    /// A fresh directory under the test's temp dir, for a mount point.
+    pub fn mount_point(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join("mnt").join(name);
+        std::fs::create_dir_all(&path).expect("mount point");
+        path
+    }
+
+    /// Mount and remember, so cleanup unmounts even when the test fails midway.
+    pub fn mount(&mut self, device: &Path, target: &Path, fs_type: fs::FsType, read_only: bool) {
+        fs::mount(device, target, fs_type, read_only, &[]).expect("mount");
+        self.mounts.push(target.to_path_buf());
+    }
+
+    /// Unmount what [`TestPool::mount`] mounted.
+    pub fn unmount(&mut self, target: &Path) {
+        fs::unmount(target).expect("unmount");
+        self.mounts.retain(|m| m != target);
+    }
+
+    pub fn data_file(&self) -> PathBuf {
+        loop_files(self.config.state_dir.path()).0
+    }
+
+    pub fn metadata_file(&self) -> PathBuf {
+        loop_files(self.config.state_dir.path()).1
+    }
+}
+
+impl Drop for TestPool {
+    /// Best-effort cleanup of a test that may have failed anywhere: unmount, remove every dm
+    /// device of the pool (thins first), detach the loop devices.
+    fn drop(&mut self) {
+        for target in self.mounts.drain(..).rev() {
+            let _ = fs::unmount(&target);
+        }
+        let Ok(dm) = Dm::open() else { return };
+        let prefix = self.config.pool.name.dm_prefix();
+        let pool_name = self.config.pool.name.pool_dm_name();
+        if let Ok(names) = dm.list_with_prefix(&prefix) {
+            for name in names
+                .iter()
+                .filter(|n| n.to_string() != pool_name.to_string())
+            {
+                let _ = dm.remove_device(name);
+            }
+        }
+        let _ = dm.remove_device(&pool_name);
+        for file in [self.data_file(), self.metadata_file()] {
+            if let Ok(Some(device)) = loopdev::find_attached(&file) {
+                let _ = loopdev::detach(&device);
+            }
+        }
+    }
+}
+
+/// Open (create or re-open) the test's pool.
+pub fn open_pool(test: &TestPool, dm: &Dm) -> Pool {
+    Pool::open(&test.config, dm).expect("open pool")
+}
+
+/// Run `thin_check` on a metadata file and fail with its findings when it finds a problem.
+pub fn thin_check(metadata: &Path) {
+    if let Err(e) = thinstack::kernel::thin_tools::check(metadata) {
+        panic!("{e}");
+    }
+}
