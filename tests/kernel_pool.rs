@@ -192,3 +192,30 @@ fn kernel_errors_say_what_happened() {
     );
     thin_check(&t.metadata_file());
 }
+
+/// Verify that a table naming a target the kernel cannot load is reported as a missing target
+/// (the path a kernel without dm-thin-pool takes), that nothing is left behind, and that
+/// removing a device that does not exist says so.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_missing_target_and_missing_device_are_named() {
+    let dm = require_dm_thin();
+    let t = TestPool::new("missing", "");
+    let name = t.config.pool.name.thin_dm_name(id(9));
+    let table = vec![(0, 2048, "thin-nope".to_string(), "x".to_string())];
+    let err = dm.create_device(&name, None, &table, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(
+        err.to_string()
+            .contains("the kernel lacks the device-mapper thin-nope target"),
+        "{err}"
+    );
+    assert!(
+        !dm.exists(&name).unwrap(),
+        "the half-made device was left behind"
+    );
+
+    let err = dm.remove_device(&name).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("no such device"), "{err}");
+}

@@ -85,6 +85,7 @@ impl Dm {
         table: &[TableLine],
         read_only: bool,
     ) -> Result<DeviceInfo> {
+        check_target_names(table)?;
         let flags = if read_only {
             DmFlags::DM_READONLY
         } else {
@@ -181,6 +182,7 @@ impl Dm {
     /// Load `table` into `name`'s inactive slot and make it live, with `name` suspended in
     /// between (used to grow a pool or a thin device).
     pub fn reload(&self, name: &DmName, table: &[TableLine]) -> Result<()> {
+        check_target_names(table)?;
         self.dm
             .table_load(&DevId::Name(name), table, DmOptions::default())
             .map_err(|e| Error::dm("load table of", &name.to_string(), e))?;
@@ -286,6 +288,22 @@ impl Dm {
     }
 }
 
+/// Longest target type name the ioctl carries (`DM_MAX_TYPE_NAME` in `linux/dm-ioctl.h`, less
+/// the terminating NUL). The devicemapper crate panics on longer names, so they are refused here.
+const TARGET_NAME_MAX: usize = 15;
+
+fn check_target_names(table: &[TableLine]) -> Result<()> {
+    match table
+        .iter()
+        .find(|(_, _, target, _)| target.len() > TARGET_NAME_MAX)
+    {
+        Some((_, _, target, _)) => Err(Error::invalid(format!(
+            "device-mapper target type {target:?} is longer than {TARGET_NAME_MAX} bytes"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The one status line of a single-target device, checked to be of `target` type.
 fn single_line<'a>(name: &DmName, lines: &'a [TableLine], target: &str) -> Result<&'a str> {
     match lines {
@@ -369,6 +387,17 @@ mod tests {
         let parsed = parse_thin_pool_params(params).unwrap();
         assert_eq!(parsed.data_block_size, Sectors(128));
         assert_eq!(parsed.metadata_dev, Device { major: 7, minor: 1 });
+    }
+
+    #[test]
+    fn overlong_target_names_are_refused_not_panicked_on() {
+        let table = vec![(0, 8, "x".repeat(16), String::new())];
+        assert_eq!(
+            check_target_names(&table).unwrap_err().kind(),
+            ErrorKind::Invalid
+        );
+        let table = vec![(0, 8, "x".repeat(15), String::new())];
+        assert!(check_target_names(&table).is_ok());
     }
 
     #[test]
