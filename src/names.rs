@@ -132,6 +132,63 @@ impl<'de> Deserialize<'de> for PoolName {
     }
 }
 
+/// Longest layer name (also keeps `<name>.json` far below any file-name limit).
+pub const LAYER_NAME_MAX: usize = 128;
+
+/// A validated layer name: `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`.
+///
+/// The rule keeps names safe as file names (no `/`, no NUL, never `.` or `..`), which is why
+/// record files may be named after layers. Device-mapper names never use them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(transparent)]
+pub struct LayerName(String);
+
+impl LayerName {
+    /// Validate `name`.
+    ///
+    /// Returns an `Invalid` error that shows the name and the rule.
+    pub fn new(name: &str) -> Result<Self> {
+        let valid_first = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric());
+        let valid_rest = name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid_first || !valid_rest || name.len() > LAYER_NAME_MAX {
+            return Err(Error::invalid(format!(
+                "invalid layer name {name:?}: layer names are 1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+            )));
+        }
+        Ok(LayerName(name.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for LayerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for LayerName {
+    type Err = Error;
+    fn from_str(text: &str) -> Result<Self> {
+        LayerName::new(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for LayerName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        LayerName::new(&text).map_err(|e| serde::de::Error::custom(e.message()))
+    }
+}
+
 /// A thin device id in the pool: 24 bits, checked when built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "u32", into = "u32")]
@@ -214,6 +271,31 @@ mod tests {
         assert_eq!(parse_thin_dm_name(&pool, &pool.pool_dm_name()), None);
         let longest = PoolName::new(&"p".repeat(32)).unwrap();
         assert!(longest.thin_dm_name(id).to_string().len() <= 127);
+    }
+
+    #[test]
+    fn layer_names_are_checked() {
+        for good in ["base", "a", "Layer-1.2_x", &"l".repeat(128), "a..b"] {
+            assert!(LayerName::new(good).is_ok(), "{good}");
+        }
+        let long = "l".repeat(129);
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../etc",
+            "a/b",
+            "-a",
+            "_a",
+            "a b",
+            "a\0b",
+            "é",
+            long.as_str(),
+        ] {
+            let err = LayerName::new(bad).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Invalid);
+            assert!(err.to_string().contains("layer names are"), "{bad}: {err}");
+        }
     }
 
     #[test]

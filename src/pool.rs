@@ -19,6 +19,7 @@ use crate::config::{Backend, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::dm::{self, Dm};
 use crate::kernel::loopdev::{self, FileState};
+pub use crate::kernel::{Health, Space};
 use crate::names::{PoolName, ThinId};
 use crate::records;
 use crate::units::{ByteSize, DataBlocks, MetaBlocks, Sectors};
@@ -200,6 +201,11 @@ impl Pool {
     /// The thin-pool dm device's name.
     pub fn dm_name(&self) -> &DmName {
         &self.dm_name
+    }
+
+    /// The thin-pool dm device's number, which thin tables refer to.
+    pub fn device(&self) -> Device {
+        self.device
     }
 
     /// The pool's block size.
@@ -436,48 +442,6 @@ fn detach_quietly(device: &Path) {
     if let Err(e) = loopdev::detach(device) {
         tracing::warn!(device = %device.display(), error = %e, "could not detach loop device while undoing");
     }
-}
-
-/// Used and total bytes of one of the pool's areas.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Space {
-    /// Bytes in use.
-    pub used: ByteSize,
-    /// Bytes in all.
-    pub total: ByteSize,
-    /// Bytes free.
-    pub available: ByteSize,
-}
-
-impl Space {
-    fn new(used: u64, total: u64) -> Space {
-        Space {
-            used: ByteSize::from_bytes(used),
-            total: ByteSize::from_bytes(total),
-            available: ByteSize::from_bytes(total.saturating_sub(used)),
-        }
-    }
-
-    /// Share in use, 0 to 100.
-    pub fn percent_used(&self) -> f64 {
-        if self.total.bytes() == 0 {
-            return 100.0;
-        }
-        self.used.bytes() as f64 * 100.0 / self.total.bytes() as f64
-    }
-}
-
-/// The pool's health as the kernel reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Health {
-    /// The kernel reports the pool failed; no status can be read.
-    pub failed: bool,
-    /// The metadata is flagged for `thin_check`.
-    pub needs_check: bool,
-    /// The pool fell back to read-only (metadata trouble).
-    pub read_only: bool,
-    /// The data area is full.
-    pub out_of_space: bool,
 }
 
 /// What `pool status` shows.

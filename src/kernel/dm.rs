@@ -93,7 +93,19 @@ impl Dm {
         };
         self.dm
             .device_create(name, uuid, DmOptions::default().set_flags(flags))
-            .map_err(|e| Error::dm("create", &name.to_string(), e))?;
+            .map_err(|e| {
+                let err = Error::dm("create", &name.to_string(), e);
+                // The kernel answers EBUSY when the name (or uuid) is taken.
+                if err.errno() == Some(Errno::EBUSY) {
+                    Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("create {name}: a device with that name or uuid exists already"),
+                    )
+                    .with_source(err)
+                } else {
+                    err
+                }
+            })?;
         let id = DevId::Name(name);
         let loaded = self
             .dm

@@ -1,0 +1,110 @@
+//! The rules the engine relies on, as one check that runs against any kernel: the [`Sim`] in
+//! unit tests and the real kernel in `tests/kernel_conformance.rs`. A rule the Sim models but
+//! the real kernel breaks fails there, so the Sim cannot drift from the kernel unnoticed.
+//!
+//! [`Sim`]: crate::kernel::sim::Sim
+
+use std::path::Path;
+
+use crate::error::ErrorKind;
+use crate::kernel::fs::FsType;
+use crate::kernel::{FsKernel, PoolKernel};
+use crate::names::ThinId;
+use crate::units::ByteSize;
+
+fn expect_kind<T: std::fmt::Debug>(what: &str, result: crate::Result<T>, kind: ErrorKind) {
+    match result {
+        Err(e) if e.kind() == kind => {}
+        Err(e) => panic!("{what}: expected {kind}, got {} ({e})", e.kind()),
+        Ok(v) => panic!("{what}: expected {kind}, got Ok({v:?})"),
+    }
+}
+
+/// Check every rule on `pool` and `fs`, using thin ids `base..base+3` and the empty directory
+/// `mount_point`. Panics with the rule that broke.
+pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_point: &Path) {
+    let id = |n: u32| ThinId::new(base + n).expect("test ids fit 24 bits");
+    let (a, b, missing) = (id(0), id(1), id(2));
+    let size = ByteSize::mib(64);
+
+    pool.create_thin(a).expect("create_thin");
+    expect_kind(
+        "create_thin of an existing id",
+        pool.create_thin(a),
+        ErrorKind::AlreadyExists,
+    );
+    expect_kind(
+        "delete of a missing id",
+        pool.delete_thin(missing),
+        ErrorKind::NotFound,
+    );
+    expect_kind(
+        "snapshot of a missing origin",
+        pool.snapshot(missing, b),
+        ErrorKind::NotFound,
+    );
+    assert!(
+        pool.thin_ids().expect("thin_ids").contains(&a),
+        "thin_ids lists a new device"
+    );
+
+    let txn = pool.usage().expect("usage").transaction_id;
+    expect_kind(
+        "set_transaction_id from a wrong old value",
+        pool.set_transaction_id(txn + 5, txn + 6),
+        ErrorKind::Invalid,
+    );
+    pool.set_transaction_id(txn, txn + 1)
+        .expect("set_transaction_id");
+    assert_eq!(pool.usage().expect("usage").transaction_id, txn + 1);
+
+    let node = pool.activate(a, size, false).expect("activate");
+    assert_eq!(
+        pool.active_node(a).expect("active_node"),
+        Some(node.clone())
+    );
+    assert!(pool.active_ids().expect("active_ids").contains(&a));
+    expect_kind(
+        "activating an active device",
+        pool.activate(a, size, false),
+        ErrorKind::AlreadyExists,
+    );
+    expect_kind(
+        "delete of an active device",
+        pool.delete_thin(a),
+        ErrorKind::Busy,
+    );
+
+    fs.mkfs(FsType::Ext4, &node, &[]).expect("mkfs");
+    fs.mount(&node, mount_point, FsType::Ext4, false, &[])
+        .expect("mount");
+    assert!(fs.is_mounted(mount_point).expect("is_mounted"));
+    expect_kind(
+        "deactivating a mounted device",
+        pool.deactivate(a),
+        ErrorKind::Busy,
+    );
+    pool.snapshot(a, b).expect("snapshot of a mounted origin");
+    fs.unmount(mount_point).expect("unmount");
+    assert!(!fs.is_mounted(mount_point).expect("is_mounted"));
+    assert!(
+        pool.mapped(a).expect("mapped").bytes() > 0,
+        "mkfs maps blocks"
+    );
+
+    pool.deactivate(a).expect("deactivate");
+    expect_kind(
+        "deactivating an inactive device",
+        pool.deactivate(a),
+        ErrorKind::NotFound,
+    );
+    assert_eq!(pool.active_node(a).expect("active_node"), None);
+    for thin in [b, a] {
+        pool.delete_thin(thin).expect("delete");
+    }
+    let left = pool.thin_ids().expect("thin_ids");
+    assert!(
+        !left.contains(&a) && !left.contains(&b),
+        "deleted ids are gone: {left:?}"
+    );
+}

@@ -1,0 +1,288 @@
+//! The real kernel behind the engine's traits: a [`Pool`] over device-mapper, and filesystems
+//! through mkfs and mount(2).
+
+use std::collections::BTreeSet;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::cmd::{self, Program};
+use crate::kernel::dm::{self, Dm};
+use crate::kernel::fs::{self, FsType};
+use crate::kernel::{FsKernel, PoolKernel, PoolUsage};
+use crate::names::{parse_thin_dm_name, ThinId};
+use crate::pool::Pool;
+use crate::units::ByteSize;
+
+/// A pool on the real kernel.
+pub struct RealPool {
+    dm: Dm,
+    pool: Pool,
+}
+
+impl RealPool {
+    /// Wrap an open pool.
+    pub fn new(dm: Dm, pool: Pool) -> Self {
+        RealPool { dm, pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The device-mapper handle.
+    pub fn dm(&self) -> &Dm {
+        &self.dm
+    }
+
+    /// Give back the pool (to tear it down).
+    pub fn into_parts(self) -> (Dm, Pool) {
+        (self.dm, self.pool)
+    }
+}
+
+impl PoolKernel for RealPool {
+    fn usage(&self) -> Result<PoolUsage> {
+        let status = self.pool.status(&self.dm)?;
+        let transaction_id = status.transaction_id.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Kernel,
+                format!("pool {} has failed in the kernel", self.pool.name()),
+            )
+        })?;
+        Ok(PoolUsage {
+            transaction_id,
+            data: status.data,
+            metadata: status.metadata,
+            health: status.health,
+        })
+    }
+
+    fn create_thin(&self, id: ThinId) -> Result<()> {
+        self.pool.create_thin(&self.dm, id)
+    }
+
+    fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
+        self.pool.snapshot(&self.dm, origin, new)
+    }
+
+    fn delete_thin(&self, id: ThinId) -> Result<()> {
+        self.pool.delete_thin(&self.dm, id)
+    }
+
+    fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
+        self.dm.set_transaction_id(self.pool.dm_name(), old, new)
+    }
+
+    /// Read through a metadata snapshot, the kernel's way to let tools read live metadata.
+    fn thin_ids(&self) -> Result<BTreeSet<ThinId>> {
+        let pool = self.pool.dm_name();
+        self.dm.message(pool, "reserve_metadata_snap")?;
+        let dumped = cmd::run(
+            Program::ThinDump,
+            [
+                "--skip-mappings".as_ref(),
+                "-m".as_ref(),
+                self.pool.backing().metadata_device.as_os_str(),
+            ],
+        );
+        let released = self.dm.message(pool, "release_metadata_snap");
+        let output = dumped?;
+        released?;
+        parse_dump_ids(&String::from_utf8_lossy(&output.stdout))
+    }
+
+    fn activate(&self, id: ThinId, size: ByteSize, read_only: bool) -> Result<PathBuf> {
+        self.pool
+            .activate_thin(&self.dm, id, size, read_only)
+            .map(|active| active.node)
+    }
+
+    fn deactivate(&self, id: ThinId) -> Result<()> {
+        self.pool.deactivate_thin(&self.dm, id)
+    }
+
+    fn active_node(&self, id: ThinId) -> Result<Option<PathBuf>> {
+        Ok(self
+            .pool
+            .active_thin(&self.dm, id)?
+            .map(|active| active.node))
+    }
+
+    fn active_ids(&self) -> Result<BTreeSet<ThinId>> {
+        let name = self.pool.name();
+        Ok(self
+            .dm
+            .list_with_prefix(&name.dm_prefix())?
+            .iter()
+            .filter_map(|dm_name| parse_thin_dm_name(name, dm_name))
+            .collect())
+    }
+
+    fn resize(&self, id: ThinId, size: ByteSize) -> Result<()> {
+        let name = self.pool.name().thin_dm_name(id);
+        let table = dm::thin_table(self.pool.device(), id, size.sectors());
+        self.dm.reload(&name, &table)
+    }
+
+    fn mapped(&self, id: ThinId) -> Result<ByteSize> {
+        self.pool.thin_mapped(&self.dm, id)
+    }
+
+    fn discard(&self, id: ThinId) -> Result<()> {
+        let node = self.active_node(id)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "thin device {id} is not active, so it cannot be discarded"
+            ))
+        })?;
+        discard_device(&node)
+    }
+}
+
+/// Thin ids in `thin_dump` XML: `<device dev_id="N" ...>`.
+fn parse_dump_ids(xml: &str) -> Result<BTreeSet<ThinId>> {
+    xml.split("<device ")
+        .skip(1)
+        .map(|rest| {
+            let value = rest
+                .split("dev_id=\"")
+                .nth(1)
+                .and_then(|v| v.split('"').next())
+                .ok_or_else(|| Error::inconsistent("thin_dump printed a device without dev_id"))?;
+            let id: u32 = value.parse().map_err(|_| {
+                Error::inconsistent(format!("thin_dump printed a bad dev_id {value:?}"))
+            })?;
+            ThinId::new(id)
+        })
+        .collect()
+}
+
+/// Block-device ioctls from `linux/fs.h`.
+mod blk {
+    #![allow(missing_docs)]
+    // BLKDISCARD = _IO(0x12, 119); argument: [offset, length] in bytes.
+    nix::ioctl_write_ptr_bad!(discard, nix::request_code_none!(0x12, 119), [u64; 2]);
+    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
+    nix::ioctl_read!(get_size64, 0x12, 114, u64);
+}
+
+/// Discard every block of the block device at `node`.
+fn discard_device(node: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(node)
+        .map_err(|e| Error::io(format!("opening {} to discard it", node.display()), e))?;
+    let mut size = 0u64;
+    // SAFETY: the fd is open for the duration of the calls and the pointers are to live locals.
+    unsafe { blk::get_size64(file.as_raw_fd(), &mut size) }
+        .map_err(|e| Error::io(format!("reading the size of {}", node.display()), e.into()))?;
+    let range = [0u64, size];
+    // SAFETY: as above.
+    unsafe { blk::discard(file.as_raw_fd(), &range) }
+        .map_err(|e| Error::io(format!("discarding {}", node.display()), e.into()))?;
+    Ok(())
+}
+
+/// Filesystems on the real kernel.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RealFs;
+
+impl FsKernel for RealFs {
+    fn mkfs(&self, fs_type: FsType, device: &Path, extra: &[String]) -> Result<String> {
+        fs::mkfs(fs_type, device, extra)?;
+        let out = cmd::run(
+            Program::Blkid,
+            [
+                "-p".as_ref(),
+                "-s".as_ref(),
+                "UUID".as_ref(),
+                "-o".as_ref(),
+                "value".as_ref(),
+                device.as_os_str(),
+            ],
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    fn mount(
+        &self,
+        device: &Path,
+        target: &Path,
+        fs_type: FsType,
+        read_only: bool,
+        options: &[String],
+    ) -> Result<()> {
+        let options: Vec<&str> = options.iter().map(String::as_str).collect();
+        fs::mount(device, target, fs_type, read_only, &options)
+    }
+
+    fn unmount(&self, target: &Path) -> Result<()> {
+        fs::unmount(target)
+    }
+
+    fn grow(&self, fs_type: FsType, device: &Path, mount_point: &Path) -> Result<()> {
+        fs::grow(fs_type, device, Some(mount_point))
+    }
+
+    fn is_mounted(&self, target: &Path) -> Result<bool> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
+        Ok(text
+            .lines()
+            .filter_map(|line| line.split(' ').nth(4))
+            .any(|mount_point| Path::new(&unescape_mount_field(mount_point)) == target))
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
+            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
+            if let Ok(code) = u8::from_str_radix(digits, 8) {
+                out.push(code);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thin_dump_ids_are_read() {
+        let xml = r#"<superblock uuid="" time="1" transaction="3" flags="0" version="2" data_block_size="128" nr_data_blocks="100">
+  <device dev_id="1" mapped_blocks="0" transaction="0" creation_time="0" snap_time="0">
+  </device>
+  <device dev_id="16777215" mapped_blocks="5" transaction="1" creation_time="0" snap_time="1">
+  </device>
+</superblock>"#;
+        let ids: Vec<u32> = parse_dump_ids(xml)
+            .unwrap()
+            .iter()
+            .map(|i| i.value())
+            .collect();
+        assert_eq!(ids, [1, 16777215]);
+        assert!(parse_dump_ids("<superblock></superblock>")
+            .unwrap()
+            .is_empty());
+        assert!(parse_dump_ids(r#"<device dev_id="x">"#).is_err());
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(unescape_mount_field(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mount_field("/plain"), "/plain");
+        assert_eq!(unescape_mount_field(r"/x\"), r"/x\");
+    }
+}

@@ -1,0 +1,447 @@
+//! An in-memory kernel for unit tests of the engine: a thin pool and filesystems with the same
+//! rules the real kernel enforces (each is checked on the real kernel by
+//! [`crate::kernel::conformance`]), plus failure injection.
+//!
+//! Rules: a thin id cannot be created twice; deleting a missing id is `NotFound`, an active one
+//! `Busy`; the transaction id only moves from its current value; activating an active device is
+//! `AlreadyExists`; deactivating a mounted or held device is `Busy`; data and metadata run out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::fs::FsType;
+use crate::kernel::{FsKernel, Health, PoolKernel, PoolUsage, Space};
+use crate::names::ThinId;
+use crate::units::ByteSize;
+
+/// The operations failure injection can target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SimOp {
+    /// `create_thin`
+    CreateThin,
+    /// `create_snap`
+    Snapshot,
+    /// `delete`
+    Delete,
+    /// `set_transaction_id`
+    SetTransactionId,
+    /// activation
+    Activate,
+    /// deactivation
+    Deactivate,
+    /// resize
+    Resize,
+    /// mkfs
+    Mkfs,
+    /// mount
+    Mount,
+    /// unmount
+    Unmount,
+    /// grow
+    Grow,
+}
+
+#[derive(Debug, Clone)]
+struct SimThin {
+    mapped: u64,
+}
+
+#[derive(Debug, Clone)]
+struct SimActive {
+    size: ByteSize,
+    read_only: bool,
+}
+
+#[derive(Debug, Default)]
+struct SimState {
+    transaction_id: u64,
+    thins: BTreeMap<ThinId, SimThin>,
+    active: BTreeMap<ThinId, SimActive>,
+    /// Mount point -> thin id.
+    mounts: BTreeMap<PathBuf, ThinId>,
+    /// Devices held open by someone outside thinstack.
+    held: BTreeSet<ThinId>,
+    data_total: u64,
+    metadata_total: u64,
+    /// Metadata bytes one thin device costs, for running metadata out.
+    metadata_per_thin: u64,
+    /// Bytes written by mkfs, taken from the pool.
+    mkfs_bytes: u64,
+    /// Failures to inject: operation -> calls to let pass before failing once.
+    failures: BTreeMap<SimOp, (usize, ErrorKind)>,
+    calls: BTreeMap<SimOp, usize>,
+}
+
+/// The in-memory kernel. Clones share one state, as two handles on one kernel do.
+#[derive(Debug, Clone)]
+pub struct Sim {
+    state: Arc<Mutex<SimState>>,
+}
+
+impl Default for Sim {
+    fn default() -> Self {
+        Sim::new(ByteSize::gib(100), ByteSize::gib(1))
+    }
+}
+
+impl Sim {
+    /// A pool of `data` and `metadata` bytes.
+    pub fn new(data: ByteSize, metadata: ByteSize) -> Self {
+        Sim {
+            state: Arc::new(Mutex::new(SimState {
+                data_total: data.bytes(),
+                metadata_total: metadata.bytes(),
+                metadata_per_thin: 4096,
+                mkfs_bytes: 4 << 20,
+                ..SimState::default()
+            })),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SimState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Make the call of `op` after `after` more successful calls fail once with `kind`.
+    pub fn fail_at(&self, op: SimOp, after: usize, kind: ErrorKind) {
+        self.state().failures.insert(op, (after, kind));
+    }
+
+    /// Hold thin `id`'s device open, as another process would (deactivation is `Busy`).
+    pub fn hold(&self, id: ThinId) {
+        self.state().held.insert(id);
+    }
+
+    /// Release a hold.
+    pub fn release(&self, id: ThinId) {
+        self.state().held.remove(&id);
+    }
+
+    /// Add `bytes` of written data to thin `id` (as a writer inside a mount would).
+    pub fn write(&self, id: ThinId, bytes: u64) {
+        if let Some(thin) = self.state().thins.get_mut(&id) {
+            thin.mapped += bytes;
+        }
+    }
+
+    /// Forget every active device and mount, as a reboot does; the pool's metadata stays.
+    pub fn reboot(&self) {
+        let mut state = self.state();
+        state.active.clear();
+        state.mounts.clear();
+        state.held.clear();
+    }
+
+    /// Thin ids in the pool (for test assertions).
+    pub fn thin_ids_now(&self) -> BTreeSet<ThinId> {
+        self.state().thins.keys().copied().collect()
+    }
+
+    /// Mount points in use (for test assertions).
+    pub fn mounts_now(&self) -> Vec<PathBuf> {
+        self.state().mounts.keys().cloned().collect()
+    }
+
+    /// Count a call of `op` and fail it when an injected failure is due.
+    fn enter(&self, op: SimOp) -> Result<()> {
+        let mut state = self.state();
+        let calls = state.calls.entry(op).or_insert(0);
+        *calls += 1;
+        if let Some((after, kind)) = state.failures.get(&op).copied() {
+            if after == 0 {
+                state.failures.remove(&op);
+                return Err(Error::new(kind, format!("injected failure of {op:?}")));
+            }
+            state.failures.insert(op, (after - 1, kind));
+        }
+        Ok(())
+    }
+
+    fn node(id: ThinId) -> PathBuf {
+        PathBuf::from(format!("/dev/sim/thin-{id}"))
+    }
+
+    fn id_of_node(node: &Path) -> Result<ThinId> {
+        node.to_str()
+            .and_then(|s| s.strip_prefix("/dev/sim/thin-"))
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| Error::not_found(format!("{} is not a sim device", node.display())))
+            .and_then(ThinId::new)
+    }
+
+    fn metadata_used(state: &SimState) -> u64 {
+        state.thins.len() as u64 * state.metadata_per_thin
+    }
+
+    fn data_used(state: &SimState) -> u64 {
+        state.thins.values().map(|t| t.mapped).sum()
+    }
+}
+
+fn no_thin(id: ThinId) -> Error {
+    Error::not_found(format!("thin device {id}: no such thin device in the pool"))
+}
+
+impl PoolKernel for Sim {
+    fn usage(&self) -> Result<PoolUsage> {
+        let state = self.state();
+        let data_used = Sim::data_used(&state).min(state.data_total);
+        Ok(PoolUsage {
+            transaction_id: state.transaction_id,
+            data: Space::new(data_used, state.data_total),
+            metadata: Space::new(Sim::metadata_used(&state), state.metadata_total),
+            health: Health {
+                failed: false,
+                needs_check: false,
+                read_only: false,
+                out_of_space: data_used >= state.data_total,
+            },
+        })
+    }
+
+    fn create_thin(&self, id: ThinId) -> Result<()> {
+        self.enter(SimOp::CreateThin)?;
+        let mut state = self.state();
+        if state.thins.contains_key(&id) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("thin device {id} exists already"),
+            ));
+        }
+        if Sim::metadata_used(&state) + state.metadata_per_thin > state.metadata_total {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                "the pool is out of metadata space",
+            ));
+        }
+        state.thins.insert(id, SimThin { mapped: 0 });
+        Ok(())
+    }
+
+    fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
+        self.enter(SimOp::Snapshot)?;
+        let mut state = self.state();
+        if !state.thins.contains_key(&origin) {
+            return Err(no_thin(origin));
+        }
+        if state.thins.contains_key(&new) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("thin device {new} exists already"),
+            ));
+        }
+        // Shared blocks are not counted twice: the snapshot maps nothing new of its own.
+        state.thins.insert(new, SimThin { mapped: 0 });
+        Ok(())
+    }
+
+    fn delete_thin(&self, id: ThinId) -> Result<()> {
+        self.enter(SimOp::Delete)?;
+        let mut state = self.state();
+        if !state.thins.contains_key(&id) {
+            return Err(no_thin(id));
+        }
+        if state.active.contains_key(&id) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("thin device {id} is active"),
+            ));
+        }
+        state.thins.remove(&id);
+        Ok(())
+    }
+
+    fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
+        self.enter(SimOp::SetTransactionId)?;
+        let mut state = self.state();
+        if state.transaction_id != old {
+            return Err(Error::invalid(format!(
+                "set_transaction_id {old} {new}: the pool's transaction id is {}",
+                state.transaction_id
+            )));
+        }
+        state.transaction_id = new;
+        Ok(())
+    }
+
+    fn thin_ids(&self) -> Result<BTreeSet<ThinId>> {
+        Ok(self.thin_ids_now())
+    }
+
+    fn activate(&self, id: ThinId, size: ByteSize, read_only: bool) -> Result<PathBuf> {
+        self.enter(SimOp::Activate)?;
+        let mut state = self.state();
+        if !state.thins.contains_key(&id) {
+            return Err(no_thin(id));
+        }
+        if state.active.contains_key(&id) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("thin device {id} is active already"),
+            ));
+        }
+        state.active.insert(id, SimActive { size, read_only });
+        Ok(Sim::node(id))
+    }
+
+    fn deactivate(&self, id: ThinId) -> Result<()> {
+        self.enter(SimOp::Deactivate)?;
+        let mut state = self.state();
+        if !state.active.contains_key(&id) {
+            return Err(Error::not_found(format!(
+                "thin device {id}: no such device"
+            )));
+        }
+        if state.held.contains(&id) || state.mounts.values().any(|m| *m == id) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("thin device {id}: device is busy"),
+            ));
+        }
+        state.active.remove(&id);
+        Ok(())
+    }
+
+    fn active_node(&self, id: ThinId) -> Result<Option<PathBuf>> {
+        Ok(self.state().active.contains_key(&id).then(|| Sim::node(id)))
+    }
+
+    fn active_ids(&self) -> Result<BTreeSet<ThinId>> {
+        Ok(self.state().active.keys().copied().collect())
+    }
+
+    fn resize(&self, id: ThinId, size: ByteSize) -> Result<()> {
+        self.enter(SimOp::Resize)?;
+        let mut state = self.state();
+        let active = state
+            .active
+            .get_mut(&id)
+            .ok_or_else(|| Error::not_found(format!("thin device {id}: no such device")))?;
+        active.size = size;
+        Ok(())
+    }
+
+    fn mapped(&self, id: ThinId) -> Result<ByteSize> {
+        let state = self.state();
+        if !state.active.contains_key(&id) {
+            return Err(Error::not_found(format!(
+                "thin device {id}: no such device"
+            )));
+        }
+        Ok(ByteSize::from_bytes(
+            state.thins.get(&id).map_or(0, |t| t.mapped),
+        ))
+    }
+
+    fn discard(&self, id: ThinId) -> Result<()> {
+        let mut state = self.state();
+        if !state.active.contains_key(&id) {
+            return Err(Error::not_found(format!(
+                "thin device {id}: no such device"
+            )));
+        }
+        if let Some(thin) = state.thins.get_mut(&id) {
+            thin.mapped = 0;
+        }
+        Ok(())
+    }
+}
+
+impl FsKernel for Sim {
+    fn mkfs(&self, fs: FsType, device: &Path, _extra: &[String]) -> Result<String> {
+        self.enter(SimOp::Mkfs)?;
+        let id = Sim::id_of_node(device)?;
+        let mut state = self.state();
+        let written = state.mkfs_bytes;
+        let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
+        thin.mapped += written;
+        Ok(format!("sim-{fs}-uuid-{id}"))
+    }
+
+    fn mount(
+        &self,
+        device: &Path,
+        target: &Path,
+        _fs: FsType,
+        read_only: bool,
+        _options: &[String],
+    ) -> Result<()> {
+        self.enter(SimOp::Mount)?;
+        let id = Sim::id_of_node(device)?;
+        let mut state = self.state();
+        let active = state
+            .active
+            .get(&id)
+            .ok_or_else(|| Error::not_found(format!("{}: no such device", device.display())))?;
+        if active.read_only && !read_only {
+            return Err(Error::new(
+                ErrorKind::Permission,
+                format!("{} is read-only", device.display()),
+            ));
+        }
+        if state.mounts.contains_key(target) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("{} is a mount point already", target.display()),
+            ));
+        }
+        state.mounts.insert(target.to_path_buf(), id);
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<()> {
+        self.enter(SimOp::Unmount)?;
+        self.state()
+            .mounts
+            .remove(target)
+            .map(|_| ())
+            .ok_or_else(|| Error::invalid(format!("{} is not mounted", target.display())))
+    }
+
+    fn grow(&self, _fs: FsType, _device: &Path, mount_point: &Path) -> Result<()> {
+        self.enter(SimOp::Grow)?;
+        if !self.state().mounts.contains_key(mount_point) {
+            return Err(Error::invalid(format!(
+                "{} is not mounted",
+                mount_point.display()
+            )));
+        }
+        Ok(())
+    }
+
+    fn is_mounted(&self, target: &Path) -> Result<bool> {
+        Ok(self.state().mounts.contains_key(target))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim_follows_the_kernel_rules() {
+        let sim = Sim::default();
+        crate::kernel::conformance::check_rules(&sim, &sim, 100, Path::new("/mnt/sim"));
+    }
+
+    #[test]
+    fn injected_failures_fire_once_after_the_given_calls() {
+        let sim = Sim::default();
+        sim.fail_at(SimOp::CreateThin, 1, ErrorKind::NoSpace);
+        sim.create_thin(ThinId::new(1).unwrap()).unwrap();
+        let err = sim.create_thin(ThinId::new(2).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NoSpace);
+        sim.create_thin(ThinId::new(2).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn metadata_runs_out() {
+        let sim = Sim::new(ByteSize::gib(1), ByteSize::from_bytes(8192));
+        sim.create_thin(ThinId::new(1).unwrap()).unwrap();
+        sim.create_thin(ThinId::new(2).unwrap()).unwrap();
+        let err = sim.create_thin(ThinId::new(3).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NoSpace);
+    }
+}
