@@ -14,6 +14,8 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod crash;
+pub mod engine;
 pub mod error;
 pub mod kernel;
 pub mod names;

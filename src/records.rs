@@ -9,10 +9,15 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kernel::fs::FsType;
+use crate::names::{LayerName, ThinId};
+use crate::units::ByteSize;
 
 const TEMP_EXTENSION: &str = "tmp";
 
@@ -111,6 +116,237 @@ fn sync_dir_of(path: &Path) -> std::io::Result<()> {
     File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
 }
 
+/// The layer and transaction records' format; bumped when their layout changes.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// Where a layer is in its life. Records are written before the pool is touched, so every thin
+/// device in the pool is owned by a record, even one that a crash left half made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerState {
+    /// Being made; a crash leaves it to be rolled back.
+    Creating,
+    /// Usable.
+    Ready,
+    /// Being removed; a crash leaves it to be finished.
+    Removing,
+}
+
+/// One mount of a layer, with how many users hold it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// Users holding this mount; the last unmount unmounts.
+    pub refs: u32,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+/// A layer as persisted: flat, for serde only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayerRecord {
+    /// Record format.
+    pub format: u32,
+    /// The layer's name.
+    pub name: LayerName,
+    /// Its thin device in the pool.
+    pub thin_id: ThinId,
+    /// The layer it is a snapshot of.
+    pub parent: Option<LayerName>,
+    /// Virtual size.
+    pub size: ByteSize,
+    /// Filesystem type.
+    pub filesystem: FsType,
+    /// Filesystem UUID (snapshots share their origin's).
+    pub fs_uuid: String,
+    /// Read-only for good.
+    pub committed: bool,
+    /// Free-form labels for scripts.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    /// Life-cycle state.
+    pub state: LayerState,
+    /// Whether the layer should be active (re-activated after a reboot).
+    #[serde(default)]
+    pub active: bool,
+    /// Mounts thinstack made, by mount point.
+    #[serde(default)]
+    pub mounts: BTreeMap<PathBuf, MountRecord>,
+    /// Removal waits until the device is no longer busy.
+    #[serde(default)]
+    pub deferred: bool,
+    /// The pool has no thin device for this record (found at reconcile).
+    #[serde(default)]
+    pub missing: bool,
+}
+
+/// A pool message about to be sent, recorded first so a crash can be reconciled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum PoolOp {
+    /// `create_thin <id>`
+    CreateThin {
+        /// New thin id.
+        id: ThinId,
+    },
+    /// `create_snap <id> <origin>`
+    Snapshot {
+        /// Origin thin id.
+        origin: ThinId,
+        /// New thin id.
+        id: ThinId,
+    },
+    /// `delete <id>`
+    Delete {
+        /// Thin id to delete.
+        id: ThinId,
+    },
+}
+
+impl PoolOp {
+    /// The thin id the message makes or deletes.
+    pub fn id(&self) -> ThinId {
+        match self {
+            PoolOp::CreateThin { id } | PoolOp::Snapshot { id, .. } | PoolOp::Delete { id } => *id,
+        }
+    }
+}
+
+/// The intent of a pool message in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Intent {
+    /// The transaction id the pool gets once the message is done.
+    pub new_transaction_id: u64,
+    /// The message.
+    pub op: PoolOp,
+    /// The layer it is for, if any (orphan clean-up has none).
+    pub layer: Option<LayerName>,
+}
+
+/// The engine's view of the pool's transaction id, and the message in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRecord {
+    /// Record format.
+    pub format: u32,
+    /// The pool's transaction id after the last completed message.
+    pub transaction_id: u64,
+    /// Next thin id to try (ids are handed out in increasing order, wrapping at 2^24).
+    pub next_thin_id: u32,
+    /// The message in flight, if any.
+    pub pending: Option<Intent>,
+}
+
+impl Default for TxnRecord {
+    fn default() -> Self {
+        TxnRecord {
+            format: RECORD_FORMAT,
+            transaction_id: 0,
+            next_thin_id: 1,
+            pending: None,
+        }
+    }
+}
+
+/// The records of one state directory, held under an exclusive lock.
+///
+/// Layout: `<state_dir>/layers/<name>.json` per layer (so an operation writes one small file,
+/// whatever the number of layers), `<state_dir>/txn.json`, `<state_dir>/lock`.
+#[derive(Debug)]
+pub struct RecordStore {
+    layers_dir: PathBuf,
+    txn_path: PathBuf,
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl RecordStore {
+    /// Open the records under `state_dir`, creating the directories, taking the lock, and
+    /// sweeping temporary files a crash left.
+    ///
+    /// Returns a `Busy` error when another process holds the state directory.
+    pub fn open(state_dir: &Path) -> Result<RecordStore> {
+        ensure_private_dir(state_dir)?;
+        let layers_dir = state_dir.join("layers");
+        ensure_private_dir(&layers_dir)?;
+        let lock_path = state_dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("opening {}", lock_path.display()), e))?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| {
+                if errno == nix::errno::Errno::EWOULDBLOCK {
+                    Error::new(
+                        crate::ErrorKind::Busy,
+                        format!(
+                            "state directory {} is in use by another thinstack process (it holds {}); stop it first",
+                            state_dir.display(),
+                            lock_path.display()
+                        ),
+                    )
+                } else {
+                    Error::io(format!("locking {}", lock_path.display()), errno.into())
+                }
+            })?;
+        let swept = sweep_temp(&layers_dir)? + sweep_temp(state_dir)?;
+        if swept > 0 {
+            tracing::info!(swept, "removed temporary record files left by a crash");
+        }
+        Ok(RecordStore {
+            layers_dir,
+            txn_path: state_dir.join("txn.json"),
+            _lock: lock,
+        })
+    }
+
+    fn layer_path(&self, name: &LayerName) -> PathBuf {
+        // LayerName allows no '/', no NUL and never "." or "..": safe as a file name.
+        self.layers_dir.join(format!("{}.json", name.as_str()))
+    }
+
+    /// Every layer record.
+    pub fn load_layers(&self) -> Result<BTreeMap<LayerName, LayerRecord>> {
+        let entries = fs::read_dir(&self.layers_dir)
+            .map_err(|e| Error::io(format!("listing {}", self.layers_dir.display()), e))?;
+        let mut layers = BTreeMap::new();
+        for entry in entries {
+            let path = entry
+                .map_err(|e| Error::io(format!("listing {}", self.layers_dir.display()), e))?
+                .path();
+            if path.extension().is_none_or(|ext| ext != "json") {
+                continue;
+            }
+            if let Some(record) = read_json::<LayerRecord>(&path)? {
+                layers.insert(record.name.clone(), record);
+            }
+        }
+        Ok(layers)
+    }
+
+    /// Write a layer record atomically and durably.
+    pub fn put_layer(&self, record: &LayerRecord) -> Result<()> {
+        write_json(&self.layer_path(&record.name), record)
+    }
+
+    /// Drop a layer record durably.
+    pub fn remove_layer(&self, name: &LayerName) -> Result<()> {
+        remove(&self.layer_path(name))
+    }
+
+    /// The transaction record, if one was written.
+    pub fn load_txn(&self) -> Result<Option<TxnRecord>> {
+        read_json(&self.txn_path)
+    }
+
+    /// Write the transaction record atomically and durably.
+    pub fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
+        write_json(&self.txn_path, txn)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +385,50 @@ mod tests {
         fs::write(dir.path().join("a.json"), b"[]").unwrap();
         assert_eq!(sweep_temp(dir.path()).unwrap(), 1);
         assert!(dir.path().join("a.json").exists());
+    }
+
+    #[test]
+    fn a_second_store_on_one_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = RecordStore::open(dir.path()).unwrap();
+        let err = RecordStore::open(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Busy);
+        assert!(
+            err.to_string()
+                .contains("in use by another thinstack process"),
+            "{err}"
+        );
+        drop(first);
+        RecordStore::open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn layer_records_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path()).unwrap();
+        let record = LayerRecord {
+            format: RECORD_FORMAT,
+            name: LayerName::new("base").unwrap(),
+            thin_id: ThinId::new(1).unwrap(),
+            parent: None,
+            size: ByteSize::gib(10),
+            filesystem: FsType::Ext4,
+            fs_uuid: "u".into(),
+            committed: false,
+            labels: BTreeMap::from([("k".to_string(), "v".to_string())]),
+            created_ns: 1,
+            state: LayerState::Ready,
+            active: false,
+            mounts: BTreeMap::new(),
+            deferred: false,
+            missing: false,
+        };
+        store.put_layer(&record).unwrap();
+        fs::write(dir.path().join("layers/stray.json.tmp"), b"x").unwrap();
+        let layers = store.load_layers().unwrap();
+        assert_eq!(layers.values().collect::<Vec<_>>(), [&record]);
+        store.remove_layer(&record.name).unwrap();
+        assert!(store.load_layers().unwrap().is_empty());
     }
 
     #[test]

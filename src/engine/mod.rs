@@ -1,0 +1,960 @@
+//! The layer engine: named layers as thin devices, their life cycle, and records that survive a
+//! crash at any step.
+//!
+//! The engine is logic over [`PoolKernel`] and [`FsKernel`], so the same code runs on the real
+//! kernel and on the in-memory [`Sim`](crate::kernel::sim::Sim).
+//!
+//! How records stay true to the pool:
+//! - a layer's record is written (state `creating` or `removing`) before the pool is touched,
+//!   so every thin device in the pool is owned by a record;
+//! - every pool message is preceded by an intent in `txn.json` and followed by
+//!   `set_transaction_id old new`, so the pool's transaction id tells which messages happened;
+//! - [`Engine::open`] reconciles: it settles the intent, rolls back layers left `creating`,
+//!   finishes layers left `removing`, deletes thin devices no record owns, flags records whose
+//!   thin device is gone, and re-activates layers that were active before a reboot.
+
+mod reconcile;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::{Config, MountOption};
+use crate::crash;
+use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::fs::FsType;
+use crate::kernel::{FsKernel, PoolKernel, PoolUsage};
+use crate::names::{LayerName, ThinId, THIN_ID_MAX};
+use crate::records::{
+    ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
+    TxnRecord, RECORD_FORMAT,
+};
+use crate::units::{ByteSize, Percent};
+
+pub use reconcile::ReconcileReport;
+
+/// Longest label key and value.
+const LABEL_KEY_MAX: usize = 256;
+const LABEL_VALUE_MAX: usize = 4096;
+
+/// What the engine takes from the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The state directory (records; `mnt/<layer>` default mount points).
+    pub state_dir: PathBuf,
+    /// Size of a new base layer unless one is requested.
+    pub base_size: ByteSize,
+    /// Filesystem of a new base layer unless one is requested.
+    pub filesystem: FsType,
+    /// Extra mkfs arguments.
+    pub mkfs_args: Vec<String>,
+    /// Extra mount options.
+    pub mount_options: Vec<String>,
+    /// Refuse new layers below this share of free data or metadata.
+    pub min_free_space: Percent,
+    /// Discard a layer's blocks before deleting it (gives loop-file space back).
+    pub discard_on_remove: bool,
+    /// How often and how far apart a busy deactivation is retried before removal is deferred.
+    pub busy_retries: u32,
+    /// See `busy_retries`.
+    pub busy_retry_interval: Duration,
+}
+
+impl Settings {
+    /// The engine's settings from a configuration.
+    pub fn from_config(config: &Config) -> Settings {
+        Settings {
+            state_dir: config.state_dir.path().to_path_buf(),
+            base_size: config.layers.base_size,
+            filesystem: config.layers.filesystem,
+            mkfs_args: config.layers.mkfs_args.clone(),
+            mount_options: config
+                .layers
+                .mount_options
+                .iter()
+                .map(|o: &MountOption| o.as_str().to_string())
+                .collect(),
+            min_free_space: config.pool.min_free_space,
+            discard_on_remove: true,
+            busy_retries: 10,
+            busy_retry_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A request to create a layer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CreateLayer {
+    /// The new layer's name.
+    pub name: String,
+    /// The layer to snapshot; none for a new base layer.
+    pub parent: Option<String>,
+    /// Virtual size; default: the base size, or the parent's size.
+    pub size: Option<ByteSize>,
+    /// Filesystem of a base layer; default: the configured one.
+    pub filesystem: Option<FsType>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A layer as callers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Layer {
+    /// Name.
+    pub name: LayerName,
+    /// Thin device id.
+    pub thin_id: ThinId,
+    /// Parent layer.
+    pub parent: Option<LayerName>,
+    /// Virtual size.
+    pub size: ByteSize,
+    /// Filesystem type.
+    pub filesystem: FsType,
+    /// Filesystem UUID.
+    pub fs_uuid: String,
+    /// Read-only for good.
+    pub committed: bool,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    /// Life-cycle state.
+    pub state: LayerState,
+    /// The block device while active.
+    pub device: Option<PathBuf>,
+    /// Mount points thinstack made, with their users.
+    pub mounts: BTreeMap<PathBuf, MountRecord>,
+    /// Removal waits for the device to be released.
+    pub deferred_removal: bool,
+    /// The pool lost this layer's thin device.
+    pub missing: bool,
+    /// Layers made from this one.
+    pub children: Vec<LayerName>,
+}
+
+/// What a removal did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Removal {
+    /// The layer and its thin device are gone.
+    Removed,
+    /// The device is busy; it will be removed once released ([`Engine::process_deferred`]).
+    Deferred,
+}
+
+/// The layer engine over a pool kernel `K` and filesystems `F`.
+pub struct Engine<K: PoolKernel, F: FsKernel> {
+    kernel: K,
+    fs: F,
+    store: RecordStore,
+    settings: Settings,
+    layers: BTreeMap<LayerName, LayerRecord>,
+    txn: TxnRecord,
+    /// Thin ids in use: owned by a record, or seen in the pool at the last reconcile.
+    used_ids: BTreeSet<ThinId>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
+    /// Open the engine on `kernel`'s pool with the records under `settings.state_dir`, and
+    /// reconcile records with the pool (see the module docs). Returns what was repaired.
+    ///
+    /// Returns a `Busy` error when another process holds the state directory.
+    pub fn open(kernel: K, fs: F, settings: Settings) -> Result<(Self, ReconcileReport)> {
+        let store = RecordStore::open(&settings.state_dir)?;
+        ensure_private_dir(&settings.state_dir.join("mnt"))?;
+        let layers = store.load_layers()?;
+        let txn = store.load_txn()?.unwrap_or_default();
+        let used_ids = layers.values().map(|l| l.thin_id).collect();
+        let mut engine = Engine {
+            kernel,
+            fs,
+            store,
+            settings,
+            layers,
+            txn,
+            used_ids,
+        };
+        let report = engine.reconcile()?;
+        Ok((engine, report))
+    }
+
+    /// The pool kernel (for status and tests).
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// Give back the kernels (to tear the pool down).
+    pub fn into_kernels(self) -> (K, F) {
+        (self.kernel, self.fs)
+    }
+
+    // ----- queries -------------------------------------------------------------------------
+
+    fn record(&self, name: &str) -> Result<&LayerRecord> {
+        let name = LayerName::new(name)?;
+        self.layers
+            .get(&name)
+            .ok_or_else(|| Error::not_found(format!("no layer named {name:?}")))
+    }
+
+    /// A layer that is usable (ready, its thin device present).
+    fn ready_record(&self, name: &str) -> Result<&LayerRecord> {
+        let record = self.record(name)?;
+        match record.state {
+            LayerState::Ready if record.missing => Err(Error::inconsistent(format!(
+                "layer {name:?} has lost its thin device {} in the pool; remove it",
+                record.thin_id
+            ))),
+            LayerState::Ready => Ok(record),
+            LayerState::Creating => Err(Error::new(
+                ErrorKind::Busy,
+                format!("layer {name:?} is still being created"),
+            )),
+            LayerState::Removing => Err(Error::new(
+                ErrorKind::Busy,
+                format!("layer {name:?} is being removed"),
+            )),
+        }
+    }
+
+    fn children_of(&self, name: &LayerName) -> Vec<LayerName> {
+        self.layers
+            .values()
+            .filter(|l| l.parent.as_ref() == Some(name))
+            .map(|l| l.name.clone())
+            .collect()
+    }
+
+    fn view(&self, record: &LayerRecord) -> Result<Layer> {
+        Ok(Layer {
+            name: record.name.clone(),
+            thin_id: record.thin_id,
+            parent: record.parent.clone(),
+            size: record.size,
+            filesystem: record.filesystem,
+            fs_uuid: record.fs_uuid.clone(),
+            committed: record.committed,
+            labels: record.labels.clone(),
+            created_ns: record.created_ns,
+            state: record.state,
+            device: self.kernel.active_node(record.thin_id)?,
+            mounts: record.mounts.clone(),
+            deferred_removal: record.deferred,
+            missing: record.missing,
+            children: self.children_of(&record.name),
+        })
+    }
+
+    /// One layer.
+    pub fn inspect(&self, name: &str) -> Result<Layer> {
+        self.view(self.record(name)?)
+    }
+
+    /// Every layer, by name; only those carrying every label in `labels` when it is not empty.
+    pub fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<Layer>> {
+        self.layers
+            .values()
+            .filter(|l| labels.iter().all(|(k, v)| l.labels.get(k) == Some(v)))
+            .map(|l| self.view(l))
+            .collect()
+    }
+
+    /// The pool's space, transaction id and health.
+    pub fn pool_usage(&self) -> Result<PoolUsage> {
+        self.kernel.usage()
+    }
+
+    /// How many layers wait for deferred removal.
+    pub fn deferred_count(&self) -> usize {
+        self.layers.values().filter(|l| l.deferred).count()
+    }
+
+    /// Bytes of pool data the layer maps (its own and those shared with its parents).
+    pub fn usage(&self, name: &str) -> Result<ByteSize> {
+        let record = self.ready_record(name)?;
+        let id = record.thin_id;
+        if self.kernel.active_node(id)?.is_some() {
+            return self.kernel.mapped(id);
+        }
+        self.kernel.activate(id, record.size, true)?;
+        let mapped = self.kernel.mapped(id);
+        self.kernel.deactivate(id)?;
+        mapped
+    }
+
+    // ----- records ---------------------------------------------------------------------------
+
+    fn put(&mut self, record: LayerRecord) -> Result<()> {
+        self.store.put_layer(&record)?;
+        self.used_ids.insert(record.thin_id);
+        self.layers.insert(record.name.clone(), record);
+        Ok(())
+    }
+
+    fn drop_record(&mut self, name: &LayerName) -> Result<()> {
+        self.store.remove_layer(name)?;
+        if let Some(record) = self.layers.remove(name) {
+            self.used_ids.remove(&record.thin_id);
+        }
+        Ok(())
+    }
+
+    /// A thin id that is provably free: no record owns it and the pool did not hold it at the
+    /// last reconcile (ids made since are all owned by records).
+    fn allocate_id(&mut self) -> Result<ThinId> {
+        let start = self.txn.next_thin_id.clamp(1, THIN_ID_MAX);
+        let mut candidate = start;
+        loop {
+            let id = ThinId::new(candidate)?;
+            candidate = if candidate >= THIN_ID_MAX {
+                1
+            } else {
+                candidate + 1
+            };
+            if !self.used_ids.contains(&id) {
+                self.txn.next_thin_id = candidate;
+                return Ok(id);
+            }
+            if candidate == start {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    "all 16777215 thin device ids are in use",
+                ));
+            }
+        }
+    }
+
+    /// Send one pool message under the transaction protocol: intent, message, transaction id,
+    /// record. A message that fails changes nothing in the pool; the intent is withdrawn.
+    fn pool_step(&mut self, layer: Option<&LayerName>, op: PoolOp) -> Result<()> {
+        let old = self.txn.transaction_id;
+        let new = old + 1;
+        self.txn.pending = Some(Intent {
+            new_transaction_id: new,
+            op: op.clone(),
+            layer: layer.cloned(),
+        });
+        self.store.put_txn(&self.txn)?;
+        crash::point("pool_step.intent_written");
+        let sent = match &op {
+            PoolOp::CreateThin { id } => self.kernel.create_thin(*id),
+            PoolOp::Snapshot { origin, id } => self.kernel.snapshot(*origin, *id),
+            PoolOp::Delete { id } => self.kernel.delete_thin(*id),
+        };
+        if let Err(err) = sent {
+            self.txn.pending = None;
+            if let Err(e) = self.store.put_txn(&self.txn) {
+                tracing::warn!(error = %e, "could not withdraw the intent; the next open settles it");
+            }
+            return Err(err);
+        }
+        crash::point("pool_step.message_sent");
+        self.kernel.set_transaction_id(old, new)?;
+        crash::point("pool_step.transaction_set");
+        self.txn.transaction_id = new;
+        self.txn.pending = None;
+        self.store.put_txn(&self.txn)
+    }
+
+    // ----- create ----------------------------------------------------------------------------
+
+    /// Create a layer: a new base layer with a fresh filesystem, or a snapshot of `parent`.
+    ///
+    /// A snapshot of an active parent is taken with the parent suspended (a mounted filesystem
+    /// is frozen and flushed). A size larger than the parent's grows the device and then the
+    /// filesystem; a smaller one is refused. Refused with `NoSpace` when free data or metadata
+    /// is below `min_free_space`. On failure nothing is left behind.
+    pub fn create(&mut self, request: &CreateLayer) -> Result<Layer> {
+        let plan = self.plan_create(request)?;
+        self.check_space()?;
+        let id = self.allocate_id()?;
+        let record = LayerRecord {
+            format: RECORD_FORMAT,
+            name: plan.name.clone(),
+            thin_id: id,
+            parent: plan.parent.as_ref().map(|p| p.name.clone()),
+            size: plan.size,
+            filesystem: plan.filesystem,
+            fs_uuid: plan
+                .parent
+                .as_ref()
+                .map(|p| p.fs_uuid.clone())
+                .unwrap_or_default(),
+            committed: false,
+            labels: request.labels.clone(),
+            created_ns: now_ns(),
+            state: LayerState::Creating,
+            active: false,
+            mounts: BTreeMap::new(),
+            deferred: false,
+            missing: false,
+        };
+        self.put(record)?;
+        crash::point("create.record_written");
+        match self.build_layer(&plan, id) {
+            Ok(fs_uuid) => {
+                let mut record = self.layers[&plan.name].clone();
+                record.fs_uuid = fs_uuid;
+                record.state = LayerState::Ready;
+                self.put(record)?;
+                crash::point("create.done");
+                tracing::info!(layer = %plan.name, thin_id = %id, parent = ?plan.parent.as_ref().map(|p| p.name.as_str()), size = %plan.size, "layer created");
+                self.inspect(plan.name.as_str())
+            }
+            Err(err) => {
+                if let Err(undo) = self.undo_create(&plan.name) {
+                    tracing::error!(layer = %plan.name, error = %undo, "could not undo a failed create; the next open rolls it back");
+                }
+                Err(err.context(format!("creating layer {:?}", plan.name.as_str())))
+            }
+        }
+    }
+
+    fn plan_create(&self, request: &CreateLayer) -> Result<CreatePlan> {
+        let name = LayerName::new(&request.name)?;
+        if self.layers.contains_key(&name) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("a layer named {name:?} exists already"),
+            ));
+        }
+        check_labels(&request.labels)?;
+        let parent = match &request.parent {
+            None => None,
+            Some(parent) => Some(self.ready_record(parent)?.clone()),
+        };
+        let (size, filesystem) = match &parent {
+            None => {
+                let filesystem = request.filesystem.unwrap_or(self.settings.filesystem);
+                let size = request.size.unwrap_or(self.settings.base_size);
+                check_fs_size(filesystem, size)?;
+                (size, filesystem)
+            }
+            Some(parent) => {
+                if request.filesystem.is_some_and(|fs| fs != parent.filesystem) {
+                    return Err(Error::invalid(format!(
+                        "layer {name:?} is a snapshot of {:?}, which holds {}; a snapshot keeps its parent's filesystem",
+                        parent.name.as_str(),
+                        parent.filesystem
+                    )));
+                }
+                let size = request.size.unwrap_or(parent.size);
+                if size < parent.size {
+                    return Err(Error::invalid(format!(
+                        "size {size} for layer {name:?} is smaller than its parent {:?} ({}); layers can only grow",
+                        parent.name.as_str(),
+                        parent.size
+                    )));
+                }
+                (size, parent.filesystem)
+            }
+        };
+        Ok(CreatePlan {
+            name,
+            parent,
+            size,
+            filesystem,
+        })
+    }
+
+    /// Refuse when free data or free metadata is below `min_free_space`.
+    fn check_space(&self) -> Result<()> {
+        let usage = self.kernel.usage()?;
+        let min = self.settings.min_free_space;
+        for (what, space) in [("data", &usage.data), ("metadata", &usage.metadata)] {
+            let required = min.of(space.total.bytes());
+            if space.available.bytes() < required {
+                return Err(Error::new(
+                    ErrorKind::NoSpace,
+                    format!(
+                        "the pool has {} of {what} free of {}, below the minimum of {min} ({}); \
+                         extend the pool (thinstack pool extend) or lower pool.min_free_space",
+                        space.available.human(),
+                        space.total.human(),
+                        ByteSize::from_bytes(required).human()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The kernel steps of a create, after its record exists; returns the filesystem UUID.
+    fn build_layer(&mut self, plan: &CreatePlan, id: ThinId) -> Result<String> {
+        let op = match &plan.parent {
+            None => PoolOp::CreateThin { id },
+            Some(parent) => PoolOp::Snapshot {
+                origin: parent.thin_id,
+                id,
+            },
+        };
+        self.pool_step(Some(&plan.name), op)?;
+        match &plan.parent {
+            None => {
+                let node = self.kernel.activate(id, plan.size, false)?;
+                crash::point("create.activated");
+                let fs_uuid = self
+                    .fs
+                    .mkfs(plan.filesystem, &node, &self.settings.mkfs_args)?;
+                crash::point("create.formatted");
+                self.kernel.deactivate(id)?;
+                Ok(fs_uuid)
+            }
+            Some(parent) if plan.size > parent.size => {
+                let node = self.kernel.activate(id, plan.size, false)?;
+                crash::point("create.activated");
+                self.grow_filesystem(id, &node, plan.filesystem)?;
+                crash::point("create.grown");
+                self.kernel.deactivate(id)?;
+                Ok(parent.fs_uuid.clone())
+            }
+            Some(parent) => Ok(parent.fs_uuid.clone()),
+        }
+    }
+
+    /// Grow the filesystem on `node` to its device: mounted at a private place for the call
+    /// (xfs only grows mounted; online resize2fs needs no fsck first).
+    fn grow_filesystem(&self, id: ThinId, node: &Path, filesystem: FsType) -> Result<()> {
+        // Layer names start with a letter or digit, so ".grow-*" never meets a layer's mount.
+        let target = self
+            .settings
+            .state_dir
+            .join("mnt")
+            .join(format!(".grow-{id}"));
+        std::fs::create_dir_all(&target)
+            .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
+        self.fs.mount(node, &target, filesystem, false, &[])?;
+        let grown = self.fs.grow(filesystem, node, &target);
+        let unmounted = self.fs.unmount(&target);
+        let _ = std::fs::remove_dir(&target);
+        grown.and(unmounted)
+    }
+
+    /// Take back a create that failed after its record was written.
+    fn undo_create(&mut self, name: &LayerName) -> Result<()> {
+        let id = self.layers[name].thin_id;
+        self.remove_thin_device(Some(name), id)?;
+        self.drop_record(name)
+    }
+
+    /// Deactivate (if active) and delete thin `id`; gone already is fine.
+    fn remove_thin_device(&mut self, layer: Option<&LayerName>, id: ThinId) -> Result<()> {
+        if self.kernel.active_node(id)?.is_some() {
+            self.kernel.deactivate(id)?;
+        }
+        match self.pool_step(layer, PoolOp::Delete { id }) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    // ----- commit, activate, mount -------------------------------------------------------
+
+    /// Make a layer read-only for good. Refused while it is mounted read-write.
+    pub fn commit(&mut self, name: &str) -> Result<Layer> {
+        let record = self.ready_record(name)?.clone();
+        if record.committed {
+            return self.view(&record);
+        }
+        if let Some((target, _)) = record.mounts.iter().find(|(_, m)| !m.read_only) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "layer {name:?} is mounted read-write at {}; unmount it before committing",
+                    target.display()
+                ),
+            ));
+        }
+        // An active device is re-made read-only, so nothing can write it after the commit.
+        if self.kernel.active_node(record.thin_id)?.is_some() {
+            self.deactivate_with_retries(record.thin_id)?;
+            self.kernel.activate(record.thin_id, record.size, true)?;
+            crash::point("commit.reactivated");
+        }
+        let mut committed = record;
+        committed.committed = true;
+        self.put(committed.clone())?;
+        crash::point("commit.done");
+        tracing::info!(layer = %committed.name, "layer committed");
+        self.view(&committed)
+    }
+
+    /// The layer's block device, activating it when needed (read-only when committed).
+    pub fn activate(&mut self, name: &str) -> Result<PathBuf> {
+        let record = self.ready_record(name)?.clone();
+        let node = match self.kernel.active_node(record.thin_id)? {
+            Some(node) => node,
+            None => self
+                .kernel
+                .activate(record.thin_id, record.size, record.committed)?,
+        };
+        if !record.active {
+            let mut active = record;
+            active.active = true;
+            self.put(active)?;
+        }
+        Ok(node)
+    }
+
+    /// Deactivate a layer's device. Refused while thinstack has it mounted; `Busy` when
+    /// another user holds it after a few retries.
+    pub fn deactivate(&mut self, name: &str) -> Result<()> {
+        let record = self.ready_record(name)?.clone();
+        if let Some(target) = record.mounts.keys().next() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "layer {name:?} is mounted at {}; unmount it first",
+                    target.display()
+                ),
+            ));
+        }
+        if self.kernel.active_node(record.thin_id)?.is_some() {
+            self.deactivate_with_retries(record.thin_id)?;
+        }
+        if record.active {
+            let mut inactive = record;
+            inactive.active = false;
+            self.put(inactive)?;
+        }
+        Ok(())
+    }
+
+    /// Deactivate, retrying `Busy` a few times (udev or a closing user may hold the device a
+    /// moment longer).
+    fn deactivate_with_retries(&self, id: ThinId) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match self.kernel.deactivate(id) {
+                Err(e) if e.kind() == ErrorKind::Busy && attempt < self.settings.busy_retries => {
+                    attempt += 1;
+                    std::thread::sleep(self.settings.busy_retry_interval);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Mount a layer at `target` (default `<state_dir>/mnt/<name>`), read-only when asked or
+    /// committed. Mounting the same layer at the same place again adds a user; each user
+    /// unmounts once. Returns the mount point.
+    pub fn mount(&mut self, name: &str, target: Option<&Path>, read_only: bool) -> Result<PathBuf> {
+        let record = self.ready_record(name)?.clone();
+        let read_only = read_only || record.committed;
+        let target = match target {
+            Some(path) => checked_mount_target(path)?,
+            None => {
+                let path = self
+                    .settings
+                    .state_dir
+                    .join("mnt")
+                    .join(record.name.as_str());
+                std::fs::create_dir_all(&path)
+                    .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
+                path
+            }
+        };
+        let mut updated = record.clone();
+        if let Some(existing) = updated.mounts.get_mut(&target) {
+            if existing.read_only != read_only {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "layer {name:?} is mounted {} at {} already",
+                        if existing.read_only {
+                            "read-only"
+                        } else {
+                            "read-write"
+                        },
+                        target.display()
+                    ),
+                ));
+            }
+            existing.refs += 1;
+            self.put(updated)?;
+            return Ok(target);
+        }
+        if self.fs.is_mounted(&target)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("{} has something else mounted on it", target.display()),
+            ));
+        }
+        let node = self.activate(name)?;
+        let options = self.settings.mount_options.clone();
+        self.fs
+            .mount(&node, &target, record.filesystem, read_only, &options)?;
+        let mut updated = self.layers[&record.name].clone();
+        updated
+            .mounts
+            .insert(target.clone(), MountRecord { refs: 1, read_only });
+        self.put(updated)?;
+        tracing::info!(layer = %record.name, target = %target.display(), read_only, "layer mounted");
+        Ok(target)
+    }
+
+    /// Drop one user of a mount of the layer (the only mount, or the one at `target`); the last
+    /// user unmounts. The device stays active.
+    pub fn unmount(&mut self, name: &str, target: Option<&Path>) -> Result<()> {
+        let record = self.record(name)?.clone();
+        let target = match target {
+            Some(path) => path.to_path_buf(),
+            None => match record.mounts.keys().collect::<Vec<_>>().as_slice() {
+                [only] => (*only).clone(),
+                [] => return Err(Error::invalid(format!("layer {name:?} is not mounted"))),
+                many => {
+                    return Err(Error::invalid(format!(
+                        "layer {name:?} is mounted at {} places ({}); say which to unmount",
+                        many.len(),
+                        many.iter()
+                            .map(|p| p.display().to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )))
+                }
+            },
+        };
+        let mut updated = record;
+        let Some(mount) = updated.mounts.get_mut(&target) else {
+            return Err(Error::invalid(format!(
+                "layer {name:?} is not mounted at {}",
+                target.display()
+            )));
+        };
+        if mount.refs > 1 {
+            mount.refs -= 1;
+            return self.put(updated);
+        }
+        self.fs.unmount(&target)?;
+        updated.mounts.remove(&target);
+        self.put(updated)?;
+        tracing::info!(layer = %name, target = %target.display(), "layer unmounted");
+        Ok(())
+    }
+
+    // ----- remove ------------------------------------------------------------------------
+
+    /// Remove a layer and its thin device. Refused while it has children; never unmounts.
+    /// A device that stays busy after brief retries is removed later, when released
+    /// ([`Removal::Deferred`]).
+    pub fn remove(&mut self, name: &str) -> Result<Removal> {
+        let record = self.record(name)?.clone();
+        let children = self.children_of(&record.name);
+        if !children.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "layer {name:?} has children ({}); remove them first",
+                    children
+                        .iter()
+                        .map(LayerName::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        if record.state == LayerState::Creating {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("layer {name:?} is still being created"),
+            ));
+        }
+        let mut removing = record;
+        removing.state = LayerState::Removing;
+        removing.active = false;
+        self.put(removing.clone())?;
+        crash::point("remove.marked");
+        self.finish_removal(&removing.name, true)
+    }
+
+    /// Finish removing a layer in state `removing`; `wait` retries a busy device briefly.
+    fn finish_removal(&mut self, name: &LayerName, wait: bool) -> Result<Removal> {
+        let record = self.layers[name].clone();
+        let id = record.thin_id;
+        if !record.missing {
+            if self.kernel.active_node(id)?.is_some() {
+                let deactivated = if wait {
+                    self.deactivate_with_retries(id)
+                } else {
+                    self.kernel.deactivate(id)
+                };
+                match deactivated {
+                    Err(e) if e.kind() == ErrorKind::Busy => {
+                        if !record.deferred {
+                            let mut deferred = record;
+                            deferred.deferred = true;
+                            self.put(deferred)?;
+                            tracing::info!(layer = %name, "layer busy: removal deferred until it is released");
+                        }
+                        return Ok(Removal::Deferred);
+                    }
+                    other => other?,
+                }
+                crash::point("remove.deactivated");
+            }
+            if self.settings.discard_on_remove {
+                self.discard(id, record.size)?;
+                crash::point("remove.discarded");
+            }
+            match self.pool_step(Some(name), PoolOp::Delete { id }) {
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                other => other?,
+            }
+            crash::point("remove.deleted");
+        }
+        self.drop_record(name)?;
+        tracing::info!(layer = %name, thin_id = %id, "layer removed");
+        Ok(Removal::Removed)
+    }
+
+    /// Discard the blocks of inactive thin `id`, so the pool passes the discards down and a
+    /// loop file gets its space back.
+    fn discard(&self, id: ThinId, size: ByteSize) -> Result<()> {
+        self.kernel.activate(id, size, false)?;
+        let discarded = self.kernel.discard(id);
+        let deactivated = self.kernel.deactivate(id);
+        discarded.and(deactivated)
+    }
+
+    /// Retry every deferred removal once; returns the layers removed now.
+    pub fn process_deferred(&mut self) -> Result<Vec<LayerName>> {
+        let deferred: Vec<LayerName> = self
+            .layers
+            .values()
+            .filter(|l| l.deferred && l.state == LayerState::Removing)
+            .map(|l| l.name.clone())
+            .collect();
+        let mut removed = Vec::new();
+        for name in deferred {
+            if self.finish_removal(&name, false)? == Removal::Removed {
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
+    // ----- resize ------------------------------------------------------------------------
+
+    /// Grow a layer's device and filesystem to `size`; smaller is refused, equal grows the
+    /// filesystem only (finishing a resize a crash interrupted).
+    pub fn resize(&mut self, name: &str, size: ByteSize) -> Result<Layer> {
+        let record = self.ready_record(name)?.clone();
+        if record.committed {
+            return Err(Error::invalid(format!(
+                "layer {name:?} is committed; it cannot change"
+            )));
+        }
+        if size < record.size {
+            return Err(Error::invalid(format!(
+                "size {size} for layer {name:?} is smaller than its size {}; layers can only grow",
+                record.size
+            )));
+        }
+        // The record first: a device larger than its filesystem is harmless, the reverse not.
+        let mut grown = record.clone();
+        grown.size = size;
+        self.put(grown.clone())?;
+        crash::point("resize.recorded");
+        let id = record.thin_id;
+        let node = match self.kernel.active_node(id)? {
+            Some(node) => {
+                self.kernel.resize(id, size)?;
+                node
+            }
+            None => self.kernel.activate(id, size, false)?,
+        };
+        crash::point("resize.reloaded");
+        match record.mounts.iter().find(|(_, m)| !m.read_only) {
+            Some((target, _)) => self.fs.grow(record.filesystem, &node, target)?,
+            None if record.mounts.is_empty() => {
+                self.grow_filesystem(id, &node, record.filesystem)?
+            }
+            None => {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "layer {name:?} is mounted read-only; unmount it to grow its filesystem"
+                    ),
+                ))
+            }
+        }
+        crash::point("resize.grown");
+        if !record.active && record.mounts.is_empty() {
+            self.deactivate_with_retries(id)?;
+        }
+        tracing::info!(layer = %name, size = %size, "layer resized");
+        self.view(&grown)
+    }
+}
+
+struct CreatePlan {
+    name: LayerName,
+    parent: Option<LayerRecord>,
+    size: ByteSize,
+    filesystem: FsType,
+}
+
+fn check_fs_size(filesystem: FsType, size: ByteSize) -> Result<()> {
+    let min = match filesystem {
+        FsType::Ext4 => crate::config::EXT4_SIZE_MIN,
+        FsType::Xfs => crate::config::XFS_SIZE_MIN,
+    };
+    if size < min {
+        return Err(Error::invalid(format!(
+            "size {size} is too small for {filesystem}; it must be at least {min}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
+    for (key, value) in labels {
+        let bad = |c: char| c.is_control();
+        if key.is_empty() || key.len() > LABEL_KEY_MAX || key.contains(bad) || key.contains('=') {
+            return Err(Error::invalid(format!(
+                "label key {key:?} is not allowed: keys are 1 to {LABEL_KEY_MAX} bytes without '=' or control characters"
+            )));
+        }
+        if value.len() > LABEL_VALUE_MAX || value.contains(bad) {
+            return Err(Error::invalid(format!(
+                "label {key:?} has a value that is not allowed: values are up to {LABEL_VALUE_MAX} bytes without control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A caller's mount point must be an absolute path to an existing directory.
+fn checked_mount_target(path: &Path) -> Result<PathBuf> {
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(Error::invalid(format!(
+            "mount point {} must be an absolute path without \"..\"",
+            path.display()
+        )));
+    }
+    let meta = std::fs::metadata(path)
+        .map_err(|e| Error::io(format!("mount point {}", path.display()), e))?;
+    if !meta.is_dir() {
+        return Err(Error::invalid(format!(
+            "mount point {} is not a directory",
+            path.display()
+        )));
+    }
+    Ok(path.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests;

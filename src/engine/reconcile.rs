@@ -1,0 +1,239 @@
+//! Reconciling records with the pool when the engine opens: after a crash, a kill, a reboot,
+//! or a foreign tool's changes.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::{Engine, Removal};
+use crate::error::{ErrorKind, Result};
+use crate::kernel::{FsKernel, PoolKernel};
+use crate::names::{LayerName, ThinId};
+use crate::records::{LayerState, PoolOp};
+
+/// What reconciling found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// How a pool message that was in flight was settled.
+    pub transaction: Option<String>,
+    /// Layers a crash left half made, rolled back.
+    pub rolled_back: Vec<LayerName>,
+    /// Layers a crash left half removed, removed now.
+    pub finished_removals: Vec<LayerName>,
+    /// Layers whose removal still waits for their device to be released.
+    pub still_deferred: Vec<LayerName>,
+    /// Thin devices no record owned, deleted.
+    pub orphans_deleted: Vec<ThinId>,
+    /// Records whose thin device the pool does not have.
+    pub missing: Vec<LayerName>,
+    /// Layers active before a reboot, activated again.
+    pub reactivated: Vec<LayerName>,
+    /// Mount records whose mount is gone (after a reboot), dropped.
+    pub stale_mounts: Vec<PathBuf>,
+}
+
+impl ReconcileReport {
+    /// Whether nothing needed repair.
+    pub fn is_clean(&self) -> bool {
+        *self == ReconcileReport::default()
+    }
+}
+
+impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
+    pub(super) fn reconcile(&mut self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let pool_txn = self.kernel.usage()?.transaction_id;
+        self.settle_intent(pool_txn, &mut report)?;
+        let pool_ids = self.kernel.thin_ids()?;
+        self.used_ids.extend(pool_ids.iter().copied());
+        self.flag_missing(&pool_ids, &mut report)?;
+        self.roll_back_creating(&mut report)?;
+        self.finish_removing(&mut report)?;
+        self.delete_orphans(&pool_ids, &mut report)?;
+        self.drop_stale_mounts(&mut report)?;
+        self.reactivate(&mut report)?;
+        if report.is_clean() {
+            tracing::info!(
+                layers = self.layers.len(),
+                transaction_id = self.txn.transaction_id,
+                "records agree with the pool"
+            );
+        } else {
+            tracing::warn!(?report, "reconciled records with the pool");
+        }
+        Ok(report)
+    }
+
+    /// Settle the message that was in flight, using the pool's transaction id (and, when that
+    /// cannot tell, whether the message's effect is in the pool).
+    fn settle_intent(&mut self, pool_txn: u64, report: &mut ReconcileReport) -> Result<()> {
+        let Some(intent) = self.txn.pending.clone() else {
+            if pool_txn != self.txn.transaction_id {
+                report.transaction = Some(format!(
+                    "the pool's transaction id is {pool_txn} but the records had {}; the pool's was adopted",
+                    self.txn.transaction_id
+                ));
+                self.txn.transaction_id = pool_txn;
+                self.store.put_txn(&self.txn)?;
+            }
+            return Ok(());
+        };
+        let new = intent.new_transaction_id;
+        let old = new.saturating_sub(1);
+        let settled = if pool_txn == new {
+            self.txn.transaction_id = new;
+            format!("{:?} had completed; recorded transaction {new}", intent.op)
+        } else if pool_txn == old {
+            let present = self.kernel.thin_ids()?.contains(&intent.op.id());
+            let happened = match intent.op {
+                PoolOp::Delete { .. } => !present,
+                PoolOp::CreateThin { .. } | PoolOp::Snapshot { .. } => present,
+            };
+            if happened {
+                self.kernel.set_transaction_id(old, new)?;
+                self.txn.transaction_id = new;
+                format!(
+                    "{:?} had happened without its transaction id; set it to {new}",
+                    intent.op
+                )
+            } else {
+                self.txn.transaction_id = old;
+                format!(
+                    "{:?} had not happened; nothing to undo in the pool",
+                    intent.op
+                )
+            }
+        } else {
+            self.txn.transaction_id = pool_txn;
+            format!(
+                "{:?} was in flight for transaction {new}, but the pool is at {pool_txn}; the pool's was adopted",
+                intent.op
+            )
+        };
+        self.txn.pending = None;
+        self.store.put_txn(&self.txn)?;
+        report.transaction = Some(settled);
+        Ok(())
+    }
+
+    fn flag_missing(
+        &mut self,
+        pool_ids: &BTreeSet<ThinId>,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let missing: Vec<_> = self
+            .layers
+            .values()
+            .filter(|l| {
+                l.state != LayerState::Creating && !l.missing && !pool_ids.contains(&l.thin_id)
+            })
+            .cloned()
+            .collect();
+        for mut record in missing {
+            record.missing = true;
+            if record.state == LayerState::Ready {
+                tracing::error!(layer = %record.name, thin_id = %record.thin_id, "the pool has no thin device for this layer; it is flagged missing");
+                report.missing.push(record.name.clone());
+            }
+            // A layer being removed whose device is gone already only needs its record dropped.
+            self.put(record)?;
+        }
+        Ok(())
+    }
+
+    fn roll_back_creating(&mut self, report: &mut ReconcileReport) -> Result<()> {
+        let creating: Vec<LayerName> = self
+            .layers
+            .values()
+            .filter(|l| l.state == LayerState::Creating)
+            .map(|l| l.name.clone())
+            .collect();
+        for name in creating {
+            self.undo_create(&name)?;
+            report.rolled_back.push(name);
+        }
+        Ok(())
+    }
+
+    fn finish_removing(&mut self, report: &mut ReconcileReport) -> Result<()> {
+        let removing: Vec<LayerName> = self
+            .layers
+            .values()
+            .filter(|l| l.state == LayerState::Removing)
+            .map(|l| l.name.clone())
+            .collect();
+        for name in removing {
+            match self.finish_removal(&name, false)? {
+                Removal::Removed => report.finished_removals.push(name),
+                Removal::Deferred => report.still_deferred.push(name),
+            }
+        }
+        Ok(())
+    }
+
+    fn delete_orphans(
+        &mut self,
+        pool_ids: &BTreeSet<ThinId>,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let owned: BTreeSet<ThinId> = self.layers.values().map(|l| l.thin_id).collect();
+        for &id in pool_ids.difference(&owned) {
+            match self.remove_thin_device(None, id) {
+                Ok(()) => {
+                    tracing::warn!(thin_id = %id, "deleted a thin device no record owned");
+                    self.used_ids.remove(&id);
+                    report.orphans_deleted.push(id);
+                }
+                Err(e) if e.kind() == ErrorKind::Busy => {
+                    tracing::error!(thin_id = %id, error = %e, "a thin device no record owns is in use; left alone");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_stale_mounts(&mut self, report: &mut ReconcileReport) -> Result<()> {
+        let records: Vec<_> = self
+            .layers
+            .values()
+            .filter(|l| !l.mounts.is_empty())
+            .cloned()
+            .collect();
+        for mut record in records {
+            let before = record.mounts.len();
+            let mut stale = Vec::new();
+            for target in record.mounts.keys() {
+                if !self.fs.is_mounted(target)? {
+                    stale.push(target.clone());
+                }
+            }
+            for target in &stale {
+                record.mounts.remove(target);
+            }
+            if record.mounts.len() != before {
+                report.stale_mounts.extend(stale);
+                self.put(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reactivate(&mut self, report: &mut ReconcileReport) -> Result<()> {
+        let wanted: Vec<_> = self
+            .layers
+            .values()
+            .filter(|l| l.state == LayerState::Ready && l.active && !l.missing)
+            .cloned()
+            .collect();
+        for record in wanted {
+            if self.kernel.active_node(record.thin_id)?.is_none() {
+                self.kernel
+                    .activate(record.thin_id, record.size, record.committed)?;
+                report.reactivated.push(record.name.clone());
+            }
+        }
+        Ok(())
+    }
+}

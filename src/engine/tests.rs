@@ -1,0 +1,468 @@
+//! The engine on the in-memory kernel: every operation, its refusals, failures injected into
+//! every kernel step, and a crash at every crash point followed by a re-open.
+
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use crate::kernel::sim::{Sim, SimOp};
+
+struct Fixture {
+    sim: Sim,
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Fixture::with_sim(Sim::default())
+    }
+
+    fn with_sim(sim: Sim) -> Self {
+        Fixture {
+            sim,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            state_dir: self.dir.path().to_path_buf(),
+            base_size: ByteSize::gib(1),
+            filesystem: FsType::Ext4,
+            mkfs_args: Vec::new(),
+            mount_options: Vec::new(),
+            min_free_space: Percent::new(10).unwrap(),
+            discard_on_remove: true,
+            busy_retries: 2,
+            busy_retry_interval: Duration::from_millis(1),
+        }
+    }
+
+    fn open(&self) -> (Engine<Sim, Sim>, ReconcileReport) {
+        Engine::open(self.sim.clone(), self.sim.clone(), self.settings()).unwrap()
+    }
+
+    fn engine(&self) -> Engine<Sim, Sim> {
+        self.open().0
+    }
+}
+
+fn base(name: &str) -> CreateLayer {
+    CreateLayer {
+        name: name.into(),
+        ..CreateLayer::default()
+    }
+}
+
+fn child(name: &str, parent: &str) -> CreateLayer {
+    CreateLayer {
+        name: name.into(),
+        parent: Some(parent.into()),
+        ..CreateLayer::default()
+    }
+}
+
+/// Records and pool agree exactly: every layer ready, every thin id owned, nothing else active.
+/// Takes the engine under test (if any) to close it first: the state directory is locked.
+fn assert_consistent(f: &Fixture, engine: impl Sized) {
+    drop(engine);
+    let (engine, report) = f.open();
+    assert!(
+        report.is_clean(),
+        "a second open still repaired: {report:?}"
+    );
+    let layers = engine.list(&BTreeMap::new()).unwrap();
+    for layer in &layers {
+        assert_eq!(layer.state, LayerState::Ready, "{layer:?}");
+    }
+    let owned: BTreeSet<ThinId> = layers.iter().map(|l| l.thin_id).collect();
+    assert_eq!(f.sim.thin_ids_now(), owned, "pool ids vs record ids");
+    let active = f.sim.active_ids().unwrap();
+    assert!(
+        active.is_subset(&owned),
+        "active devices without a layer: {active:?}"
+    );
+    assert_eq!(
+        f.sim.usage().unwrap().transaction_id,
+        engine.txn.transaction_id
+    );
+}
+
+#[test]
+fn layers_are_created_snapshotted_committed_and_listed() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    let labels = BTreeMap::from([("role".to_string(), "base".to_string())]);
+    let made = engine
+        .create(&CreateLayer {
+            labels: labels.clone(),
+            ..base("base")
+        })
+        .unwrap();
+    assert_eq!(made.size, ByteSize::gib(1));
+    assert_eq!(made.state, LayerState::Ready);
+    assert!(made.fs_uuid.starts_with("sim-ext4"));
+    assert_eq!(made.device, None, "a new layer is left inactive");
+    engine.commit("base").unwrap();
+    let kid = engine.create(&child("kid", "base")).unwrap();
+    assert_eq!(kid.parent.as_ref().map(LayerName::as_str), Some("base"));
+    assert_eq!(
+        kid.fs_uuid, made.fs_uuid,
+        "a snapshot keeps its origin's filesystem"
+    );
+    assert!(!kid.committed);
+    assert_eq!(
+        engine.inspect("base").unwrap().children,
+        std::slice::from_ref(&kid.name)
+    );
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 2);
+    assert_eq!(engine.list(&labels).unwrap()[0].name.as_str(), "base");
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    let cases = [
+        (base("base"), ErrorKind::AlreadyExists, "exists already"),
+        (base("../etc"), ErrorKind::Invalid, "layer names are"),
+        (child("c", "nope"), ErrorKind::NotFound, "no layer named"),
+        (
+            CreateLayer {
+                size: Some(ByteSize::mib(512)),
+                ..child("c", "base")
+            },
+            ErrorKind::Invalid,
+            "can only grow",
+        ),
+        (
+            CreateLayer {
+                filesystem: Some(FsType::Xfs),
+                size: Some(ByteSize::mib(100)),
+                ..base("x")
+            },
+            ErrorKind::Invalid,
+            "at least 300M",
+        ),
+        (
+            CreateLayer {
+                filesystem: Some(FsType::Xfs),
+                ..child("c", "base")
+            },
+            ErrorKind::Invalid,
+            "keeps its parent's filesystem",
+        ),
+        (
+            CreateLayer {
+                labels: BTreeMap::from([("".into(), "v".into())]),
+                ..base("l")
+            },
+            ErrorKind::Invalid,
+            "label key",
+        ),
+    ];
+    let before = f.sim.thin_ids_now();
+    for (request, kind, text) in cases {
+        let err = engine.create(&request).unwrap_err();
+        assert_eq!(err.kind(), kind, "{request:?}: {err}");
+        assert!(err.to_string().contains(text), "{request:?}: {err}");
+    }
+    assert_eq!(f.sim.thin_ids_now(), before);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_larger_child_grows_device_and_filesystem() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    let big = engine
+        .create(&CreateLayer {
+            size: Some(ByteSize::gib(2)),
+            ..child("big", "base")
+        })
+        .unwrap();
+    assert_eq!(big.size, ByteSize::gib(2));
+    assert!(f.sim.mounts_now().is_empty(), "the growth mount is gone");
+    let resized = engine.resize("big", ByteSize::gib(3)).unwrap();
+    assert_eq!(resized.size, ByteSize::gib(3));
+    let err = engine.resize("big", ByteSize::gib(1)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn mounts_are_reference_counted_and_committed_layers_read_only() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    let target = engine.mount("base", None, false).unwrap();
+    assert_eq!(target, f.dir.path().join("mnt/base"));
+    assert_eq!(engine.mount("base", None, false).unwrap(), target);
+    assert_eq!(engine.inspect("base").unwrap().mounts[&target].refs, 2);
+    let err = engine.commit("base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(
+        err.to_string().contains("unmount it before committing"),
+        "{err}"
+    );
+    let err = engine.deactivate("base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    engine.unmount("base", None).unwrap();
+    assert!(
+        f.sim.is_mounted(&target).unwrap(),
+        "one user still holds it"
+    );
+    engine.unmount("base", None).unwrap();
+    assert!(!f.sim.is_mounted(&target).unwrap());
+    engine.commit("base").unwrap();
+    engine.mount("base", None, false).unwrap();
+    assert!(engine.inspect("base").unwrap().mounts[&target].read_only);
+    engine.unmount("base", Some(&target)).unwrap();
+    let err = engine.unmount("base", None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+    engine.deactivate("base").unwrap();
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn removal_is_refused_with_children_and_deferred_while_busy() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    engine.create(&child("kid", "base")).unwrap();
+    let err = engine.remove("base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(err.to_string().contains("has children (kid)"), "{err}");
+
+    let kid_id = engine.inspect("kid").unwrap().thin_id;
+    engine.activate("kid").unwrap();
+    f.sim.hold(kid_id);
+    assert_eq!(engine.remove("kid").unwrap(), Removal::Deferred);
+    assert_eq!(engine.deferred_count(), 1);
+    assert!(engine.process_deferred().unwrap().is_empty());
+    f.sim.release(kid_id);
+    let removed = engine.process_deferred().unwrap();
+    assert_eq!(
+        removed.iter().map(LayerName::as_str).collect::<Vec<_>>(),
+        ["kid"]
+    );
+    assert_eq!(engine.remove("base").unwrap(), Removal::Removed);
+    assert!(f.sim.thin_ids_now().is_empty());
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn creation_is_refused_below_min_free_space() {
+    let f = Fixture::with_sim(Sim::new(ByteSize::mib(100), ByteSize::gib(1)));
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    let id = engine.inspect("base").unwrap().thin_id;
+    f.sim.write(id, 92 << 20);
+    let err = engine.create(&child("kid", "base")).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoSpace);
+    let text = err.to_string();
+    assert!(
+        text.contains("of data free") && text.contains("minimum of 10%"),
+        "{text}"
+    );
+    assert!(text.contains("thinstack pool extend"), "{text}");
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_failure_in_any_kernel_step_leaves_nothing_behind() {
+    for op in [
+        SimOp::CreateThin,
+        SimOp::SetTransactionId,
+        SimOp::Activate,
+        SimOp::Mkfs,
+        SimOp::Deactivate,
+    ] {
+        let f = Fixture::new();
+        let mut engine = f.engine();
+        f.sim.fail_at(op, 0, ErrorKind::Kernel);
+        let err = engine.create(&base("base")).unwrap_err();
+        assert!(
+            err.to_string().contains("creating layer \"base\""),
+            "{op:?}: {err}"
+        );
+        // A failed set_transaction_id leaves the intent; the next open settles it.
+        assert_consistent(&f, engine);
+        let (engine, _) = f.open();
+        assert!(engine.list(&BTreeMap::new()).unwrap().is_empty(), "{op:?}");
+    }
+}
+
+/// Run `op` with `point` armed; a panic there stands for the process dying.
+fn crash_at(point: &str, f: &Fixture, op: impl FnOnce(&mut Engine<Sim, Sim>)) -> bool {
+    let mut engine = f.engine();
+    crate::crash::arm(point);
+    let outcome = catch_unwind(AssertUnwindSafe(|| op(&mut engine)));
+    crate::crash::disarm();
+    drop(engine);
+    outcome.is_err()
+}
+
+#[test]
+fn a_crash_at_any_point_is_reconciled_on_open() {
+    type Setup = fn(&mut Engine<Sim, Sim>);
+    type Op = fn(&mut Engine<Sim, Sim>);
+    let setup_base: Setup = |e| {
+        e.create(&base("base")).unwrap();
+    };
+    let operations: [(&str, Setup, Op); 6] = [
+        (
+            "create base",
+            |_| {},
+            |e| {
+                e.create(&base("base")).unwrap();
+            },
+        ),
+        ("create child", setup_base, |e| {
+            e.create(&child("kid", "base")).unwrap();
+        }),
+        ("create larger child", setup_base, |e| {
+            e.create(&CreateLayer {
+                size: Some(ByteSize::gib(2)),
+                ..child("kid", "base")
+            })
+            .unwrap();
+        }),
+        ("commit active", setup_base, |e| {
+            e.activate("base").unwrap();
+            e.commit("base").unwrap();
+        }),
+        ("remove", setup_base, |e| {
+            e.remove("base").unwrap();
+        }),
+        ("resize", setup_base, |e| {
+            e.resize("base", ByteSize::gib(2)).unwrap();
+        }),
+    ];
+    let mut crashes = 0;
+    for point in crate::crash::POINTS {
+        for (what, setup, op) in &operations {
+            let f = Fixture::new();
+            setup(&mut f.engine());
+            if !crash_at(point, &f, op) {
+                continue; // this operation does not pass this point
+            }
+            crashes += 1;
+            let opened = catch_unwind(AssertUnwindSafe(|| f.open()));
+            let Ok((engine, report)) = opened else {
+                panic!("re-open after a crash in {what} at {point} failed");
+            };
+            assert_consistent(&f, engine);
+            // The base layer made before the crash survives every crash but its own removal.
+            let (engine, _) = f.open();
+            let names: Vec<String> = engine
+                .list(&BTreeMap::new())
+                .unwrap()
+                .iter()
+                .map(|l| l.name.to_string())
+                .collect();
+            if *what != "remove" && *what != "create base" {
+                assert!(
+                    names.contains(&"base".to_string()),
+                    "{what} at {point}: base lost; {report:?}"
+                );
+            }
+        }
+    }
+    assert!(crashes >= 20, "only {crashes} crashes were exercised");
+}
+
+#[test]
+fn after_a_reboot_active_layers_come_back_and_stale_mounts_go() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    engine.create(&child("kid", "base")).unwrap();
+    engine.activate("base").unwrap();
+    engine.mount("kid", None, false).unwrap();
+    drop(engine);
+    f.sim.reboot();
+    let (engine, report) = f.open();
+    let mut reactivated: Vec<&str> = report.reactivated.iter().map(LayerName::as_str).collect();
+    reactivated.sort();
+    assert_eq!(reactivated, ["base", "kid"]);
+    assert_eq!(report.stale_mounts, [f.dir.path().join("mnt/kid")]);
+    assert!(engine.inspect("kid").unwrap().mounts.is_empty());
+    assert!(engine.inspect("base").unwrap().device.is_some());
+}
+
+#[test]
+fn orphans_are_deleted_and_lost_devices_flagged() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    engine.create(&base("other")).unwrap();
+    let other = engine.inspect("other").unwrap().thin_id;
+    drop(engine);
+    let orphan = ThinId::new(4242).unwrap();
+    f.sim.create_thin(orphan).unwrap();
+    f.sim.delete_thin(other).unwrap();
+    let (mut engine, report) = f.open();
+    assert_eq!(report.orphans_deleted, [orphan]);
+    assert_eq!(
+        report
+            .missing
+            .iter()
+            .map(LayerName::as_str)
+            .collect::<Vec<_>>(),
+        ["other"]
+    );
+    assert!(!f.sim.thin_ids_now().contains(&orphan));
+    let err = engine.mount("other", None, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Inconsistent);
+    assert_eq!(engine.remove("other").unwrap(), Removal::Removed);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn thin_ids_of_existing_layers_are_never_handed_out_again() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    let a = engine.create(&base("a")).unwrap().thin_id;
+    let b = engine.create(&base("b")).unwrap().thin_id;
+    engine.remove("a").unwrap();
+    let c = engine.create(&base("c")).unwrap().thin_id;
+    assert!(
+        c > b && a < b,
+        "ids are handed out in increasing order: {a} {b} {c}"
+    );
+    drop(engine);
+    // Without txn.json the counter starts at 1 again; ids the layers own are skipped.
+    std::fs::remove_file(f.dir.path().join("txn.json")).unwrap();
+    let mut engine = f.engine();
+    let d = engine.create(&base("d")).unwrap().thin_id;
+    assert!(d != b && d != c, "id {d} was reused");
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn mount_targets_must_be_absolute_directories() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    for bad in ["relative", "/nonexistent/dir", "/tmp/../etc"] {
+        let err = engine
+            .mount("base", Some(Path::new(bad)), false)
+            .unwrap_err();
+        assert!(
+            matches!(err.kind(), ErrorKind::Invalid | ErrorKind::NotFound),
+            "{bad}: {err}"
+        );
+    }
+    let file = f.dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    assert_eq!(
+        engine.mount("base", Some(&file), false).unwrap_err().kind(),
+        ErrorKind::Invalid
+    );
+}
