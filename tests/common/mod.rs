@@ -107,6 +107,10 @@ impl Drop for TestPool {
         for target in self.mounts.drain(..).rev() {
             let _ = fs::unmount(&target);
         }
+        // Anything else mounted under the test's directory (by the engine), deepest first.
+        for target in mounts_under(self.dir.path()).into_iter().rev() {
+            let _ = fs::unmount(&target);
+        }
         let Ok(dm) = Dm::open() else { return };
         let prefix = self.config.pool.name.dm_prefix();
         let pool_name = self.config.pool.name.pool_dm_name();
@@ -137,4 +141,49 @@ pub fn thin_check(metadata: &Path) {
     if let Err(e) = thinstack::kernel::thin_tools::check(metadata) {
         panic!("{e}");
     }
+}
+
+/// Mount points at or below `dir`, in mount order.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
+/// An engine on the test's pool, on the real kernel.
+pub fn open_engine(
+    test: &TestPool,
+) -> (
+    thinstack::engine::Engine<thinstack::kernel::real::RealPool, thinstack::kernel::real::RealFs>,
+    thinstack::engine::ReconcileReport,
+) {
+    let dm = Dm::open().expect("device-mapper");
+    let pool = Pool::open(&test.config, &dm).expect("open pool");
+    let kernel = thinstack::kernel::real::RealPool::new(dm, pool);
+    thinstack::engine::Engine::open(
+        kernel,
+        thinstack::kernel::real::RealFs,
+        thinstack::engine::Settings::from_config(&test.config),
+    )
+    .expect("open engine")
+}
+
+/// Tear down the pool under a closed engine and check its metadata with thin_check.
+pub fn teardown_and_check(test: &TestPool) {
+    let dm = Dm::open().expect("device-mapper");
+    let pool = Pool::open(&test.config, &dm).expect("open pool");
+    for name in dm
+        .list_with_prefix(&test.config.pool.name.dm_prefix())
+        .unwrap()
+    {
+        if name.to_string() != test.config.pool.name.pool_dm_name().to_string() {
+            dm.remove_device(&name).expect("deactivate thin device");
+        }
+    }
+    pool.teardown(&dm).expect("teardown");
+    thin_check(&test.metadata_file());
 }

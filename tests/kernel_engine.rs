@@ -1,0 +1,263 @@
+//! The layer engine on the real kernel, for ext4 and xfs. Run with `scripts/vm-test`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::Path;
+
+use common::{open_engine, require_dm_thin, teardown_and_check, TestPool};
+use thinstack::engine::{CreateLayer, Removal};
+use thinstack::kernel::fs::FsType;
+use thinstack::kernel::PoolKernel;
+use thinstack::units::ByteSize;
+use thinstack::ErrorKind;
+
+fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
+    CreateLayer {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        ..CreateLayer::default()
+    }
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Bytes the filesystem mounted at `path` can hold.
+fn fs_size(path: &Path) -> u64 {
+    let stat = nix::sys::statvfs::statvfs(path).unwrap();
+    stat.blocks() * stat.fragment_size()
+}
+
+fn config_for(fs_type: FsType) -> String {
+    format!("[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"320M\"\n")
+}
+
+/// Verify every operation on one filesystem: create, a snapshot of a mounted and written-to
+/// layer holding exactly what was written before it, commit (read-only afterwards), growth of
+/// device and filesystem, usage, refusal to remove a parent, removal, clean metadata.
+fn lifecycle(fs_type: FsType) {
+    let _dm = require_dm_thin();
+    let t = TestPool::new(&format!("life-{fs_type}"), &config_for(fs_type));
+    let (mut engine, report) = open_engine(&t);
+    assert!(report.is_clean(), "{report:?}");
+
+    let base = engine.create(&layer("base", None)).unwrap();
+    assert_eq!(base.filesystem, fs_type);
+    assert!(!base.fs_uuid.is_empty());
+    let mnt = engine.mount("base", None, false).unwrap();
+    fs::write(mnt.join("before"), "written before the snapshot").unwrap();
+
+    // The snapshot is taken while base is mounted: the suspend freezes and flushes it.
+    let kid = engine.create(&layer("kid", Some("base"))).unwrap();
+    fs::write(mnt.join("after"), "written after the snapshot").unwrap();
+    fs::write(mnt.join("before"), "changed after the snapshot").unwrap();
+    let kid_mnt = engine.mount("kid", None, false).unwrap();
+    assert_eq!(read(&kid_mnt.join("before")), "written before the snapshot");
+    assert!(!kid_mnt.join("after").exists());
+    assert_eq!(kid.fs_uuid, base.fs_uuid);
+
+    // Two users of one mount: the first unmount leaves it mounted.
+    assert_eq!(engine.mount("kid", None, false).unwrap(), kid_mnt);
+    engine.unmount("kid", None).unwrap();
+    assert!(
+        kid_mnt.join("before").exists(),
+        "still mounted for the second user"
+    );
+    engine.unmount("kid", None).unwrap();
+    assert!(
+        !kid_mnt.join("before").exists(),
+        "unmounted by the last user"
+    );
+
+    // Commit: refused while mounted read-write, then read-only for good.
+    let err = engine.commit("base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    engine.unmount("base", None).unwrap();
+    let committed = engine.commit("base").unwrap();
+    assert!(committed.committed);
+    let mnt = engine.mount("base", None, false).unwrap();
+    let write = fs::write(mnt.join("new"), "x").unwrap_err();
+    assert_eq!(write.raw_os_error(), Some(nix::libc::EROFS), "{write}");
+    assert_eq!(read(&mnt.join("after")), "written after the snapshot");
+    engine.unmount("base", None).unwrap();
+
+    // A larger child grows its device and filesystem; resize grows further.
+    let big = engine
+        .create(&CreateLayer {
+            size: Some(ByteSize::mib(640)),
+            ..layer("big", Some("base"))
+        })
+        .unwrap();
+    assert_eq!(big.size, ByteSize::mib(640));
+    let big_mnt = engine.mount("big", None, false).unwrap();
+    let grown = fs_size(&big_mnt);
+    assert!(
+        grown > 500 << 20,
+        "filesystem of {grown} bytes did not grow to 640M"
+    );
+    assert_eq!(read(&big_mnt.join("after")), "written after the snapshot");
+    engine.resize("big", ByteSize::mib(960)).unwrap();
+    assert!(
+        fs_size(&big_mnt) > grown + (200 << 20),
+        "online resize did not grow"
+    );
+    engine.unmount("big", None).unwrap();
+    let err = engine.resize("big", ByteSize::mib(320)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+
+    assert!(engine.usage("kid").unwrap().bytes() > 0);
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 3);
+    let err = engine.remove("base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert!(err.to_string().contains("has children"), "{err}");
+
+    let device = engine.activate("kid").unwrap();
+    assert!(device.exists());
+    engine.deactivate("kid").unwrap();
+    for name in ["kid", "big", "base"] {
+        assert_eq!(engine.remove(name).unwrap(), Removal::Removed, "{name}");
+    }
+    assert!(
+        engine
+            .kernel()
+            .pool()
+            .status(engine.kernel().dm())
+            .unwrap()
+            .transaction_id
+            > Some(0)
+    );
+    drop(engine);
+    let (engine, report) = open_engine(&t);
+    assert!(report.is_clean(), "{report:?}");
+    assert!(engine.list(&BTreeMap::new()).unwrap().is_empty());
+    drop(engine);
+    teardown_and_check(&t);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_lifecycle_ext4() {
+    lifecycle(FsType::Ext4);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_lifecycle_xfs() {
+    lifecycle(FsType::Xfs);
+}
+
+/// Verify that removing a layer another mount holds ends in deferred deletion, which completes
+/// once the mount is gone, and that it survives a re-open in between.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_busy_removal_is_deferred() {
+    let _dm = require_dm_thin();
+    let mut t = TestPool::new("deferred", &config_for(FsType::Ext4));
+    let (mut engine, _) = open_engine(&t);
+    engine.create(&layer("base", None)).unwrap();
+    let device = engine.activate("base").unwrap();
+    let foreign = t.mount_point("foreign");
+    t.mount(&device, &foreign, FsType::Ext4, false);
+
+    assert_eq!(engine.remove("base").unwrap(), Removal::Deferred);
+    assert_eq!(engine.deferred_count(), 1);
+    assert!(engine.process_deferred().unwrap().is_empty(), "still busy");
+    drop(engine);
+    let (mut engine, report) = open_engine(&t);
+    assert_eq!(report.still_deferred.len(), 1, "{report:?}");
+
+    t.unmount(&foreign);
+    let removed = engine.process_deferred().unwrap();
+    assert_eq!(removed.len(), 1);
+    assert!(engine.list(&BTreeMap::new()).unwrap().is_empty());
+    assert!(engine.kernel().thin_ids().unwrap().is_empty());
+    drop(engine);
+    teardown_and_check(&t);
+}
+
+/// Verify the space guard on a 100M pool with min_free_space 10%: creating layers (each
+/// writing data) ends in a clear no-space error, never in a kernel hang.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_space_guard_refuses_before_the_pool_fills() {
+    let _dm = require_dm_thin();
+    let t = TestPool::new(
+        "space",
+        "[pool]\nmin_free_space = \"10%\"\n[pool.loop]\ndata_size = \"100M\"\n[layers]\nbase_size = \"64M\"\n",
+    );
+    let (mut engine, _) = open_engine(&t);
+    engine.create(&layer("l0", None)).unwrap();
+    let chunk = vec![0x5au8; 4 << 20];
+    let mut refused = None;
+    for i in 1..100 {
+        let name = format!("l{i}");
+        match engine.create(&layer(&name, Some(&format!("l{}", i - 1)))) {
+            Ok(_) => {
+                let mnt = engine.mount(&name, None, false).unwrap();
+                fs::write(mnt.join("data"), &chunk).unwrap();
+                engine.unmount(&name, None).unwrap();
+                engine.deactivate(&name).unwrap();
+            }
+            Err(e) => {
+                refused = Some((i, e));
+                break;
+            }
+        }
+    }
+    let (at, err) = refused.expect("the pool never refused a layer");
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("minimum of 10%") && text.contains("pool extend"),
+        "{text}"
+    );
+    let usage = engine.pool_usage().unwrap();
+    assert!(!usage.health.out_of_space, "{usage:?}");
+    eprintln!("space guard refused layer {at}: {text}");
+    drop(engine);
+    teardown_and_check(&t);
+}
+
+/// Verify a chain of 128 layers, each a snapshot of the one before with one file added: the
+/// top layer shows all 128 files.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_chain_of_128_layers() {
+    let _dm = require_dm_thin();
+    let t = TestPool::new("chain", "[layers]\nbase_size = \"64M\"\n");
+    let (mut engine, _) = open_engine(&t);
+    let started = std::time::Instant::now();
+    for i in 0..128 {
+        let name = format!("layer{i:03}");
+        let parent = (i > 0).then(|| format!("layer{:03}", i - 1));
+        engine.create(&layer(&name, parent.as_deref())).unwrap();
+        let mnt = engine.mount(&name, None, false).unwrap();
+        fs::write(mnt.join(format!("file{i:03}")), format!("layer {i}")).unwrap();
+        engine.unmount(&name, None).unwrap();
+        engine.deactivate(&name).unwrap();
+        engine.commit(&name).unwrap();
+    }
+    eprintln!("128 layers in {:.1}s", started.elapsed().as_secs_f64());
+    let top = engine.mount("layer127", None, true).unwrap();
+    for i in 0..128 {
+        assert_eq!(read(&top.join(format!("file{i:03}"))), format!("layer {i}"));
+    }
+    let files = fs::read_dir(&top).unwrap().filter(|e| {
+        e.as_ref()
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with("file")
+    });
+    assert_eq!(files.count(), 128);
+    engine.unmount("layer127", None).unwrap();
+    drop(engine);
+    let (engine, report) = open_engine(&t);
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 128);
+    drop(engine);
+    teardown_and_check(&t);
+}
