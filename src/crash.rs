@@ -4,7 +4,9 @@
 //! Compiled only for unit tests and with the `crash-points` feature; in a normal build
 //! [`point`] is an empty inline function. Two ways to arm a point:
 //! - the environment variable `THINSTACK_CRASH_AT=<point>` makes the process abort there, as
-//!   `kill -9` would (no destructors, no cleanup), for kernel tests that run a child process;
+//!   `kill -9` would (no destructors, no cleanup), for kernel tests that run a child process
+//!   (`THINSTACK_CRASH_TRACE=<file>` appends every point passed to the file, to learn which
+//!   points an operation reaches);
 //! - [`arm`] makes the current process panic there, for unit tests that then re-open the
 //!   engine on the same records and the same simulated kernel.
 
@@ -64,6 +66,17 @@ mod armed {
     }
 
     pub(super) fn check(name: &str) {
+        if let Some(path) = std::env::var_os("THINSTACK_CRASH_TRACE") {
+            use std::io::Write;
+            let traced = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut file| writeln!(file, "{name}"));
+            if let Err(e) = traced {
+                eprintln!("thinstack: cannot trace crash point {name}: {e}");
+            }
+        }
         if std::env::var("THINSTACK_CRASH_AT").is_ok_and(|p| p == name) {
             eprintln!("thinstack: crash point {name} reached: aborting as if killed");
             std::process::abort();

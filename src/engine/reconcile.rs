@@ -45,6 +45,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let mut report = ReconcileReport::default();
         let pool_txn = self.kernel.usage()?.transaction_id;
         self.settle_intent(pool_txn, &mut report)?;
+        self.unmount_growth_mounts(&mut report)?;
         let pool_ids = self.kernel.thin_ids()?;
         self.used_ids.extend(pool_ids.iter().copied());
         self.flag_missing(&pool_ids, &mut report)?;
@@ -220,18 +221,50 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
+    /// A crash while a filesystem was mounted for growing leaves that mount; it would keep the
+    /// device busy.
+    fn unmount_growth_mounts(&mut self, report: &mut ReconcileReport) -> Result<()> {
+        let mnt = self.settings.state_dir.join("mnt");
+        let Ok(entries) = std::fs::read_dir(&mnt) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !entry.file_name().to_string_lossy().starts_with(".grow-") {
+                continue;
+            }
+            if self.fs.is_mounted(&path)? {
+                self.fs.unmount(&path)?;
+                report.stale_mounts.push(path.clone());
+            }
+            let _ = std::fs::remove_dir(&path);
+        }
+        Ok(())
+    }
+
+    /// Activate layers that should be active, and make every active layer's device read-only
+    /// exactly when the layer is committed (a crash inside commit can leave them apart).
     fn reactivate(&mut self, report: &mut ReconcileReport) -> Result<()> {
-        let wanted: Vec<_> = self
+        let ready: Vec<_> = self
             .layers
             .values()
-            .filter(|l| l.state == LayerState::Ready && l.active && !l.missing)
+            .filter(|l| l.state == LayerState::Ready && !l.missing)
             .cloned()
             .collect();
-        for record in wanted {
-            if self.kernel.active_node(record.thin_id)?.is_none() {
-                self.kernel
-                    .activate(record.thin_id, record.size, record.committed)?;
-                report.reactivated.push(record.name.clone());
+        for record in ready {
+            match self.kernel.active_read_only(record.thin_id)? {
+                None if record.active => {
+                    self.kernel
+                        .activate(record.thin_id, record.size, record.committed)?;
+                    report.reactivated.push(record.name.clone());
+                }
+                Some(read_only) if read_only != record.committed && record.mounts.is_empty() => {
+                    self.kernel.deactivate(record.thin_id)?;
+                    self.kernel
+                        .activate(record.thin_id, record.size, record.committed)?;
+                    report.reactivated.push(record.name.clone());
+                }
+                _ => {}
             }
         }
         Ok(())

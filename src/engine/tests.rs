@@ -84,6 +84,15 @@ fn assert_consistent(f: &Fixture, engine: impl Sized) {
         active.is_subset(&owned),
         "active devices without a layer: {active:?}"
     );
+    for layer in layers.iter().filter(|l| l.device.is_some()) {
+        let read_only = f.sim.active_read_only(layer.thin_id).unwrap();
+        assert_eq!(
+            read_only,
+            Some(layer.committed),
+            "{} read-only flag",
+            layer.name
+        );
+    }
     assert_eq!(
         f.sim.usage().unwrap().transaction_id,
         engine.txn.transaction_id

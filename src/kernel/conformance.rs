@@ -64,6 +64,10 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
         Some(node.clone())
     );
     assert!(pool.active_ids().expect("active_ids").contains(&a));
+    assert_eq!(
+        pool.active_read_only(a).expect("active_read_only"),
+        Some(false)
+    );
     expect_kind(
         "activating an active device",
         pool.activate(a, size, false),
@@ -99,6 +103,18 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
         ErrorKind::NotFound,
     );
     assert_eq!(pool.active_node(a).expect("active_node"), None);
+    assert_eq!(pool.active_read_only(a).expect("active_read_only"), None);
+    let node = pool.activate(a, size, true).expect("activate read-only");
+    assert_eq!(
+        pool.active_read_only(a).expect("active_read_only"),
+        Some(true)
+    );
+    expect_kind(
+        "mounting a read-only device read-write",
+        fs.mount(&node, mount_point, FsType::Ext4, false, &[]),
+        ErrorKind::Permission,
+    );
+    pool.deactivate(a).expect("deactivate");
     for thin in [b, a] {
         pool.delete_thin(thin).expect("delete");
     }

@@ -59,6 +59,8 @@ pub trait PoolKernel {
     fn deactivate(&self, id: ThinId) -> Result<()>;
     /// The node of an active thin device, `None` when inactive.
     fn active_node(&self, id: ThinId) -> Result<Option<PathBuf>>;
+    /// Whether an active thin device is read-only; `None` when inactive.
+    fn active_read_only(&self, id: ThinId) -> Result<Option<bool>>;
     /// Every active thin device of this pool.
     fn active_ids(&self) -> Result<BTreeSet<ThinId>>;
     /// Change an active thin device's virtual size.

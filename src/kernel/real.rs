@@ -110,6 +110,15 @@ impl PoolKernel for RealPool {
             .map(|active| active.node))
     }
 
+    fn active_read_only(&self, id: ThinId) -> Result<Option<bool>> {
+        let name = self.pool.name().thin_dm_name(id);
+        if !self.dm.exists(&name)? {
+            return Ok(None);
+        }
+        let flags = self.dm.info(&name)?.flags();
+        Ok(Some(flags.contains(devicemapper::DmFlags::DM_READONLY)))
+    }
+
     fn active_ids(&self) -> Result<BTreeSet<ThinId>> {
         let name = self.pool.name();
         Ok(self

@@ -308,6 +308,10 @@ impl PoolKernel for Sim {
         Ok(self.state().active.contains_key(&id).then(|| Sim::node(id)))
     }
 
+    fn active_read_only(&self, id: ThinId) -> Result<Option<bool>> {
+        Ok(self.state().active.get(&id).map(|a| a.read_only))
+    }
+
     fn active_ids(&self) -> Result<BTreeSet<ThinId>> {
         Ok(self.state().active.keys().copied().collect())
     }

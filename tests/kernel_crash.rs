@@ -1,0 +1,270 @@
+//! Crash at every crash point of every multi-step operation, on the real kernel, for ext4 and
+//! xfs: a child process runs the operation and aborts at the point (as `kill -9` would), then
+//! the engine is re-opened and must have reconciled: records and pool agree exactly, no dm
+//! device is left behind, every surviving layer still holds its data, and `thin_check` of the
+//! metadata is clean.
+//!
+//! Needs a test build with the `crash-points` feature (scripts/vm-test builds it so); without
+//! it the child does not die and the test fails saying so.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::Command;
+
+use common::{open_engine, require_dm_thin, teardown_and_check, TestPool};
+use thinstack::config::Config;
+use thinstack::engine::{CreateLayer, Engine, Settings};
+use thinstack::kernel::dm::Dm;
+use thinstack::kernel::fs::FsType;
+use thinstack::kernel::real::{RealFs, RealPool};
+use thinstack::kernel::PoolKernel;
+use thinstack::units::ByteSize;
+use thinstack::Pool;
+
+/// Set in the child: "<operation>\t<config file>".
+const CHILD_ENV: &str = "THINSTACK_CRASH_CHILD";
+
+const OPERATIONS: [&str; 6] = [
+    "create_base",
+    "create_child",
+    "create_larger_child",
+    "commit_active",
+    "remove",
+    "resize",
+];
+
+type RealEngine = Engine<RealPool, RealFs>;
+
+fn engine_from(config: &Config) -> RealEngine {
+    let dm = Dm::open().unwrap();
+    let pool = Pool::open(config, &dm).unwrap();
+    Engine::open(
+        RealPool::new(dm, pool),
+        RealFs,
+        Settings::from_config(config),
+    )
+    .unwrap()
+    .0
+}
+
+fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
+    CreateLayer {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        ..CreateLayer::default()
+    }
+}
+
+/// The operation under test, on the layer "work" (a child of "base").
+fn run_operation(engine: &mut RealEngine, operation: &str) {
+    match operation {
+        "create_base" => drop(engine.create(&layer("fresh", None)).unwrap()),
+        "create_child" => drop(engine.create(&layer("kid", Some("work"))).unwrap()),
+        "create_larger_child" => drop(
+            engine
+                .create(&CreateLayer {
+                    size: Some(ByteSize::mib(640)),
+                    ..layer("kid", Some("work"))
+                })
+                .unwrap(),
+        ),
+        "commit_active" => {
+            engine.activate("work").unwrap();
+            drop(engine.commit("work").unwrap());
+        }
+        "remove" => drop(engine.remove("work").unwrap()),
+        "resize" => drop(engine.resize("work", ByteSize::mib(640)).unwrap()),
+        other => panic!("unknown operation {other}"),
+    }
+}
+
+/// Write `text` into file `name` of a layer through a mount.
+fn write_file(engine: &mut RealEngine, layer: &str, name: &str, text: &str) {
+    let mnt = engine.mount(layer, None, false).unwrap();
+    std::fs::write(mnt.join(name), text).unwrap();
+    engine.unmount(layer, None).unwrap();
+    engine.deactivate(layer).unwrap();
+}
+
+/// The file `name` of a layer, read through a read-only mount.
+fn read_file(engine: &mut RealEngine, layer: &str, name: &str) -> String {
+    let mnt = engine.mount(layer, None, true).unwrap();
+    let text = std::fs::read_to_string(mnt.join(name));
+    engine.unmount(layer, None).unwrap();
+    engine.deactivate(layer).unwrap();
+    text.unwrap_or_else(|e| panic!("layer {layer} lost {name}: {e}"))
+}
+
+/// Bring the pool to: "base" (with its file) and a fresh "work" child (with its file), only.
+fn reset(engine: &mut RealEngine) {
+    for name in ["kid", "fresh", "work"] {
+        if engine.inspect(name).is_ok() {
+            engine.remove(name).unwrap();
+        }
+    }
+    if engine.inspect("base").is_err() {
+        engine.create(&layer("base", None)).unwrap();
+        write_file(engine, "base", "data", "base data");
+    }
+    engine.create(&layer("work", Some("base"))).unwrap();
+    write_file(engine, "work", "data", "work data");
+}
+
+/// Run the operation in a child process; returns its exit status and output.
+fn child(
+    config_path: &Path,
+    operation: &str,
+    env: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    let exe = std::env::current_exe().unwrap();
+    let mut command = Command::new(exe);
+    command
+        .args([
+            "kernel_crash_at_every_point",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, format!("{operation}\t{}", config_path.display()));
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+/// The child side: open the engine, run one operation (dying at the armed point).
+fn run_child(spec: &str) {
+    let (operation, config_path) = spec.split_once('\t').expect("child spec");
+    let config = Config::load(Some(Path::new(config_path))).unwrap();
+    let mut engine = engine_from(&config);
+    run_operation(&mut engine, operation);
+}
+
+/// After a crash: re-open and check everything the issue asks.
+fn check_after_crash(t: &TestPool, operation: &str, point: &str) {
+    let what = format!("{operation} crashed at {point}");
+    let (mut engine, report) = open_engine(t);
+    let layers = engine.list(&BTreeMap::new()).unwrap();
+    let owned: BTreeSet<_> = layers.iter().map(|l| l.thin_id).collect();
+    let pool_ids = engine.kernel().thin_ids().unwrap();
+    assert_eq!(pool_ids, owned, "{what}: pool ids vs records; {report:?}");
+    for l in &layers {
+        assert_eq!(
+            l.state,
+            thinstack::records::LayerState::Ready,
+            "{what}: {l:?}"
+        );
+    }
+    let active = engine.kernel().active_ids().unwrap();
+    let wanted: BTreeSet<_> = layers
+        .iter()
+        .filter(|l| l.device.is_some())
+        .map(|l| l.thin_id)
+        .collect();
+    assert_eq!(active, wanted, "{what}: dm devices left behind");
+    for l in layers.iter().filter(|l| l.device.is_some()) {
+        let read_only = engine.kernel().active_read_only(l.thin_id).unwrap();
+        assert_eq!(
+            read_only,
+            Some(l.committed),
+            "{what}: {} read-only flag",
+            l.name
+        );
+    }
+    let names: BTreeSet<String> = layers.iter().map(|l| l.name.to_string()).collect();
+    assert!(names.contains("base"), "{what}: base lost");
+    assert_eq!(
+        read_file(&mut engine, "base", "data"),
+        "base data",
+        "{what}"
+    );
+    if operation != "remove" {
+        assert!(names.contains("work"), "{what}: work lost");
+    }
+    if names.contains("work") {
+        assert_eq!(
+            read_file(&mut engine, "work", "data"),
+            "work data",
+            "{what}"
+        );
+    }
+    if names.contains("kid") {
+        assert_eq!(read_file(&mut engine, "kid", "data"), "work data", "{what}");
+    }
+    for name in names.iter().filter(|n| n.as_str() != "base") {
+        let _ = engine.deactivate(name);
+    }
+    let _ = engine.deactivate("base");
+    drop(engine);
+    teardown_and_check(t);
+}
+
+fn crash_everywhere(fs_type: FsType) -> usize {
+    let _dm = require_dm_thin();
+    let t = TestPool::new(
+        &format!("crash-{fs_type}"),
+        &format!("[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"320M\"\n"),
+    );
+    let config_path = t.dir.path().join("config.toml");
+    std::fs::write(&config_path, t.config.to_toml()).unwrap();
+    let mut crashes = 0;
+    for operation in OPERATIONS {
+        reset(&mut open_engine(&t).0);
+        let trace = t.dir.path().join(format!("trace-{operation}"));
+        let (status, output) = child(
+            &config_path,
+            operation,
+            &[("THINSTACK_CRASH_TRACE", trace.to_str().unwrap())],
+        );
+        assert!(
+            status.success(),
+            "{operation} failed without a crash:\n{output}"
+        );
+        let points: Vec<String> = std::fs::read_to_string(&trace)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            !points.is_empty(),
+            "{operation} passed no crash point: was the test built with --features crash-points? (scripts/vm-test builds it so)"
+        );
+        for point in points.iter().collect::<BTreeSet<_>>() {
+            reset(&mut open_engine(&t).0);
+            let (status, output) = child(&config_path, operation, &[("THINSTACK_CRASH_AT", point)]);
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(
+                status.signal(),
+                Some(nix::libc::SIGABRT),
+                "{operation} did not die at {point} ({status}):\n{output}"
+            );
+            check_after_crash(&t, operation, point);
+            crashes += 1;
+        }
+    }
+    eprintln!("{fs_type}: {crashes} crashes survived");
+    crashes
+}
+
+/// Verify recovery from a crash at every point of create-base, create-child, a larger child,
+/// commit, remove and resize, on ext4 and xfs.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_crash_at_every_point() {
+    if let Ok(spec) = std::env::var(CHILD_ENV) {
+        return run_child(&spec);
+    }
+    let mut crashes = 0;
+    for fs_type in [FsType::Ext4, FsType::Xfs] {
+        crashes += crash_everywhere(fs_type);
+    }
+    assert!(crashes >= 50, "only {crashes} crashes were exercised");
+}
