@@ -97,6 +97,9 @@ pub struct LayersConfig {
     pub mkfs_args: Vec<String>,
     /// Extra mount options, one per element.
     pub mount_options: Vec<MountOption>,
+    /// Discard a layer's blocks before deleting it, so the pool passes the discards down and
+    /// a loop file (or thin-provisioned disk) gets the space back.
+    pub discard_on_remove: bool,
 }
 
 impl Default for Config {
@@ -138,6 +141,7 @@ impl Default for LayersConfig {
             filesystem: FsType::Ext4,
             mkfs_args: Vec::new(),
             mount_options: Vec::new(),
+            discard_on_remove: true,
         }
     }
 }

@@ -261,3 +261,77 @@ fn kernel_engine_chain_of_128_layers() {
     drop(engine);
     teardown_and_check(&t);
 }
+
+/// Bytes the data file really occupies on disk (it is sparse).
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Verify that removing a layer gives its space back to the host: the discard before delete
+/// goes through the pool and the loop device into the sparse data file as punched holes.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_remove_gives_loop_file_space_back() {
+    let _dm = require_dm_thin();
+    let t = TestPool::new("discard", "[layers]\nbase_size = \"256M\"\n");
+    let (mut engine, _) = open_engine(&t);
+    engine.create(&layer("base", None)).unwrap();
+    let mnt = engine.mount("base", None, false).unwrap();
+    fs::write(mnt.join("big"), vec![0xa5u8; 64 << 20]).unwrap();
+    engine.unmount("base", None).unwrap();
+    engine.deactivate("base").unwrap();
+    let before = allocated(&t.data_file());
+    assert!(before >= 64 << 20, "data file holds {before} bytes");
+    assert_eq!(engine.remove("base").unwrap(), Removal::Removed);
+    let after = allocated(&t.data_file());
+    eprintln!("data file: {before} bytes allocated before removal, {after} after");
+    assert!(
+        after + (60 << 20) <= before,
+        "only {} bytes came back",
+        before - after
+    );
+    drop(engine);
+    teardown_and_check(&t);
+}
+
+/// Verify what a reboot leaves: no dm devices, no loop devices, no mounts. The next open
+/// re-activates layers that were active (read-only when committed) and drops the mount records.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_reactivates_after_a_reboot() {
+    let _dm = require_dm_thin();
+    let t = TestPool::new("reboot", &config_for(FsType::Ext4));
+    let (mut engine, _) = open_engine(&t);
+    engine.create(&layer("base", None)).unwrap();
+    let mnt = engine.mount("base", None, false).unwrap();
+    fs::write(mnt.join("kept"), "across the reboot").unwrap();
+    engine.create(&layer("kid", Some("base"))).unwrap();
+    engine.commit("kid").unwrap();
+    engine.activate("kid").unwrap();
+    drop(engine);
+
+    // The "reboot": mounts, dm devices and loop devices are gone; the files stay.
+    thinstack::kernel::fs::unmount(&mnt).unwrap();
+    teardown_and_check(&t);
+
+    let (mut engine, report) = open_engine(&t);
+    let mut reactivated: Vec<String> = report.reactivated.iter().map(|n| n.to_string()).collect();
+    reactivated.sort();
+    assert_eq!(reactivated, ["base", "kid"], "{report:?}");
+    assert_eq!(
+        report.stale_mounts,
+        std::slice::from_ref(&mnt),
+        "{report:?}"
+    );
+    let kid = engine.inspect("kid").unwrap();
+    assert_eq!(
+        engine.kernel().active_read_only(kid.thin_id).unwrap(),
+        Some(true)
+    );
+    let mnt = engine.mount("base", None, false).unwrap();
+    assert_eq!(read(&mnt.join("kept")), "across the reboot");
+    engine.unmount("base", None).unwrap();
+    drop(engine);
+    teardown_and_check(&t);
+}

@@ -77,7 +77,7 @@ impl Settings {
                 .map(|o: &MountOption| o.as_str().to_string())
                 .collect(),
             min_free_space: config.pool.min_free_space,
-            discard_on_remove: true,
+            discard_on_remove: config.layers.discard_on_remove,
             busy_retries: 10,
             busy_retry_interval: Duration::from_millis(100),
         }
