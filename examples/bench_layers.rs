@@ -4,7 +4,10 @@
 //! 1000th to the 10th, and the time to re-open (reconcile) the engine with N layers.
 //! `scripts/bench-layers` runs it (in a VM where the host lacks dm-thin).
 //!
-//! bench_layers --state-dir DIR [--layers N] [--csv FILE]
+//! With `--floor`, the same chain is made with the kernel messages alone (`create_snap` and
+//! `set_transaction_id` straight to the pool, no records, no engine): what the kernel costs.
+//!
+//! bench_layers --state-dir DIR [--layers N] [--csv FILE] [--floor]
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -29,6 +32,7 @@ fn run() -> Result<()> {
     let mut state_dir = None;
     let mut layers = 1000usize;
     let mut csv = None;
+    let mut floor = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -40,6 +44,7 @@ fn run() -> Result<()> {
                     .expect("--layers N")
             }
             "--csv" => csv = args.next().map(PathBuf::from),
+            "--floor" => floor = true,
             other => panic!("unknown argument {other}"),
         }
     }
@@ -58,6 +63,9 @@ fn run() -> Result<()> {
         )?
         .0)
     };
+    if floor {
+        return kernel_floor(&config, layers);
+    }
     let mut engine = open(&config)?;
     engine.create(&CreateLayer {
         name: "layer0".into(),
@@ -81,6 +89,34 @@ fn run() -> Result<()> {
     let reopen = started.elapsed().as_secs_f64() * 1000.0;
     drop(engine);
 
+    report(&costs, layers, csv)?;
+    println!(
+        "re-open (reconcile) with {} layers: {reopen:.0} ms",
+        layers + 1
+    );
+    Ok(())
+}
+
+/// The chain through the kernel messages alone.
+fn kernel_floor(config: &Config, layers: usize) -> Result<()> {
+    use thinstack::kernel::PoolKernel;
+    use thinstack::names::ThinId;
+    let dm = Dm::open()?;
+    let pool = RealPool::new(Dm::open()?, Pool::open(config, &dm)?);
+    pool.create_thin(ThinId::new(1)?)?;
+    let first_txn = pool.usage()?.transaction_id;
+    let mut costs = Vec::with_capacity(layers);
+    for (txn, i) in (first_txn..).zip(1..=layers as u32) {
+        let started = Instant::now();
+        pool.snapshot(ThinId::new(i)?, ThinId::new(i + 1)?)?;
+        pool.set_transaction_id(txn, txn + 1)?;
+        costs.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    println!("kernel floor (create_snap + set_transaction_id, no records):");
+    report(&costs, layers, None)
+}
+
+fn report(costs: &[f64], layers: usize, csv: Option<PathBuf>) -> Result<()> {
     if let Some(path) = csv {
         let mut text = String::from("layer,create_child_plus_commit_ms\n");
         for (i, cost) in costs.iter().enumerate() {
@@ -111,9 +147,5 @@ fn run() -> Result<()> {
     if let (Some((_, first)), Some((last_at, last))) = (medians.first(), medians.last()) {
         println!("\nlayer {last_at} costs {:.2}x layer 10", last / first);
     }
-    println!(
-        "re-open (reconcile) with {} layers: {reopen:.0} ms",
-        layers + 1
-    );
     Ok(())
 }

@@ -154,6 +154,8 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
     txn: TxnRecord,
     /// Thin ids in use: owned by a record, or seen in the pool at the last reconcile.
     used_ids: BTreeSet<ThinId>,
+    /// Parent -> children, kept with the records so no operation scans every layer.
+    children: BTreeMap<LayerName, BTreeSet<LayerName>>,
 }
 
 fn now_ns() -> u64 {
@@ -174,6 +176,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let layers = store.load_layers()?;
         let txn = store.load_txn()?.unwrap_or_default();
         let used_ids = layers.values().map(|l| l.thin_id).collect();
+        let mut children: BTreeMap<LayerName, BTreeSet<LayerName>> = BTreeMap::new();
+        for layer in layers.values() {
+            if let Some(parent) = &layer.parent {
+                children
+                    .entry(parent.clone())
+                    .or_default()
+                    .insert(layer.name.clone());
+            }
+        }
         let mut engine = Engine {
             kernel,
             fs,
@@ -182,6 +193,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             layers,
             txn,
             used_ids,
+            children,
         };
         let report = engine.reconcile()?;
         Ok((engine, report))
@@ -227,11 +239,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     fn children_of(&self, name: &LayerName) -> Vec<LayerName> {
-        self.layers
-            .values()
-            .filter(|l| l.parent.as_ref() == Some(name))
-            .map(|l| l.name.clone())
-            .collect()
+        self.children
+            .get(name)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn view(&self, record: &LayerRecord) -> Result<Layer> {
@@ -296,6 +307,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn put(&mut self, record: LayerRecord) -> Result<()> {
         self.store.put_layer(&record)?;
         self.used_ids.insert(record.thin_id);
+        if let Some(parent) = &record.parent {
+            self.children
+                .entry(parent.clone())
+                .or_default()
+                .insert(record.name.clone());
+        }
         self.layers.insert(record.name.clone(), record);
         Ok(())
     }
@@ -304,6 +321,17 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.store.remove_layer(name)?;
         if let Some(record) = self.layers.remove(name) {
             self.used_ids.remove(&record.thin_id);
+            if let Some(siblings) = record
+                .parent
+                .as_ref()
+                .and_then(|p| self.children.get_mut(p))
+            {
+                siblings.remove(name);
+                if siblings.is_empty() {
+                    self.children
+                        .remove(record.parent.as_ref().expect("has a parent"));
+                }
+            }
         }
         Ok(())
     }
