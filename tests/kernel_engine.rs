@@ -109,6 +109,17 @@ fn lifecycle(fs_type: FsType) {
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
 
     assert!(engine.usage("kid").unwrap().bytes() > 0);
+    let status = engine.status().unwrap();
+    assert_eq!(status.pool.name, t.config.pool.name.as_str());
+    assert_eq!(status.pool.block_size, ByteSize::from_bytes(64 << 10));
+    assert_eq!(status.base_size, ByteSize::mib(320));
+    assert_eq!(status.filesystem, fs_type);
+    assert_eq!(status.layers, 3);
+    assert_eq!(status.deferred_deletions, 0);
+    assert!(status.transaction_id >= 3, "{status:?}");
+    assert!(status.data.used.bytes() > 0 && status.metadata.used.bytes() > 0);
+    assert_eq!(status.data.total, ByteSize::gib(4));
+    assert!(!status.health.failed && !status.health.out_of_space && !status.health.read_only);
     assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 3);
     let err = engine.remove("base").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
@@ -163,7 +174,7 @@ fn kernel_engine_busy_removal_is_deferred() {
     t.mount(&device, &foreign, FsType::Ext4, false);
 
     assert_eq!(engine.remove("base").unwrap(), Removal::Deferred);
-    assert_eq!(engine.deferred_count(), 1);
+    assert_eq!(engine.status().unwrap().deferred_deletions, 1);
     assert!(engine.process_deferred().unwrap().is_empty(), "still busy");
     drop(engine);
     let (mut engine, report) = open_engine(&t);

@@ -25,7 +25,7 @@ use crate::config::{Config, MountOption};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::fs::FsType;
-use crate::kernel::{FsKernel, PoolKernel, PoolUsage};
+use crate::kernel::{FsKernel, Health, PoolDetails, PoolKernel, PoolUsage, Space};
 use crate::names::{LayerName, ThinId, THIN_ID_MAX};
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
@@ -132,6 +132,89 @@ pub struct Layer {
     pub missing: bool,
     /// Layers made from this one.
     pub children: Vec<LayerName>,
+}
+
+/// The pool's status with the engine's settings and counts.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    /// Name, device, backend, block size, data and metadata sources.
+    pub pool: PoolDetails,
+    /// Size of a new base layer.
+    pub base_size: ByteSize,
+    /// Filesystem of a new base layer.
+    pub filesystem: FsType,
+    /// Data space.
+    pub data: Space,
+    /// Metadata space.
+    pub metadata: Space,
+    /// New layers are refused below this share of free data or metadata.
+    pub min_free_space: Percent,
+    /// The pool's transaction id.
+    pub transaction_id: u64,
+    /// Health flags.
+    pub health: Health,
+    /// Layers in all.
+    pub layers: usize,
+    /// Layers waiting for deferred deletion.
+    pub deferred_deletions: usize,
+    /// Whether removal discards blocks first.
+    pub discard_on_remove: bool,
+}
+
+impl std::fmt::Display for Status {
+    /// Aligned "Label: value" lines, in the spirit of `docker info`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let space = |s: &Space| {
+            format!(
+                "{} used of {} ({:.1}%), {} available",
+                s.used.human(),
+                s.total.human(),
+                s.percent_used(),
+                s.available.human()
+            )
+        };
+        let h = &self.health;
+        let flags: Vec<&str> = [
+            (h.failed, "FAILED"),
+            (h.needs_check, "needs_check"),
+            (h.read_only, "read-only"),
+            (h.out_of_space, "out of data space"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+        let rows = [
+            ("Pool name", self.pool.name.clone()),
+            ("Pool device", self.pool.device.clone()),
+            ("Backend", self.pool.backend.clone()),
+            ("Pool block size", self.pool.block_size.to_string()),
+            ("Base device size", self.base_size.to_string()),
+            ("Backing filesystem", self.filesystem.to_string()),
+            ("Data", self.pool.data_source.clone()),
+            ("Metadata", self.pool.metadata_source.clone()),
+            ("Data space", space(&self.data)),
+            ("Metadata space", space(&self.metadata)),
+            ("Minimum free space", self.min_free_space.to_string()),
+            ("Transaction id", self.transaction_id.to_string()),
+            (
+                "Health",
+                if flags.is_empty() {
+                    "ok".into()
+                } else {
+                    flags.join(", ")
+                },
+            ),
+            ("Layers", self.layers.to_string()),
+            ("Deferred deletions", self.deferred_deletions.to_string()),
+            ("Discard on remove", self.discard_on_remove.to_string()),
+        ];
+        let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+        for (label, value) in rows {
+            writeln!(f, "{label:<width$}  {value}")?;
+        }
+        Ok(())
+    }
 }
 
 /// What a removal did.
@@ -282,6 +365,24 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// The pool's space, transaction id and health.
     pub fn pool_usage(&self) -> Result<PoolUsage> {
         self.kernel.usage()
+    }
+
+    /// Everything about the pool users ask for (what `docker info` showed for devicemapper).
+    pub fn status(&self) -> Result<Status> {
+        let usage = self.kernel.usage()?;
+        Ok(Status {
+            pool: self.kernel.details(),
+            base_size: self.settings.base_size,
+            filesystem: self.settings.filesystem,
+            data: usage.data,
+            metadata: usage.metadata,
+            min_free_space: self.settings.min_free_space,
+            transaction_id: usage.transaction_id,
+            health: usage.health,
+            layers: self.layers.len(),
+            deferred_deletions: self.deferred_count(),
+            discard_on_remove: self.settings.discard_on_remove,
+        })
     }
 
     /// How many layers wait for deferred removal.

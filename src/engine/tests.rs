@@ -132,6 +132,40 @@ fn layers_are_created_snapshotted_committed_and_listed() {
 }
 
 #[test]
+fn status_shows_what_docker_info_showed() {
+    let f = Fixture::new();
+    let mut engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    let kid = engine.create(&child("kid", "base")).unwrap();
+    engine.activate("kid").unwrap();
+    f.sim.hold(kid.thin_id);
+    assert_eq!(engine.remove("kid").unwrap(), Removal::Deferred);
+    let status = engine.status().unwrap();
+    assert_eq!(status.layers, 2);
+    assert_eq!(status.deferred_deletions, 1);
+    assert_eq!(status.base_size, ByteSize::gib(1));
+    assert_eq!(status.min_free_space.value(), 10);
+    assert!(status.transaction_id >= 2);
+    assert!(status.data.used.bytes() > 0);
+    let text = status.to_string();
+    for label in [
+        "Pool name",
+        "Pool block size",
+        "Base device size",
+        "Backing filesystem",
+        "Data space",
+        "Metadata space",
+        "Minimum free space",
+        "Deferred deletions",
+        "Transaction id",
+        "Health",
+    ] {
+        assert!(text.contains(label), "{label} missing from:\n{text}");
+    }
+    assert!(text.contains("Health              ok"), "{text}");
+}
+
+#[test]
 fn bad_requests_are_refused_and_change_nothing() {
     let f = Fixture::new();
     let mut engine = f.engine();

@@ -37,8 +37,27 @@ pub struct PoolUsage {
     pub health: Health,
 }
 
+/// What a pool is and what it sits on, for status output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PoolDetails {
+    /// The pool's name.
+    pub name: String,
+    /// The thin-pool device.
+    pub device: String,
+    /// The backend ("loop", ...).
+    pub backend: String,
+    /// Allocation unit.
+    pub block_size: ByteSize,
+    /// What holds the data and the metadata, for example "/var/lib/thinstack/loop/data on /dev/loop1".
+    pub data_source: String,
+    /// See `data_source`.
+    pub metadata_source: String,
+}
+
 /// The thin-pool operations the engine needs, for one pool.
 pub trait PoolKernel {
+    /// The pool's name, device, backend and block size.
+    fn details(&self) -> PoolDetails;
     /// Space, transaction id and health. An error when the pool has failed.
     fn usage(&self) -> Result<PoolUsage>;
     /// Make a new, empty thin device. `AlreadyExists` when the id is taken.

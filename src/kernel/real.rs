@@ -43,6 +43,26 @@ impl RealPool {
 }
 
 impl PoolKernel for RealPool {
+    fn details(&self) -> crate::kernel::PoolDetails {
+        let backing = self.pool.backing();
+        crate::kernel::PoolDetails {
+            name: self.pool.name().to_string(),
+            device: format!("/dev/mapper/{}", self.pool.dm_name()),
+            backend: "loop".to_string(),
+            block_size: ByteSize::from_sectors(self.pool.block_size()),
+            data_source: format!(
+                "{} on {}",
+                backing.data_file.display(),
+                backing.data_device.display()
+            ),
+            metadata_source: format!(
+                "{} on {}",
+                backing.metadata_file.display(),
+                backing.metadata_device.display()
+            ),
+        }
+    }
+
     fn usage(&self) -> Result<PoolUsage> {
         let status = self.pool.status(&self.dm)?;
         let transaction_id = status.transaction_id.ok_or_else(|| {

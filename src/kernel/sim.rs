@@ -185,6 +185,17 @@ fn no_thin(id: ThinId) -> Error {
 }
 
 impl PoolKernel for Sim {
+    fn details(&self) -> crate::kernel::PoolDetails {
+        crate::kernel::PoolDetails {
+            name: "sim".to_string(),
+            device: "/dev/mapper/sim-pool".to_string(),
+            backend: "sim".to_string(),
+            block_size: ByteSize::from_bytes(64 << 10),
+            data_source: "memory".to_string(),
+            metadata_source: "memory".to_string(),
+        }
+    }
+
     fn usage(&self) -> Result<PoolUsage> {
         let state = self.state();
         let data_used = Sim::data_used(&state).min(state.data_total);
