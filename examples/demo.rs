@@ -1,17 +1,19 @@
-//! The main job, end to end on the real kernel: a loop-backed pool with the default settings, a
-//! base device with a filesystem, a snapshot of it taken while mounted, files written and read
-//! on both sides, and the pool's status. `scripts/demo` runs it (in a VM where the host lacks
-//! dm-thin).
+//! The main job, end to end on the real kernel: a loop-backed pool with the default settings,
+//! a base layer with a filesystem, a child layer snapshotted while the base is mounted, files
+//! written and read on both sides, a commit, the layer list and the pool's status.
+//! `scripts/demo` runs it (in a VM where the host lacks dm-thin).
 //!
 //! demo [--config FILE] [--state-dir DIR] [--keep]
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
+use thinstack::engine::{CreateLayer, Engine, Settings};
 use thinstack::kernel::dm::Dm;
-use thinstack::kernel::fs;
-use thinstack::names::ThinId;
-use thinstack::{Config, Pool, Result};
+use thinstack::kernel::real::{RealFs, RealPool};
+use thinstack::{Config, Error, Pool, Result};
 
 struct Args {
     config: Option<PathBuf>,
@@ -31,7 +33,11 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--config" => args.config = it.next().map(PathBuf::from),
             "--state-dir" => args.state_dir = it.next().map(PathBuf::from),
             "--keep" => args.keep = true,
-            other => return Err(format!("unknown argument {other:?}; usage: demo [--config FILE] [--state-dir DIR] [--keep]")),
+            other => {
+                return Err(format!(
+                    "unknown argument {other:?}; usage: demo [--config FILE] [--state-dir DIR] [--keep]"
+                ))
+            }
         }
     }
     Ok(args)
@@ -69,76 +75,101 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> Result<()> {
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(dir) = &args.state_dir {
-        config.state_dir =
-            thinstack::config::AbsolutePath::new(dir).map_err(thinstack::Error::invalid)?;
+        config.state_dir = thinstack::config::AbsolutePath::new(dir).map_err(Error::invalid)?;
     }
-    let fs_type = config.layers.filesystem;
-    let size = config.layers.base_size;
-    let dm = Dm::open()?;
-
     step(&format!(
-        "opening the pool {:?} on loop files in {}",
+        "opening pool {:?} on loop files in {} ({} data, {} metadata, sparse)",
         config.pool.name.as_str(),
-        config.state_dir.path().display()
+        config.state_dir.path().display(),
+        config.pool.loop_files.data_size,
+        config.pool.loop_files.metadata_size.size()
     ));
+    let dm = Dm::open()?;
     let pool = Pool::open(&config, &dm)?;
-    let base = ThinId::new(1)?;
-    let child = ThinId::new(2)?;
+    let (mut engine, report) = Engine::open(
+        RealPool::new(dm, pool),
+        RealFs,
+        Settings::from_config(&config),
+    )?;
+    if !report.is_clean() {
+        println!("    reconciled: {report:?}");
+    }
 
     step(&format!(
-        "base device: thin {base}, {size} virtual, {fs_type}"
+        "base layer \"base\": {} {}",
+        config.layers.base_size, config.layers.filesystem
     ));
-    pool.create_thin(&dm, base)?;
-    let base_dev = pool.activate_thin(&dm, base, size, false)?;
-    let started = std::time::Instant::now();
-    let mkfs_args: Vec<String> = config.layers.mkfs_args.clone();
-    fs::mkfs(fs_type, &base_dev.node, &mkfs_args)?;
+    let started = Instant::now();
+    let base = engine.create(&CreateLayer {
+        name: "base".into(),
+        labels: BTreeMap::from([("role".into(), "demo".into())]),
+        ..CreateLayer::default()
+    })?;
     println!(
-        "    mkfs.{fs_type} took {:.1}s on {}",
-        started.elapsed().as_secs_f64(),
-        base_dev.node.display()
+        "    thin device {}, made with its filesystem in {:.1}s",
+        base.thin_id,
+        started.elapsed().as_secs_f64()
     );
-    let base_mnt = mount_point(&config, "base")?;
-    fs::mount(&base_dev.node, &base_mnt, fs_type, false, &[])?;
+    let base_mnt = engine.mount("base", None, false)?;
     write(&base_mnt.join("hello.txt"), "written in the base layer\n")?;
     println!("    mounted at {}, wrote hello.txt", base_mnt.display());
 
-    step(&format!(
-        "snapshot: thin {child} of thin {base}, taken while the base is mounted"
-    ));
-    pool.snapshot(&dm, base, child)?;
-    let child_dev = pool.activate_thin(&dm, child, size, false)?;
-    let child_mnt = mount_point(&config, "child")?;
-    fs::mount(&child_dev.node, &child_mnt, fs_type, false, &[])?;
-    print!(
-        "    the snapshot shows hello.txt: {}",
-        read(&child_mnt.join("hello.txt"))?
-    );
-    write(&child_mnt.join("child.txt"), "written in the child only\n")?;
+    step("child layer \"app\": a snapshot of base, taken while base is mounted");
+    let started = Instant::now();
+    engine.create(&CreateLayer {
+        name: "app".into(),
+        parent: Some("base".into()),
+        ..CreateLayer::default()
+    })?;
     println!(
-        "    wrote child.txt in the child; the base has it: {}",
-        base_mnt.join("child.txt").exists()
+        "    made in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1000.0
     );
+    let app_mnt = engine.mount("app", None, false)?;
+    print!(
+        "    app shows hello.txt: {}",
+        read(&app_mnt.join("hello.txt"))?
+    );
+    write(&app_mnt.join("app.txt"), "written in the app layer only\n")?;
+    println!(
+        "    wrote app.txt in app; base has it: {}",
+        base_mnt.join("app.txt").exists()
+    );
+
+    step("commit app (read-only from now on) and list the layers");
+    engine.unmount("app", None)?;
+    engine.commit("app")?;
+    for layer in engine.list(&BTreeMap::new())? {
+        println!(
+            "    {:<6} thin {:<3} parent {:<6} {:<5} {} {}",
+            layer.name.as_str(),
+            layer.thin_id,
+            layer.parent.as_ref().map_or("-", |p| p.as_str()),
+            layer.filesystem,
+            layer.size,
+            if layer.committed {
+                "committed"
+            } else {
+                "writable"
+            }
+        );
+    }
+    println!("    app maps {}", engine.usage("app")?.human());
 
     step("pool status");
-    print!("{}", pool.status(&dm)?);
-    println!(
-        "    child layer maps {} of data",
-        pool.thin_mapped(&dm, child)?.human()
-    );
+    print!("{}", engine.status()?);
 
     if args.keep {
-        step("keeping the pool, devices and mounts (--keep)");
+        step("keeping the pool and its layers (--keep)");
         return Ok(());
     }
-    step("cleaning up: unmount, deactivate, delete thin devices, tear the pool down");
-    for mnt in [&child_mnt, &base_mnt] {
-        fs::unmount(mnt)?;
+    step("cleaning up: unmount, remove the layers, tear the pool down");
+    engine.unmount("base", None)?;
+    for name in ["app", "base"] {
+        engine.remove(name)?;
     }
-    for id in [child, base] {
-        pool.deactivate_thin(&dm, id)?;
-        pool.delete_thin(&dm, id)?;
-    }
+    let (kernel, _) = engine.into_kernels();
+    let (dm, pool) = kernel.into_parts();
     let metadata = pool.backing().metadata_file.clone();
     pool.teardown(&dm)?;
     thinstack::kernel::thin_tools::check(&metadata)?;
@@ -146,19 +177,10 @@ fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn mount_point(config: &Config, name: &str) -> Result<PathBuf> {
-    let path = config.state_dir.path().join("mnt").join(name);
-    std::fs::create_dir_all(&path)
-        .map_err(|e| thinstack::Error::io(format!("creating {}", path.display()), e))?;
-    Ok(path)
-}
-
 fn write(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text)
-        .map_err(|e| thinstack::Error::io(format!("writing {}", path.display()), e))
+    std::fs::write(path, text).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path)
-        .map_err(|e| thinstack::Error::io(format!("reading {}", path.display()), e))
+    std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))
 }
