@@ -38,17 +38,9 @@ impl PoolName {
     /// Returns an `Invalid` error naming the rule when the name is empty, too long, or holds a
     /// character other than letters, digits, `.`, `_` and `-` (or starts with one of the last three).
     pub fn new(name: &str) -> Result<Self> {
-        let rule = "pool names are 1 to 32 characters: letters, digits, '.', '_' and '-', starting with a letter or digit";
-        let valid_first = name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric());
-        let valid_rest = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !valid_first || !valid_rest || name.len() > POOL_NAME_MAX {
+        if !is_safe_name(name, POOL_NAME_MAX) {
             return Err(Error::invalid(format!(
-                "invalid pool name {name:?}: {rule}"
+                "invalid pool name {name:?}: pool names are 1 to 32 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
             )));
         }
         Ok(PoolName(name.to_string()))
@@ -83,6 +75,19 @@ impl PoolName {
     pub fn dm_prefix(&self) -> String {
         format!("{DM_PREFIX}{}-", self.0)
     }
+}
+
+/// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most `max` bytes: never empty, never `.` or `..`, no `/`,
+/// no NUL, no whitespace; safe in file names and device-mapper names.
+fn is_safe_name(name: &str, max: usize) -> bool {
+    let valid_first = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric());
+    let valid_rest = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    valid_first && valid_rest && name.len() <= max
 }
 
 /// Names built from validated parts always fit the kernel's limits; a failure is a bug here.
@@ -148,14 +153,7 @@ impl LayerName {
     ///
     /// Returns an `Invalid` error that shows the name and the rule.
     pub fn new(name: &str) -> Result<Self> {
-        let valid_first = name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphanumeric());
-        let valid_rest = name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if !valid_first || !valid_rest || name.len() > LAYER_NAME_MAX {
+        if !is_safe_name(name, LAYER_NAME_MAX) {
             return Err(Error::invalid(format!(
                 "invalid layer name {name:?}: layer names are 1 to 128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
             )));

@@ -164,26 +164,6 @@ pub struct Status {
 impl std::fmt::Display for Status {
     /// Aligned "Label: value" lines, in the spirit of `docker info`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let space = |s: &Space| {
-            format!(
-                "{} used of {} ({:.1}%), {} available",
-                s.used.human(),
-                s.total.human(),
-                s.percent_used(),
-                s.available.human()
-            )
-        };
-        let h = &self.health;
-        let flags: Vec<&str> = [
-            (h.failed, "FAILED"),
-            (h.needs_check, "needs_check"),
-            (h.read_only, "read-only"),
-            (h.out_of_space, "out of data space"),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, name)| *name)
-        .collect();
         let rows = [
             ("Pool name", self.pool.name.clone()),
             ("Pool device", self.pool.device.clone()),
@@ -193,18 +173,11 @@ impl std::fmt::Display for Status {
             ("Backing filesystem", self.filesystem.to_string()),
             ("Data", self.pool.data_source.clone()),
             ("Metadata", self.pool.metadata_source.clone()),
-            ("Data space", space(&self.data)),
-            ("Metadata space", space(&self.metadata)),
+            ("Data space", self.data.describe()),
+            ("Metadata space", self.metadata.describe()),
             ("Minimum free space", self.min_free_space.to_string()),
             ("Transaction id", self.transaction_id.to_string()),
-            (
-                "Health",
-                if flags.is_empty() {
-                    "ok".into()
-                } else {
-                    flags.join(", ")
-                },
-            ),
+            ("Health", self.health.describe()),
             ("Layers", self.layers.to_string()),
             ("Deferred deletions", self.deferred_deletions.to_string()),
             ("Discard on remove", self.discard_on_remove.to_string()),

@@ -143,13 +143,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
-    fn roll_back_creating(&mut self, report: &mut ReconcileReport) -> Result<()> {
-        let creating: Vec<LayerName> = self
-            .layers
+    fn names_in_state(&self, state: LayerState) -> Vec<LayerName> {
+        self.layers
             .values()
-            .filter(|l| l.state == LayerState::Creating)
+            .filter(|l| l.state == state)
             .map(|l| l.name.clone())
-            .collect();
+            .collect()
+    }
+
+    fn roll_back_creating(&mut self, report: &mut ReconcileReport) -> Result<()> {
+        let creating = self.names_in_state(LayerState::Creating);
         for name in creating {
             self.undo_create(&name)?;
             report.rolled_back.push(name);
@@ -158,12 +161,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     fn finish_removing(&mut self, report: &mut ReconcileReport) -> Result<()> {
-        let removing: Vec<LayerName> = self
-            .layers
-            .values()
-            .filter(|l| l.state == LayerState::Removing)
-            .map(|l| l.name.clone())
-            .collect();
+        let removing = self.names_in_state(LayerState::Removing);
         for name in removing {
             match self.finish_removal(&name, false)? {
                 Removal::Removed => report.finished_removals.push(name),

@@ -153,3 +153,37 @@ pub struct Health {
     /// The data area is full.
     pub out_of_space: bool,
 }
+
+impl Space {
+    /// "1.2G used of 100.0G (1.2%), 98.8G available"
+    pub fn describe(&self) -> String {
+        format!(
+            "{} used of {} ({:.1}%), {} available",
+            self.used.human(),
+            self.total.human(),
+            self.percent_used(),
+            self.available.human()
+        )
+    }
+}
+
+impl Health {
+    /// "ok", or the flags that are set ("needs_check, read-only").
+    pub fn describe(&self) -> String {
+        let flags: Vec<&str> = [
+            (self.failed, "FAILED"),
+            (self.needs_check, "needs_check"),
+            (self.read_only, "read-only"),
+            (self.out_of_space, "out of data space"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect();
+        if flags.is_empty() {
+            "ok".to_string()
+        } else {
+            flags.join(", ")
+        }
+    }
+}
