@@ -162,16 +162,14 @@ fn kernel_engine_lifecycle_xfs() {
 
 /// Verify that removing a layer another mount holds ends in deferred deletion, which completes
 /// once the mount is gone, and that it survives a re-open in between.
-#[test]
-#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
-fn kernel_engine_busy_removal_is_deferred() {
+fn busy_removal_is_deferred(fs_type: FsType) {
     let _dm = require_dm_thin();
-    let mut t = TestPool::new("deferred", &config_for(FsType::Ext4));
+    let mut t = TestPool::new(&format!("deferred-{fs_type}"), &config_for(fs_type));
     let (mut engine, _) = open_engine(&t);
     engine.create(&layer("base", None)).unwrap();
     let device = engine.activate("base").unwrap();
     let foreign = t.mount_point("foreign");
-    t.mount(&device, &foreign, FsType::Ext4, false);
+    t.mount(&device, &foreign, fs_type, false);
 
     assert_eq!(engine.remove("base").unwrap(), Removal::Deferred);
     assert_eq!(engine.status().unwrap().deferred_deletions, 1);
@@ -189,15 +187,32 @@ fn kernel_engine_busy_removal_is_deferred() {
     teardown_and_check(&t);
 }
 
-/// Verify the space guard on a 100M pool with min_free_space 10%: creating layers (each
-/// writing data) ends in a clear no-space error, never in a kernel hang.
 #[test]
 #[ignore = "needs root and dm-thin: run with scripts/vm-test"]
-fn kernel_engine_space_guard_refuses_before_the_pool_fills() {
+fn kernel_engine_busy_removal_is_deferred_ext4() {
+    busy_removal_is_deferred(FsType::Ext4);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_busy_removal_is_deferred_xfs() {
+    busy_removal_is_deferred(FsType::Xfs);
+}
+
+/// Verify the space guard on a 100M pool with min_free_space 10%: creating layers (each
+/// writing data) ends in a clear no-space error, never in a kernel hang.
+fn space_guard(fs_type: FsType) {
     let _dm = require_dm_thin();
+    let base_size = if fs_type == FsType::Xfs {
+        "320M"
+    } else {
+        "64M"
+    };
     let t = TestPool::new(
-        "space",
-        "[pool]\nmin_free_space = \"10%\"\n[pool.loop]\ndata_size = \"100M\"\n[layers]\nbase_size = \"64M\"\n",
+        &format!("space-{fs_type}"),
+        &format!(
+            "[pool]\nmin_free_space = \"10%\"\n[pool.loop]\ndata_size = \"100M\"\n[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"{base_size}\"\n"
+        ),
     );
     let (mut engine, _) = open_engine(&t);
     engine.create(&layer("l0", None)).unwrap();
@@ -227,18 +242,36 @@ fn kernel_engine_space_guard_refuses_before_the_pool_fills() {
     );
     let usage = engine.pool_usage().unwrap();
     assert!(!usage.health.out_of_space, "{usage:?}");
-    eprintln!("space guard refused layer {at}: {text}");
+    eprintln!("{fs_type}: space guard refused layer {at}: {text}");
     drop(engine);
     teardown_and_check(&t);
 }
 
-/// Verify a chain of 128 layers, each a snapshot of the one before with one file added: the
-/// top layer shows all 128 files.
 #[test]
 #[ignore = "needs root and dm-thin: run with scripts/vm-test"]
-fn kernel_engine_chain_of_128_layers() {
+fn kernel_engine_space_guard_refuses_before_the_pool_fills_ext4() {
+    space_guard(FsType::Ext4);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_space_guard_refuses_before_the_pool_fills_xfs() {
+    space_guard(FsType::Xfs);
+}
+
+/// Verify a chain of 128 layers, each a snapshot of the one before with one file added: the
+/// top layer shows all 128 files.
+fn chain_of_128_layers(fs_type: FsType) {
     let _dm = require_dm_thin();
-    let t = TestPool::new("chain", "[layers]\nbase_size = \"64M\"\n");
+    let base_size = if fs_type == FsType::Xfs {
+        "320M"
+    } else {
+        "64M"
+    };
+    let t = TestPool::new(
+        &format!("chain-{fs_type}"),
+        &format!("[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"{base_size}\"\n"),
+    );
     let (mut engine, _) = open_engine(&t);
     let started = std::time::Instant::now();
     for i in 0..128 {
@@ -251,7 +284,10 @@ fn kernel_engine_chain_of_128_layers() {
         engine.deactivate(&name).unwrap();
         engine.commit(&name).unwrap();
     }
-    eprintln!("128 layers in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "{fs_type}: 128 layers in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     let top = engine.mount("layer127", None, true).unwrap();
     for i in 0..128 {
         assert_eq!(read(&top.join(format!("file{i:03}"))), format!("layer {i}"));
@@ -269,6 +305,49 @@ fn kernel_engine_chain_of_128_layers() {
     let (engine, report) = open_engine(&t);
     assert!(report.is_clean(), "{report:?}");
     assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 128);
+    drop(engine);
+    teardown_and_check(&t);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_chain_of_128_layers_ext4() {
+    chain_of_128_layers(FsType::Ext4);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_chain_of_128_layers_xfs() {
+    chain_of_128_layers(FsType::Xfs);
+}
+
+/// Verify that an open deletes a thin device no record owns (made behind the engine's back)
+/// and flags a layer whose thin device was deleted behind its back, which can then be removed.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_orphans_deleted_and_lost_devices_flagged() {
+    let _dm = require_dm_thin();
+    let t = TestPool::new("orphans", "[layers]\nbase_size = \"64M\"\n");
+    let (mut engine, _) = open_engine(&t);
+    engine.create(&layer("kept", None)).unwrap();
+    let lost = engine.create(&layer("lost", None)).unwrap().thin_id;
+    let orphan = thinstack::names::ThinId::new(4242).unwrap();
+    engine.kernel().create_thin(orphan).unwrap();
+    engine.kernel().delete_thin(lost).unwrap();
+    drop(engine);
+
+    let (mut engine, report) = open_engine(&t);
+    assert_eq!(report.orphans_deleted, [orphan], "{report:?}");
+    let missing: Vec<String> = report.missing.iter().map(|n| n.to_string()).collect();
+    assert_eq!(missing, ["lost"], "{report:?}");
+    assert!(!engine.kernel().thin_ids().unwrap().contains(&orphan));
+    let err = engine.mount("lost", None, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Inconsistent, "{err}");
+    assert_eq!(engine.remove("lost").unwrap(), Removal::Removed);
+    drop(engine);
+    let (engine, report) = open_engine(&t);
+    assert!(report.is_clean(), "{report:?}");
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 1);
     drop(engine);
     teardown_and_check(&t);
 }
