@@ -103,6 +103,14 @@ pub fn attach(file: &Path) -> Result<PathBuf> {
         tracing::info!(file = %file.display(), device = %existing.display(), "loop device already attached");
         return Ok(existing);
     }
+    attach_free(file, false)
+}
+
+/// Bind `file` to a free loop device (read-only when asked), retrying when another process
+/// takes the free device between our query and our attach (the kernel answers EBUSY then).
+///
+/// Returns the loop device's path.
+pub fn attach_free(file: &Path, read_only: bool) -> Result<PathBuf> {
     let control = LoopControl::open()
         .map_err(|e| Error::io("opening /dev/loop-control (is the loop module loaded?)", e))?;
     let mut last_error = None;
@@ -111,12 +119,16 @@ pub fn attach(file: &Path) -> Result<PathBuf> {
             .next_free()
             .map_err(|e| Error::io("finding a free loop device", e))?;
         let path = device_path(&device)?;
-        match device.with().autoclear(false).attach(file) {
+        match device
+            .with()
+            .read_only(read_only)
+            .autoclear(false)
+            .attach(file)
+        {
             Ok(()) => {
-                tracing::info!(file = %file.display(), device = %path.display(), "attached loop device");
+                tracing::info!(file = %file.display(), device = %path.display(), read_only, "attached loop device");
                 return Ok(path);
             }
-            // Another process took this device between next_free and attach: try the next one.
             Err(e) if e.raw_os_error() == Some(Errno::EBUSY as i32) => last_error = Some(e),
             Err(e) => {
                 return Err(Error::io(

@@ -2,10 +2,9 @@
 
 use std::path::Path;
 
-use loopdev::LoopControl;
-
 use crate::error::{Error, Result};
 use crate::kernel::cmd::{self, Program};
+use crate::kernel::loopdev;
 
 /// Run `thin_check` on inactive pool metadata at `metadata` (a device or a file).
 ///
@@ -35,20 +34,9 @@ fn with_block_device<T>(path: &Path, f: impl FnOnce(&Path) -> Result<T>) -> Resu
     if !meta.is_file() {
         return f(path);
     }
-    let control = LoopControl::open().map_err(|e| Error::io("opening /dev/loop-control", e))?;
-    let device = control
-        .next_free()
-        .map_err(|e| Error::io("finding a free loop device", e))?;
-    device
-        .with()
-        .read_only(true)
-        .attach(path)
-        .map_err(|e| Error::io(format!("attaching {} read-only", path.display()), e))?;
-    let node = device
-        .path()
-        .ok_or_else(|| Error::not_found("the loop device has no path"))?;
+    let node = loopdev::attach_free(path, true)?;
     let result = f(&node);
-    if let Err(e) = device.detach() {
+    if let Err(e) = loopdev::detach(&node) {
         tracing::warn!(device = %node.display(), error = %e, "could not detach temporary loop device");
     }
     result
