@@ -115,16 +115,33 @@ pub fn mount(
     })
 }
 
+/// How long an unmount keeps trying while the filesystem is busy.
+const UNMOUNT_ATTEMPTS: u32 = 20;
+const UNMOUNT_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Unmount the filesystem at `target`.
 ///
-/// Returns a `Busy` error when files on it are still open.
+/// EBUSY is retried for about a second: a child process that another thread is starting holds
+/// copies of this process's open files until its `exec` closes them (O_CLOEXEC), so a file just
+/// closed here can keep the filesystem busy for that long. Returns a `Busy` error when files on
+/// it are still open after that.
 pub fn unmount(target: &Path) -> Result<()> {
-    nix::mount::umount2(target, MntFlags::empty()).map_err(|errno| {
-        Error::io(
-            format!("unmounting {}", target.display()),
-            std::io::Error::from(errno),
-        )
-    })
+    let mut attempt = 1;
+    loop {
+        match nix::mount::umount2(target, MntFlags::empty()) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EBUSY) if attempt < UNMOUNT_ATTEMPTS => {
+                attempt += 1;
+                std::thread::sleep(UNMOUNT_RETRY_INTERVAL);
+            }
+            Err(errno) => {
+                return Err(Error::io(
+                    format!("unmounting {}", target.display()),
+                    std::io::Error::from(errno),
+                ))
+            }
+        }
+    }
 }
 
 /// Grow the filesystem on `device` (mounted at `mount_point` for xfs, which grows only while
