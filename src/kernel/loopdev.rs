@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use devicemapper::Device;
 use loopdev::{LoopControl, LoopDevice};
@@ -87,6 +88,12 @@ pub fn find_attached(file: &Path) -> Result<Option<PathBuf>> {
         let Ok(text) = std::fs::read_to_string(&backing) else {
             continue; // not bound
         };
+        // thinstack never sets autoclear; a device with it is being detached (LOOP_CLR_FD
+        // while someone still holds it open only sets autoclear) or belongs to someone else.
+        let autoclear = std::fs::read_to_string(entry.path().join("loop/autoclear"));
+        if autoclear.is_ok_and(|flag| flag.trim() == "1") {
+            continue;
+        }
         let backing_path = Path::new(text.trim_end_matches('\n'));
         if file_identity(backing_path).ok() == Some(wanted) {
             return Ok(Some(PathBuf::from("/dev").join(name)));
@@ -153,13 +160,30 @@ fn device_path(device: &LoopDevice) -> Result<PathBuf> {
         .ok_or_else(|| Error::not_found("a loop device has no path in /dev"))
 }
 
-/// Detach the loop device at `device` from its file.
+/// How long [`detach`] waits for the kernel to let go of the file.
+const DETACH_WAIT: Duration = Duration::from_secs(5);
+
+/// Detach the loop device at `device` from its file, and wait (up to 5 s) until the binding is
+/// gone: while anyone (udev, a probe) still holds the device open, the kernel only marks it
+/// for detaching at the last close.
 pub fn detach(device: &Path) -> Result<()> {
     let loop_device = LoopDevice::open(device)
         .map_err(|e| Error::io(format!("opening {}", device.display()), e))?;
     loop_device
         .detach()
         .map_err(|e| Error::io(format!("detaching {}", device.display()), e))?;
+    drop(loop_device);
+    let backing = device
+        .file_name()
+        .map(|name| Path::new("/sys/block").join(name).join("loop/backing_file"));
+    let started = Instant::now();
+    while backing.as_ref().is_some_and(|b| b.exists()) {
+        if started.elapsed() > DETACH_WAIT {
+            tracing::warn!(device = %device.display(), "loop device still held open; it detaches when released");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     tracing::info!(device = %device.display(), "detached loop device");
     Ok(())
 }
