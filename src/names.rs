@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use devicemapper::{DmName, DmNameBuf, DmUuid, DmUuidBuf, ThinDevId};
+use devicemapper::{DmName, DmNameBuf, DmUuidBuf, ThinDevId};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
@@ -107,9 +107,6 @@ pub fn parse_thin_dm_name(pool: &PoolName, name: &DmName) -> Option<ThinId> {
         .and_then(|id| id.parse::<u32>().ok())
         .and_then(|id| ThinId::new(id).ok())
 }
-
-/// The uuid type used with dm devices, re-exported for callers building devices.
-pub type Uuid<'a> = &'a DmUuid;
 
 impl fmt::Display for PoolName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

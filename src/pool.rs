@@ -266,11 +266,7 @@ impl Pool {
     /// The active device of thin `id`, if it is active.
     pub fn active_thin(&self, dm: &Dm, id: ThinId) -> Result<Option<ActiveThin>> {
         let dm_name = self.name.thin_dm_name(id);
-        if !dm.exists(&dm_name)? {
-            return Ok(None);
-        }
-        let info = dm.info(&dm_name)?;
-        Ok(Some(ActiveThin {
+        Ok(dm.try_info(&dm_name)?.map(|info| ActiveThin {
             node: dm::kernel_node(&info),
             dm_name,
         }))

@@ -13,15 +13,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
-use common::{open_engine, require_dm_thin, teardown_and_check, TestPool};
+use common::{
+    open_engine, open_engine_with, require_dm_thin, teardown_and_check, RealEngine, TestPool,
+};
 use thinstack::config::Config;
-use thinstack::engine::{CreateLayer, Engine, Settings};
-use thinstack::kernel::dm::Dm;
+use thinstack::engine::CreateLayer;
 use thinstack::kernel::fs::FsType;
-use thinstack::kernel::real::{RealFs, RealPool};
 use thinstack::kernel::PoolKernel;
 use thinstack::units::ByteSize;
-use thinstack::Pool;
 
 /// Set in the child: "<operation>\t<config file>".
 const CHILD_ENV: &str = "THINSTACK_CRASH_CHILD";
@@ -34,20 +33,6 @@ const OPERATIONS: [&str; 6] = [
     "remove",
     "resize",
 ];
-
-type RealEngine = Engine<RealPool, RealFs>;
-
-fn engine_from(config: &Config) -> RealEngine {
-    let dm = Dm::open().unwrap();
-    let pool = Pool::open(config, &dm).unwrap();
-    Engine::open(
-        RealPool::new(dm, pool),
-        RealFs,
-        Settings::from_config(config),
-    )
-    .unwrap()
-    .0
-}
 
 fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
     CreateLayer {
@@ -144,7 +129,7 @@ fn child(
 fn run_child(spec: &str) {
     let (operation, config_path) = spec.split_once('\t').expect("child spec");
     let config = Config::load(Some(Path::new(config_path))).unwrap();
-    let mut engine = engine_from(&config);
+    let (mut engine, _) = open_engine_with(&config);
     run_operation(&mut engine, operation);
 }
 

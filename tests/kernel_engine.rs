@@ -31,6 +31,14 @@ fn fs_size(path: &Path) -> u64 {
     stat.blocks() * stat.fragment_size()
 }
 
+/// A small base size each filesystem accepts (mkfs.xfs needs 300M).
+fn small_base_size(fs_type: FsType) -> &'static str {
+    match fs_type {
+        FsType::Xfs => "320M",
+        FsType::Ext4 => "64M",
+    }
+}
+
 fn config_for(fs_type: FsType) -> String {
     format!("[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"320M\"\n")
 }
@@ -203,11 +211,7 @@ fn kernel_engine_busy_removal_is_deferred_xfs() {
 /// writing data) ends in a clear no-space error, never in a kernel hang.
 fn space_guard(fs_type: FsType) {
     let _dm = require_dm_thin();
-    let base_size = if fs_type == FsType::Xfs {
-        "320M"
-    } else {
-        "64M"
-    };
+    let base_size = small_base_size(fs_type);
     let t = TestPool::new(
         &format!("space-{fs_type}"),
         &format!(
@@ -263,11 +267,7 @@ fn kernel_engine_space_guard_refuses_before_the_pool_fills_xfs() {
 /// top layer shows all 128 files.
 fn chain_of_128_layers(fs_type: FsType) {
     let _dm = require_dm_thin();
-    let base_size = if fs_type == FsType::Xfs {
-        "320M"
-    } else {
-        "64M"
-    };
+    let base_size = small_base_size(fs_type);
     let t = TestPool::new(
         &format!("chain-{fs_type}"),
         &format!("[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"{base_size}\"\n"),

@@ -234,14 +234,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let layers = store.load_layers()?;
         let txn = store.load_txn()?.unwrap_or_default();
         let used_ids = layers.values().map(|l| l.thin_id).collect();
-        let mut children: BTreeMap<LayerName, BTreeSet<LayerName>> = BTreeMap::new();
+        let mut children = BTreeMap::new();
         for layer in layers.values() {
-            if let Some(parent) = &layer.parent {
-                children
-                    .entry(parent.clone())
-                    .or_default()
-                    .insert(layer.name.clone());
-            }
+            index_child(&mut children, layer);
         }
         let mut engine = Engine {
             kernel,
@@ -383,12 +378,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn put(&mut self, record: LayerRecord) -> Result<()> {
         self.store.put_layer(&record)?;
         self.used_ids.insert(record.thin_id);
-        if let Some(parent) = &record.parent {
-            self.children
-                .entry(parent.clone())
-                .or_default()
-                .insert(record.name.clone());
-        }
+        index_child(&mut self.children, &record);
         self.layers.insert(record.name.clone(), record);
         Ok(())
     }
@@ -397,15 +387,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.store.remove_layer(name)?;
         if let Some(record) = self.layers.remove(name) {
             self.used_ids.remove(&record.thin_id);
-            if let Some(siblings) = record
-                .parent
-                .as_ref()
-                .and_then(|p| self.children.get_mut(p))
-            {
-                siblings.remove(name);
-                if siblings.is_empty() {
-                    self.children
-                        .remove(record.parent.as_ref().expect("has a parent"));
+            if let Some(parent) = &record.parent {
+                if let Some(siblings) = self.children.get_mut(parent) {
+                    siblings.remove(name);
+                    if siblings.is_empty() {
+                        self.children.remove(parent);
+                    }
                 }
             }
         }
@@ -655,6 +642,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         if self.kernel.active_node(id)?.is_some() {
             self.kernel.deactivate(id)?;
         }
+        self.delete_thin(layer, id)
+    }
+
+    /// Delete inactive thin `id` from the pool under the transaction protocol; gone already is
+    /// fine (a crash may have come after the message).
+    fn delete_thin(&mut self, layer: Option<&LayerName>, id: ThinId) -> Result<()> {
         match self.pool_step(layer, PoolOp::Delete { id }) {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             other => other,
@@ -695,18 +688,23 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// The layer's block device, activating it when needed (read-only when committed).
     pub fn activate(&mut self, name: &str) -> Result<PathBuf> {
         let record = self.ready_record(name)?.clone();
-        let node = match self.kernel.active_node(record.thin_id)? {
-            Some(node) => node,
-            None => self
-                .kernel
-                .activate(record.thin_id, record.size, record.committed)?,
-        };
+        let node = self.ensure_active(&record)?;
         if !record.active {
             let mut active = record;
             active.active = true;
             self.put(active)?;
         }
         Ok(node)
+    }
+
+    /// The node of the layer's device, activating it (read-only when committed) if needed.
+    fn ensure_active(&self, record: &LayerRecord) -> Result<PathBuf> {
+        match self.kernel.active_node(record.thin_id)? {
+            Some(node) => Ok(node),
+            None => self
+                .kernel
+                .activate(record.thin_id, record.size, record.committed),
+        }
     }
 
     /// Deactivate a layer's device. Refused while thinstack has it mounted; `Busy` when
@@ -793,11 +791,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 format!("{} has something else mounted on it", target.display()),
             ));
         }
-        let node = self.activate(name)?;
-        let options = self.settings.mount_options.clone();
-        self.fs
-            .mount(&node, &target, record.filesystem, read_only, &options)?;
-        let mut updated = self.layers[&record.name].clone();
+        let node = self.ensure_active(&record)?;
+        self.fs.mount(
+            &node,
+            &target,
+            record.filesystem,
+            read_only,
+            &self.settings.mount_options,
+        )?;
+        let mut updated = record.clone();
+        updated.active = true;
         updated
             .mounts
             .insert(target.clone(), MountRecord { refs: 1, read_only });
@@ -909,10 +912,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 self.discard(id, record.size)?;
                 crash::point("remove.discarded");
             }
-            match self.pool_step(Some(name), PoolOp::Delete { id }) {
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                other => other?,
-            }
+            self.delete_thin(Some(name), id)?;
             crash::point("remove.deleted");
         }
         self.drop_record(name)?;
@@ -997,6 +997,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         tracing::info!(layer = %name, size = %size, "layer resized");
         self.view(&grown)
+    }
+}
+
+/// Record `record` as a child of its parent in the parent -> children index.
+fn index_child(children: &mut BTreeMap<LayerName, BTreeSet<LayerName>>, record: &LayerRecord) {
+    if let Some(parent) = &record.parent {
+        children
+            .entry(parent.clone())
+            .or_default()
+            .insert(record.name.clone());
     }
 }
 

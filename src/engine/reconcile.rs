@@ -44,9 +44,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub(super) fn reconcile(&mut self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let pool_txn = self.kernel.usage()?.transaction_id;
-        self.settle_intent(pool_txn, &mut report)?;
-        self.unmount_growth_mounts(&mut report)?;
+        // Settling the intent moves only the transaction id, so one listing serves throughout.
         let pool_ids = self.kernel.thin_ids()?;
+        self.settle_intent(pool_txn, &pool_ids, &mut report)?;
+        self.unmount_growth_mounts(&mut report)?;
         self.used_ids.extend(pool_ids.iter().copied());
         self.flag_missing(&pool_ids, &mut report)?;
         self.roll_back_creating(&mut report)?;
@@ -68,7 +69,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Settle the message that was in flight, using the pool's transaction id (and, when that
     /// cannot tell, whether the message's effect is in the pool).
-    fn settle_intent(&mut self, pool_txn: u64, report: &mut ReconcileReport) -> Result<()> {
+    fn settle_intent(
+        &mut self,
+        pool_txn: u64,
+        pool_ids: &BTreeSet<ThinId>,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
         let Some(intent) = self.txn.pending.clone() else {
             if pool_txn != self.txn.transaction_id {
                 report.transaction = Some(format!(
@@ -86,7 +92,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.txn.transaction_id = new;
             format!("{:?} had completed; recorded transaction {new}", intent.op)
         } else if pool_txn == old {
-            let present = self.kernel.thin_ids()?.contains(&intent.op.id());
+            let present = pool_ids.contains(&intent.op.id());
             let happened = match intent.op {
                 PoolOp::Delete { .. } => !present,
                 PoolOp::CreateThin { .. } | PoolOp::Snapshot { .. } => present,

@@ -41,16 +41,15 @@ impl Dm {
 
     /// Whether a device named `name` exists.
     pub fn exists(&self, name: &DmName) -> Result<bool> {
-        match self.dm.device_info(&DevId::Name(name)) {
-            Ok(_) => Ok(true),
-            Err(e) => {
-                let err = Error::dm("look up", &name.to_string(), e);
-                if err.kind() == ErrorKind::NotFound {
-                    Ok(false)
-                } else {
-                    Err(err)
-                }
-            }
+        Ok(self.try_info(name)?.is_some())
+    }
+
+    /// The device's info, or `None` when there is no device named `name` (one ioctl).
+    pub fn try_info(&self, name: &DmName) -> Result<Option<DeviceInfo>> {
+        match self.info(name) {
+            Ok(info) => Ok(Some(info)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
         }
     }
 
@@ -372,11 +371,6 @@ pub fn parse_thin_pool_params(params: &str) -> Result<ThinPoolTargetParams> {
 /// device exists, with or without udev.
 pub fn kernel_node(info: &DeviceInfo) -> PathBuf {
     PathBuf::from(format!("/dev/dm-{}", info.device().minor))
-}
-
-/// The `/dev/mapper/<name>` link that udev makes.
-pub fn mapper_path(name: &DmName) -> PathBuf {
-    PathBuf::from("/dev/mapper").join(name.to_string())
 }
 
 #[cfg(test)]

@@ -161,18 +161,6 @@ pub fn grow(fs: FsType, device: &Path, mount_point: Option<&Path>) -> Result<()>
     }
 }
 
-/// Flush a mounted filesystem's dirty data to its device (`syncfs`).
-pub fn sync_filesystem(mount_point: &Path) -> Result<()> {
-    let file = std::fs::File::open(mount_point)
-        .map_err(|e| Error::io(format!("opening {}", mount_point.display()), e))?;
-    nix::unistd::syncfs(&file).map_err(|errno| {
-        Error::io(
-            format!("syncing {}", mount_point.display()),
-            std::io::Error::from(errno),
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,5 +1,5 @@
 //! Loop devices over sparse backing files: create the file, find the loop device already bound
-//! to it (after a daemon restart), attach, refresh capacity, detach.
+//! to it (after a daemon restart), attach, detach.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -186,18 +186,6 @@ pub fn detach(device: &Path) -> Result<()> {
     }
     tracing::info!(device = %device.display(), "detached loop device");
     Ok(())
-}
-
-/// Tell the loop device at `device` that its file has grown.
-pub fn refresh_capacity(device: &Path) -> Result<()> {
-    LoopDevice::open(device)
-        .and_then(|d| d.set_capacity())
-        .map_err(|e| {
-            Error::io(
-                format!("refreshing the capacity of {}", device.display()),
-                e,
-            )
-        })
 }
 
 /// Major and minor numbers of the block device at `path`, for device-mapper tables.

@@ -132,11 +132,10 @@ impl PoolKernel for RealPool {
 
     fn active_read_only(&self, id: ThinId) -> Result<Option<bool>> {
         let name = self.pool.name().thin_dm_name(id);
-        if !self.dm.exists(&name)? {
-            return Ok(None);
-        }
-        let flags = self.dm.info(&name)?.flags();
-        Ok(Some(flags.contains(devicemapper::DmFlags::DM_READONLY)))
+        Ok(self
+            .dm
+            .try_info(&name)?
+            .map(|info| info.flags().contains(devicemapper::DmFlags::DM_READONLY)))
     }
 
     fn active_ids(&self) -> Result<BTreeSet<ThinId>> {

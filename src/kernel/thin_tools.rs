@@ -1,4 +1,4 @@
-//! thin-provisioning-tools: checking and dumping pool metadata.
+//! thin-provisioning-tools: checking pool metadata.
 
 use std::path::Path;
 
@@ -16,14 +16,6 @@ pub fn check(metadata: &Path) -> Result<()> {
         cmd::run(Program::ThinCheck, [device]).map(|_| ())
     })
     .map_err(|e| e.context(format!("checking pool metadata {}", metadata.display())))
-}
-
-/// `thin_dump` of inactive metadata at `metadata`, as XML.
-pub fn dump(metadata: &Path) -> Result<String> {
-    with_block_device(metadata, |device| {
-        cmd::run(Program::ThinDump, [device])
-            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-    })
 }
 
 /// Call `f` with a block device holding `path`: `path` itself, or a read-only loop device

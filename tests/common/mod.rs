@@ -154,20 +154,24 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The engine on the real kernel.
+pub type RealEngine =
+    thinstack::engine::Engine<thinstack::kernel::real::RealPool, thinstack::kernel::real::RealFs>;
+
 /// An engine on the test's pool, on the real kernel.
-pub fn open_engine(
-    test: &TestPool,
-) -> (
-    thinstack::engine::Engine<thinstack::kernel::real::RealPool, thinstack::kernel::real::RealFs>,
-    thinstack::engine::ReconcileReport,
-) {
+pub fn open_engine(test: &TestPool) -> (RealEngine, thinstack::engine::ReconcileReport) {
+    open_engine_with(&test.config)
+}
+
+/// An engine on the pool `config` describes, on the real kernel.
+pub fn open_engine_with(config: &Config) -> (RealEngine, thinstack::engine::ReconcileReport) {
     let dm = Dm::open().expect("device-mapper");
-    let pool = Pool::open(&test.config, &dm).expect("open pool");
+    let pool = Pool::open(config, &dm).expect("open pool");
     let kernel = thinstack::kernel::real::RealPool::new(dm, pool);
     thinstack::engine::Engine::open(
         kernel,
         thinstack::kernel::real::RealFs,
-        thinstack::engine::Settings::from_config(&test.config),
+        thinstack::engine::Settings::from_config(config),
     )
     .expect("open engine")
 }
