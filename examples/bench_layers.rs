@@ -66,7 +66,7 @@ fn run() -> Result<()> {
     if floor {
         return kernel_floor(&config, layers);
     }
-    let mut engine = open(&config)?;
+    let engine = open(&config)?;
     engine.create(&CreateLayer {
         name: "layer0".into(),
         ..CreateLayer::default()

@@ -86,7 +86,7 @@ fn run(args: &Args) -> Result<()> {
     ));
     let dm = Dm::open()?;
     let pool = Pool::open(&config, &dm)?;
-    let (mut engine, report) = Engine::open(
+    let (engine, report) = Engine::open(
         RealPool::new(dm, pool),
         RealFs,
         Settings::from_config(&config),

@@ -49,7 +49,7 @@ fn config_for(fs_type: FsType) -> String {
 fn lifecycle(fs_type: FsType) {
     let _dm = require_dm_thin();
     let t = TestPool::new(&format!("life-{fs_type}"), &config_for(fs_type));
-    let (mut engine, report) = open_engine(&t);
+    let (engine, report) = open_engine(&t);
     assert!(report.is_clean(), "{report:?}");
 
     let base = engine.create(&layer("base", None)).unwrap();
@@ -173,7 +173,7 @@ fn kernel_engine_lifecycle_xfs() {
 fn busy_removal_is_deferred(fs_type: FsType) {
     let _dm = require_dm_thin();
     let mut t = TestPool::new(&format!("deferred-{fs_type}"), &config_for(fs_type));
-    let (mut engine, _) = open_engine(&t);
+    let (engine, _) = open_engine(&t);
     engine.create(&layer("base", None)).unwrap();
     let device = engine.activate("base").unwrap();
     let foreign = t.mount_point("foreign");
@@ -183,7 +183,7 @@ fn busy_removal_is_deferred(fs_type: FsType) {
     assert_eq!(engine.status().unwrap().deferred_deletions, 1);
     assert!(engine.process_deferred().unwrap().is_empty(), "still busy");
     drop(engine);
-    let (mut engine, report) = open_engine(&t);
+    let (engine, report) = open_engine(&t);
     assert_eq!(report.still_deferred.len(), 1, "{report:?}");
 
     t.unmount(&foreign);
@@ -218,7 +218,7 @@ fn space_guard(fs_type: FsType) {
             "[pool]\nmin_free_space = \"10%\"\n[pool.loop]\ndata_size = \"100M\"\n[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"{base_size}\"\n"
         ),
     );
-    let (mut engine, _) = open_engine(&t);
+    let (engine, _) = open_engine(&t);
     engine.create(&layer("l0", None)).unwrap();
     let chunk = vec![0x5au8; 4 << 20];
     let mut refused = None;
@@ -272,7 +272,7 @@ fn chain_of_128_layers(fs_type: FsType) {
         &format!("chain-{fs_type}"),
         &format!("[layers]\nfilesystem = \"{fs_type}\"\nbase_size = \"{base_size}\"\n"),
     );
-    let (mut engine, _) = open_engine(&t);
+    let (engine, _) = open_engine(&t);
     let started = std::time::Instant::now();
     for i in 0..128 {
         let name = format!("layer{i:03}");
@@ -328,7 +328,7 @@ fn kernel_engine_chain_of_128_layers_xfs() {
 fn kernel_engine_orphans_deleted_and_lost_devices_flagged() {
     let _dm = require_dm_thin();
     let t = TestPool::new("orphans", "[layers]\nbase_size = \"64M\"\n");
-    let (mut engine, _) = open_engine(&t);
+    let (engine, _) = open_engine(&t);
     engine.create(&layer("kept", None)).unwrap();
     let lost = engine.create(&layer("lost", None)).unwrap().thin_id;
     let orphan = thinstack::names::ThinId::new(4242).unwrap();
@@ -336,7 +336,7 @@ fn kernel_engine_orphans_deleted_and_lost_devices_flagged() {
     engine.kernel().delete_thin(lost).unwrap();
     drop(engine);
 
-    let (mut engine, report) = open_engine(&t);
+    let (engine, report) = open_engine(&t);
     assert_eq!(report.orphans_deleted, [orphan], "{report:?}");
     let missing: Vec<String> = report.missing.iter().map(|n| n.to_string()).collect();
     assert_eq!(missing, ["lost"], "{report:?}");
@@ -365,7 +365,7 @@ fn allocated(path: &Path) -> u64 {
 fn kernel_engine_remove_gives_loop_file_space_back() {
     let _dm = require_dm_thin();
     let t = TestPool::new("discard", "[layers]\nbase_size = \"256M\"\n");
-    let (mut engine, _) = open_engine(&t);
+    let (engine, _) = open_engine(&t);
     engine.create(&layer("base", None)).unwrap();
     let mnt = engine.mount("base", None, false).unwrap();
     fs::write(mnt.join("big"), vec![0xa5u8; 64 << 20]).unwrap();
@@ -392,7 +392,7 @@ fn kernel_engine_remove_gives_loop_file_space_back() {
 fn kernel_engine_reactivates_after_a_reboot() {
     let _dm = require_dm_thin();
     let t = TestPool::new("reboot", &config_for(FsType::Ext4));
-    let (mut engine, _) = open_engine(&t);
+    let (engine, _) = open_engine(&t);
     engine.create(&layer("base", None)).unwrap();
     let mnt = engine.mount("base", None, false).unwrap();
     fs::write(mnt.join("kept"), "across the reboot").unwrap();
@@ -405,7 +405,7 @@ fn kernel_engine_reactivates_after_a_reboot() {
     thinstack::kernel::fs::unmount(&mnt).unwrap();
     teardown_and_check(&t);
 
-    let (mut engine, report) = open_engine(&t);
+    let (engine, report) = open_engine(&t);
     let mut reactivated: Vec<String> = report.reactivated.iter().map(|n| n.to_string()).collect();
     reactivated.sort();
     assert_eq!(reactivated, ["base", "kid"], "{report:?}");

@@ -13,10 +13,12 @@
 //!   finishes layers left `removing`, deletes thin devices no record owns, flags records whose
 //!   thin device is gone, and re-activates layers that were active before a reboot.
 
+mod locks;
 mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -33,6 +35,7 @@ use crate::records::{
 };
 use crate::units::{ByteSize, Percent};
 
+use locks::{LayerGuard, LayerLocks};
 pub use reconcile::ReconcileReport;
 
 /// Longest label key and value.
@@ -203,17 +206,68 @@ pub enum Removal {
 }
 
 /// The layer engine over a pool kernel `K` and filesystems `F`.
+///
+/// The engine is shared between threads (`&self` everywhere): operations on one layer are
+/// serialized by that layer's lock, pool messages by the transaction record's lock, and the
+/// in-memory index is locked only for short reads and updates, never across a kernel call or
+/// a record write. Locks are taken in this order: layer, parent layer, transaction, index.
 pub struct Engine<K: PoolKernel, F: FsKernel> {
     kernel: K,
     fs: F,
     store: RecordStore,
     settings: Settings,
+    index: Mutex<Index>,
+    /// Held across each pool message, so messages reach the pool one at a time.
+    txn: Mutex<TxnRecord>,
+    locks: LayerLocks,
+}
+
+/// The records in memory.
+#[derive(Default)]
+struct Index {
     layers: BTreeMap<LayerName, LayerRecord>,
-    txn: TxnRecord,
     /// Thin ids in use: owned by a record, or seen in the pool at the last reconcile.
     used_ids: BTreeSet<ThinId>,
     /// Parent -> children, kept with the records so no operation scans every layer.
     children: BTreeMap<LayerName, BTreeSet<LayerName>>,
+}
+
+impl Index {
+    fn children_of(&self, name: &LayerName) -> Vec<LayerName> {
+        self.children
+            .get(name)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn insert(&mut self, record: LayerRecord) {
+        self.used_ids.insert(record.thin_id);
+        index_child(&mut self.children, &record);
+        self.layers.insert(record.name.clone(), record);
+    }
+
+    fn remove(&mut self, name: &LayerName) {
+        let Some(record) = self.layers.remove(name) else {
+            return;
+        };
+        self.used_ids.remove(&record.thin_id);
+        if let Some(parent) = &record.parent {
+            if let Some(siblings) = self.children.get_mut(parent) {
+                siblings.remove(name);
+                if siblings.is_empty() {
+                    self.children.remove(parent);
+                }
+            }
+        }
+    }
+
+    fn names_where(&self, keep: impl Fn(&LayerRecord) -> bool) -> Vec<LayerName> {
+        self.layers
+            .values()
+            .filter(|l| keep(l))
+            .map(|l| l.name.clone())
+            .collect()
+    }
 }
 
 fn now_ns() -> u64 {
@@ -221,6 +275,26 @@ fn now_ns() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
+}
+
+/// A ready layer's record, or why the layer cannot be used.
+fn usable(record: LayerRecord) -> Result<LayerRecord> {
+    let name = record.name.as_str();
+    match record.state {
+        LayerState::Ready if record.missing => Err(Error::inconsistent(format!(
+            "layer {name:?} has lost its thin device {} in the pool; remove it",
+            record.thin_id
+        ))),
+        LayerState::Ready => Ok(record),
+        LayerState::Creating => Err(Error::new(
+            ErrorKind::Busy,
+            format!("layer {name:?} is still being created"),
+        )),
+        LayerState::Removing => Err(Error::new(
+            ErrorKind::Busy,
+            format!("layer {name:?} is being removed"),
+        )),
+    }
 }
 
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
@@ -231,22 +305,19 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn open(kernel: K, fs: F, settings: Settings) -> Result<(Self, ReconcileReport)> {
         let store = RecordStore::open(&settings.state_dir)?;
         ensure_private_dir(&settings.state_dir.join("mnt"))?;
-        let layers = store.load_layers()?;
-        let txn = store.load_txn()?.unwrap_or_default();
-        let used_ids = layers.values().map(|l| l.thin_id).collect();
-        let mut children = BTreeMap::new();
-        for layer in layers.values() {
-            index_child(&mut children, layer);
+        let mut index = Index::default();
+        for (_, layer) in store.load_layers()? {
+            index.insert(layer);
         }
-        let mut engine = Engine {
+        let txn = store.load_txn()?.unwrap_or_default();
+        let engine = Engine {
             kernel,
             fs,
             store,
             settings,
-            layers,
-            txn,
-            used_ids,
-            children,
+            index: Mutex::new(index),
+            txn: Mutex::new(txn),
+            locks: LayerLocks::default(),
         };
         let report = engine.reconcile()?;
         Ok((engine, report))
@@ -262,74 +333,95 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         (self.kernel, self.fs)
     }
 
+    /// The engine's settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The pool's transaction id as the records have it.
+    pub fn transaction_id(&self) -> u64 {
+        self.txn().transaction_id
+    }
+
+    // ----- locks ---------------------------------------------------------------------------
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // A panicking thread leaves the index no less true than the records it mirrors.
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn txn(&self) -> MutexGuard<'_, TxnRecord> {
+        self.txn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Check `name` and hold its layer's lock.
+    fn lock_layer(&self, name: &str) -> Result<(LayerName, LayerGuard<'_>)> {
+        let name = LayerName::new(name)?;
+        let guard = self.locks.lock(&name);
+        Ok((name, guard))
+    }
+
     // ----- queries -------------------------------------------------------------------------
 
-    fn record(&self, name: &str) -> Result<&LayerRecord> {
-        let name = LayerName::new(name)?;
-        self.layers
-            .get(&name)
-            .ok_or_else(|| Error::not_found(format!("no layer named {name:?}")))
+    fn record(&self, name: &LayerName) -> Result<LayerRecord> {
+        self.index()
+            .layers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("no layer named {:?}", name.as_str())))
     }
 
     /// A layer that is usable (ready, its thin device present).
-    fn ready_record(&self, name: &str) -> Result<&LayerRecord> {
-        let record = self.record(name)?;
-        match record.state {
-            LayerState::Ready if record.missing => Err(Error::inconsistent(format!(
-                "layer {name:?} has lost its thin device {} in the pool; remove it",
-                record.thin_id
-            ))),
-            LayerState::Ready => Ok(record),
-            LayerState::Creating => Err(Error::new(
-                ErrorKind::Busy,
-                format!("layer {name:?} is still being created"),
-            )),
-            LayerState::Removing => Err(Error::new(
-                ErrorKind::Busy,
-                format!("layer {name:?} is being removed"),
-            )),
-        }
+    fn ready_record(&self, name: &LayerName) -> Result<LayerRecord> {
+        usable(self.record(name)?)
     }
 
     fn children_of(&self, name: &LayerName) -> Vec<LayerName> {
-        self.children
-            .get(name)
-            .map(|c| c.iter().cloned().collect())
-            .unwrap_or_default()
+        self.index().children_of(name)
     }
 
-    fn view(&self, record: &LayerRecord) -> Result<Layer> {
+    fn view(&self, record: LayerRecord) -> Result<Layer> {
+        let device = self.kernel.active_node(record.thin_id)?;
+        let children = self.children_of(&record.name);
         Ok(Layer {
-            name: record.name.clone(),
+            name: record.name,
             thin_id: record.thin_id,
-            parent: record.parent.clone(),
+            parent: record.parent,
             size: record.size,
             filesystem: record.filesystem,
-            fs_uuid: record.fs_uuid.clone(),
+            fs_uuid: record.fs_uuid,
             committed: record.committed,
-            labels: record.labels.clone(),
+            labels: record.labels,
             created_ns: record.created_ns,
             state: record.state,
-            device: self.kernel.active_node(record.thin_id)?,
-            mounts: record.mounts.clone(),
+            device,
+            mounts: record.mounts,
             deferred_removal: record.deferred,
             missing: record.missing,
-            children: self.children_of(&record.name),
+            children,
         })
     }
 
     /// One layer.
     pub fn inspect(&self, name: &str) -> Result<Layer> {
-        self.view(self.record(name)?)
+        self.view(self.record(&LayerName::new(name)?)?)
     }
 
     /// Every layer, by name; only those carrying every label in `labels` when it is not empty.
     pub fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<Layer>> {
-        self.layers
+        let matching: Vec<LayerRecord> = self
+            .index()
+            .layers
             .values()
             .filter(|l| labels.iter().all(|(k, v)| l.labels.get(k) == Some(v)))
-            .map(|l| self.view(l))
-            .collect()
+            .cloned()
+            .collect();
+        matching.into_iter().map(|l| self.view(l)).collect()
+    }
+
+    /// Whether a layer of that name exists (in any state).
+    pub fn contains(&self, name: &LayerName) -> bool {
+        self.index().layers.contains_key(name)
     }
 
     /// The pool's space, transaction id and health.
@@ -340,6 +432,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Everything about the pool users ask for (what `docker info` showed for devicemapper).
     pub fn status(&self) -> Result<Status> {
         let usage = self.kernel.usage()?;
+        let (layers, deferred_deletions) = {
+            let index = self.index();
+            let deferred = index.layers.values().filter(|l| l.deferred).count();
+            (index.layers.len(), deferred)
+        };
         Ok(Status {
             pool: self.kernel.details(),
             base_size: self.settings.base_size,
@@ -349,20 +446,21 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             min_free_space: self.settings.min_free_space,
             transaction_id: usage.transaction_id,
             health: usage.health,
-            layers: self.layers.len(),
-            deferred_deletions: self.deferred_count(),
+            layers,
+            deferred_deletions,
             discard_on_remove: self.settings.discard_on_remove,
         })
     }
 
     /// How many layers wait for deferred removal.
     pub fn deferred_count(&self) -> usize {
-        self.layers.values().filter(|l| l.deferred).count()
+        self.index().layers.values().filter(|l| l.deferred).count()
     }
 
     /// Bytes of pool data the layer maps (its own and those shared with its parents).
     pub fn usage(&self, name: &str) -> Result<ByteSize> {
-        let record = self.ready_record(name)?;
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.ready_record(&name)?;
         let id = record.thin_id;
         if self.kernel.active_node(id)?.is_some() {
             return self.kernel.mapped(id);
@@ -375,34 +473,26 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     // ----- records ---------------------------------------------------------------------------
 
-    fn put(&mut self, record: LayerRecord) -> Result<()> {
+    /// Write a record, then show it in the index. The caller holds the layer's lock.
+    fn put(&self, record: LayerRecord) -> Result<()> {
         self.store.put_layer(&record)?;
-        self.used_ids.insert(record.thin_id);
-        index_child(&mut self.children, &record);
-        self.layers.insert(record.name.clone(), record);
+        self.index().insert(record);
         Ok(())
     }
 
-    fn drop_record(&mut self, name: &LayerName) -> Result<()> {
+    fn drop_record(&self, name: &LayerName) -> Result<()> {
         self.store.remove_layer(name)?;
-        if let Some(record) = self.layers.remove(name) {
-            self.used_ids.remove(&record.thin_id);
-            if let Some(parent) = &record.parent {
-                if let Some(siblings) = self.children.get_mut(parent) {
-                    siblings.remove(name);
-                    if siblings.is_empty() {
-                        self.children.remove(parent);
-                    }
-                }
-            }
-        }
+        self.index().remove(name);
         Ok(())
     }
 
     /// A thin id that is provably free: no record owns it and the pool did not hold it at the
-    /// last reconcile (ids made since are all owned by records).
-    fn allocate_id(&mut self) -> Result<ThinId> {
-        let start = self.txn.next_thin_id.clamp(1, THIN_ID_MAX);
+    /// last reconcile (ids made since are all owned by records). It is reserved in the index
+    /// until the caller's record owns it.
+    fn allocate_id(&self) -> Result<ThinId> {
+        let mut txn = self.txn();
+        let mut index = self.index();
+        let start = txn.next_thin_id.clamp(1, THIN_ID_MAX);
         let mut candidate = start;
         loop {
             let id = ThinId::new(candidate)?;
@@ -411,8 +501,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             } else {
                 candidate + 1
             };
-            if !self.used_ids.contains(&id) {
-                self.txn.next_thin_id = candidate;
+            if index.used_ids.insert(id) {
+                txn.next_thin_id = candidate;
                 return Ok(id);
             }
             if candidate == start {
@@ -426,15 +516,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Send one pool message under the transaction protocol: intent, message, transaction id,
     /// record. A message that fails changes nothing in the pool; the intent is withdrawn.
-    fn pool_step(&mut self, layer: Option<&LayerName>, op: PoolOp) -> Result<()> {
-        let old = self.txn.transaction_id;
+    fn pool_step(&self, layer: Option<&LayerName>, op: PoolOp) -> Result<()> {
+        let mut txn = self.txn();
+        let old = txn.transaction_id;
         let new = old + 1;
-        self.txn.pending = Some(Intent {
+        txn.pending = Some(Intent {
             new_transaction_id: new,
             op: op.clone(),
             layer: layer.cloned(),
         });
-        self.store.put_txn(&self.txn)?;
+        self.store.put_txn(&txn)?;
         crash::point("pool_step.intent_written");
         let sent = match &op {
             PoolOp::CreateThin { id } => self.kernel.create_thin(*id),
@@ -442,8 +533,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             PoolOp::Delete { id } => self.kernel.delete_thin(*id),
         };
         if let Err(err) = sent {
-            self.txn.pending = None;
-            if let Err(e) = self.store.put_txn(&self.txn) {
+            txn.pending = None;
+            if let Err(e) = self.store.put_txn(&txn) {
                 tracing::warn!(error = %e, "could not withdraw the intent; the next open settles it");
             }
             return Err(err);
@@ -451,9 +542,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         crash::point("pool_step.message_sent");
         self.kernel.set_transaction_id(old, new)?;
         crash::point("pool_step.transaction_set");
-        self.txn.transaction_id = new;
-        self.txn.pending = None;
-        self.store.put_txn(&self.txn)
+        txn.transaction_id = new;
+        txn.pending = None;
+        self.store.put_txn(&txn)
     }
 
     // ----- create ----------------------------------------------------------------------------
@@ -464,8 +555,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// is frozen and flushed). A size larger than the parent's grows the device and then the
     /// filesystem; a smaller one is refused. Refused with `NoSpace` when free data or metadata
     /// is below `min_free_space`. On failure nothing is left behind.
-    pub fn create(&mut self, request: &CreateLayer) -> Result<Layer> {
-        let plan = self.plan_create(request)?;
+    pub fn create(&self, request: &CreateLayer) -> Result<Layer> {
+        let (name, _guard) = self.lock_layer(&request.name)?;
+        // The parent's lock is held until the snapshot is taken: its device does not change
+        // under the snapshot, and it cannot be removed before its child's record exists.
+        let parent_name = request.parent.as_deref().map(LayerName::new).transpose()?;
+        let parent_guard = parent_name.as_ref().map(|p| self.locks.lock(p));
+        let plan = self.plan_create(name, request)?;
         self.check_space()?;
         let id = self.allocate_id()?;
         let record = LayerRecord {
@@ -489,17 +585,20 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             deferred: false,
             missing: false,
         };
-        self.put(record)?;
+        if let Err(e) = self.put(record.clone()) {
+            self.index().used_ids.remove(&id);
+            return Err(e);
+        }
         crash::point("create.record_written");
-        match self.build_layer(&plan, id) {
+        match self.build_layer(&plan, id, parent_guard) {
             Ok(fs_uuid) => {
-                let mut record = self.layers[&plan.name].clone();
+                let mut record = record;
                 record.fs_uuid = fs_uuid;
                 record.state = LayerState::Ready;
-                self.put(record)?;
+                self.put(record.clone())?;
                 crash::point("create.done");
                 tracing::info!(layer = %plan.name, thin_id = %id, parent = ?plan.parent.as_ref().map(|p| p.name.as_str()), size = %plan.size, "layer created");
-                self.inspect(plan.name.as_str())
+                self.view(record)
             }
             Err(err) => {
                 if let Err(undo) = self.undo_create(&plan.name) {
@@ -510,9 +609,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
     }
 
-    fn plan_create(&self, request: &CreateLayer) -> Result<CreatePlan> {
-        let name = LayerName::new(&request.name)?;
-        if self.layers.contains_key(&name) {
+    fn plan_create(&self, name: LayerName, request: &CreateLayer) -> Result<CreatePlan> {
+        if self.contains(&name) {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!("a layer named {name:?} exists already"),
@@ -521,7 +619,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         check_labels(&request.labels)?;
         let parent = match &request.parent {
             None => None,
-            Some(parent) => Some(self.ready_record(parent)?.clone()),
+            Some(parent) => Some(self.ready_record(&LayerName::new(parent)?)?),
         };
         let (size, filesystem) = match &parent {
             None => {
@@ -580,7 +678,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// The kernel steps of a create, after its record exists; returns the filesystem UUID.
-    fn build_layer(&mut self, plan: &CreatePlan, id: ThinId) -> Result<String> {
+    /// `parent_guard` is released as soon as the snapshot is in the pool.
+    fn build_layer(
+        &self,
+        plan: &CreatePlan,
+        id: ThinId,
+        parent_guard: Option<LayerGuard<'_>>,
+    ) -> Result<String> {
         let op = match &plan.parent {
             None => PoolOp::CreateThin { id },
             Some(parent) => PoolOp::Snapshot {
@@ -589,6 +693,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             },
         };
         self.pool_step(Some(&plan.name), op)?;
+        drop(parent_guard);
         match &plan.parent {
             None => {
                 let node = self.kernel.activate(id, plan.size, false)?;
@@ -631,14 +736,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Take back a create that failed after its record was written.
-    fn undo_create(&mut self, name: &LayerName) -> Result<()> {
-        let id = self.layers[name].thin_id;
+    fn undo_create(&self, name: &LayerName) -> Result<()> {
+        let id = self.record(name)?.thin_id;
         self.remove_thin_device(Some(name), id)?;
         self.drop_record(name)
     }
 
     /// Deactivate (if active) and delete thin `id`; gone already is fine.
-    fn remove_thin_device(&mut self, layer: Option<&LayerName>, id: ThinId) -> Result<()> {
+    fn remove_thin_device(&self, layer: Option<&LayerName>, id: ThinId) -> Result<()> {
         if self.kernel.active_node(id)?.is_some() {
             self.kernel.deactivate(id)?;
         }
@@ -647,7 +752,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Delete inactive thin `id` from the pool under the transaction protocol; gone already is
     /// fine (a crash may have come after the message).
-    fn delete_thin(&mut self, layer: Option<&LayerName>, id: ThinId) -> Result<()> {
+    fn delete_thin(&self, layer: Option<&LayerName>, id: ThinId) -> Result<()> {
         match self.pool_step(layer, PoolOp::Delete { id }) {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             other => other,
@@ -657,10 +762,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     // ----- commit, activate, mount -------------------------------------------------------
 
     /// Make a layer read-only for good. Refused while it is mounted read-write.
-    pub fn commit(&mut self, name: &str) -> Result<Layer> {
-        let record = self.ready_record(name)?.clone();
+    pub fn commit(&self, name: &str) -> Result<Layer> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.ready_record(&name)?;
         if record.committed {
-            return self.view(&record);
+            return self.view(record);
         }
         if let Some((target, _)) = record.mounts.iter().find(|(_, m)| !m.read_only) {
             return Err(Error::new(
@@ -682,12 +788,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.put(committed.clone())?;
         crash::point("commit.done");
         tracing::info!(layer = %committed.name, "layer committed");
-        self.view(&committed)
+        self.view(committed)
     }
 
     /// The layer's block device, activating it when needed (read-only when committed).
-    pub fn activate(&mut self, name: &str) -> Result<PathBuf> {
-        let record = self.ready_record(name)?.clone();
+    pub fn activate(&self, name: &str) -> Result<PathBuf> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.ready_record(&name)?;
         let node = self.ensure_active(&record)?;
         if !record.active {
             let mut active = record;
@@ -709,8 +816,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Deactivate a layer's device. Refused while thinstack has it mounted; `Busy` when
     /// another user holds it after a few retries.
-    pub fn deactivate(&mut self, name: &str) -> Result<()> {
-        let record = self.ready_record(name)?.clone();
+    pub fn deactivate(&self, name: &str) -> Result<()> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.ready_record(&name)?;
         if let Some(target) = record.mounts.keys().next() {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -730,7 +838,6 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         Ok(())
     }
-
     /// Deactivate, retrying `Busy` a few times (udev or a closing user may hold the device a
     /// moment longer).
     fn deactivate_with_retries(&self, id: ThinId) -> Result<()> {
@@ -749,17 +856,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Mount a layer at `target` (default `<state_dir>/mnt/<name>`), read-only when asked or
     /// committed. Mounting the same layer at the same place again adds a user; each user
     /// unmounts once. Returns the mount point.
-    pub fn mount(&mut self, name: &str, target: Option<&Path>, read_only: bool) -> Result<PathBuf> {
-        let record = self.ready_record(name)?.clone();
+    pub fn mount(&self, name: &str, target: Option<&Path>, read_only: bool) -> Result<PathBuf> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.ready_record(&name)?;
         let read_only = read_only || record.committed;
         let target = match target {
             Some(path) => checked_mount_target(path)?,
             None => {
-                let path = self
-                    .settings
-                    .state_dir
-                    .join("mnt")
-                    .join(record.name.as_str());
+                let path = self.settings.state_dir.join("mnt").join(name.as_str());
                 std::fs::create_dir_all(&path)
                     .map_err(|e| Error::io(format!("creating {}", path.display()), e))?;
                 path
@@ -799,20 +903,20 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             read_only,
             &self.settings.mount_options,
         )?;
-        let mut updated = record.clone();
         updated.active = true;
         updated
             .mounts
             .insert(target.clone(), MountRecord { refs: 1, read_only });
         self.put(updated)?;
-        tracing::info!(layer = %record.name, target = %target.display(), read_only, "layer mounted");
+        tracing::info!(layer = %name, target = %target.display(), read_only, "layer mounted");
         Ok(target)
     }
 
     /// Drop one user of a mount of the layer (the only mount, or the one at `target`); the last
     /// user unmounts. The device stays active.
-    pub fn unmount(&mut self, name: &str, target: Option<&Path>) -> Result<()> {
-        let record = self.record(name)?.clone();
+    pub fn unmount(&self, name: &str, target: Option<&Path>) -> Result<()> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.record(&name)?;
         let target = match target {
             Some(path) => path.to_path_buf(),
             None => match record.mounts.keys().collect::<Vec<_>>().as_slice() {
@@ -853,14 +957,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Remove a layer and its thin device. Refused while it has children; never unmounts.
     /// A device that stays busy after brief retries is removed later, when released
     /// ([`Removal::Deferred`]).
-    pub fn remove(&mut self, name: &str) -> Result<Removal> {
-        let record = self.record(name)?.clone();
-        let children = self.children_of(&record.name);
+    pub fn remove(&self, name: &str) -> Result<Removal> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.record(&name)?;
+        let children = self.children_of(&name);
         if !children.is_empty() {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "layer {name:?} has children ({}); remove them first",
+                    "layer {name:?} has children ({}); remove them first, or remove it with --recursive",
                     children
                         .iter()
                         .map(LayerName::as_str)
@@ -880,12 +985,35 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         removing.active = false;
         self.put(removing.clone())?;
         crash::point("remove.marked");
-        self.finish_removal(&removing.name, true)
+        self.finish_removal(removing, true)
+    }
+
+    /// Remove a layer and every layer made from it, children first. Stops at the first layer
+    /// that cannot be removed; returns what happened to each layer removed, in order.
+    pub fn remove_recursive(&self, name: &str) -> Result<Vec<(LayerName, Removal)>> {
+        let root = LayerName::new(name)?;
+        self.record(&root)?;
+        let mut order = Vec::new();
+        self.descendants_post_order(&root, &mut order);
+        let mut done = Vec::new();
+        for layer in order {
+            let removal = self.remove(layer.as_str())?;
+            done.push((layer, removal));
+        }
+        Ok(done)
+    }
+
+    fn descendants_post_order(&self, name: &LayerName, out: &mut Vec<LayerName>) {
+        for child in self.children_of(name) {
+            self.descendants_post_order(&child, out);
+        }
+        out.push(name.clone());
     }
 
     /// Finish removing a layer in state `removing`; `wait` retries a busy device briefly.
-    fn finish_removal(&mut self, name: &LayerName, wait: bool) -> Result<Removal> {
-        let record = self.layers[name].clone();
+    /// The caller holds the layer's lock.
+    fn finish_removal(&self, record: LayerRecord, wait: bool) -> Result<Removal> {
+        let name = record.name.clone();
         let id = record.thin_id;
         if !record.missing {
             if self.kernel.active_node(id)?.is_some() {
@@ -912,10 +1040,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 self.discard(id, record.size)?;
                 crash::point("remove.discarded");
             }
-            self.delete_thin(Some(name), id)?;
+            self.delete_thin(Some(&name), id)?;
             crash::point("remove.deleted");
         }
-        self.drop_record(name)?;
+        self.drop_record(&name)?;
         tracing::info!(layer = %name, thin_id = %id, "layer removed");
         Ok(Removal::Removed)
     }
@@ -930,16 +1058,18 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Retry every deferred removal once; returns the layers removed now.
-    pub fn process_deferred(&mut self) -> Result<Vec<LayerName>> {
-        let deferred: Vec<LayerName> = self
-            .layers
-            .values()
-            .filter(|l| l.deferred && l.state == LayerState::Removing)
-            .map(|l| l.name.clone())
-            .collect();
+    pub fn process_deferred(&self) -> Result<Vec<LayerName>> {
+        let deferred = self
+            .index()
+            .names_where(|l| l.deferred && l.state == LayerState::Removing);
         let mut removed = Vec::new();
         for name in deferred {
-            if self.finish_removal(&name, false)? == Removal::Removed {
+            let _guard = self.locks.lock(&name);
+            // Settled by someone else meanwhile?
+            let Ok(record) = self.record(&name) else {
+                continue;
+            };
+            if self.finish_removal(record, false)? == Removal::Removed {
                 removed.push(name);
             }
         }
@@ -950,8 +1080,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Grow a layer's device and filesystem to `size`; smaller is refused, equal grows the
     /// filesystem only (finishing a resize a crash interrupted).
-    pub fn resize(&mut self, name: &str, size: ByteSize) -> Result<Layer> {
-        let record = self.ready_record(name)?.clone();
+    pub fn resize(&self, name: &str, size: ByteSize) -> Result<Layer> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.ready_record(&name)?;
         if record.committed {
             return Err(Error::invalid(format!(
                 "layer {name:?} is committed; it cannot change"
@@ -996,7 +1127,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.deactivate_with_retries(id)?;
         }
         tracing::info!(layer = %name, size = %size, "layer resized");
-        self.view(&grown)
+        self.view(grown)
     }
 }
 

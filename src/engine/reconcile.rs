@@ -41,14 +41,14 @@ impl ReconcileReport {
 }
 
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
-    pub(super) fn reconcile(&mut self) -> Result<ReconcileReport> {
+    pub(super) fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
         let pool_txn = self.kernel.usage()?.transaction_id;
         // Settling the intent moves only the transaction id, so one listing serves throughout.
         let pool_ids = self.kernel.thin_ids()?;
         self.settle_intent(pool_txn, &pool_ids, &mut report)?;
         self.unmount_growth_mounts(&mut report)?;
-        self.used_ids.extend(pool_ids.iter().copied());
+        self.index().used_ids.extend(pool_ids.iter().copied());
         self.flag_missing(&pool_ids, &mut report)?;
         self.roll_back_creating(&mut report)?;
         self.finish_removing(&mut report)?;
@@ -57,8 +57,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.reactivate(&mut report)?;
         if report.is_clean() {
             tracing::info!(
-                layers = self.layers.len(),
-                transaction_id = self.txn.transaction_id,
+                layers = self.index().layers.len(),
+                transaction_id = self.transaction_id(),
                 "records agree with the pool"
             );
         } else {
@@ -70,26 +70,27 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Settle the message that was in flight, using the pool's transaction id (and, when that
     /// cannot tell, whether the message's effect is in the pool).
     fn settle_intent(
-        &mut self,
+        &self,
         pool_txn: u64,
         pool_ids: &BTreeSet<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let Some(intent) = self.txn.pending.clone() else {
-            if pool_txn != self.txn.transaction_id {
+        let mut txn = self.txn();
+        let Some(intent) = txn.pending.clone() else {
+            if pool_txn != txn.transaction_id {
                 report.transaction = Some(format!(
                     "the pool's transaction id is {pool_txn} but the records had {}; the pool's was adopted",
-                    self.txn.transaction_id
+                    txn.transaction_id
                 ));
-                self.txn.transaction_id = pool_txn;
-                self.store.put_txn(&self.txn)?;
+                txn.transaction_id = pool_txn;
+                self.store.put_txn(&txn)?;
             }
             return Ok(());
         };
         let new = intent.new_transaction_id;
         let old = new.saturating_sub(1);
         let settled = if pool_txn == new {
-            self.txn.transaction_id = new;
+            txn.transaction_id = new;
             format!("{:?} had completed; recorded transaction {new}", intent.op)
         } else if pool_txn == old {
             let present = pool_ids.contains(&intent.op.id());
@@ -99,37 +100,38 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             };
             if happened {
                 self.kernel.set_transaction_id(old, new)?;
-                self.txn.transaction_id = new;
+                txn.transaction_id = new;
                 format!(
                     "{:?} had happened without its transaction id; set it to {new}",
                     intent.op
                 )
             } else {
-                self.txn.transaction_id = old;
+                txn.transaction_id = old;
                 format!(
                     "{:?} had not happened; nothing to undo in the pool",
                     intent.op
                 )
             }
         } else {
-            self.txn.transaction_id = pool_txn;
+            txn.transaction_id = pool_txn;
             format!(
                 "{:?} was in flight for transaction {new}, but the pool is at {pool_txn}; the pool's was adopted",
                 intent.op
             )
         };
-        self.txn.pending = None;
-        self.store.put_txn(&self.txn)?;
+        txn.pending = None;
+        self.store.put_txn(&txn)?;
         report.transaction = Some(settled);
         Ok(())
     }
 
     fn flag_missing(
-        &mut self,
+        &self,
         pool_ids: &BTreeSet<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
         let missing: Vec<_> = self
+            .index()
             .layers
             .values()
             .filter(|l| {
@@ -150,14 +152,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     fn names_in_state(&self, state: LayerState) -> Vec<LayerName> {
-        self.layers
-            .values()
-            .filter(|l| l.state == state)
-            .map(|l| l.name.clone())
-            .collect()
+        self.index().names_where(|l| l.state == state)
     }
 
-    fn roll_back_creating(&mut self, report: &mut ReconcileReport) -> Result<()> {
+    fn roll_back_creating(&self, report: &mut ReconcileReport) -> Result<()> {
         let creating = self.names_in_state(LayerState::Creating);
         for name in creating {
             self.undo_create(&name)?;
@@ -166,10 +164,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
-    fn finish_removing(&mut self, report: &mut ReconcileReport) -> Result<()> {
+    fn finish_removing(&self, report: &mut ReconcileReport) -> Result<()> {
         let removing = self.names_in_state(LayerState::Removing);
         for name in removing {
-            match self.finish_removal(&name, false)? {
+            match self.finish_removal(self.record(&name)?, false)? {
                 Removal::Removed => report.finished_removals.push(name),
                 Removal::Deferred => report.still_deferred.push(name),
             }
@@ -178,16 +176,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     fn delete_orphans(
-        &mut self,
+        &self,
         pool_ids: &BTreeSet<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let owned: BTreeSet<ThinId> = self.layers.values().map(|l| l.thin_id).collect();
+        let owned: BTreeSet<ThinId> = self.index().layers.values().map(|l| l.thin_id).collect();
         for &id in pool_ids.difference(&owned) {
             match self.remove_thin_device(None, id) {
                 Ok(()) => {
                     tracing::warn!(thin_id = %id, "deleted a thin device no record owned");
-                    self.used_ids.remove(&id);
+                    self.index().used_ids.remove(&id);
                     report.orphans_deleted.push(id);
                 }
                 Err(e) if e.kind() == ErrorKind::Busy => {
@@ -199,8 +197,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
-    fn drop_stale_mounts(&mut self, report: &mut ReconcileReport) -> Result<()> {
+    fn drop_stale_mounts(&self, report: &mut ReconcileReport) -> Result<()> {
         let records: Vec<_> = self
+            .index()
             .layers
             .values()
             .filter(|l| !l.mounts.is_empty())
@@ -227,7 +226,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// A crash while a filesystem was mounted for growing leaves that mount; it would keep the
     /// device busy.
-    fn unmount_growth_mounts(&mut self, report: &mut ReconcileReport) -> Result<()> {
+    fn unmount_growth_mounts(&self, report: &mut ReconcileReport) -> Result<()> {
         let mnt = self.settings.state_dir.join("mnt");
         let Ok(entries) = std::fs::read_dir(&mnt) else {
             return Ok(());
@@ -248,8 +247,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Activate layers that should be active, and make every active layer's device read-only
     /// exactly when the layer is committed (a crash inside commit can leave them apart).
-    fn reactivate(&mut self, report: &mut ReconcileReport) -> Result<()> {
+    fn reactivate(&self, report: &mut ReconcileReport) -> Result<()> {
         let ready: Vec<_> = self
+            .index()
             .layers
             .values()
             .filter(|l| l.state == LayerState::Ready && !l.missing)

@@ -95,14 +95,14 @@ fn assert_consistent(f: &Fixture, engine: impl Sized) {
     }
     assert_eq!(
         f.sim.usage().unwrap().transaction_id,
-        engine.txn.transaction_id
+        engine.transaction_id()
     );
 }
 
 #[test]
 fn layers_are_created_snapshotted_committed_and_listed() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     let labels = BTreeMap::from([("role".to_string(), "base".to_string())]);
     let made = engine
         .create(&CreateLayer {
@@ -134,7 +134,7 @@ fn layers_are_created_snapshotted_committed_and_listed() {
 #[test]
 fn status_shows_what_docker_info_showed() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     let kid = engine.create(&child("kid", "base")).unwrap();
     engine.activate("kid").unwrap();
@@ -168,7 +168,7 @@ fn status_shows_what_docker_info_showed() {
 #[test]
 fn bad_requests_are_refused_and_change_nothing() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     let cases = [
         (base("base"), ErrorKind::AlreadyExists, "exists already"),
@@ -221,7 +221,7 @@ fn bad_requests_are_refused_and_change_nothing() {
 #[test]
 fn a_larger_child_grows_device_and_filesystem() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     let big = engine
         .create(&CreateLayer {
@@ -241,7 +241,7 @@ fn a_larger_child_grows_device_and_filesystem() {
 #[test]
 fn mounts_are_reference_counted_and_committed_layers_read_only() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     let target = engine.mount("base", None, false).unwrap();
     assert_eq!(target, f.dir.path().join("mnt/base"));
@@ -275,7 +275,7 @@ fn mounts_are_reference_counted_and_committed_layers_read_only() {
 #[test]
 fn removal_is_refused_with_children_and_deferred_while_busy() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     engine.create(&child("kid", "base")).unwrap();
     let err = engine.remove("base").unwrap_err();
@@ -302,7 +302,7 @@ fn removal_is_refused_with_children_and_deferred_while_busy() {
 #[test]
 fn creation_is_refused_below_min_free_space() {
     let f = Fixture::with_sim(Sim::new(ByteSize::mib(100), ByteSize::gib(1)));
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     let id = engine.inspect("base").unwrap().thin_id;
     f.sim.write(id, 92 << 20);
@@ -327,7 +327,7 @@ fn a_failure_in_any_kernel_step_leaves_nothing_behind() {
         SimOp::Deactivate,
     ] {
         let f = Fixture::new();
-        let mut engine = f.engine();
+        let engine = f.engine();
         f.sim.fail_at(op, 0, ErrorKind::Kernel);
         let err = engine.create(&base("base")).unwrap_err();
         assert!(
@@ -423,7 +423,7 @@ fn a_crash_at_any_point_is_reconciled_on_open() {
 #[test]
 fn after_a_reboot_active_layers_come_back_and_stale_mounts_go() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     engine.create(&child("kid", "base")).unwrap();
     engine.activate("base").unwrap();
@@ -442,7 +442,7 @@ fn after_a_reboot_active_layers_come_back_and_stale_mounts_go() {
 #[test]
 fn orphans_are_deleted_and_lost_devices_flagged() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     engine.create(&base("other")).unwrap();
     let other = engine.inspect("other").unwrap().thin_id;
@@ -450,7 +450,7 @@ fn orphans_are_deleted_and_lost_devices_flagged() {
     let orphan = ThinId::new(4242).unwrap();
     f.sim.create_thin(orphan).unwrap();
     f.sim.delete_thin(other).unwrap();
-    let (mut engine, report) = f.open();
+    let (engine, report) = f.open();
     assert_eq!(report.orphans_deleted, [orphan]);
     assert_eq!(
         report
@@ -470,7 +470,7 @@ fn orphans_are_deleted_and_lost_devices_flagged() {
 #[test]
 fn thin_ids_of_existing_layers_are_never_handed_out_again() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     let a = engine.create(&base("a")).unwrap().thin_id;
     let b = engine.create(&base("b")).unwrap().thin_id;
     engine.remove("a").unwrap();
@@ -482,7 +482,7 @@ fn thin_ids_of_existing_layers_are_never_handed_out_again() {
     drop(engine);
     // Without txn.json the counter starts at 1 again; ids the layers own are skipped.
     std::fs::remove_file(f.dir.path().join("txn.json")).unwrap();
-    let mut engine = f.engine();
+    let engine = f.engine();
     let d = engine.create(&base("d")).unwrap().thin_id;
     assert!(d != b && d != c, "id {d} was reused");
     assert_consistent(&f, engine);
@@ -491,7 +491,7 @@ fn thin_ids_of_existing_layers_are_never_handed_out_again() {
 #[test]
 fn mount_targets_must_be_absolute_directories() {
     let f = Fixture::new();
-    let mut engine = f.engine();
+    let engine = f.engine();
     engine.create(&base("base")).unwrap();
     for bad in ["relative", "/nonexistent/dir", "/tmp/../etc"] {
         let err = engine
@@ -508,4 +508,78 @@ fn mount_targets_must_be_absolute_directories() {
         engine.mount("base", Some(&file), false).unwrap_err().kind(),
         ErrorKind::Invalid
     );
+}
+
+#[test]
+fn clients_on_many_threads_create_and_remove_children_of_one_parent() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    engine.commit("base").unwrap();
+    engine.create(&child("pin", "base")).unwrap();
+    std::thread::scope(|s| {
+        for client in 0..8 {
+            let engine = &engine;
+            s.spawn(move || {
+                for n in 0..25 {
+                    let name = format!("c{client}-{n}");
+                    engine.create(&child(&name, "base")).unwrap();
+                    engine.commit(&name).unwrap();
+                }
+                for n in 0..25 {
+                    let name = format!("c{client}-{n}");
+                    assert_eq!(engine.remove(&name).unwrap(), Removal::Removed);
+                }
+            });
+        }
+        // Removing the parent meanwhile is refused, never half done.
+        let err = engine.remove("base").unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    });
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 2);
+    assert_eq!(engine.transaction_id(), 2 + 200 * 2);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_layer_and_its_descendants_are_removed_children_first() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("base")).unwrap();
+    engine.create(&child("a", "base")).unwrap();
+    engine.create(&child("b", "a")).unwrap();
+    engine.create(&child("c", "base")).unwrap();
+    let done = engine.remove_recursive("base").unwrap();
+    let names: Vec<&str> = done.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["b", "a", "c", "base"]);
+    assert!(done.iter().all(|(_, r)| *r == Removal::Removed));
+    let err = engine.remove_recursive("base").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_child_racing_its_parents_removal_either_wins_whole_or_loses_whole() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    for round in 0..40 {
+        engine.create(&base("base")).unwrap();
+        let (created, removed) = std::thread::scope(|s| {
+            let created = s.spawn(|| engine.create(&child("kid", "base")));
+            let removed = s.spawn(|| engine.remove("base"));
+            (created.join().unwrap(), removed.join().unwrap())
+        });
+        match (created, removed) {
+            (Ok(_), Err(e)) => {
+                assert_eq!(e.kind(), ErrorKind::Busy, "round {round}: {e}");
+                engine.remove_recursive("base").unwrap();
+            }
+            (Err(e), Ok(Removal::Removed)) => {
+                assert_eq!(e.kind(), ErrorKind::NotFound, "round {round}: {e}")
+            }
+            other => panic!("round {round}: {other:?}"),
+        }
+        assert!(engine.list(&BTreeMap::new()).unwrap().is_empty());
+    }
+    assert_consistent(&f, engine);
 }

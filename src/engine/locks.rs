@@ -1,0 +1,89 @@
+//! Per-layer locks: operations on one layer are serialized, operations on different layers run
+//! side by side.
+//!
+//! A lock is a name in a set guarded by one mutex and condition variable, so the table never
+//! grows past the layers being worked on and needs no clean-up.
+
+use std::collections::BTreeSet;
+use std::sync::{Condvar, Mutex, MutexGuard};
+
+use crate::names::LayerName;
+
+/// The names being worked on.
+#[derive(Default)]
+pub(super) struct LayerLocks {
+    held: Mutex<BTreeSet<LayerName>>,
+    released: Condvar,
+}
+
+/// Holds one layer's lock until dropped.
+pub(super) struct LayerGuard<'a> {
+    locks: &'a LayerLocks,
+    name: LayerName,
+}
+
+impl LayerLocks {
+    fn held(&self) -> MutexGuard<'_, BTreeSet<LayerName>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until no one else works on `name`, then hold it.
+    ///
+    /// To stay free of deadlocks, a caller that holds two locks takes a layer's before its
+    /// parent's, and never a descendant's while holding an ancestor's.
+    pub(super) fn lock(&self, name: &LayerName) -> LayerGuard<'_> {
+        let mut held = self.held();
+        while held.contains(name) {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.insert(name.clone());
+        LayerGuard {
+            locks: self,
+            name: name.clone(),
+        }
+    }
+}
+
+impl Drop for LayerGuard<'_> {
+    fn drop(&mut self) {
+        self.locks.held().remove(&self.name);
+        self.locks.released.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn one_layer_is_serialized_and_others_are_not() {
+        let locks = Arc::new(LayerLocks::default());
+        let inside = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let a = LayerName::new("a").unwrap();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (locks, inside, most, a) =
+                    (locks.clone(), inside.clone(), most.clone(), a.clone());
+                std::thread::spawn(move || {
+                    let _guard = locks.lock(&a);
+                    let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(5));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        // Another layer is not held up by `a`.
+        let b = LayerName::new("b").unwrap();
+        drop(locks.lock(&b));
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 1);
+        assert!(locks.held().is_empty(), "every guard gave its name back");
+    }
+}
