@@ -48,6 +48,62 @@ pub struct Config {
     pub pool: PoolConfig,
     /// Defaults for layers.
     pub layers: LayersConfig,
+    /// The daemon.
+    pub daemon: DaemonConfig,
+}
+
+/// `[daemon]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// A group whose members may use the socket (mode 0660); empty: root only (mode 0600).
+    pub socket_group: String,
+    /// Log level when `RUST_LOG` is not set: error, warn, info, debug or trace.
+    pub log_level: LogLevel,
+    /// Unmount and deactivate every layer when the daemon stops.
+    pub deactivate_on_shutdown: bool,
+    /// Seconds between checks of pool space and retries of deferred removals.
+    pub watch_interval_seconds: u32,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            socket_group: String::new(),
+            log_level: LogLevel::Info,
+            deactivate_on_shutdown: false,
+            watch_interval_seconds: 5,
+        }
+    }
+}
+
+/// `daemon.log_level`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Warnings and errors.
+    Warn,
+    /// What happened (the default).
+    Info,
+    /// Details for debugging.
+    Debug,
+    /// Everything.
+    Trace,
+}
+
+impl LogLevel {
+    /// The level as a tracing filter directive.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 /// `[pool]`
@@ -83,6 +139,14 @@ pub struct LoopConfig {
     pub data_size: ByteSize,
     /// Size of the sparse metadata file.
     pub metadata_size: MetadataSize,
+    /// Grow the files when data or metadata use crosses this share; 100% = never.
+    pub autoextend_threshold: Percent,
+    /// Grow by this share of the current size each time.
+    pub autoextend_percent: Percent,
+    /// The data file never grows past this.
+    pub data_size_max: ByteSize,
+    /// The metadata file never grows past this.
+    pub metadata_size_max: MetadataSize,
 }
 
 /// `[layers]`
@@ -109,6 +173,7 @@ impl Default for Config {
             socket: AbsolutePath(PathBuf::from("/run/thinstack/thinstack.sock")),
             pool: PoolConfig::default(),
             layers: LayersConfig::default(),
+            daemon: DaemonConfig::default(),
         }
     }
 }
@@ -130,6 +195,10 @@ impl Default for LoopConfig {
         LoopConfig {
             data_size: ByteSize::gib(100),
             metadata_size: MetadataSize(ByteSize::gib(2)),
+            autoextend_threshold: Percent::new(80).expect("valid default"),
+            autoextend_percent: Percent::new(20).expect("valid default"),
+            data_size_max: ByteSize::gib(1024),
+            metadata_size_max: MetadataSize(ByteSize::gib(16)),
         }
     }
 }
@@ -313,6 +382,36 @@ impl Config {
                 ),
             ));
         }
+        let loop_files = &self.pool.loop_files;
+        if loop_files.data_size_max < loop_files.data_size {
+            return Err(KeyError::new(
+                "pool.loop.data_size_max",
+                format!(
+                    "the largest data size {} is below the data size {}; make it at least {}",
+                    loop_files.data_size_max, loop_files.data_size, loop_files.data_size
+                ),
+            ));
+        }
+        if loop_files.metadata_size_max.size() < loop_files.metadata_size.size() {
+            return Err(KeyError::new(
+                "pool.loop.metadata_size_max",
+                format!(
+                    "the largest metadata size {} is below the metadata size {}; make it at least {}",
+                    loop_files.metadata_size_max.size(),
+                    loop_files.metadata_size.size(),
+                    loop_files.metadata_size.size()
+                ),
+            ));
+        }
+        if !self.daemon.socket_group.is_empty() && !is_group_name(&self.daemon.socket_group) {
+            return Err(KeyError::new(
+                "daemon.socket_group",
+                format!(
+                    "{:?} is not a group name; write a name such as \"thinstack\", or \"\" for root only",
+                    self.daemon.socket_group
+                ),
+            ));
+        }
         let base = self.layers.base_size;
         let (fs, min) = match self.layers.filesystem {
             FsType::Xfs => ("xfs", XFS_SIZE_MIN),
@@ -326,6 +425,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A POSIX-style group name (checked here; whether it exists is checked at start-up).
+fn is_group_name(name: &str) -> bool {
+    name.len() <= 32
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 /// Deserialize, keeping the path of the key that failed.

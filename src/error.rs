@@ -11,7 +11,7 @@ use nix::errno::Errno;
 use serde::Serialize;
 
 /// What kind of failure happened; stable, for programs (HTTP statuses, exit codes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
     /// A layer, device or file does not exist.

@@ -13,8 +13,11 @@
 //! 5. Read [`Pool::status`]; [`Pool::teardown`] deactivates and detaches, keeping the files.
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod client;
 pub mod config;
 pub mod crash;
+pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod kernel;

@@ -327,6 +327,61 @@ impl Pool {
         })
     }
 
+    /// Grow the loop files to `data` and `metadata` bytes (each when given and larger than
+    /// now) and the pool with them: the file grows sparse, the loop device is told its new
+    /// capacity, and the pool's table is reloaded (data) or the pool resumed, which makes the
+    /// kernel take up a larger metadata device. Returns the sizes after.
+    ///
+    /// A smaller size than now is refused; the same size changes nothing.
+    pub fn extend(
+        &self,
+        dm: &Dm,
+        data: Option<ByteSize>,
+        metadata: Option<ByteSize>,
+    ) -> Result<(ByteSize, ByteSize)> {
+        let backing = &self.backing;
+        let grow_data = match data {
+            Some(size) => grow_file(&backing.data_file, &backing.data_device, size, "data")?,
+            None => false,
+        };
+        let grow_metadata = match metadata {
+            Some(size) => {
+                crate::config::MetadataSize::new(size).map_err(Error::invalid)?;
+                grow_file(
+                    &backing.metadata_file,
+                    &backing.metadata_device,
+                    size,
+                    "metadata",
+                )?
+            }
+            None => false,
+        };
+        if grow_data {
+            let data_length = loopdev::file_size(&backing.data_file)?.sectors();
+            let blocks = *data_length / *self.block_size;
+            let table = dm::thin_pool_table(
+                loopdev::device_number(&backing.metadata_device)?,
+                loopdev::device_number(&backing.data_device)?,
+                Sectors(blocks * *self.block_size),
+                self.block_size,
+                DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1)),
+            );
+            dm.reload(&self.dm_name, &table)
+                .map_err(|e| e.context(format!("growing pool {}", self.name)))?;
+        } else if grow_metadata {
+            dm.suspend(&self.dm_name)?;
+            dm.resume(&self.dm_name)?;
+        }
+        let sizes = (
+            loopdev::file_size(&backing.data_file)?,
+            loopdev::file_size(&backing.metadata_file)?,
+        );
+        if grow_data || grow_metadata {
+            tracing::info!(pool = %self.name, data = %sizes.0, metadata = %sizes.1, "pool extended");
+        }
+        Ok(sizes)
+    }
+
     /// Deactivate the pool and detach its loop devices; the files stay.
     ///
     /// Returns a `Busy` error, naming them, while thin devices of the pool are active.
@@ -353,6 +408,27 @@ impl Pool {
         tracing::info!(pool = %self.name, "pool deactivated and loop devices detached");
         Ok(())
     }
+}
+
+/// Grow a loop file to `size` and refresh its loop device's capacity; false when it has that
+/// size already. A smaller size is refused.
+fn grow_file(file: &Path, device: &Path, size: ByteSize, what: &str) -> Result<bool> {
+    let current = loopdev::file_size(file)?;
+    if size < current {
+        return Err(Error::invalid(format!(
+            "the pool's {what} is {current} already; {size} would shrink it, and pools only grow"
+        )));
+    }
+    if size == current {
+        return Ok(false);
+    }
+    let grown = std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .and_then(|f| f.set_len(size.bytes()).and_then(|()| f.sync_all()));
+    grown.map_err(|e| Error::io(format!("growing {} to {size}", file.display()), e))?;
+    loopdev::refresh_capacity(device)?;
+    Ok(true)
 }
 
 fn new_record(config: &Config) -> PoolRecord {

@@ -252,22 +252,17 @@ impl Default for TxnRecord {
 ///
 /// Layout: `<state_dir>/layers/<name>.json` per layer (so an operation writes one small file,
 /// whatever the number of layers), `<state_dir>/txn.json`, `<state_dir>/lock`.
+/// The exclusive lock on a state directory: one thinstack process per directory.
 #[derive(Debug)]
-pub struct RecordStore {
-    layers_dir: PathBuf,
-    txn_path: PathBuf,
+pub struct StateLock {
     _lock: nix::fcntl::Flock<File>,
 }
 
-impl RecordStore {
-    /// Open the records under `state_dir`, creating the directories, taking the lock, and
-    /// sweeping temporary files a crash left.
-    ///
-    /// Returns a `Busy` error when another process holds the state directory.
-    pub fn open(state_dir: &Path) -> Result<RecordStore> {
+impl StateLock {
+    /// Take the lock on `state_dir` (creating the directory), or fail at once with `Busy`
+    /// when another process holds it.
+    pub fn acquire(state_dir: &Path) -> Result<StateLock> {
         ensure_private_dir(state_dir)?;
-        let layers_dir = state_dir.join("layers");
-        ensure_private_dir(&layers_dir)?;
         let lock_path = state_dir.join("lock");
         let file = OpenOptions::new()
             .create(true)
@@ -291,6 +286,31 @@ impl RecordStore {
                     Error::io(format!("locking {}", lock_path.display()), errno.into())
                 }
             })?;
+        Ok(StateLock { _lock: lock })
+    }
+}
+
+/// The records of one state directory, held under its [`StateLock`].
+#[derive(Debug)]
+pub struct RecordStore {
+    layers_dir: PathBuf,
+    txn_path: PathBuf,
+    _lock: StateLock,
+}
+
+impl RecordStore {
+    /// Open the records under `state_dir`, creating the directories, taking the lock, and
+    /// sweeping temporary files a crash left.
+    ///
+    /// Returns a `Busy` error when another process holds the state directory.
+    pub fn open(state_dir: &Path) -> Result<RecordStore> {
+        RecordStore::open_locked(state_dir, StateLock::acquire(state_dir)?)
+    }
+
+    /// [`RecordStore::open`] with the lock taken already.
+    pub fn open_locked(state_dir: &Path, lock: StateLock) -> Result<RecordStore> {
+        let layers_dir = state_dir.join("layers");
+        ensure_private_dir(&layers_dir)?;
         let swept = sweep_temp(&layers_dir)? + sweep_temp(state_dir)?;
         if swept > 0 {
             tracing::info!(swept, "removed temporary record files left by a crash");

@@ -1,25 +1,522 @@
-//! thinstack: the command-line client of thinstackd.
+//! thinstack: the command line for thinstackd.
 //!
-//! The daemon's API arrives with the daemon itself; until then this binary answers `--help` and
-//! `--version`, and says so plainly for anything else.
+//! Exit codes (stable): 0 success, 1 other error, 2 usage error, 3 not found, 4 already exists,
+//! 5 busy, 6 no space, 7 daemon unreachable.
 
-use clap::Parser;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
 
-/// Manage thin-provisioned block layers through thinstackd.
+use clap::{CommandFactory, Parser, Subcommand};
+use serde::Serialize;
+use serde_json::Value;
+use thinstack::api::{
+    CreateRequest, DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
+    MountResponse, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
+};
+use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
+use thinstack::engine::{Layer, Removal, Status};
+use thinstack::kernel::fs::FsType;
+use thinstack::units::ByteSize;
+use thinstack::ErrorKind;
+
+/// Thin-provisioned block layers: talk to thinstackd.
 #[derive(Parser, Debug)]
-#[command(name = "thinstack", version, about)]
-struct Cli {
-    /// The daemon's API socket.
-    #[arg(long, default_value = "/run/thinstack/thinstack.sock")]
-    socket: std::path::PathBuf,
+#[command(name = "thinstack", version, about, after_help = EXIT_CODES)]
+struct Args {
+    /// thinstackd's socket.
+    #[arg(long, global = true, value_name = "PATH", env = "THINSTACK_SOCKET", default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+
+    /// Print exactly one JSON document on stdout (errors too).
+    #[arg(long, global = true)]
+    json: bool,
+
+    #[command(subcommand)]
+    command: Command,
 }
 
-fn main() {
-    let cli = Cli::parse();
-    eprintln!(
-        "thinstack: the daemon API at {} is not available in this version; \
-         use `thinstackd --check-config` and `scripts/demo` for now",
-        cli.socket.display()
-    );
-    std::process::exit(1);
+const EXIT_CODES: &str = "Exit codes: 0 success, 1 other error, 2 usage error, 3 not found, \
+4 already exists, 5 busy, 6 no space, 7 daemon unreachable.";
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The pool.
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Layers.
+    #[command(subcommand)]
+    Layer(LayerCommand),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PoolCommand {
+    /// Space, health and settings of the pool.
+    Status,
+    /// Grow the pool's data and/or metadata area.
+    #[command(arg_required_else_help = true)]
+    Extend {
+        /// New size of the data area, such as 200G.
+        #[arg(long, value_name = "SIZE")]
+        data: Option<ByteSize>,
+        /// New size of the metadata area, such as 4G.
+        #[arg(long, value_name = "SIZE")]
+        metadata: Option<ByteSize>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum LayerCommand {
+    /// Create a base layer (new filesystem) or a snapshot of a parent.
+    Create {
+        /// The new layer's name.
+        name: String,
+        /// Snapshot this layer.
+        #[arg(long, value_name = "PARENT")]
+        parent: Option<String>,
+        /// Virtual size (default: the base size, or the parent's).
+        #[arg(long, value_name = "SIZE")]
+        size: Option<ByteSize>,
+        /// Filesystem of a base layer.
+        #[arg(long, value_name = "ext4|xfs", value_parser = parse_fs)]
+        fs: Option<FsType>,
+        /// A label; repeat for several.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Succeed when the layer exists already with the same parent.
+        #[arg(long)]
+        exists_ok: bool,
+    },
+    /// Make a layer read-only for good.
+    Commit {
+        /// The layer.
+        name: String,
+    },
+    /// Every layer; with --label, those carrying every label given.
+    List {
+        /// Only layers with this label; repeat for several.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Everything about one layer.
+    Inspect {
+        /// The layer.
+        name: String,
+    },
+    /// Pool data the layer maps.
+    Usage {
+        /// The layer.
+        name: String,
+    },
+    /// Activate a layer's block device and print its path.
+    Activate {
+        /// The layer.
+        name: String,
+    },
+    /// Deactivate a layer's block device.
+    Deactivate {
+        /// The layer.
+        name: String,
+    },
+    /// Mount a layer and print where.
+    Mount {
+        /// The layer.
+        name: String,
+        /// Mount point (an existing directory); default under the state directory.
+        #[arg(long, value_name = "DIR")]
+        target: Option<PathBuf>,
+        /// Mount read-only (committed layers always are).
+        #[arg(long)]
+        readonly: bool,
+    },
+    /// Unmount a layer (drops one user; the last unmounts).
+    Unmount {
+        /// The layer.
+        name: String,
+        /// Which mount, when it has several.
+        #[arg(long, value_name = "DIR")]
+        target: Option<PathBuf>,
+    },
+    /// Grow a layer's device and filesystem.
+    Resize {
+        /// The layer.
+        name: String,
+        /// The new size.
+        #[arg(long, value_name = "SIZE")]
+        size: ByteSize,
+    },
+    /// Remove a layer (deferred while its device is busy).
+    Remove {
+        /// The layer.
+        name: String,
+        /// Remove the layers made from it first.
+        #[arg(long)]
+        recursive: bool,
+    },
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_string(), value.to_string())),
+        _ => Err(format!("{text:?} is not KEY=VALUE")),
+    }
+}
+
+fn parse_fs(text: &str) -> Result<FsType, String> {
+    serde_json::from_value(Value::String(text.to_string()))
+        .map_err(|_| format!("{text:?} is not a filesystem thinstack makes; use ext4 or xfs"))
+}
+
+/// What a command prints: the JSON document, and the text for people.
+struct Output {
+    json: Value,
+    text: String,
+}
+
+fn output<T: Serialize>(value: &T, text: String) -> Output {
+    Output {
+        json: serde_json::to_value(value).unwrap_or(Value::Null),
+        text,
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Command::Completions { shell } = args.command {
+        clap_complete::generate(
+            shell,
+            &mut Args::command(),
+            "thinstack",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
+    let mut client = Client::new(&args.socket);
+    let result = match args.command {
+        Command::Pool(command) => pool(&mut client, command),
+        Command::Layer(command) => layer(&mut client, command),
+        Command::Completions { .. } => unreachable!("handled above"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match result {
+        Ok(out) => {
+            let printed = if args.json {
+                writeln!(stdout, "{}", out.json)
+            } else if out.text.is_empty() {
+                Ok(())
+            } else {
+                writeln!(stdout, "{}", out.text.trim_end())
+            };
+            // A closed pipe (thinstack ... | head) is not an error of the operation.
+            let _ = printed;
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if args.json {
+                let _ = writeln!(stdout, "{}", e.to_json());
+            }
+            eprintln!("thinstack: {e}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+fn exit_code(e: &ClientError) -> u8 {
+    match e.kind() {
+        None => 7,
+        Some(ErrorKind::NotFound) => 3,
+        Some(ErrorKind::AlreadyExists) => 4,
+        Some(ErrorKind::Busy) => 5,
+        Some(ErrorKind::NoSpace) => 6,
+        Some(_) => 1,
+    }
+}
+
+fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError> {
+    match command {
+        PoolCommand::Status => {
+            let status: Status = client.get("/v1/pool")?;
+            Ok(output(&status, status.to_string()))
+        }
+        PoolCommand::Extend { data, metadata } => {
+            let sizes: ExtendResponse =
+                client.post("/v1/pool/extend", &ExtendRequest { data, metadata })?;
+            let text = format!(
+                "The pool's data area is {}, its metadata area {}.",
+                sizes.data, sizes.metadata
+            );
+            Ok(output(&sizes, text))
+        }
+    }
+}
+
+fn layer_path(name: &str, action: &str) -> String {
+    // Names are checked by the daemon; encoding keeps a bad one from changing the route.
+    let name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    if action.is_empty() {
+        format!("/v1/layers/{name}")
+    } else {
+        format!("/v1/layers/{name}/{action}")
+    }
+}
+
+fn layer(client: &mut Client, command: LayerCommand) -> Result<Output, ClientError> {
+    match command {
+        LayerCommand::Create {
+            name,
+            parent,
+            size,
+            fs,
+            labels,
+            exists_ok,
+        } => {
+            let request = CreateRequest {
+                name,
+                parent,
+                size,
+                filesystem: fs,
+                labels: labels.into_iter().collect(),
+                exists_ok,
+            };
+            let layer: Layer = client.post("/v1/layers", &request)?;
+            let origin = match &layer.parent {
+                Some(parent) => format!("a snapshot of {parent}"),
+                None => "a new base layer".to_string(),
+            };
+            let text = format!(
+                "Created layer {}: {origin}, {} {}, thin id {}.",
+                layer.name, layer.size, layer.filesystem, layer.thin_id
+            );
+            Ok(output(&layer, text))
+        }
+        LayerCommand::Commit { name } => {
+            let layer: Layer = client.post(&layer_path(&name, "commit"), &Value::Null)?;
+            let text = format!("Committed layer {}; it is read-only now.", layer.name);
+            Ok(output(&layer, text))
+        }
+        LayerCommand::List { labels } => {
+            let query: String = form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(labels.iter().map(|(k, v)| ("label", format!("{k}={v}"))))
+                .finish();
+            let path = if query.is_empty() {
+                "/v1/layers".to_string()
+            } else {
+                format!("/v1/layers?{query}")
+            };
+            let layers: Vec<Layer> = client.get(&path)?;
+            let text = layer_table(&layers);
+            Ok(output(&layers, text))
+        }
+        LayerCommand::Inspect { name } => {
+            let layer: Layer = client.get(&layer_path(&name, ""))?;
+            let text = describe_layer(&layer);
+            Ok(output(&layer, text))
+        }
+        LayerCommand::Usage { name } => {
+            let usage: UsageResponse = client.get(&layer_path(&name, "usage"))?;
+            let text = format!(
+                "Layer {} maps {} of pool data ({} bytes).",
+                usage.name,
+                usage.mapped.human(),
+                usage.mapped_bytes
+            );
+            Ok(output(&usage, text))
+        }
+        LayerCommand::Activate { name } => {
+            let device: DeviceResponse =
+                client.post(&layer_path(&name, "activate"), &Value::Null)?;
+            let text = device.device.display().to_string();
+            Ok(output(&device, text))
+        }
+        LayerCommand::Deactivate { name } => {
+            let done: DoneResponse = client.post(&layer_path(&name, "deactivate"), &Value::Null)?;
+            let text = format!("Deactivated layer {}.", done.name);
+            Ok(output(&done, text))
+        }
+        LayerCommand::Mount {
+            name,
+            target,
+            readonly,
+        } => {
+            let target = target.map(absolute).transpose()?;
+            let mounted: MountResponse = client.post(
+                &layer_path(&name, "mount"),
+                &MountRequest { target, readonly },
+            )?;
+            let text = mounted.mount_point.display().to_string();
+            Ok(output(&mounted, text))
+        }
+        LayerCommand::Unmount { name, target } => {
+            let target = target.map(absolute).transpose()?;
+            let done: DoneResponse =
+                client.post(&layer_path(&name, "unmount"), &UnmountRequest { target })?;
+            let text = format!("Unmounted layer {}.", done.name);
+            Ok(output(&done, text))
+        }
+        LayerCommand::Resize { name, size } => {
+            let layer: Layer =
+                client.post(&layer_path(&name, "resize"), &ResizeRequest { size })?;
+            let text = format!("Layer {} is {} now.", layer.name, layer.size);
+            Ok(output(&layer, text))
+        }
+        LayerCommand::Remove { name, recursive } => {
+            let mut path = layer_path(&name, "");
+            if recursive {
+                path.push_str("?recursive=true");
+            }
+            let removed: RemoveResponse = client.delete(&path)?;
+            let text = removed
+                .removed
+                .iter()
+                .map(|r| match r.result {
+                    Removal::Removed => format!("Removed layer {}.", r.name),
+                    Removal::Deferred => format!(
+                        "Layer {} is in use; it will be removed as soon as it is released.",
+                        r.name
+                    ),
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            Ok(output(&removed, text))
+        }
+    }
+}
+
+/// The daemon resolves paths in its own working directory; make a relative one absolute here.
+fn absolute(path: PathBuf) -> Result<PathBuf, ClientError> {
+    std::path::absolute(&path).map_err(|e| ClientError::Api {
+        status: 400,
+        kind: ErrorKind::Invalid,
+        message: format!("cannot make {} absolute: {e}", path.display()),
+    })
+}
+
+/// Aligned columns, in the spirit of `docker ps`.
+fn layer_table(layers: &[Layer]) -> String {
+    if layers.is_empty() {
+        return "No layers.".to_string();
+    }
+    let mut rows = vec![[
+        "NAME",
+        "PARENT",
+        "SIZE",
+        "FS",
+        "STATE",
+        "DEVICE",
+        "MOUNTED AT",
+        "LABELS",
+    ]
+    .map(String::from)];
+    for layer in layers {
+        rows.push([
+            layer.name.to_string(),
+            layer.parent.as_ref().map_or("-".into(), |p| p.to_string()),
+            layer.size.to_string(),
+            layer.filesystem.to_string(),
+            state_word(layer),
+            layer
+                .device
+                .as_ref()
+                .map_or("-".into(), |d| d.display().to_string()),
+            join_or_dash(layer.mounts.keys().map(|p| p.display().to_string())),
+            join_or_dash(layer.labels.iter().map(|(k, v)| format!("{k}={v}"))),
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect();
+            cells.join("  ").trim_end().to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn join_or_dash(items: impl Iterator<Item = String>) -> String {
+    let joined: Vec<String> = items.collect();
+    if joined.is_empty() {
+        "-".to_string()
+    } else {
+        joined.join(",")
+    }
+}
+
+fn state_word(layer: &Layer) -> String {
+    let state = serde_json::to_value(layer.state)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    match (layer.missing, layer.deferred_removal, layer.committed) {
+        (true, _, _) => "missing".into(),
+        (_, true, _) => "removal deferred".into(),
+        (_, _, true) if state == "ready" => "committed".into(),
+        _ => state,
+    }
+}
+
+fn describe_layer(layer: &Layer) -> String {
+    let rows: Vec<(&str, String)> = vec![
+        ("Name", layer.name.to_string()),
+        ("State", state_word(layer)),
+        (
+            "Parent",
+            layer.parent.as_ref().map_or("-".into(), |p| p.to_string()),
+        ),
+        (
+            "Children",
+            join_or_dash(layer.children.iter().map(|c| c.to_string())),
+        ),
+        ("Size", layer.size.to_string()),
+        (
+            "Filesystem",
+            format!("{} ({})", layer.filesystem, layer.fs_uuid),
+        ),
+        ("Committed", layer.committed.to_string()),
+        ("Thin id", layer.thin_id.to_string()),
+        (
+            "Device",
+            layer
+                .device
+                .as_ref()
+                .map_or("inactive".into(), |d| d.display().to_string()),
+        ),
+        (
+            "Mounts",
+            join_or_dash(layer.mounts.iter().map(|(p, m)| {
+                format!(
+                    "{} ({}, {} user{})",
+                    p.display(),
+                    if m.read_only { "ro" } else { "rw" },
+                    m.refs,
+                    if m.refs == 1 { "" } else { "s" }
+                )
+            })),
+        ),
+        (
+            "Labels",
+            join_or_dash(layer.labels.iter().map(|(k, v)| format!("{k}={v}"))),
+        ),
+        ("Created", format_created(layer.created_ns)),
+    ];
+    let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(label, value)| format!("{label:<width$}  {value}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn format_created(ns: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+    humantime::format_rfc3339_seconds(time).to_string()
 }

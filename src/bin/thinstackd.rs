@@ -1,12 +1,14 @@
 //! thinstackd: the thinstack daemon.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use thinstack::config::{Config, DEFAULT_CONFIG_PATH};
+use tracing_subscriber::EnvFilter;
 
-/// Manage a dm-thin pool of block layers.
+/// Manage a dm-thin pool of block layers and serve the thinstack API on a Unix socket.
 #[derive(Parser, Debug)]
 #[command(name = "thinstackd", version, about)]
 struct Args {
@@ -21,13 +23,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let config = match Config::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(err) => {
@@ -39,6 +34,30 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    eprintln!("thinstackd: serving the API arrives with the daemon issue; use --check-config");
-    ExitCode::from(1)
+    init_logging(&config);
+    match thinstack::daemon::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(kind = %err.kind(), "{err}");
+            eprintln!("thinstackd: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Human text with colours on a terminal; plain lines without timestamps otherwise (journald
+/// stamps each line itself). `RUST_LOG` overrides `daemon.log_level`.
+fn init_logging(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(config.daemon.log_level.as_str()));
+    let terminal = std::io::stderr().is_terminal();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(terminal);
+    if terminal {
+        builder.init();
+    } else {
+        builder.without_time().with_target(false).init();
+    }
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, MountOption};
 use crate::crash;
@@ -31,7 +31,7 @@ use crate::kernel::{FsKernel, Health, PoolDetails, PoolKernel, PoolUsage, Space}
 use crate::names::{LayerName, ThinId, THIN_ID_MAX};
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
-    TxnRecord, RECORD_FORMAT,
+    StateLock, TxnRecord, RECORD_FORMAT,
 };
 use crate::units::{ByteSize, Percent};
 
@@ -105,7 +105,7 @@ pub struct CreateLayer {
 }
 
 /// A layer as callers see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layer {
     /// Name.
     pub name: LayerName,
@@ -140,7 +140,7 @@ pub struct Layer {
 }
 
 /// The pool's status with the engine's settings and counts.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     /// Name, device, backend, block size, data and metadata sources.
     pub pool: PoolDetails,
@@ -196,7 +196,7 @@ impl std::fmt::Display for Status {
 }
 
 /// What a removal did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Removal {
     /// The layer and its thin device are gone.
@@ -303,7 +303,19 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     ///
     /// Returns a `Busy` error when another process holds the state directory.
     pub fn open(kernel: K, fs: F, settings: Settings) -> Result<(Self, ReconcileReport)> {
-        let store = RecordStore::open(&settings.state_dir)?;
+        let lock = StateLock::acquire(&settings.state_dir)?;
+        Engine::open_locked(kernel, fs, settings, lock)
+    }
+
+    /// [`Engine::open`] with the state directory's lock taken already (the daemon takes it
+    /// before it touches the pool).
+    pub fn open_locked(
+        kernel: K,
+        fs: F,
+        settings: Settings,
+        lock: StateLock,
+    ) -> Result<(Self, ReconcileReport)> {
+        let store = RecordStore::open_locked(&settings.state_dir, lock)?;
         ensure_private_dir(&settings.state_dir.join("mnt"))?;
         let mut index = Index::default();
         for (_, layer) in store.load_layers()? {
@@ -341,6 +353,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// The pool's transaction id as the records have it.
     pub fn transaction_id(&self) -> u64 {
         self.txn().transaction_id
+    }
+
+    /// Run `f` on the pool kernel with pool messages held off (to reload the pool's table).
+    pub fn exclusive_pool<R>(&self, f: impl FnOnce(&K) -> R) -> R {
+        let _txn = self.txn();
+        f(&self.kernel)
     }
 
     // ----- locks ---------------------------------------------------------------------------

@@ -56,6 +56,18 @@ pub fn ensure_sparse_file(path: &Path, size: ByteSize) -> Result<FileState> {
     Ok(FileState::Created)
 }
 
+/// Tell loop device `device` that its file has grown.
+pub fn refresh_capacity(device: &Path) -> Result<()> {
+    LoopDevice::open(device)
+        .and_then(|d| d.set_capacity())
+        .map_err(|e| {
+            Error::io(
+                format!("refreshing the capacity of {}", device.display()),
+                e,
+            )
+        })
+}
+
 /// Fsync the directory holding `path`, so a create or rename in it is durable.
 pub fn sync_parent(path: &Path) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));

@@ -17,7 +17,7 @@ pub mod thin_tools;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::kernel::fs::FsType;
@@ -38,7 +38,7 @@ pub struct PoolUsage {
 }
 
 /// What a pool is and what it sits on, for status output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PoolDetails {
     /// The pool's name.
     pub name: String,
@@ -112,7 +112,7 @@ pub trait FsKernel {
 }
 
 /// Used and total bytes of one of the pool's areas.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Space {
     /// Bytes in use.
     pub used: ByteSize,
@@ -142,7 +142,7 @@ impl Space {
 }
 
 /// The pool's health as the kernel reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
     /// The kernel reports the pool failed; no status can be read.
     pub failed: bool,

@@ -1,0 +1,195 @@
+//! The HTTP API's wire types, shared by the daemon and its clients.
+//!
+//! Every body is JSON. Errors are `{"error": {"kind": "...", "message": "..."}}` with the HTTP
+//! status of [`status_of`]. The routes are in `daemon::routes` and `openapi.json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Removal;
+use crate::error::{Error, ErrorKind};
+use crate::kernel::fs::FsType;
+use crate::names::LayerName;
+use crate::units::ByteSize;
+
+/// Every route starts with this.
+pub const API_PREFIX: &str = "/v1";
+
+/// Largest request body the daemon reads.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// `POST /v1/layers`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The new layer's name.
+    pub name: String,
+    /// Snapshot this layer; absent for a new base layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Virtual size; default the base size or the parent's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ByteSize>,
+    /// Filesystem of a base layer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filesystem: Option<FsType>,
+    /// Labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Succeed with the existing layer when one of that name and parent exists.
+    #[serde(default)]
+    pub exists_ok: bool,
+}
+
+/// `POST /v1/layers/{name}/mount`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    /// Mount point; default `<state_dir>/mnt/<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<PathBuf>,
+    /// Mount read-only (committed layers always are).
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// `POST /v1/layers/{name}/unmount`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnmountRequest {
+    /// Which mount, when the layer has several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<PathBuf>,
+}
+
+/// `POST /v1/layers/{name}/resize`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeRequest {
+    /// The new virtual size.
+    pub size: ByteSize,
+}
+
+/// `POST /v1/pool/extend`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    /// New size of the data area.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ByteSize>,
+    /// New size of the metadata area.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<ByteSize>,
+}
+
+/// `POST /v1/layers/{name}/activate`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceResponse {
+    /// The layer.
+    pub name: LayerName,
+    /// Its block device.
+    pub device: PathBuf,
+}
+
+/// `POST /v1/layers/{name}/mount`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountResponse {
+    /// The layer.
+    pub name: LayerName,
+    /// Where it is mounted.
+    pub mount_point: PathBuf,
+}
+
+/// `GET /v1/layers/{name}/usage`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageResponse {
+    /// The layer.
+    pub name: LayerName,
+    /// Pool data the layer maps (own and shared with its parents).
+    pub mapped: ByteSize,
+    /// The same in bytes.
+    pub mapped_bytes: u64,
+}
+
+/// One layer a removal handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemovedLayer {
+    /// The layer.
+    pub name: LayerName,
+    /// Removed now, or deferred until its device is released.
+    pub result: Removal,
+}
+
+/// `DELETE /v1/layers/{name}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    /// The layers handled, children first.
+    pub removed: Vec<RemovedLayer>,
+}
+
+/// `POST /v1/layers/{name}/deactivate` and `.../unmount`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoneResponse {
+    /// The layer.
+    pub name: LayerName,
+    /// What was done ("deactivated", "unmounted").
+    pub done: String,
+}
+
+/// `POST /v1/pool/extend`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtendResponse {
+    /// Data area size after.
+    pub data: ByteSize,
+    /// Metadata area size after.
+    pub metadata: ByteSize,
+}
+
+/// `GET /v1/version`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionResponse {
+    /// thinstackd's version.
+    pub version: String,
+    /// The API version ("v1").
+    pub api: String,
+}
+
+/// An error body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `not_found`, `already_exists`, `busy`, `no_space`, `invalid`, ...
+    pub kind: ErrorKind,
+    /// For people: what failed and what to do.
+    pub message: String,
+}
+
+impl From<&Error> for ErrorBody {
+    fn from(e: &Error) -> Self {
+        ErrorBody {
+            error: ErrorDetail {
+                kind: e.kind(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// The HTTP status for an error kind.
+pub fn status_of(kind: ErrorKind) -> u16 {
+    match kind {
+        ErrorKind::NotFound => 404,
+        ErrorKind::AlreadyExists | ErrorKind::Busy => 409,
+        ErrorKind::NoSpace => 507,
+        ErrorKind::Invalid => 400,
+        _ => 500,
+    }
+}

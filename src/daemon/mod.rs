@@ -1,0 +1,145 @@
+//! thinstackd: the pool and its layers behind an HTTP/1.1 JSON API on a Unix socket.
+//!
+//! Start-up: lock the state directory (before anything touches the pool), open or create the
+//! pool, reconcile records with it, bind the socket, tell systemd it is ready. Each request
+//! runs on a blocking thread of its own, so a client that disconnects mid-request never
+//! interrupts an operation: it finishes whole. On SIGTERM or SIGINT the daemon stops
+//! accepting, lets in-flight operations finish, leaves layers mounted and active (unless
+//! `daemon.deactivate_on_shutdown`), and releases the lock.
+
+mod background;
+pub mod routes;
+mod server;
+mod socket;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::config::{Backend, Config};
+use crate::engine::{Engine, Settings};
+use crate::error::{Error, Result};
+use crate::kernel::dm::Dm;
+use crate::kernel::real::{RealFs, RealPool};
+use crate::pool::Pool;
+use crate::records::StateLock;
+use crate::units::ByteSize;
+
+/// The running daemon's state, shared by request handlers and background work.
+pub struct Daemon {
+    engine: Engine<RealPool, RealFs>,
+    config: Config,
+}
+
+impl Daemon {
+    /// Lock the state directory, open (or create) the pool, and reconcile records with it.
+    pub fn open(config: Config) -> Result<Daemon> {
+        let state_dir = config.state_dir.path();
+        let lock = StateLock::acquire(state_dir)?;
+        let dm = Dm::open()?;
+        let pool = Pool::open(&config, &dm)?;
+        let kernel = RealPool::new(dm, pool);
+        let settings = Settings::from_config(&config);
+        let (engine, report) = Engine::open_locked(kernel, RealFs, settings, lock)?;
+        if !report.is_clean() {
+            tracing::warn!(?report, "records were reconciled with the pool at start-up");
+        }
+        Ok(Daemon { engine, config })
+    }
+
+    /// The layer engine.
+    pub fn engine(&self) -> &Engine<RealPool, RealFs> {
+        &self.engine
+    }
+
+    /// Grow the pool's data and metadata areas (loop backend: the files).
+    pub fn extend(
+        &self,
+        data: Option<ByteSize>,
+        metadata: Option<ByteSize>,
+    ) -> Result<(ByteSize, ByteSize)> {
+        match self.config.pool.backend {
+            Backend::Loop => self
+                .engine
+                .exclusive_pool(|kernel| kernel.pool().extend(kernel.dm(), data, metadata)),
+        }
+    }
+
+    /// Unmount and deactivate every layer (for `daemon.deactivate_on_shutdown`).
+    fn deactivate_all(&self) {
+        let layers = match self.engine.list(&Default::default()) {
+            Ok(layers) => layers,
+            Err(e) => {
+                tracing::error!(error = %e, "could not list layers to deactivate them");
+                return;
+            }
+        };
+        for layer in layers {
+            for (target, mount) in &layer.mounts {
+                for _ in 0..mount.refs {
+                    if let Err(e) = self.engine.unmount(layer.name.as_str(), Some(target)) {
+                        tracing::error!(layer = %layer.name, error = %e, "could not unmount at shutdown");
+                    }
+                }
+            }
+            if layer.device.is_some() {
+                if let Err(e) = self.engine.deactivate(layer.name.as_str()) {
+                    tracing::error!(layer = %layer.name, error = %e, "could not deactivate at shutdown");
+                }
+            }
+        }
+    }
+}
+
+/// Run the daemon until SIGTERM or SIGINT.
+pub fn run(config: Config) -> Result<()> {
+    let socket_path = config.socket.path().to_path_buf();
+    let daemon = Arc::new(Daemon::open(config)?);
+    let status = daemon.engine.status()?;
+    tracing::info!(
+        pool = %status.pool.name,
+        layers = status.layers,
+        data = %status.data.describe(),
+        "pool ready"
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("thinstackd")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::io("starting the async runtime", e))?;
+    runtime.block_on(serve(daemon.clone(), socket_path))?;
+    // Blocking work still running (none after a graceful stop) must finish before the lock goes.
+    drop(runtime);
+    if daemon.config.daemon.deactivate_on_shutdown {
+        daemon.deactivate_all();
+    }
+    tracing::info!("thinstackd stopped");
+    Ok(())
+}
+
+async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
+    let listener = socket::bind(&socket_path, &daemon.config.daemon.socket_group)?;
+    let watcher = background::spawn(daemon.clone());
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(socket = %socket_path.display(), "serving the API");
+    server::serve(daemon, listener, shutdown_signal()).await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    watcher.stop().await;
+    let _ = std::fs::remove_file(&socket_path);
+    Ok(())
+}
+
+/// Resolves at the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "stopping: finishing in-flight operations");
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,359 @@
+//! The API's routes: one table, used by the server to dispatch and by a test to check that
+//! the OpenAPI document describes exactly these routes.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::Daemon;
+use crate::api::{
+    CreateRequest, DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
+    MountResponse, RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest, UsageResponse,
+    VersionResponse,
+};
+use crate::engine::{CreateLayer, Removal};
+use crate::error::{Error, ErrorKind, Result};
+use crate::names::LayerName;
+
+/// What a handler gets from a request.
+pub struct Call<'a> {
+    /// The `{name}` path parameter, when the route has one.
+    pub name: Option<&'a str>,
+    /// Query parameters, decoded, in order.
+    pub query: Vec<(String, String)>,
+    /// The body (JSON, or empty).
+    pub body: &'a [u8],
+}
+
+/// A handler's answer: HTTP status and JSON body.
+pub type Reply = (u16, Value);
+
+type Handler = fn(&Daemon, &Call) -> Result<Reply>;
+
+/// One route.
+pub struct Route {
+    /// HTTP method.
+    pub method: &'static str,
+    /// Path template; `{name}` matches one layer name.
+    pub path: &'static str,
+    handler: Handler,
+}
+
+/// Every route the daemon serves.
+pub const ROUTES: &[Route] = &[
+    route("GET", "/v1/openapi.json", openapi),
+    route("GET", "/v1/version", version),
+    route("GET", "/v1/pool", pool_status),
+    route("POST", "/v1/pool/extend", pool_extend),
+    route("GET", "/v1/layers", list_layers),
+    route("POST", "/v1/layers", create_layer),
+    route("GET", "/v1/layers/{name}", inspect_layer),
+    route("DELETE", "/v1/layers/{name}", remove_layer),
+    route("POST", "/v1/layers/{name}/commit", commit_layer),
+    route("GET", "/v1/layers/{name}/usage", layer_usage),
+    route("POST", "/v1/layers/{name}/activate", activate_layer),
+    route("POST", "/v1/layers/{name}/deactivate", deactivate_layer),
+    route("POST", "/v1/layers/{name}/mount", mount_layer),
+    route("POST", "/v1/layers/{name}/unmount", unmount_layer),
+    route("POST", "/v1/layers/{name}/resize", resize_layer),
+];
+
+const fn route(method: &'static str, path: &'static str, handler: Handler) -> Route {
+    Route {
+        method,
+        path,
+        handler,
+    }
+}
+
+/// The OpenAPI document, kept in the repository next to this file.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// What a request path and method resolve to.
+pub enum Resolved<'p> {
+    /// A route, with its `{name}` parameter.
+    Route(&'static Route, Option<&'p str>),
+    /// The path exists, but not with this method; the methods it has.
+    WrongMethod(Vec<&'static str>),
+    /// No such path.
+    NoPath,
+}
+
+/// Find the route for `method` and `path`.
+pub fn resolve<'p>(method: &str, path: &'p str) -> Resolved<'p> {
+    let mut methods = Vec::new();
+    for route in ROUTES {
+        let Some(name) = match_path(route.path, path) else {
+            continue;
+        };
+        if route.method == method {
+            return Resolved::Route(route, name);
+        }
+        methods.push(route.method);
+    }
+    if methods.is_empty() {
+        Resolved::NoPath
+    } else {
+        Resolved::WrongMethod(methods)
+    }
+}
+
+/// `Some(name parameter)` when `path` fits `template`.
+fn match_path<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>> {
+    let mut name = None;
+    let mut segments = path.split('/');
+    for expected in template.split('/') {
+        let segment = segments.next()?;
+        if expected == "{name}" {
+            if segment.is_empty() {
+                return None;
+            }
+            name = Some(segment);
+        } else if expected != segment {
+            return None;
+        }
+    }
+    segments.next().is_none().then_some(name)
+}
+
+impl Route {
+    /// Run the route's handler.
+    pub fn call(&self, daemon: &Daemon, call: &Call) -> Result<Reply> {
+        (self.handler)(daemon, call)
+    }
+}
+
+// ----- helpers ---------------------------------------------------------------------------
+
+fn ok<T: Serialize>(value: T) -> Result<Reply> {
+    json(200, value)
+}
+
+fn json<T: Serialize>(status: u16, value: T) -> Result<Reply> {
+    let value = serde_json::to_value(value)
+        .map_err(|e| Error::new(ErrorKind::Io, format!("encoding the answer: {e}")))?;
+    Ok((status, value))
+}
+
+/// The JSON body as `T`; an empty body is `{}`.
+fn body<T: DeserializeOwned>(call: &Call) -> Result<T> {
+    let bytes = if call.body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        call.body
+    };
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let place = if path == "." {
+            String::new()
+        } else {
+            format!(" at {path}")
+        };
+        Error::invalid(format!(
+            "request body is not valid{place}: {inner}; see /v1/openapi.json"
+        ))
+    })
+}
+
+fn name<'c>(call: &'c Call) -> &'c str {
+    call.name.unwrap_or_default()
+}
+
+/// Refuse query parameters a route does not take (a typo must not mean "default").
+fn only_query(call: &Call, allowed: &[&str]) -> Result<()> {
+    match call
+        .query
+        .iter()
+        .find(|(k, _)| !allowed.contains(&k.as_str()))
+    {
+        Some((key, _)) => Err(Error::invalid(format!(
+            "unknown query parameter {key:?}; this route takes {}",
+            if allowed.is_empty() {
+                "none".to_string()
+            } else {
+                allowed.join(", ")
+            }
+        ))),
+        None => Ok(()),
+    }
+}
+
+// ----- handlers --------------------------------------------------------------------------
+
+fn openapi(_: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let document: Value = serde_json::from_str(OPENAPI).expect("openapi.json is valid JSON");
+    ok(document)
+}
+
+fn version(_: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    ok(VersionResponse {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        api: "v1".to_string(),
+    })
+}
+
+fn pool_status(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    ok(daemon.engine.status()?)
+}
+
+fn pool_extend(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: ExtendRequest = body(call)?;
+    if request.data.is_none() && request.metadata.is_none() {
+        return Err(Error::invalid(
+            "say how large the pool should become: data, metadata, or both",
+        ));
+    }
+    let (data, metadata) = daemon.extend(request.data, request.metadata)?;
+    ok(ExtendResponse { data, metadata })
+}
+
+fn list_layers(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &["label"])?;
+    let mut labels = BTreeMap::new();
+    for (_, pair) in call.query.iter().filter(|(k, _)| k == "label") {
+        let (key, value) = pair.split_once('=').ok_or_else(|| {
+            Error::invalid(format!(
+                "label filter {pair:?} is not KEY=VALUE; write label=role%3Dbase"
+            ))
+        })?;
+        labels.insert(key.to_string(), value.to_string());
+    }
+    ok(daemon.engine.list(&labels)?)
+}
+
+fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: CreateRequest = body(call)?;
+    let create = CreateLayer {
+        name: request.name.clone(),
+        parent: request.parent.clone(),
+        size: request.size,
+        filesystem: request.filesystem,
+        labels: request.labels.clone(),
+    };
+    match daemon.engine.create(&create) {
+        Ok(layer) => json(201, layer),
+        Err(e) if e.kind() == ErrorKind::AlreadyExists && request.exists_ok => {
+            let existing = daemon.engine.inspect(&request.name)?;
+            let same_parent =
+                existing.parent.as_ref().map(LayerName::as_str) == request.parent.as_deref();
+            if !same_parent {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "layer {:?} exists already with parent {:?}, not {:?}",
+                        request.name,
+                        existing.parent.as_ref().map(LayerName::as_str),
+                        request.parent
+                    ),
+                ));
+            }
+            ok(existing)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn inspect_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    ok(daemon.engine.inspect(name(call))?)
+}
+
+fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &["recursive"])?;
+    let recursive = match call.query.iter().find(|(k, _)| k == "recursive") {
+        None => false,
+        Some((_, v)) if v == "true" || v.is_empty() => true,
+        Some((_, v)) if v == "false" => false,
+        Some((_, v)) => {
+            return Err(Error::invalid(format!(
+                "recursive={v:?}: write recursive=true or recursive=false"
+            )))
+        }
+    };
+    let removed: Vec<(LayerName, Removal)> = if recursive {
+        daemon.engine.remove_recursive(name(call))?
+    } else {
+        let result = daemon.engine.remove(name(call))?;
+        vec![(LayerName::new(name(call))?, result)]
+    };
+    ok(RemoveResponse {
+        removed: removed
+            .into_iter()
+            .map(|(name, result)| RemovedLayer { name, result })
+            .collect(),
+    })
+}
+
+fn commit_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    ok(daemon.engine.commit(name(call))?)
+}
+
+fn layer_usage(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let mapped = daemon.engine.usage(name(call))?;
+    ok(UsageResponse {
+        name: LayerName::new(name(call))?,
+        mapped,
+        mapped_bytes: mapped.bytes(),
+    })
+}
+
+fn activate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let device = daemon.engine.activate(name(call))?;
+    ok(DeviceResponse {
+        name: LayerName::new(name(call))?,
+        device,
+    })
+}
+
+fn deactivate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    daemon.engine.deactivate(name(call))?;
+    done(call, "deactivated")
+}
+
+fn done(call: &Call, what: &str) -> Result<Reply> {
+    ok(DoneResponse {
+        name: LayerName::new(name(call))?,
+        done: what.to_string(),
+    })
+}
+
+fn mount_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: MountRequest = body(call)?;
+    let mount_point =
+        daemon
+            .engine
+            .mount(name(call), request.target.as_deref(), request.readonly)?;
+    ok(MountResponse {
+        name: LayerName::new(name(call))?,
+        mount_point,
+    })
+}
+
+fn unmount_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: UnmountRequest = body(call)?;
+    daemon
+        .engine
+        .unmount(name(call), request.target.as_deref())?;
+    done(call, "unmounted")
+}
+
+fn resize_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: ResizeRequest = body(call)?;
+    ok(daemon.engine.resize(name(call), request.size)?)
+}

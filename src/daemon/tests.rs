@@ -1,0 +1,103 @@
+//! The daemon's routing and its OpenAPI document (no kernel needed).
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use super::routes::{resolve, Resolved, OPENAPI, ROUTES};
+
+/// Every (method, path) the OpenAPI document describes.
+fn documented() -> BTreeSet<(String, String)> {
+    let document: Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+    assert!(
+        document["openapi"].as_str().unwrap_or("").starts_with("3."),
+        "an OpenAPI 3 document"
+    );
+    let mut routes = BTreeSet::new();
+    for (path, item) in document["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("path item").keys() {
+            if ["get", "post", "put", "delete", "patch"].contains(&method.as_str()) {
+                routes.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    routes
+}
+
+#[test]
+fn the_openapi_document_describes_exactly_the_served_routes() {
+    let served: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .map(|r| (r.method.to_string(), r.path.to_string()))
+        .collect();
+    let documented = documented();
+    let undocumented: Vec<_> = served.difference(&documented).collect();
+    let unserved: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        undocumented.is_empty(),
+        "served but not in openapi.json: {undocumented:?}"
+    );
+    assert!(
+        unserved.is_empty(),
+        "in openapi.json but not served: {unserved:?}"
+    );
+}
+
+#[test]
+fn every_documented_operation_has_an_id_and_error_responses() {
+    let document: Value = serde_json::from_str(OPENAPI).unwrap();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            assert!(
+                operation["operationId"].is_string(),
+                "{method} {path}: operationId"
+            );
+            let responses = operation["responses"].as_object().unwrap();
+            assert!(
+                responses.contains_key("default"),
+                "{method} {path}: default error response"
+            );
+        }
+    }
+}
+
+#[test]
+fn paths_resolve_to_routes_with_their_layer_name() {
+    match resolve("POST", "/v1/layers/base/commit") {
+        Resolved::Route(route, name) => {
+            assert_eq!(route.path, "/v1/layers/{name}/commit");
+            assert_eq!(name, Some("base"));
+        }
+        _ => panic!("commit route not found"),
+    }
+    assert!(matches!(
+        resolve("GET", "/v1/layers"),
+        Resolved::Route(_, None)
+    ));
+    match resolve("PUT", "/v1/layers/base") {
+        Resolved::WrongMethod(methods) => assert_eq!(methods, ["GET", "DELETE"]),
+        _ => panic!("PUT should be a wrong method"),
+    }
+    for missing in [
+        "/v1/layers/base/commit/x",
+        "/v1/layers//commit",
+        "/v2/layers",
+        "/",
+        "",
+    ] {
+        assert!(
+            matches!(resolve("GET", missing), Resolved::NoPath),
+            "{missing}"
+        );
+    }
+}
+
+#[test]
+fn space_warnings_are_logged_once_per_crossing() {
+    use super::background::level_after;
+    assert_eq!(level_after(50, 0), 0);
+    assert_eq!(level_after(81, 0), 1);
+    assert_eq!(level_after(85, 1), 1);
+    assert_eq!(level_after(95, 1), 2);
+    assert_eq!(level_after(70, 2), 0, "falling back re-arms the warnings");
+}
