@@ -3,7 +3,7 @@
 //! written and read on both sides, a commit, the layer list and the pool's status.
 //! `scripts/demo` runs it (in a VM where the host lacks dm-thin).
 //!
-//! demo [--config FILE] [--state-dir DIR] [--keep]
+//! demo [--config FILE] [--state-dir DIR] [--keep | --teardown]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ struct Args {
     config: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     keep: bool,
+    teardown: bool,
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
@@ -26,6 +27,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         config: None,
         state_dir: None,
         keep: false,
+        teardown: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -33,9 +35,10 @@ fn parse_args() -> std::result::Result<Args, String> {
             "--config" => args.config = it.next().map(PathBuf::from),
             "--state-dir" => args.state_dir = it.next().map(PathBuf::from),
             "--keep" => args.keep = true,
+            "--teardown" => args.teardown = true,
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; usage: demo [--config FILE] [--state-dir DIR] [--keep]"
+                    "unknown argument {other:?}; usage: demo [--config FILE] [--state-dir DIR] [--keep | --teardown]"
                 ))
             }
         }
@@ -86,6 +89,14 @@ fn run(args: &Args) -> Result<()> {
     ));
     let dm = Dm::open()?;
     let pool = Pool::open(&config, &dm)?;
+    if args.teardown {
+        // After scripts/demo's daemon stopped with every layer deactivated.
+        let metadata = pool.backing().metadata_file.clone();
+        pool.teardown(&dm)?;
+        thinstack::kernel::thin_tools::check(&metadata)?;
+        println!("    pool torn down; thin_check of the metadata: clean");
+        return Ok(());
+    }
     let (engine, report) = Engine::open(
         RealPool::new(dm, pool),
         RealFs,

@@ -107,6 +107,18 @@ async fn answer(
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
+    let declared = request
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(declared) = declared.filter(|&n| n > MAX_BODY_BYTES as u64) {
+        // Refused before reading, so a huge body costs nothing.
+        let message = format!(
+            "request body of {declared} bytes is too large; bodies are at most {MAX_BODY_BYTES} bytes"
+        );
+        return error_reply(413, ErrorKind::Invalid, message);
+    }
     let body = match Limited::new(request.into_body(), MAX_BODY_BYTES)
         .collect()
         .await

@@ -1,0 +1,172 @@
+//! A real `thinstackd` process on a test pool, and the real `thinstack` command against it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use thinstack::client::Client;
+
+use super::TestPool;
+
+/// What a `thinstack` run gave.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The one JSON document on stdout.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}): {self:?}"))
+    }
+}
+
+/// A daemon on a test pool; stopped (SIGKILL if need be) and the pool cleaned up when dropped.
+pub struct TestDaemon {
+    pub pool: TestPool,
+    pub config_path: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl TestDaemon {
+    /// Start thinstackd on a new test pool (`extra` is TOML added to the test config).
+    pub fn start(test: &str, extra: &str) -> TestDaemon {
+        let mut pool = TestPool::new(test, extra);
+        let socket = pool.dir.path().join("thinstack.sock");
+        // The test config, with the socket and a quick watcher, written where the daemon reads it.
+        let mut config = pool.config.clone();
+        config.socket = thinstack::config::AbsolutePath::new(&socket).unwrap();
+        config.daemon.watch_interval_seconds = 1;
+        pool.config = config;
+        let config_path = pool.dir.path().join("thinstack.toml");
+        std::fs::write(&config_path, pool.config.to_toml()).unwrap();
+        let log = pool.dir.path().join("thinstackd.log");
+        let mut daemon = TestDaemon {
+            pool,
+            config_path,
+            socket,
+            log,
+            child: None,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Start the daemon process and wait until it answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the daemon runs already");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_thinstackd"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start thinstackd");
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            let mut client = Client::new(&self.socket);
+            if client.get::<Value>("/v1/version").is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                panic!(
+                    "thinstackd exited at start ({status}):\n{}",
+                    self.log_text()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "thinstackd did not answer within 90 s:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Run `thinstack --socket <ours> ARGS...`.
+    pub fn cli(&self, args: &[&str]) -> Run {
+        cli_at(&self.socket, args)
+    }
+
+    /// Run `thinstack --json ARGS...`, which must succeed, and return its JSON.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let run = self.cli(&all);
+        assert_eq!(run.code, 0, "thinstack {args:?} failed: {run:?}");
+        run.json()
+    }
+
+    /// A client on the daemon's socket.
+    pub fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+
+    /// SIGTERM, and the daemon's exit code.
+    pub fn stop(&mut self) -> i32 {
+        let mut child = self.child.take().expect("daemon running");
+        signal(&child, nix::sys::signal::Signal::SIGTERM);
+        let status = child.wait().unwrap();
+        status.code().unwrap_or(-1)
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        signal(&child, nix::sys::signal::Signal::SIGKILL);
+        let _ = child.wait();
+    }
+}
+
+fn signal(child: &Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, signal);
+}
+
+/// Run the real `thinstack` on `socket`.
+pub fn cli_at(socket: &Path, args: &[&str]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_thinstack"))
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run thinstack");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            signal(&child, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}

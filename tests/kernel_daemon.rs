@@ -1,0 +1,394 @@
+//! The real `thinstackd` and `thinstack` binaries on the real kernel: every command with its
+//! exit code and `--json` output, 8 clients at once, `kill -9` while clients create layers, a
+//! second daemon on the same state directory, and a clean SIGTERM.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::daemon::TestDaemon;
+use common::{open_engine_with, require_dm_thin, teardown_and_check};
+use serde_json::{json, Value};
+use thinstack::api::CreateRequest;
+use thinstack::client::ClientError;
+use thinstack::kernel::PoolKernel;
+
+const SMALL: &str = "[layers]\nbase_size = \"64M\"\n";
+
+/// Stop the daemon, open the pool in-process, and check that records and pool agree exactly:
+/// nothing left to repair, every pool thin id owned by a record and the other way round.
+/// Returns the layer names; tears the pool down and runs thin_check.
+fn stop_and_check_agreement(d: &mut TestDaemon) -> BTreeSet<String> {
+    assert_eq!(d.stop(), 0, "thinstackd exit code; log:\n{}", d.log_text());
+    let (engine, report) = open_engine_with(&d.pool.config);
+    assert!(report.is_clean(), "records and pool disagreed: {report:?}");
+    let layers = engine.list(&Default::default()).unwrap();
+    let owned: BTreeSet<_> = layers.iter().map(|l| l.thin_id).collect();
+    assert_eq!(
+        engine.kernel().thin_ids().unwrap(),
+        owned,
+        "pool thin ids vs records"
+    );
+    let names = layers.iter().map(|l| l.name.to_string()).collect();
+    for layer in &layers {
+        for target in layer.mounts.keys() {
+            let _ = engine.unmount(layer.name.as_str(), Some(target));
+        }
+        let _ = engine.deactivate(layer.name.as_str());
+    }
+    drop(engine);
+    teardown_and_check(&d.pool);
+    names
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_daemon_every_command_with_exit_codes_and_json() {
+    let _dm = require_dm_thin();
+    let mut d = TestDaemon::start("cli", SMALL);
+
+    let status = d.json(&["pool", "status"]);
+    assert_eq!(status["layers"], 0);
+    assert_eq!(status["health"]["failed"], false);
+    let human = d.cli(&["pool", "status"]);
+    assert_eq!(human.code, 0);
+    assert!(human.stdout.contains("Data space"), "{human:?}");
+
+    // create, with its refusals
+    let base = d.json(&["layer", "create", "base", "--label", "role=base"]);
+    assert_eq!(base["name"], "base");
+    assert_eq!(base["size"], "64M");
+    assert_eq!(base["labels"]["role"], "base");
+    let again = d.cli(&["layer", "create", "base"]);
+    assert_eq!(again.code, 4, "already exists: {again:?}");
+    assert!(again.stderr.contains("base"), "names the layer: {again:?}");
+    assert_eq!(
+        d.json(&["layer", "create", "base", "--exists-ok"])["name"],
+        "base"
+    );
+    let kid = d.json(&["layer", "create", "kid", "--parent", "base"]);
+    assert_eq!(kid["parent"], "base");
+    let orphan = d.cli(&["layer", "create", "x", "--parent", "nope"]);
+    assert_eq!(orphan.code, 3, "parent not found: {orphan:?}");
+    let bad = d.cli(&["--json", "layer", "create", "../etc"]);
+    assert_eq!(bad.code, 1, "invalid name: {bad:?}");
+    assert_eq!(bad.json()["error"]["kind"], "invalid");
+    let usage = d.cli(&["layer", "create", "y", "--size", "ten"]);
+    assert_eq!(usage.code, 2, "usage error: {usage:?}");
+
+    // list and inspect
+    assert_eq!(d.json(&["layer", "list"]).as_array().unwrap().len(), 2);
+    let labelled = d.json(&["layer", "list", "--label", "role=base"]);
+    assert_eq!(labelled.as_array().unwrap().len(), 1);
+    let table = d.cli(&["layer", "list"]);
+    assert!(table.stdout.starts_with("NAME"), "{table:?}");
+    assert_eq!(table.stdout.lines().count(), 3, "{table:?}");
+    let inspected = d.json(&["layer", "inspect", "kid"]);
+    assert_eq!(inspected["parent"], "base");
+    assert_eq!(
+        d.json(&["layer", "inspect", "base"])["children"],
+        json!(["kid"])
+    );
+    assert_eq!(d.cli(&["layer", "inspect", "nope"]).code, 3);
+
+    // mount, write, usage; commit refused while mounted read-write
+    let mounted = d.cli(&["layer", "mount", "kid"]);
+    assert_eq!(mounted.code, 0, "{mounted:?}");
+    let mount_point = std::path::PathBuf::from(mounted.stdout.trim());
+    std::fs::write(mount_point.join("hello"), vec![7u8; 4 << 20]).unwrap();
+    nix::unistd::sync();
+    let used = d.json(&["layer", "usage", "kid"]);
+    assert!(used["mapped_bytes"].as_u64().unwrap() >= 4 << 20, "{used}");
+    let busy = d.cli(&["layer", "commit", "kid"]);
+    assert_eq!(busy.code, 5, "commit while mounted rw: {busy:?}");
+    assert_eq!(d.cli(&["layer", "unmount", "kid"]).code, 0);
+    assert_eq!(d.json(&["layer", "commit", "kid"])["committed"], true);
+
+    // activate prints the device; deactivate
+    let activated = d.cli(&["layer", "activate", "kid"]);
+    assert_eq!(activated.code, 0, "{activated:?}");
+    let device = activated.stdout.trim().to_string();
+    assert!(std::path::Path::new(&device).exists(), "{device}");
+    assert_eq!(
+        d.json(&["layer", "inspect", "kid"])["device"],
+        device.as_str()
+    );
+    assert_eq!(
+        d.json(&["layer", "deactivate", "kid"])["done"],
+        "deactivated"
+    );
+
+    // read-only mount at a chosen place
+    let target = d.pool.mount_point("ro");
+    let target_text = target.display().to_string();
+    let ro = d.json(&[
+        "layer",
+        "mount",
+        "kid",
+        "--target",
+        &target_text,
+        "--readonly",
+    ]);
+    assert_eq!(ro["mount_point"], target_text.as_str());
+    assert_eq!(std::fs::read(target.join("hello")).unwrap().len(), 4 << 20);
+    assert_eq!(
+        d.cli(&["layer", "unmount", "kid", "--target", &target_text])
+            .code,
+        0
+    );
+
+    // resize, then removal refused with children and done recursively
+    assert_eq!(
+        d.json(&["layer", "resize", "base", "--size", "128M"])["size"],
+        "128M"
+    );
+    assert_eq!(d.cli(&["layer", "remove", "base"]).code, 5);
+    let removed = d.json(&["layer", "remove", "base", "--recursive"]);
+    assert_eq!(
+        removed,
+        json!({"removed": [{"name": "kid", "result": "removed"}, {"name": "base", "result": "removed"}]})
+    );
+    assert_eq!(d.cli(&["layer", "inspect", "base"]).code, 3);
+
+    // the pool grows
+    let extended = d.json(&["pool", "extend", "--data", "5G", "--metadata", "80M"]);
+    assert_eq!(extended, json!({"data": "5G", "metadata": "80M"}));
+    let status = d.json(&["pool", "status"]);
+    assert_eq!(status["data"]["total"], "5G");
+    assert_eq!(
+        d.cli(&["pool", "extend", "--data", "1G"]).code,
+        1,
+        "shrinking is refused"
+    );
+
+    // completions and help
+    let completions = d.cli(&["completions", "bash"]);
+    assert_eq!(completions.code, 0);
+    assert!(completions.stdout.contains("thinstack"));
+    assert_eq!(d.cli(&["layer", "--help"]).code, 0);
+
+    // the API itself: errors are JSON with the promised statuses
+    let mut client = d.client();
+    let openapi: Value = client.get("/v1/openapi.json").unwrap();
+    assert!(openapi["paths"]["/v1/layers"].is_object());
+    let expect_api_error =
+        |result: Result<Value, ClientError>, status: u16, kind: &str| match result {
+            Err(ClientError::Api {
+                status: s, kind: k, ..
+            }) => {
+                assert_eq!((s, k.to_string().as_str()), (status, kind))
+            }
+            other => panic!("expected {status} {kind}, got {other:?}"),
+        };
+    expect_api_error(client.get("/v1/nothing"), 404, "not_found");
+    expect_api_error(client.call("PUT", "/v1/layers/x", None), 405, "invalid");
+    expect_api_error(
+        client.call("POST", "/v1/layers", Some(b"{\"name\": 5}".to_vec())),
+        400,
+        "invalid",
+    );
+    // A body over the limit is refused from its Content-Length, before it is read.
+    {
+        use std::io::{Read, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        let head = "POST /v1/layers HTTP/1.1\r\nHost: x\r\nContent-Length: 2097152\r\n\r\n";
+        raw.write_all(head.as_bytes()).unwrap();
+        let mut answer = [0u8; 1024];
+        let n = raw.read(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(answer.contains("\"kind\":\"invalid\""), "{answer}");
+    }
+    expect_api_error(client.get("/v1/layers?colour=red"), 400, "invalid");
+    // A size that overflows is refused before anything is made.
+    let huge = CreateRequest {
+        name: "huge".into(),
+        ..CreateRequest::default()
+    };
+    let mut huge = serde_json::to_value(&huge).unwrap();
+    huge["size"] = json!("99999999999P");
+    let refused = client.call::<Value>("POST", "/v1/layers", Some(huge.to_string().into_bytes()));
+    expect_api_error(refused, 400, "invalid");
+    assert_eq!(d.cli(&["layer", "inspect", "huge"]).code, 3);
+
+    // A client that disconnects mid-request: the create finishes whole all the same.
+    {
+        use std::io::Write;
+        let body = r#"{"name": "abandoned", "size": "64M"}"#;
+        let mut raw = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        let request = format!(
+            "POST /v1/layers HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        raw.write_all(request.as_bytes()).unwrap();
+        drop(raw);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let run = d.cli(&["--json", "layer", "inspect", "abandoned"]);
+            if run.code == 0 && run.json()["state"] == "ready" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "abandoned create never finished: {run:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            d.json(&["layer", "remove", "abandoned"])["removed"][0]["result"],
+            "removed"
+        );
+    }
+
+    // SIGTERM: exit 0, socket gone, mounted layers stay mounted
+    d.json(&["layer", "create", "stay"]);
+    let stay = d.cli(&["layer", "mount", "stay"]).stdout.trim().to_string();
+    assert_eq!(d.stop(), 0, "{}", d.log_text());
+    assert!(!d.socket.exists(), "the socket is removed at exit");
+    assert!(
+        common::mounts_under(std::path::Path::new(&stay)).len() == 1,
+        "layer stays mounted"
+    );
+    let down = d.cli(&["pool", "status"]);
+    assert_eq!(down.code, 7, "daemon unreachable: {down:?}");
+    assert!(
+        down.stderr.contains(&d.socket.display().to_string()),
+        "{down:?}"
+    );
+    d.spawn();
+    let after = d.json(&["layer", "inspect", "stay"]);
+    assert_eq!(after["mounts"].as_object().unwrap().len(), 1, "{after}");
+    assert_eq!(d.cli(&["layer", "unmount", "stay"]).code, 0);
+    let names = stop_and_check_agreement(&mut d);
+    assert_eq!(names, BTreeSet::from(["stay".to_string()]));
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_daemon_eight_clients_create_and_remove_25_children_each() {
+    let _dm = require_dm_thin();
+    let mut d = TestDaemon::start("clients", SMALL);
+    d.json(&["layer", "create", "base"]);
+    d.json(&["layer", "commit", "base"]);
+    let started = Instant::now();
+    std::thread::scope(|s| {
+        for client in 0..8 {
+            let d = &d;
+            s.spawn(move || {
+                for n in 0..25 {
+                    let name = format!("c{client}-{n}");
+                    let made = d.json(&["layer", "create", &name, "--parent", "base"]);
+                    assert_eq!(made["name"], name.as_str());
+                }
+                for n in 0..25 {
+                    let name = format!("c{client}-{n}");
+                    let removed = d.json(&["layer", "remove", &name]);
+                    assert_eq!(removed["removed"][0]["result"], "removed");
+                }
+            });
+        }
+    });
+    eprintln!(
+        "8 clients x 25 creates + 25 removes through the CLI: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(d.json(&["layer", "list"]).as_array().unwrap().len(), 1);
+    let names = stop_and_check_agreement(&mut d);
+    assert_eq!(names, BTreeSet::from(["base".to_string()]));
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_daemon_kill_9_while_clients_create_layers() {
+    let _dm = require_dm_thin();
+    let mut d = TestDaemon::start("kill9", SMALL);
+    d.json(&["layer", "create", "base"]);
+    let told: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..4)
+        .map(|client| {
+            let (told, stop, socket) = (told.clone(), stop.clone(), d.socket.clone());
+            std::thread::spawn(move || {
+                let mut api = thinstack::client::Client::new(&socket);
+                for n in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let request = CreateRequest {
+                        name: format!("k{client}-{n}"),
+                        parent: Some("base".into()),
+                        ..CreateRequest::default()
+                    };
+                    match api.post::<Value>("/v1/layers", &request) {
+                        Ok(_) => told.lock().unwrap().push(request.name),
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while told.lock().unwrap().len() < 30 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let told = told.lock().unwrap().clone();
+    assert!(
+        told.len() >= 30,
+        "only {} layers made before the kill",
+        told.len()
+    );
+    d.spawn();
+    for name in &told {
+        let layer = d.json(&["layer", "inspect", name]);
+        assert_eq!(layer["state"], "ready", "{name}");
+    }
+    // Clients reconnecting succeed.
+    d.json(&["layer", "create", "after", "--parent", "base"]);
+    let names = stop_and_check_agreement(&mut d);
+    for name in &told {
+        assert!(names.contains(name), "{name} was reported made but is gone");
+    }
+    eprintln!(
+        "kill -9 after {} creates: all there, {} layers in all",
+        told.len(),
+        names.len()
+    );
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_second_daemon_on_the_same_state_directory_exits_at_once() {
+    let _dm = require_dm_thin();
+    let mut d = TestDaemon::start("second", SMALL);
+    d.json(&["layer", "create", "base"]);
+    let started = Instant::now();
+    let second = std::process::Command::new(env!("CARGO_BIN_EXE_thinstackd"))
+        .arg("--config")
+        .arg(&d.config_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        !second.status.success(),
+        "a second daemon must fail: {stderr}"
+    );
+    assert!(
+        stderr.contains("in use by another thinstack process"),
+        "clear message: {stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "it exits at once"
+    );
+    // The first daemon is untouched.
+    assert_eq!(d.json(&["layer", "inspect", "base"])["state"], "ready");
+    stop_and_check_agreement(&mut d);
+}
