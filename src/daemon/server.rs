@@ -71,7 +71,18 @@ async fn handle(
     let started = Instant::now();
     let method = request.method().as_str().to_string();
     let path = request.uri().path().to_string();
-    let (status, body) = answer(daemon, in_flight, request).await;
+    // A task of its own: a request received whole is carried out whole, even when the client
+    // goes away and hyper drops this future.
+    let (status, body) = tokio::spawn(answer(daemon, in_flight, request))
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "request task failed");
+            error_reply(
+                500,
+                ErrorKind::Inconsistent,
+                "thinstackd hit a bug handling this request; see its log".to_string(),
+            )
+        });
     tracing::debug!(%method, %path, status, elapsed_ms = started.elapsed().as_millis() as u64, "request");
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() =
