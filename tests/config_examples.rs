@@ -60,3 +60,32 @@ fn check_config_prints_the_effective_config_and_refuses_bad_files() {
         "{err}"
     );
 }
+
+/// The shipped systemd unit passes `systemd-analyze verify` (with ExecStart pointing at the
+/// thinstackd just built; scripts/setup installs systemd).
+#[test]
+fn the_systemd_unit_verifies() {
+    let unit = include_str!("../configs/thinstackd.service");
+    assert!(
+        unit.contains("Type=notify"),
+        "thinstackd tells systemd when it is ready"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("thinstackd.service");
+    let unit = unit.replace(
+        "/usr/local/bin/thinstackd",
+        env!("CARGO_BIN_EXE_thinstackd"),
+    );
+    std::fs::write(&path, unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (scripts/setup installs systemd)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "systemd-analyze verify: {err}");
+    assert!(
+        !err.contains("thinstackd.service:"),
+        "warnings about the unit: {err}"
+    );
+}

@@ -23,6 +23,11 @@ const SMALL: &str = "[layers]\nbase_size = \"64M\"\n";
 /// Returns the layer names; tears the pool down and runs thin_check.
 fn stop_and_check_agreement(d: &mut TestDaemon) -> BTreeSet<String> {
     assert_eq!(d.stop(), 0, "thinstackd exit code; log:\n{}", d.log_text());
+    check_agreement(d)
+}
+
+/// [`stop_and_check_agreement`] after the daemon stopped.
+fn check_agreement(d: &TestDaemon) -> BTreeSet<String> {
     let (engine, report) = open_engine_with(&d.pool.config);
     assert!(report.is_clean(), "records and pool disagreed: {report:?}");
     let layers = engine.list(&Default::default()).unwrap();
@@ -50,6 +55,13 @@ fn kernel_daemon_every_command_with_exit_codes_and_json() {
     let _dm = require_dm_thin();
     let mut d = TestDaemon::start("cli", SMALL);
 
+    assert_eq!(d.notifications(), ["READY=1"], "tells systemd it is ready");
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600,
+        "root-only socket"
+    );
     let status = d.json(&["pool", "status"]);
     assert_eq!(status["layers"], 0);
     assert_eq!(status["health"]["failed"], false);
@@ -247,6 +259,7 @@ fn kernel_daemon_every_command_with_exit_codes_and_json() {
     d.json(&["layer", "create", "stay"]);
     let stay = d.cli(&["layer", "mount", "stay"]).stdout.trim().to_string();
     assert_eq!(d.stop(), 0, "{}", d.log_text());
+    assert_eq!(d.notifications(), ["STOPPING=1"]);
     assert!(!d.socket.exists(), "the socket is removed at exit");
     assert!(
         common::mounts_under(std::path::Path::new(&stay)).len() == 1,
@@ -391,4 +404,85 @@ fn kernel_second_daemon_on_the_same_state_directory_exits_at_once() {
     // The first daemon is untouched.
     assert_eq!(d.json(&["layer", "inspect", "base"])["state"], "ready");
     stop_and_check_agreement(&mut d);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_daemon_background_retries_deferred_removals_and_grows_the_pool() {
+    let _dm = require_dm_thin();
+    let mut d = TestDaemon::start(
+        "background",
+        "[pool.loop]\ndata_size = \"256M\"\nautoextend_threshold = \"50%\"\n\
+         autoextend_percent = \"50%\"\ndata_size_max = \"1G\"\n\
+         [pool]\nmin_free_space = \"0%\"\n[layers]\nbase_size = \"64M\"\n\
+         [daemon]\ndeactivate_on_shutdown = true\n",
+    );
+    // A removal deferred while someone holds the device is done once it is released.
+    d.json(&["layer", "create", "held"]);
+    let device = d
+        .cli(&["layer", "activate", "held"])
+        .stdout
+        .trim()
+        .to_string();
+    let holder = std::fs::File::open(&device).unwrap();
+    let removed = d.json(&["layer", "remove", "held"]);
+    assert_eq!(removed["removed"][0]["result"], "deferred");
+    assert_eq!(d.json(&["pool", "status"])["deferred_deletions"], 1);
+    drop(holder);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.cli(&["layer", "inspect", "held"]).code != 3 {
+        assert!(
+            Instant::now() < deadline,
+            "deferred removal never done:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(d.json(&["pool", "status"])["deferred_deletions"], 0);
+
+    // Writing past the threshold makes the daemon grow the loop file and the pool.
+    d.json(&["layer", "create", "fill", "--size", "900M"]);
+    let mnt = d.cli(&["layer", "mount", "fill"]).stdout.trim().to_string();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut file = std::fs::File::create(std::path::Path::new(&mnt).join("fill")).unwrap();
+    for _ in 0..160 {
+        std::io::Write::write_all(&mut file, &chunk).unwrap();
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let total = d.json(&["pool", "status"])["data"]["total"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        if total != "256M" {
+            assert_eq!(total, "384M", "grown by 50%");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never grew:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = d.log_text();
+    assert!(log.contains("pool was filling up; extended it"), "{log}");
+    let file_size = std::fs::metadata(d.pool.data_file()).unwrap().len();
+    assert_eq!(file_size, 384 << 20, "the data file grew");
+    // deactivate_on_shutdown: the daemon unmounts and deactivates every layer as it stops.
+    assert_eq!(d.stop(), 0, "{}", d.log_text());
+    let dm = thinstack::kernel::dm::Dm::open().unwrap();
+    let left = dm
+        .list_with_prefix(&d.pool.config.pool.name.dm_prefix())
+        .unwrap();
+    let pool_name = d.pool.config.pool.name.pool_dm_name().to_string();
+    assert!(
+        left.iter().all(|n| n.to_string() == pool_name),
+        "devices left active: {left:?}"
+    );
+    assert!(common::mounts_under(std::path::Path::new(&mnt)).is_empty());
+    let names = check_agreement(&d);
+    assert_eq!(names, BTreeSet::from(["fill".to_string()]));
 }

@@ -31,6 +31,8 @@ pub struct TestDaemon {
     pub config_path: PathBuf,
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// Where the daemon's sd_notify messages arrive (as systemd's NOTIFY_SOCKET).
+    notify: std::os::unix::net::UnixDatagram,
     child: Option<Child>,
 }
 
@@ -47,11 +49,15 @@ impl TestDaemon {
         let config_path = pool.dir.path().join("thinstack.toml");
         std::fs::write(&config_path, pool.config.to_toml()).unwrap();
         let log = pool.dir.path().join("thinstackd.log");
+        let notify =
+            std::os::unix::net::UnixDatagram::bind(pool.dir.path().join("notify.sock")).unwrap();
+        notify.set_nonblocking(true).unwrap();
         let mut daemon = TestDaemon {
             pool,
             config_path,
             socket,
             log,
+            notify,
             child: None,
         };
         daemon.spawn();
@@ -70,6 +76,7 @@ impl TestDaemon {
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            .env("NOTIFY_SOCKET", self.pool.dir.path().join("notify.sock"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -95,6 +102,16 @@ impl TestDaemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The sd_notify messages received since the last call.
+    pub fn notifications(&self) -> Vec<String> {
+        let mut messages = Vec::new();
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = self.notify.recv(&mut buffer) {
+            messages.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+        }
+        messages
     }
 
     /// The daemon's log so far.
