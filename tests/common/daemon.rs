@@ -109,7 +109,7 @@ impl TestDaemon {
         let mut messages = Vec::new();
         let mut buffer = [0u8; 4096];
         while let Ok(n) = self.notify.recv(&mut buffer) {
-            messages.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+            messages.push(String::from_utf8_lossy(&buffer[..n]).trim().to_string());
         }
         messages
     }
