@@ -54,34 +54,11 @@ fn main() -> std::process::ExitCode {
 fn run(args: &Args) -> Result<(), String> {
     let mut client = Client::new(&args.socket);
     for base in ["api-0", "cli-0"] {
-        let request = CreateRequest {
-            name: base.into(),
-            size: Some(thinstack::units::ByteSize::mib(64)),
-            ..CreateRequest::default()
-        };
-        let _: Value = client
-            .post("/v1/layers", &request)
-            .map_err(|e| e.to_string())?;
-        let _: Value = client
-            .post(&format!("/v1/layers/{base}/commit"), &Value::Null)
-            .map_err(|e| e.to_string())?;
+        create_and_commit(&mut client, base, None)?;
     }
     let api = chain(
         args.layers,
-        |parent, name| {
-            let request = CreateRequest {
-                name: name.into(),
-                parent: Some(parent.into()),
-                ..CreateRequest::default()
-            };
-            let _: Value = client
-                .post("/v1/layers", &request)
-                .map_err(|e| e.to_string())?;
-            let _: Value = client
-                .post(&format!("/v1/layers/{name}/commit"), &Value::Null)
-                .map_err(|e| e.to_string())?;
-            Ok(())
-        },
+        |parent, name| create_and_commit(&mut client, name, Some(parent)),
         "api",
     )?;
     let cli = chain(
@@ -137,6 +114,25 @@ fn chain(
         costs.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     Ok(costs)
+}
+
+/// Create `name` (a 64M base layer, or a snapshot of `parent`) and commit it, over the API.
+fn create_and_commit(client: &mut Client, name: &str, parent: Option<&str>) -> Result<(), String> {
+    let request = CreateRequest {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        size: parent
+            .is_none()
+            .then(|| thinstack::units::ByteSize::mib(64)),
+        ..CreateRequest::default()
+    };
+    let _: Value = client
+        .post("/v1/layers", &request)
+        .map_err(|e| e.to_string())?;
+    let _: Value = client
+        .post(&format!("/v1/layers/{name}/commit"), &Value::Null)
+        .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn run_cli(bin: &PathBuf, args: &[&str]) -> Result<(), String> {

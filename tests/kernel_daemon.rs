@@ -105,6 +105,10 @@ fn kernel_daemon_every_command_with_exit_codes_and_json() {
         json!(["kid"])
     );
     assert_eq!(d.cli(&["layer", "inspect", "nope"]).code, 3);
+    // A name that is not a name reaches the daemon intact and is refused by what it is.
+    let slash = d.cli(&["layer", "inspect", "a/../b"]);
+    assert_eq!(slash.code, 1, "{slash:?}");
+    assert!(slash.stderr.contains("a/../b"), "{slash:?}");
 
     // mount, write, usage; commit refused while mounted read-write
     let mounted = d.cli(&["layer", "mount", "kid"]);

@@ -257,7 +257,7 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
 
 fn layer_path(name: &str, action: &str) -> String {
     // Names are checked by the daemon; encoding keeps a bad one from changing the route.
-    let name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+    let name = percent_encoding::utf8_percent_encode(name, percent_encoding::NON_ALPHANUMERIC);
     if action.is_empty() {
         format!("/v1/layers/{name}")
     } else {

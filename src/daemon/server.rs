@@ -103,7 +103,15 @@ async fn answer(
     let method = request.method().as_str().to_string();
     let path = request.uri().path().to_string();
     let route = match routes::resolve(&method, &path) {
-        Resolved::Route(route, name) => (route, name.map(str::to_string)),
+        // A name arrives percent-encoded; decoded, the engine checks it (and names it in errors).
+        Resolved::Route(route, name) => (
+            route,
+            name.map(|n| {
+                percent_encoding::percent_decode_str(n)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            }),
+        ),
         Resolved::NoPath => {
             let message = format!("there is no route {path}; the routes are in /v1/openapi.json");
             return error_reply(404, ErrorKind::NotFound, message);
