@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::UnixListener;
 use tokio::sync::RwLock;
@@ -21,6 +21,9 @@ use super::routes::{self, Call, Resolved};
 use super::Daemon;
 use crate::api::{status_of, ErrorBody, ErrorDetail, MAX_BODY_BYTES};
 use crate::error::{Error, ErrorKind};
+
+/// How long a client may take to send a request's head.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Operations in flight hold this for reading; shutdown takes it for writing, so it waits for
 /// every operation, including those whose client went away.
@@ -50,7 +53,11 @@ pub async fn serve(
         };
         let (daemon, in_flight) = (daemon.clone(), in_flight.clone());
         let service = service_fn(move |request| handle(daemon.clone(), in_flight.clone(), request));
-        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        // A client that stalls inside a request head cannot hold a connection (or shutdown).
+        let connection = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
