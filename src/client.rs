@@ -137,6 +137,7 @@ impl Client {
         body: Option<Vec<u8>>,
     ) -> Result<(u16, Bytes), ClientError> {
         let reused = self.connection.is_some();
+        let body = Bytes::from(body.unwrap_or_default());
         match self.send(method, path, body.clone()) {
             Err(SendError::Closed(_)) if reused => {
                 self.connection = None;
@@ -147,29 +148,24 @@ impl Client {
         }
     }
 
-    fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<(u16, Bytes), SendError> {
+    fn send(&mut self, method: &str, path: &str, body: Bytes) -> Result<(u16, Bytes), SendError> {
         let socket = self.socket.clone();
-        let mut connection = self.connection.take();
+        let connection = self.connection.take();
         let request = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, "localhost")
             .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(body))
             .map_err(|e| SendError::Other(ClientError::Protocol(e.to_string())))?;
         let (result, connection) = self.runtime.block_on(async move {
-            if connection.is_none() {
-                match connect(&socket).await {
-                    Ok(c) => connection = Some(c),
+            let mut sender = match connection {
+                Some(sender) => sender,
+                None => match connect(&socket).await {
+                    Ok(sender) => sender,
                     Err(e) => return (Err(e), None),
-                }
-            }
-            let mut sender = connection.expect("connected");
+                },
+            };
             if sender.ready().await.is_err() {
                 return (Err(SendError::Closed("connection closed".into())), None);
             }

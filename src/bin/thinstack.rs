@@ -205,15 +205,14 @@ fn main() -> ExitCode {
     let mut stdout = std::io::stdout().lock();
     match result {
         Ok(out) => {
-            let printed = if args.json {
+            // A closed pipe (thinstack ... | head) is not an error of the operation.
+            let _ = if args.json {
                 writeln!(stdout, "{}", out.json)
             } else if out.text.is_empty() {
                 Ok(())
             } else {
                 writeln!(stdout, "{}", out.text.trim_end())
             };
-            // A closed pipe (thinstack ... | head) is not an error of the operation.
-            let _ = printed;
             ExitCode::SUCCESS
         }
         Err(e) => {

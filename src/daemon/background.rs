@@ -1,6 +1,7 @@
 //! Work the daemon does on its own: retrying deferred removals, watching pool space (warnings
 //! at 80% and 90%), and growing a loop-backed pool before it fills.
 
+use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -8,7 +9,7 @@ use std::time::Duration;
 
 use super::Daemon;
 use crate::config::{Backend, LoopConfig};
-use crate::kernel::{PoolUsage, Space};
+use crate::kernel::{loopdev, PoolUsage, Space};
 use crate::units::ByteSize;
 
 /// Shares of use at which a warning is logged (once per crossing).
@@ -93,33 +94,30 @@ fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, usage: &PoolUsage) {
     if threshold >= 100.0 {
         return;
     }
-    let grow = |space: &Space, max: ByteSize| -> Option<ByteSize> {
-        if space.percent_used() < threshold || space.total >= max {
+    // Growth is reckoned from the files: the pool's data total is whole blocks of its file.
+    let backing = daemon.engine.kernel().pool().backing();
+    let grow = |space: &Space, file: &Path, max: ByteSize| -> Option<ByteSize> {
+        if space.percent_used() < threshold {
             return None;
         }
-        let step = config
-            .autoextend_percent
-            .of(space.total.bytes())
-            .max(1 << 20);
+        let current = loopdev::file_size(file).ok()?;
+        if current >= max {
+            return None;
+        }
+        let step = config.autoextend_percent.of(current.bytes()).max(1 << 20);
         Some(ByteSize::from_bytes(
-            (space.total.bytes() + step).min(max.bytes()),
+            (current.bytes() + step).min(max.bytes()),
         ))
     };
-    let data = grow(&usage.data, config.data_size_max);
-    let metadata = grow(&usage.metadata, config.metadata_size_max.size());
+    let data = grow(&usage.data, &backing.data_file, config.data_size_max);
+    let metadata = grow(
+        &usage.metadata,
+        &backing.metadata_file,
+        config.metadata_size_max.size(),
+    );
     if data.is_none() && metadata.is_none() {
         return;
     }
-    // The pool's data total is whole blocks of the file; grow from the file's size.
-    let files = daemon.engine.kernel().pool().backing().clone();
-    let from_file = |path: &std::path::Path, target: Option<ByteSize>, total: ByteSize| {
-        target.map(|t| {
-            let file = crate::kernel::loopdev::file_size(path).unwrap_or(total);
-            ByteSize::from_bytes(file.bytes().max(t.bytes()))
-        })
-    };
-    let data = from_file(&files.data_file, data, usage.data.total);
-    let metadata = from_file(&files.metadata_file, metadata, usage.metadata.total);
     match daemon.extend(data, metadata) {
         Ok((data, metadata)) => {
             tracing::warn!(%data, %metadata, "pool was filling up; extended it")

@@ -186,7 +186,9 @@ fn only_query(call: &Call, allowed: &[&str]) -> Result<()> {
 
 fn openapi(_: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    let document: Value = serde_json::from_str(OPENAPI).expect("openapi.json is valid JSON");
+    static DOCUMENT: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let document =
+        DOCUMENT.get_or_init(|| serde_json::from_str(OPENAPI).expect("openapi.json is JSON"));
     ok(document)
 }
 

@@ -80,16 +80,11 @@ async fn handle(
     let path = request.uri().path().to_string();
     // A task of its own: a request received whole is carried out whole, even when the client
     // goes away and hyper drops this future.
-    let (status, body) = tokio::spawn(answer(daemon, in_flight, request))
-        .await
-        .unwrap_or_else(|e| {
-            tracing::error!(error = %e, "request task failed");
-            error_reply(
-                500,
-                ErrorKind::Inconsistent,
-                "thinstackd hit a bug handling this request; see its log".to_string(),
-            )
-        });
+    let task = answer(daemon, in_flight, method.clone(), path.clone(), request);
+    let (status, body) = tokio::spawn(task).await.unwrap_or_else(|e| {
+        tracing::error!(%method, %path, error = %e, "request task failed");
+        bug_reply()
+    });
     tracing::debug!(%method, %path, status, elapsed_ms = started.elapsed().as_millis() as u64, "request");
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() =
@@ -105,10 +100,10 @@ async fn handle(
 async fn answer(
     daemon: Arc<Daemon>,
     in_flight: InFlight,
+    method: String,
+    path: String,
     request: Request<Incoming>,
 ) -> (u16, Vec<u8>) {
-    let method = request.method().as_str().to_string();
-    let path = request.uri().path().to_string();
     let route = match routes::resolve(&method, &path) {
         // A name arrives percent-encoded; decoded, the engine checks it (and names it in errors).
         Resolved::Route(route, name) => (
@@ -159,7 +154,7 @@ async fn answer(
     };
     let guard = in_flight.read_owned().await;
     let (route, name) = route;
-    // The operation runs to its end even when the client goes away meanwhile.
+    // Engine operations block (ioctls, mkfs): a blocking thread each.
     let result = tokio::task::spawn_blocking(move || {
         let _in_flight = guard;
         let call = Call {
@@ -173,25 +168,28 @@ async fn answer(
     match result {
         Ok(Ok((status, value))) => (status, serde_json::to_vec(&value).unwrap_or_default()),
         Ok(Err(e)) => {
+            let message = full_message(&e);
             if matches!(
                 e.kind(),
                 ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::AlreadyExists
             ) {
-                tracing::debug!(%method, %path, error = %full_message(&e), "request refused");
+                tracing::debug!(%method, %path, error = %message, "request refused");
             } else {
-                tracing::warn!(%method, %path, error = %full_message(&e), "request failed");
+                tracing::warn!(%method, %path, error = %message, "request failed");
             }
-            error_reply(status_of(e.kind()), e.kind(), full_message(&e))
+            error_reply(status_of(e.kind()), e.kind(), message)
         }
         Err(panic) => {
             tracing::error!(%method, %path, error = %panic, "request handler panicked");
-            error_reply(
-                500,
-                ErrorKind::Inconsistent,
-                "thinstackd hit a bug handling this request; see its log".to_string(),
-            )
+            bug_reply()
         }
     }
+}
+
+/// The answer when a request's task failed: a bug of ours, not the caller's.
+fn bug_reply() -> (u16, Vec<u8>) {
+    let message = "thinstackd hit a bug handling this request; see its log".to_string();
+    error_reply(500, ErrorKind::Inconsistent, message)
 }
 
 fn error_reply(status: u16, kind: ErrorKind, message: String) -> (u16, Vec<u8>) {

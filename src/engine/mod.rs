@@ -261,6 +261,10 @@ impl Index {
         }
     }
 
+    fn deferred_count(&self) -> usize {
+        self.layers.values().filter(|l| l.deferred).count()
+    }
+
     fn names_where(&self, keep: impl Fn(&LayerRecord) -> bool) -> Vec<LayerName> {
         self.layers
             .values()
@@ -343,11 +347,6 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Give back the kernels (to tear the pool down).
     pub fn into_kernels(self) -> (K, F) {
         (self.kernel, self.fs)
-    }
-
-    /// The engine's settings.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
     }
 
     /// The pool's transaction id as the records have it.
@@ -438,7 +437,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Whether a layer of that name exists (in any state).
-    pub fn contains(&self, name: &LayerName) -> bool {
+    fn contains(&self, name: &LayerName) -> bool {
         self.index().layers.contains_key(name)
     }
 
@@ -452,8 +451,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let usage = self.kernel.usage()?;
         let (layers, deferred_deletions) = {
             let index = self.index();
-            let deferred = index.layers.values().filter(|l| l.deferred).count();
-            (index.layers.len(), deferred)
+            (index.layers.len(), index.deferred_count())
         };
         Ok(Status {
             pool: self.kernel.details(),
@@ -472,7 +470,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// How many layers wait for deferred removal.
     pub fn deferred_count(&self) -> usize {
-        self.index().layers.values().filter(|l| l.deferred).count()
+        self.index().deferred_count()
     }
 
     /// Bytes of pool data the layer maps (its own and those shared with its parents).
