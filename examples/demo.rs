@@ -91,7 +91,11 @@ fn run(args: &Args) -> Result<()> {
     let pool = Pool::open(&config, &dm)?;
     if args.teardown {
         // After scripts/demo's daemon stopped with every layer deactivated.
-        let metadata = pool.backing().metadata_file.clone();
+        let metadata = pool
+            .loop_backing()
+            .expect("the demo uses the loop backend")
+            .metadata_file
+            .clone();
         pool.teardown(&dm)?;
         thinstack::kernel::thin_tools::check(&metadata)?;
         println!("    pool torn down; thin_check of the metadata: clean");
@@ -181,7 +185,11 @@ fn run(args: &Args) -> Result<()> {
     }
     let (kernel, _) = engine.into_kernels();
     let (dm, pool) = kernel.into_parts();
-    let metadata = pool.backing().metadata_file.clone();
+    let metadata = pool
+        .loop_backing()
+        .expect("the demo uses the loop backend")
+        .metadata_file
+        .clone();
     pool.teardown(&dm)?;
     thinstack::kernel::thin_tools::check(&metadata)?;
     println!("    thin_check of the metadata: clean");

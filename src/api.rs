@@ -84,6 +84,42 @@ pub struct ExtendRequest {
     pub metadata: Option<ByteSize>,
 }
 
+/// `POST /v1/pool/add-device`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddDeviceRequest {
+    /// The disk to add to the volume group.
+    pub device: PathBuf,
+    /// Wipe signatures found on it instead of refusing.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Answer to `POST /v1/pool/add-device`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddDeviceResponse {
+    /// The disk added.
+    pub device: PathBuf,
+    /// Free space in the volume group after.
+    pub volume_group_free: ByteSize,
+}
+
+/// `POST /v1/pool/destroy`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestroyRequest {
+    /// Remove the layers too (refused while layers exist otherwise).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Answer to `POST /v1/pool/destroy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestroyResponse {
+    /// How many layers were removed with the pool.
+    pub layers_removed: usize,
+}
+
 /// `POST /v1/layers/{name}/activate`
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceResponse {

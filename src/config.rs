@@ -121,6 +121,12 @@ pub struct PoolConfig {
     /// `[pool.loop]`
     #[serde(rename = "loop")]
     pub loop_files: LoopConfig,
+    /// `[pool.lvm]`
+    pub lvm: LvmConfig,
+    /// `[pool.existing]`
+    pub existing: ExistingConfig,
+    /// `[pool.devices]`
+    pub devices: DevicesConfig,
 }
 
 /// `pool.backend`
@@ -129,6 +135,115 @@ pub struct PoolConfig {
 pub enum Backend {
     /// Sparse files under the state directory attached to loop devices.
     Loop,
+    /// An LVM thin pool that thinstack makes on raw block devices ("direct-lvm").
+    Lvm,
+    /// A thin pool someone else made, adopted as it is.
+    Existing,
+    /// A thin pool that thinstack makes directly on a raw data and a raw metadata device.
+    Devices,
+}
+
+impl Backend {
+    /// The name used in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Loop => "loop",
+            Backend::Lvm => "lvm",
+            Backend::Existing => "existing",
+            Backend::Devices => "devices",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[pool.lvm]`: the volume group and thin pool made on `devices`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LvmConfig {
+    /// Raw block devices that become the volume group's physical volumes.
+    pub devices: Vec<AbsolutePath>,
+    /// The volume group made on them.
+    pub volume_group: VolumeGroupName,
+    /// Share of the volume group given to the pool's data at creation.
+    pub data_percent: Percent,
+    /// Share of the volume group given to the pool's metadata at creation.
+    pub metadata_percent: Percent,
+    /// The pool's chunk (block) size; it replaces `pool.block_size` for this backend.
+    pub chunk_size: BlockSize,
+    /// Extend the pool when data or metadata use crosses this share; 100% = never.
+    pub autoextend_threshold: Percent,
+    /// Extend by this share of the current size each time.
+    pub autoextend_percent: Percent,
+    /// Wipe filesystem, partition and RAID signatures found on `devices` instead of refusing.
+    pub force: bool,
+}
+
+/// `[pool.existing]`: a thin pool made by someone else.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExistingConfig {
+    /// The pool's device-mapper name, or its `/dev/mapper/<name>` path.
+    pub device: String,
+}
+
+/// `[pool.devices]`: raw devices the pool is made on directly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DevicesConfig {
+    /// The block device for the pool's data.
+    pub data: Option<AbsolutePath>,
+    /// The block device for the pool's metadata (2M to 16G are used).
+    pub metadata: Option<AbsolutePath>,
+    /// Wipe signatures found on the devices instead of refusing.
+    pub force: bool,
+}
+
+/// A volume group name as LVM accepts it: letters, digits, `+_.-`, not starting with `-`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct VolumeGroupName(String);
+
+impl VolumeGroupName {
+    /// Validate `name` by LVM's rules (`man lvm`, "VALID NAMES").
+    pub fn new(name: &str) -> std::result::Result<Self, String> {
+        let valid_chars = name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '_' | '.' | '-'));
+        if name.is_empty()
+            || name.len() > 127
+            || !valid_chars
+            || name.starts_with('-')
+            || name == "."
+            || name == ".."
+        {
+            return Err(format!(
+                "{name:?} is not a volume group name; use 1 to 127 letters, digits and '+_.-', not starting with '-'"
+            ));
+        }
+        Ok(VolumeGroupName(name.to_string()))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for VolumeGroupName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        VolumeGroupName::new(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for VolumeGroupName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// `[pool.loop]`
@@ -186,6 +301,24 @@ impl Default for PoolConfig {
             block_size: BlockSize(BLOCK_SIZE_MIN),
             min_free_space: Percent::new(10).expect("valid default"),
             loop_files: LoopConfig::default(),
+            lvm: LvmConfig::default(),
+            existing: ExistingConfig::default(),
+            devices: DevicesConfig::default(),
+        }
+    }
+}
+
+impl Default for LvmConfig {
+    fn default() -> Self {
+        LvmConfig {
+            devices: Vec::new(),
+            volume_group: VolumeGroupName("thinstack".to_string()),
+            data_percent: Percent::new(95).expect("valid default"),
+            metadata_percent: Percent::new(1).expect("valid default"),
+            chunk_size: BlockSize(ByteSize::from_bytes(512 * 1024)),
+            autoextend_threshold: Percent::new(80).expect("valid default"),
+            autoextend_percent: Percent::new(20).expect("valid default"),
+            force: false,
         }
     }
 }
@@ -403,6 +536,7 @@ impl Config {
                 ),
             ));
         }
+        self.check_backend()?;
         if !self.daemon.socket_group.is_empty() && !is_group_name(&self.daemon.socket_group) {
             return Err(KeyError::new(
                 "daemon.socket_group",
@@ -425,6 +559,116 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// The chosen backend's section must say what it needs.
+    fn check_backend(&self) -> std::result::Result<(), KeyError> {
+        match self.pool.backend {
+            Backend::Loop => Ok(()),
+            Backend::Lvm => check_lvm(&self.pool.lvm),
+            Backend::Existing => check_existing(&self.pool.existing),
+            Backend::Devices => check_devices(&self.pool.devices),
+        }
+    }
+
+    /// The pool's block size: `pool.lvm.chunk_size` for LVM, `pool.block_size` otherwise (an
+    /// existing pool keeps its own, which is read from the kernel).
+    pub fn block_size(&self) -> ByteSize {
+        match self.pool.backend {
+            Backend::Lvm => self.pool.lvm.chunk_size.size(),
+            _ => self.pool.block_size.size(),
+        }
+    }
+}
+
+fn check_lvm(lvm: &LvmConfig) -> std::result::Result<(), KeyError> {
+    if lvm.devices.is_empty() {
+        return Err(KeyError::new(
+            "pool.lvm.devices",
+            "pool.backend is \"lvm\" but pool.lvm.devices is empty; name the raw block devices for the volume group, such as [\"/dev/sdb\"]".to_string(),
+        ));
+    }
+    if let Some(twice) = first_repeated(lvm.devices.iter().map(AbsolutePath::path)) {
+        return Err(KeyError::new(
+            "pool.lvm.devices",
+            format!("{} is listed twice; list each device once", twice.display()),
+        ));
+    }
+    for (key, value) in [
+        ("pool.lvm.data_percent", lvm.data_percent),
+        ("pool.lvm.metadata_percent", lvm.metadata_percent),
+    ] {
+        if value.value() == 0 {
+            return Err(KeyError::new(
+                key,
+                "0% leaves the pool no room; give it at least 1%".to_string(),
+            ));
+        }
+    }
+    let total = u16::from(lvm.data_percent.value()) + u16::from(lvm.metadata_percent.value());
+    if total > 100 {
+        return Err(KeyError::new(
+            "pool.lvm.metadata_percent",
+            format!(
+                "data_percent {} + metadata_percent {} is {total}%, more than the volume group; make them add up to at most 100%",
+                lvm.data_percent, lvm.metadata_percent
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_existing(existing: &ExistingConfig) -> std::result::Result<(), KeyError> {
+    let name = existing
+        .device
+        .strip_prefix("/dev/mapper/")
+        .unwrap_or(&existing.device);
+    let usable = !name.is_empty()
+        && name.len() < 128
+        && !name.contains('/')
+        && name != "."
+        && name != ".."
+        && !name.contains(char::is_control);
+    if !usable {
+        return Err(KeyError::new(
+            "pool.existing.device",
+            format!(
+                "{:?} is not a thin pool's device-mapper name; write its name (\"docker-thinpool\") or /dev/mapper path (\"/dev/mapper/docker-thinpool\")",
+                existing.device
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn check_devices(devices: &DevicesConfig) -> std::result::Result<(), KeyError> {
+    let (Some(data), Some(metadata)) = (&devices.data, &devices.metadata) else {
+        let key = if devices.data.is_none() {
+            "pool.devices.data"
+        } else {
+            "pool.devices.metadata"
+        };
+        return Err(KeyError::new(
+            key,
+            format!("pool.backend is \"devices\" but {key} is not set; name a raw block device, such as \"/dev/sdb\""),
+        ));
+    };
+    if data == metadata {
+        return Err(KeyError::new(
+            "pool.devices.metadata",
+            format!(
+                "data and metadata are both {}; they must be two different devices",
+                data.path().display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn first_repeated<'a>(paths: impl Iterator<Item = &'a Path>) -> Option<&'a Path> {
+    let mut seen = std::collections::BTreeSet::new();
+    paths.into_iter().find(|path| !seen.insert(*path))
 }
 
 /// A POSIX-style group name (checked here; whether it exists is checked at start-up).
@@ -551,6 +795,54 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn each_backend_must_say_what_it_needs() {
+        let lvm = "[pool]\nbackend = \"lvm\"\n";
+        let text = error_of(lvm);
+        assert!(text.contains("pool.lvm.devices is empty"), "{text}");
+        let text = error_of(&format!(
+            "{lvm}[pool.lvm]\ndevices = [\"/dev/sdb\", \"/dev/sdb\"]\n"
+        ));
+        assert!(text.contains("/dev/sdb is listed twice"), "{text}");
+        let text = error_of(&format!(
+            "{lvm}[pool.lvm]\ndevices = [\"/dev/sdb\"]\ndata_percent = 95\nmetadata_percent = 10\n"
+        ));
+        assert!(text.contains("is 105%"), "{text}");
+        assert!(text.contains("line 6"), "{text}");
+        let text = error_of("[pool.lvm]\nvolume_group = \"-bad\"\n");
+        assert!(text.contains("is not a volume group name"), "{text}");
+        let text = error_of("[pool.lvm]\ndevices = [\"sdb\"]\n");
+        assert!(text.contains("pool.lvm.devices"), "{text}");
+        let ok = Config::parse(
+            &format!("{lvm}[pool.lvm]\ndevices = [\"/dev/sdb\"]\nchunk_size = \"1M\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(ok.block_size(), ByteSize::mib(1));
+
+        let text = error_of("[pool]\nbackend = \"devices\"\n[pool.devices]\ndata = \"/dev/sdb\"\n");
+        assert!(text.contains("pool.devices.metadata is not set"), "{text}");
+        let text = error_of(
+            "[pool]\nbackend = \"devices\"\n[pool.devices]\ndata = \"/dev/sdb\"\nmetadata = \"/dev/sdb\"\n",
+        );
+        assert!(text.contains("two different devices"), "{text}");
+
+        let text = error_of("[pool]\nbackend = \"existing\"\n");
+        assert!(text.contains("pool.existing.device"), "{text}");
+        let text = error_of(
+            "[pool]\nbackend = \"existing\"\n[pool.existing]\ndevice = \"/dev/mapper/../x\"\n",
+        );
+        assert!(
+            text.contains("is not a thin pool's device-mapper name"),
+            "{text}"
+        );
+        Config::parse(
+            "[pool]\nbackend = \"existing\"\n[pool.existing]\ndevice = \"/dev/mapper/docker-thinpool\"\n",
+            "t",
+        )
+        .unwrap();
     }
 
     #[test]

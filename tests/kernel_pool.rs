@@ -118,11 +118,11 @@ fn kernel_reopen_adopts_an_active_pool() {
     let t = TestPool::new("adopt", "");
     let first = open_pool(&t, &dm);
     first.create_thin(&dm, id(5)).unwrap();
-    let backing = first.backing().clone();
+    let backing = first.loop_backing().unwrap().clone();
 
     let second = open_pool(&t, &dm);
     assert!(!second.was_created());
-    assert_eq!(second.backing(), &backing);
+    assert_eq!(second.loop_backing(), Some(&backing));
     assert_eq!(
         second.status(&dm).unwrap().data.total,
         first.status(&dm).unwrap().data.total

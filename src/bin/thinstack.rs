@@ -11,12 +11,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use serde_json::Value;
 use thinstack::api::{
-    CreateRequest, DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
-    MountResponse, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
+    AddDeviceRequest, AddDeviceResponse, CreateRequest, DestroyRequest, DestroyResponse,
+    DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest, MountResponse,
+    RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
 use thinstack::engine::{Layer, Removal, Status};
 use thinstack::kernel::fs::FsType;
+use thinstack::pool::CheckReport;
 use thinstack::units::ByteSize;
 use thinstack::ErrorKind;
 
@@ -58,8 +60,7 @@ enum Command {
 enum PoolCommand {
     /// Space, health and settings of the pool.
     Status,
-    /// Grow the pool's data and/or metadata area.
-    #[command(arg_required_else_help = true)]
+    /// Grow the pool's data and/or metadata area (a devices pool: take up its devices' size).
     Extend {
         /// New size of the data area, such as 200G.
         #[arg(long, value_name = "SIZE")]
@@ -67,6 +68,24 @@ enum PoolCommand {
         /// New size of the metadata area, such as 4G.
         #[arg(long, value_name = "SIZE")]
         metadata: Option<ByteSize>,
+    },
+    /// Add a disk to an lvm pool's volume group (checked like the first disks).
+    AddDevice {
+        /// The disk, such as /dev/sdc.
+        device: PathBuf,
+        /// Wipe filesystem and partition signatures on it instead of refusing.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Check the pool's metadata with thin_check (through a metadata snapshot); exit 1 when
+    /// damage is found.
+    Check,
+    /// Remove the pool and what thinstack made for it (loop files, or LVM volumes, volume
+    /// group and PV labels); an adopted pool stays. thinstackd stops afterwards.
+    Destroy {
+        /// Remove every layer too (refused while layers exist otherwise).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -250,6 +269,40 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
                 sizes.data, sizes.metadata
             );
             Ok(output(&sizes, text))
+        }
+        PoolCommand::AddDevice { device, force } => {
+            let added: AddDeviceResponse =
+                client.post("/v1/pool/add-device", &AddDeviceRequest { device, force })?;
+            let text = format!(
+                "Added {} to the volume group; it has {} free now.",
+                added.device.display(),
+                added.volume_group_free
+            );
+            Ok(output(&added, text))
+        }
+        PoolCommand::Check => {
+            let report: CheckReport = client.post("/v1/pool/check", &Value::Null)?;
+            if !report.clean {
+                return Err(ClientError::Api {
+                    status: 200,
+                    kind: ErrorKind::Inconsistent,
+                    message: format!(
+                        "pool metadata is damaged ({}): {}",
+                        report.checked, report.findings
+                    ),
+                });
+            }
+            let text = format!("Pool metadata is clean ({}).", report.checked);
+            Ok(output(&report, text))
+        }
+        PoolCommand::Destroy { force } => {
+            let destroyed: DestroyResponse =
+                client.post("/v1/pool/destroy", &DestroyRequest { force })?;
+            let text = format!(
+                "Pool destroyed ({} layer(s) removed with it); thinstackd has stopped.",
+                destroyed.layers_removed
+            );
+            Ok(output(&destroyed, text))
         }
     }
 }

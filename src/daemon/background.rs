@@ -1,5 +1,6 @@
 //! Work the daemon does on its own: retrying deferred removals, watching pool space (warnings
-//! at 80% and 90%), and growing a loop-backed pool before it fills.
+//! at 80% and 90%), and growing a loop or LVM pool before it fills (an LVM pool only where
+//! dmeventd does not run: then LVM's own monitoring does it).
 
 use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -8,8 +9,9 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::Daemon;
-use crate::config::{Backend, LoopConfig};
+use crate::config::LoopConfig;
 use crate::kernel::{loopdev, PoolUsage, Space};
+use crate::pool::{lvm, Backing, LoopBacking, LvmBacking};
 use crate::units::ByteSize;
 
 /// Shares of use at which a warning is logged (once per crossing).
@@ -54,6 +56,7 @@ pub fn spawn(daemon: Arc<Daemon>) -> Watcher {
 struct Levels {
     data: usize,
     metadata: usize,
+    volume_group_full: bool,
 }
 
 fn watch_once(daemon: &Daemon, levels: &mut Levels) {
@@ -73,8 +76,15 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
     };
     warn_on_crossing("data", &usage.data, &mut levels.data);
     warn_on_crossing("metadata", &usage.metadata, &mut levels.metadata);
-    match daemon.config.pool.backend {
-        Backend::Loop => autoextend_loop(daemon, &daemon.config.pool.loop_files, &usage),
+    match daemon.engine.kernel().pool().backing() {
+        Backing::Loop(files) => {
+            autoextend_loop(daemon, &daemon.config.pool.loop_files, files, &usage)
+        }
+        Backing::Lvm(volumes) if !crate::kernel::lvm::dmeventd_running() => {
+            autoextend_lvm(daemon, volumes, &usage, &mut levels.volume_group_full)
+        }
+        // dmeventd extends a monitored LVM pool; other pools are sized by whoever made them.
+        Backing::Lvm(_) | Backing::Devices(_) | Backing::Existing => {}
     }
 }
 
@@ -89,13 +99,12 @@ fn warn_on_crossing(area: &str, space: &Space, level: &mut usize) {
 
 /// Grow the loop files by `autoextend_percent` when use crosses `autoextend_threshold`, up to
 /// the configured maximum.
-fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, usage: &PoolUsage) {
+fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, backing: &LoopBacking, usage: &PoolUsage) {
     let threshold = f64::from(config.autoextend_threshold.value());
     if threshold >= 100.0 {
         return;
     }
     // Growth is reckoned from the files: the pool's data total is whole blocks of its file.
-    let backing = daemon.engine.kernel().pool().backing();
     let grow = |space: &Space, file: &Path, max: ByteSize| -> Option<ByteSize> {
         if space.percent_used() < threshold {
             return None;
@@ -118,6 +127,61 @@ fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, usage: &PoolUsage) {
     if data.is_none() && metadata.is_none() {
         return;
     }
+    match daemon.extend(data, metadata) {
+        Ok((data, metadata)) => {
+            tracing::warn!(%data, %metadata, "pool was filling up; extended it")
+        }
+        Err(e) => tracing::error!(error = %e, "automatic pool extension failed"),
+    }
+}
+
+/// Extend the LVM pool's data and metadata volumes when use crosses `autoextend_threshold`,
+/// while the volume group has free extents; a full volume group is reported once.
+fn autoextend_lvm(
+    daemon: &Daemon,
+    volumes: &LvmBacking,
+    usage: &PoolUsage,
+    full_reported: &mut bool,
+) {
+    let config = &daemon.config.pool.lvm;
+    let threshold = f64::from(config.autoextend_threshold.value());
+    if threshold >= 100.0 {
+        return;
+    }
+    let over = (
+        usage.data.percent_used() >= threshold,
+        usage.metadata.percent_used() >= threshold,
+    );
+    if !over.0 && !over.1 {
+        *full_reported = false;
+        return;
+    }
+    let planned = lvm::volume_group(volumes).and_then(|vg| {
+        let sizes = daemon
+            .engine
+            .kernel()
+            .pool()
+            .sizes(daemon.engine.kernel().dm())?;
+        Ok((
+            lvm::plan_growth(sizes, over, &vg, config.autoextend_percent),
+            vg,
+        ))
+    });
+    let ((data, metadata), vg) = match planned {
+        Ok(planned) => planned,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot plan the pool's extension");
+            return;
+        }
+    };
+    if data.is_none() && metadata.is_none() {
+        if !*full_reported {
+            tracing::error!(volume_group = %vg.name, data = %usage.data.describe(), "the pool is over its extension threshold but its volume group is full; add a disk (thinstack pool add-device DEVICE)");
+            *full_reported = true;
+        }
+        return;
+    }
+    tracing::info!(volume_group = %vg.name, free = %vg.free(), ?data, ?metadata, "pool over its extension threshold; extending its volumes");
     match daemon.extend(data, metadata) {
         Ok((data, metadata)) => {
             tracing::warn!(%data, %metadata, "pool was filling up; extended it")

@@ -12,22 +12,27 @@ pub mod routes;
 mod server;
 mod socket;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::{Backend, Config};
 use crate::engine::{Engine, Settings};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::dm::Dm;
 use crate::kernel::real::{RealFs, RealPool};
-use crate::pool::Pool;
-use crate::records::StateLock;
+use crate::kernel::PoolKernel;
+use crate::pool::{lvm, Backing, CheckReport, Pool};
+use crate::records::{self, StateLock};
 use crate::units::ByteSize;
 
 /// The running daemon's state, shared by request handlers and background work.
 pub struct Daemon {
     engine: Engine<RealPool, RealFs>,
     config: Config,
+    /// Set once the pool is destroyed: nothing more is served, and the daemon stops.
+    destroyed: AtomicBool,
+    stop: tokio::sync::Notify,
 }
 
 impl Daemon {
@@ -43,7 +48,12 @@ impl Daemon {
         if !report.is_clean() {
             tracing::warn!(?report, "records were reconciled with the pool at start-up");
         }
-        Ok(Daemon { engine, config })
+        Ok(Daemon {
+            engine,
+            config,
+            destroyed: AtomicBool::new(false),
+            stop: tokio::sync::Notify::new(),
+        })
     }
 
     /// The layer engine.
@@ -51,17 +61,74 @@ impl Daemon {
         &self.engine
     }
 
-    /// Grow the pool's data and metadata areas (loop backend: the files).
+    /// Grow the pool's data and metadata areas to the sizes given (a `devices` pool: to its
+    /// devices' current sizes, so no size is needed).
     pub fn extend(
         &self,
         data: Option<ByteSize>,
         metadata: Option<ByteSize>,
     ) -> Result<(ByteSize, ByteSize)> {
-        match self.config.pool.backend {
-            Backend::Loop => self
-                .engine
-                .exclusive_pool(|kernel| kernel.pool().extend(kernel.dm(), data, metadata)),
+        if data.is_none() && metadata.is_none() && self.config.pool.backend != Backend::Devices {
+            return Err(Error::invalid(
+                "say how large the pool should become: data, metadata, or both",
+            ));
         }
+        self.engine
+            .exclusive_pool(|kernel| kernel.pool().extend(kernel.dm(), data, metadata))
+    }
+
+    /// Add a disk to a direct-LVM pool's volume group (after the safety checks).
+    pub fn add_device(&self, device: &Path, force: bool) -> Result<ByteSize> {
+        let Backing::Lvm(backing) = self.engine.kernel().pool().backing() else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "only an lvm pool takes more disks; this pool's backend is {}",
+                    self.config.pool.backend
+                ),
+            ));
+        };
+        self.engine.exclusive_pool(|_| {
+            lvm::add_device(&self.config, backing, device, force)?;
+            Ok(lvm::volume_group(backing)?.free())
+        })
+    }
+
+    /// Check the pool's metadata through a metadata snapshot.
+    pub fn check(&self) -> Result<CheckReport> {
+        self.engine
+            .exclusive_pool(|kernel| kernel.pool().check_metadata(kernel.dm()))
+    }
+
+    /// Remove every layer (only when `force`, if there are any), then what thinstack made for
+    /// the pool, and the records; the daemon stops afterwards.
+    pub fn destroy(&self, force: bool) -> Result<usize> {
+        let removed = self.engine.remove_all(force)?;
+        self.destroyed.store(true, Ordering::SeqCst);
+        let destroyed = self.engine.exclusive_pool(|kernel| {
+            let pool = kernel.pool();
+            if matches!(pool.backing(), Backing::Existing) {
+                // Leave an adopted pool as it was found: empty, transaction id 0.
+                let now = kernel.usage()?.transaction_id;
+                kernel.set_transaction_id(now, 0)?;
+            }
+            pool.destroy(kernel.dm(), &self.config)
+        });
+        if let Err(e) = destroyed {
+            self.destroyed.store(false, Ordering::SeqCst);
+            return Err(e);
+        }
+        let state_dir = self.config.state_dir.path();
+        records::remove(&state_dir.join("txn.json"))?;
+        let _ = std::fs::remove_dir(state_dir.join("layers"));
+        tracing::warn!(layers = removed, "pool destroyed; thinstackd stops");
+        self.stop.notify_one();
+        Ok(removed)
+    }
+
+    /// Whether the pool was destroyed (requests are refused from then on).
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed.load(Ordering::SeqCst)
     }
 
     /// Unmount and deactivate every layer (for `daemon.deactivate_on_shutdown`).
@@ -110,7 +177,7 @@ pub fn run(config: Config) -> Result<()> {
     runtime.block_on(serve(daemon.clone(), socket_path))?;
     // Blocking work still running (none after a graceful stop) must finish before the lock goes.
     drop(runtime);
-    if daemon.config.daemon.deactivate_on_shutdown {
+    if daemon.config.daemon.deactivate_on_shutdown && !daemon.is_destroyed() {
         daemon.deactivate_all();
     }
     tracing::info!("thinstackd stopped");
@@ -122,7 +189,13 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
     let watcher = background::spawn(daemon.clone());
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     tracing::info!(socket = %socket_path.display(), "serving the API");
-    server::serve(daemon, listener, shutdown_signal()).await;
+    let stop = async {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = daemon.stop.notified() => {}
+        }
+    };
+    server::serve(daemon.clone(), listener, stop).await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     watcher.stop().await;
     let _ = std::fs::remove_file(&socket_path);

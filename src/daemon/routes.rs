@@ -9,9 +9,9 @@ use serde_json::Value;
 
 use super::Daemon;
 use crate::api::{
-    CreateRequest, DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
-    MountResponse, RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest, UsageResponse,
-    VersionResponse,
+    AddDeviceRequest, AddDeviceResponse, CreateRequest, DestroyRequest, DestroyResponse,
+    DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest, MountResponse,
+    RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest, UsageResponse, VersionResponse,
 };
 use crate::engine::{CreateLayer, Removal};
 use crate::error::{Error, ErrorKind, Result};
@@ -47,6 +47,9 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/version", version),
     route("GET", "/v1/pool", pool_status),
     route("POST", "/v1/pool/extend", pool_extend),
+    route("POST", "/v1/pool/add-device", pool_add_device),
+    route("POST", "/v1/pool/check", pool_check),
+    route("POST", "/v1/pool/destroy", pool_destroy),
     route("GET", "/v1/layers", list_layers),
     route("POST", "/v1/layers", create_layer),
     route("GET", "/v1/layers/{name}", inspect_layer),
@@ -121,6 +124,12 @@ fn match_path<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>> {
 impl Route {
     /// Run the route's handler.
     pub fn call(&self, daemon: &Daemon, call: &Call) -> Result<Reply> {
+        if daemon.is_destroyed() && self.method != "GET" {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                "the pool was destroyed and thinstackd is stopping; start it again to make a new pool",
+            ));
+        }
         (self.handler)(daemon, call)
     }
 }
@@ -208,13 +217,30 @@ fn pool_status(daemon: &Daemon, call: &Call) -> Result<Reply> {
 fn pool_extend(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: ExtendRequest = body(call)?;
-    if request.data.is_none() && request.metadata.is_none() {
-        return Err(Error::invalid(
-            "say how large the pool should become: data, metadata, or both",
-        ));
-    }
     let (data, metadata) = daemon.extend(request.data, request.metadata)?;
     ok(ExtendResponse { data, metadata })
+}
+
+fn pool_add_device(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: AddDeviceRequest = body(call)?;
+    let free = daemon.add_device(&request.device, request.force)?;
+    ok(AddDeviceResponse {
+        device: request.device,
+        volume_group_free: free,
+    })
+}
+
+fn pool_check(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    ok(daemon.check()?)
+}
+
+fn pool_destroy(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: DestroyRequest = body(call)?;
+    let layers_removed = daemon.destroy(request.force)?;
+    ok(DestroyResponse { layers_removed })
 }
 
 fn list_layers(daemon: &Daemon, call: &Call) -> Result<Reply> {

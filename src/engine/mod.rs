@@ -1019,6 +1019,45 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(done)
     }
 
+    /// Remove every layer, unmounting each first, children before parents (to destroy the
+    /// pool). Refused while layers exist unless `force`. Stops with `Busy` at a layer whose
+    /// device another process holds open; what was removed until then stays removed.
+    pub fn remove_all(&self, force: bool) -> Result<usize> {
+        let layers = self.list(&BTreeMap::new())?;
+        if !layers.is_empty() && !force {
+            let names: Vec<&str> = layers.iter().take(5).map(|l| l.name.as_str()).collect();
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "the pool still has {} layer(s) ({}{}); remove them first, or destroy it with --force to remove them too",
+                    layers.len(),
+                    names.join(", "),
+                    if layers.len() > names.len() { ", ..." } else { "" }
+                ),
+            ));
+        }
+        for layer in &layers {
+            for (target, mount) in &layer.mounts {
+                for _ in 0..mount.refs {
+                    self.unmount(layer.name.as_str(), Some(target))?;
+                }
+            }
+        }
+        let mut removed = 0;
+        for root in layers.iter().filter(|l| l.parent.is_none()) {
+            for (name, removal) in self.remove_recursive(root.name.as_str())? {
+                if removal == Removal::Deferred {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!("layer {name:?} is held open by another process; close it, then destroy the pool again"),
+                    ));
+                }
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     fn descendants_post_order(&self, name: &LayerName, out: &mut Vec<LayerName>) {
         for child in self.children_of(name) {
             self.descendants_post_order(&child, out);

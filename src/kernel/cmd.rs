@@ -37,6 +37,10 @@ pub enum Program {
     ThinLs,
     /// `blkid` (util-linux)
     Blkid,
+    /// `wipefs` (util-linux)
+    Wipefs,
+    /// `lvm` (lvm2), run with the command as its first argument (`lvm vgcreate ...`)
+    Lvm,
 }
 
 impl Program {
@@ -51,6 +55,8 @@ impl Program {
             Program::ThinDump => "thin_dump",
             Program::ThinLs => "thin_ls",
             Program::Blkid => "blkid",
+            Program::Wipefs => "wipefs",
+            Program::Lvm => "lvm",
         }
     }
 
@@ -60,7 +66,8 @@ impl Program {
             Program::MkfsExt4 | Program::Resize2fs => "e2fsprogs",
             Program::MkfsXfs | Program::XfsGrowfs => "xfsprogs",
             Program::ThinCheck | Program::ThinDump | Program::ThinLs => "thin-provisioning-tools",
-            Program::Blkid => "util-linux",
+            Program::Blkid | Program::Wipefs => "util-linux",
+            Program::Lvm => "lvm2",
         }
     }
 
@@ -93,8 +100,17 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    run_with_env(program, args, &[])
+}
+
+/// [`run`] with extra environment variables.
+pub fn run_with_env<I, S>(program: Program, args: I, env: &[(&str, &str)]) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let mut command = Command::new(program.path()?);
-    command.args(args);
+    command.args(args).envs(env.iter().copied());
     let line = command_line(&command);
     tracing::debug!(command = %line, "running");
     let output = command

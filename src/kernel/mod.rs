@@ -5,11 +5,13 @@
 //! enforces the same rules, so the one real engine runs in unit tests without root. Every rule
 //! the Sim models is also exercised on the real kernel by the kernel tests.
 
+pub mod blockdev;
 pub mod cmd;
 pub mod conformance;
 pub mod dm;
 pub mod fs;
 pub mod loopdev;
+pub mod lvm;
 pub mod real;
 pub mod sim;
 pub mod thin_tools;

@@ -2,16 +2,16 @@
 //! through mkfs and mount(2).
 
 use std::collections::BTreeSet;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::blockdev;
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::dm::{self, Dm};
 use crate::kernel::fs::{self, FsType};
 use crate::kernel::{FsKernel, PoolKernel, PoolUsage};
 use crate::names::{parse_thin_dm_name, ThinId};
-use crate::pool::Pool;
+use crate::pool::{Backing, Pool};
 use crate::units::ByteSize;
 
 /// A pool on the real kernel.
@@ -44,22 +44,15 @@ impl RealPool {
 
 impl PoolKernel for RealPool {
     fn details(&self) -> crate::kernel::PoolDetails {
-        let backing = self.pool.backing();
+        let pool = &self.pool;
+        let (data_source, metadata_source) = sources(pool.backing(), pool.metadata_node());
         crate::kernel::PoolDetails {
-            name: self.pool.name().to_string(),
-            device: format!("/dev/mapper/{}", self.pool.dm_name()),
-            backend: "loop".to_string(),
-            block_size: ByteSize::from_sectors(self.pool.block_size()),
-            data_source: format!(
-                "{} on {}",
-                backing.data_file.display(),
-                backing.data_device.display()
-            ),
-            metadata_source: format!(
-                "{} on {}",
-                backing.metadata_file.display(),
-                backing.metadata_device.display()
-            ),
+            name: pool.name().to_string(),
+            device: format!("/dev/mapper/{}", pool.dm_name()),
+            backend: pool.backend().to_string(),
+            block_size: ByteSize::from_sectors(pool.block_size()),
+            data_source,
+            metadata_source,
         }
     }
 
@@ -95,22 +88,8 @@ impl PoolKernel for RealPool {
         self.dm.set_transaction_id(self.pool.dm_name(), old, new)
     }
 
-    /// Read through a metadata snapshot, the kernel's way to let tools read live metadata.
     fn thin_ids(&self) -> Result<BTreeSet<ThinId>> {
-        let pool = self.pool.dm_name();
-        self.dm.message(pool, "reserve_metadata_snap")?;
-        let dumped = cmd::run(
-            Program::ThinDump,
-            [
-                "--skip-mappings".as_ref(),
-                "-m".as_ref(),
-                self.pool.backing().metadata_device.as_os_str(),
-            ],
-        );
-        let released = self.dm.message(pool, "release_metadata_snap");
-        let output = dumped?;
-        released?;
-        parse_dump_ids(&String::from_utf8_lossy(&output.stdout))
+        thin_ids_of(&self.dm, &self.pool)
     }
 
     fn activate(&self, id: ThinId, size: ByteSize, read_only: bool) -> Result<PathBuf> {
@@ -164,8 +143,27 @@ impl PoolKernel for RealPool {
                 "thin device {id} is not active, so it cannot be discarded"
             ))
         })?;
-        discard_device(&node)
+        blockdev::discard(&node)
     }
+}
+
+/// Every thin id in `pool`'s metadata, read through a metadata snapshot (the kernel's way to
+/// let tools read live metadata).
+pub fn thin_ids_of(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
+    let name = pool.dm_name();
+    dm.message(name, "reserve_metadata_snap")?;
+    let dumped = cmd::run(
+        Program::ThinDump,
+        [
+            "--skip-mappings".as_ref(),
+            "-m".as_ref(),
+            pool.metadata_node().as_os_str(),
+        ],
+    );
+    let released = dm.message(name, "release_metadata_snap");
+    let output = dumped?;
+    released?;
+    parse_dump_ids(&String::from_utf8_lossy(&output.stdout))
 }
 
 /// Thin ids in `thin_dump` XML: `<device dev_id="N" ...>`.
@@ -186,30 +184,42 @@ fn parse_dump_ids(xml: &str) -> Result<BTreeSet<ThinId>> {
         .collect()
 }
 
-/// Block-device ioctls from `linux/fs.h`.
-mod blk {
-    #![allow(missing_docs)]
-    // BLKDISCARD = _IO(0x12, 119); argument: [offset, length] in bytes.
-    nix::ioctl_write_ptr_bad!(discard, nix::request_code_none!(0x12, 119), [u64; 2]);
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    nix::ioctl_read!(get_size64, 0x12, 114, u64);
-}
-
-/// Discard every block of the block device at `node`.
-fn discard_device(node: &Path) -> Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(node)
-        .map_err(|e| Error::io(format!("opening {} to discard it", node.display()), e))?;
-    let mut size = 0u64;
-    // SAFETY: the fd is open for the duration of the calls and the pointers are to live locals.
-    unsafe { blk::get_size64(file.as_raw_fd(), &mut size) }
-        .map_err(|e| Error::io(format!("reading the size of {}", node.display()), e.into()))?;
-    let range = [0u64, size];
-    // SAFETY: as above.
-    unsafe { blk::discard(file.as_raw_fd(), &range) }
-        .map_err(|e| Error::io(format!("discarding {}", node.display()), e.into()))?;
-    Ok(())
+/// What holds the pool's data and metadata, for status output.
+fn sources(backing: &Backing, metadata_node: &Path) -> (String, String) {
+    match backing {
+        Backing::Loop(files) => (
+            format!(
+                "{} on {}",
+                files.data_file.display(),
+                files.data_device.display()
+            ),
+            format!(
+                "{} on {}",
+                files.metadata_file.display(),
+                files.metadata_device.display()
+            ),
+        ),
+        Backing::Lvm(lvm) => (
+            format!(
+                "LVM volume {}/{} (data)",
+                lvm.volume_group, lvm.logical_volume
+            ),
+            format!(
+                "LVM volume {}/{} (metadata, {})",
+                lvm.volume_group,
+                lvm.logical_volume,
+                metadata_node.display()
+            ),
+        ),
+        Backing::Devices(devices) => (
+            devices.data.display().to_string(),
+            devices.metadata.display().to_string(),
+        ),
+        Backing::Existing => (
+            "an adopted pool's data device".to_string(),
+            format!("{} (adopted pool)", metadata_node.display()),
+        ),
+    }
 }
 
 /// Filesystems on the real kernel.

@@ -33,3 +33,24 @@ fn with_block_device<T>(path: &Path, f: impl FnOnce(&Path) -> Result<T>) -> Resu
     }
     result
 }
+
+/// Check inactive metadata on the block device `metadata` and, when it is clean, clear its
+/// `needs_check` flag. Returns a `Command` error with thin_check's findings when damaged.
+pub fn check_and_clear(metadata: &Path) -> Result<()> {
+    cmd::run(
+        Program::ThinCheck,
+        ["--clear-needs-check-flag".as_ref(), metadata.as_os_str()],
+    )
+    .map(|_| ())
+    .map_err(|e| {
+        e.context(format!(
+            "checking pool metadata {} (damaged metadata can be rebuilt with thin_repair)",
+            metadata.display()
+        ))
+    })
+}
+
+/// Check the metadata snapshot an active pool holds (`reserve_metadata_snap` first).
+pub fn check_snapshot(metadata: &Path) -> Result<()> {
+    cmd::run(Program::ThinCheck, ["-m".as_ref(), metadata.as_os_str()]).map(|_| ())
+}

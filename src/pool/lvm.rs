@@ -1,0 +1,456 @@
+//! The `lvm` backend ("direct-lvm"): thinstack makes a volume group on raw disks and a thin
+//! pool in it, the way Docker's documentation did by hand:
+//!
+//! 1. every disk is checked ([`blockdev::check_unused`]), before anything is written;
+//! 2. the pool record is written (incomplete), so a creation cut short is resumed;
+//! 3. `pvcreate`, `vgcreate`, `lvcreate` (data and metadata), `lvconvert --thinpool` with
+//!    zeroing off; each step is skipped when LVM shows it done;
+//! 4. an LVM profile carries the autoextend settings, and monitoring is switched on where
+//!    dmeventd runs. Where it does not, thinstackd extends the pool itself.
+//!
+//! The pool LV is named after the pool; LVM activates it as the thin-pool target itself
+//! (`<vg>-<pool>`), which thinstack sends its messages to.
+
+use std::path::{Path, PathBuf};
+
+use devicemapper::DmNameBuf;
+
+use super::record::{self, PoolRecord};
+use super::{Backing, LvmBacking, Pool};
+use crate::config::{Config, LvmConfig};
+use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::blockdev;
+use crate::kernel::dm::Dm;
+use crate::kernel::lvm::{self, VolumeGroup};
+use crate::units::ByteSize;
+
+/// Where LVM looks for profiles (`config/profile_dir`).
+const PROFILE_DIR: &str = "/etc/lvm/profile";
+
+/// LVM refuses thin-pool metadata below 2 MiB.
+const METADATA_MIN: u64 = 2 << 20;
+
+/// Create the pool (or finish a creation cut short), activate it when inactive (after a
+/// reboot), or adopt it when active.
+pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Result<Pool> {
+    let backing = LvmBacking {
+        volume_group: config.pool.lvm.volume_group.to_string(),
+        logical_volume: config.pool.name.to_string(),
+    };
+    let created = match record {
+        Some(record) if record.complete => false,
+        previous => {
+            create(config, &backing, previous.is_some())?;
+            true
+        }
+    };
+    let pool_lv = find_pool_lv(&backing)?;
+    write_profile(config)?;
+    if !pool_lv.active {
+        lvm::run(&["lvchange", "-ay", &backing.path()])?;
+        tracing::info!(volume = %backing.path(), "activated the LVM thin pool");
+    }
+    let dm_name = DmNameBuf::new(lvm::dm_name(&backing.volume_group, &backing.logical_volume))
+        .map_err(|_| Error::invalid(format!("{} has no usable dm name", backing.path())))?;
+    Pool::from_active(
+        config.pool.name.clone(),
+        dm,
+        dm_name,
+        Backing::Lvm(backing),
+        created,
+    )
+}
+
+impl LvmBacking {
+    /// `vg/lv`, as LVM commands take it.
+    pub fn path(&self) -> String {
+        format!("{}/{}", self.volume_group, self.logical_volume)
+    }
+}
+
+/// The pool LV, which must exist and be a thin pool.
+fn find_pool_lv(backing: &LvmBacking) -> Result<lvm::LogicalVolume> {
+    if lvm::volume_group(&backing.volume_group)?.is_none() {
+        return Err(Error::inconsistent(format!(
+            "volume group {} of this pool is gone (are its disks attached?); attach them, or destroy the pool's records to start anew",
+            backing.volume_group
+        )));
+    }
+    match lvm::logical_volume(&backing.volume_group, &backing.logical_volume)? {
+        Some(lv) if lv.is_thin_pool() => Ok(lv),
+        Some(lv) => Err(Error::inconsistent(format!(
+            "{} exists but is not a thin pool (attributes {}); it is not thinstack's",
+            backing.path(),
+            lv.attr
+        ))),
+        None => Err(Error::inconsistent(format!(
+            "thin pool {} is gone from its volume group; it was removed outside thinstack",
+            backing.path()
+        ))),
+    }
+}
+
+/// Every step of making the pool, each skipped when already done (a resumed creation).
+fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
+    let settings = &config.pool.lvm;
+    let vg_name = &backing.volume_group;
+    let existing_vg = lvm::volume_group(vg_name)?;
+    if existing_vg.is_some() && !resuming {
+        return Err(Error::new(
+            ErrorKind::AlreadyExists,
+            format!(
+                "volume group {vg_name} exists already, and thinstack makes its own; choose another pool.lvm.volume_group, or adopt a thin pool in it with backend = \"existing\""
+            ),
+        ));
+    }
+    let devices: Vec<&Path> = settings.devices.iter().map(|d| d.path()).collect();
+    let mut fresh = Vec::new();
+    for device in &devices {
+        // A resumed creation finds its own earlier work: a PV, perhaps already in the VG.
+        if resuming && lvm::is_physical_volume(device)? {
+            match lvm::volume_group_of(device)? {
+                Some(vg) if &vg != vg_name => {}
+                _ => continue,
+            }
+        }
+        fresh.push((*device, blockdev::check_unused(device, settings.force)?));
+    }
+    if !resuming {
+        record::save(config, &record::new(config, config.block_size()))?;
+    }
+    for (device, signatures) in &fresh {
+        blockdev::wipe(device, signatures)?;
+        lvm::run_with_paths(&["pvcreate", "-y"], &[device])?;
+    }
+    let vg = match existing_vg {
+        Some(vg) => vg,
+        None => {
+            lvm::run_with_paths(&["vgcreate", "--addtag", "thinstack", vg_name], &devices)?;
+            tracing::info!(volume_group = %vg_name, devices = ?devices, "volume group created");
+            lvm::volume_group(vg_name)?.ok_or_else(|| {
+                Error::inconsistent(format!("volume group {vg_name} vanished after vgcreate"))
+            })?
+        }
+    };
+    make_thin_pool(settings, backing, &vg)?;
+    attach_profile(config, backing)?;
+    let mut done = record::new(config, config.block_size());
+    done.complete = true;
+    record::save(config, &done)
+}
+
+/// Data and metadata LVs, converted to a thin pool without zeroing.
+fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) -> Result<()> {
+    let lv = &backing.logical_volume;
+    let meta_lv = format!("{lv}meta");
+    match lvm::logical_volume(&vg.name, lv)? {
+        Some(existing) if existing.is_thin_pool() => return Ok(()),
+        Some(_) => {}
+        None => {
+            let (data, metadata) = extents_for(settings, vg)?;
+            lvm::run(&[
+                "lvcreate",
+                "-y",
+                "--wipesignatures",
+                "y",
+                "-n",
+                lv,
+                "-l",
+                &data.to_string(),
+                &vg.name,
+            ])?;
+            lvm::run(&[
+                "lvcreate",
+                "-y",
+                "--wipesignatures",
+                "y",
+                "-n",
+                &meta_lv,
+                "-l",
+                &metadata.to_string(),
+                &vg.name,
+            ])?;
+        }
+    }
+    let chunk = format!("{}k", settings.chunk_size.size().bytes() / 1024);
+    lvm::run(&[
+        "lvconvert",
+        "-y",
+        "--zero",
+        "n",
+        "-c",
+        &chunk,
+        "--thinpool",
+        &backing.path(),
+        "--poolmetadata",
+        &format!("{}/{meta_lv}", vg.name),
+    ])?;
+    tracing::info!(pool = %backing.path(), chunk_size = %settings.chunk_size.size(), "LVM thin pool created");
+    Ok(())
+}
+
+/// Extents for data and metadata: their shares of the VG, the metadata at least 2 MiB, and
+/// room left for LVM's spare metadata volume (used by `lvconvert --repair`).
+fn extents_for(settings: &LvmConfig, vg: &VolumeGroup) -> Result<(u64, u64)> {
+    let min_metadata = METADATA_MIN.div_ceil(vg.extent_size);
+    let metadata = settings.metadata_percent.of(vg.extents).max(min_metadata);
+    let data = (vg.extents * u64::from(settings.data_percent.value()) / 100)
+        .min(vg.extents.saturating_sub(2 * metadata));
+    if data == 0 {
+        return Err(Error::new(
+            ErrorKind::NoSpace,
+            format!(
+                "volume group {} is too small for a thin pool ({} extents of {}); give it larger disks",
+                vg.name,
+                vg.extents,
+                ByteSize::from_bytes(vg.extent_size)
+            ),
+        ));
+    }
+    Ok((data, metadata))
+}
+
+fn profile_name(config: &Config) -> String {
+    format!("thinstack-{}", config.pool.name)
+}
+
+/// The autoextend settings as an LVM profile, rewritten at every start so edits take effect.
+fn write_profile(config: &Config) -> Result<()> {
+    let lvm = &config.pool.lvm;
+    let text = format!(
+        "# Written by thinstack for pool {}; rewritten at each start of thinstackd.\n\
+         activation {{\n\tthin_pool_autoextend_threshold = {}\n\tthin_pool_autoextend_percent = {}\n}}\n",
+        config.pool.name,
+        lvm.autoextend_threshold.value(),
+        lvm.autoextend_percent.value()
+    );
+    let path = Path::new(PROFILE_DIR).join(format!("{}.profile", profile_name(config)));
+    if std::fs::read_to_string(&path).is_ok_and(|old| old == text) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(PROFILE_DIR)
+        .map_err(|e| Error::io(format!("creating {PROFILE_DIR}"), e))?;
+    crate::records::write_atomic(&path, text.as_bytes())
+}
+
+/// Attach the profile, and switch monitoring on where dmeventd runs.
+fn attach_profile(config: &Config, backing: &LvmBacking) -> Result<()> {
+    write_profile(config)?;
+    lvm::run(&[
+        "lvchange",
+        "--metadataprofile",
+        &profile_name(config),
+        &backing.path(),
+    ])?;
+    if lvm::dmeventd_running() {
+        lvm::run(&["lvchange", "--monitor", "y", &backing.path()])?;
+        tracing::info!(pool = %backing.path(), "dmeventd monitors the pool and extends it");
+    } else {
+        tracing::info!(pool = %backing.path(), "dmeventd is not running; thinstackd extends the pool itself");
+    }
+    Ok(())
+}
+
+/// Data and metadata sizes of the pool LV.
+pub(super) fn sizes(backing: &LvmBacking) -> Result<(ByteSize, ByteSize)> {
+    let lv = find_pool_lv(backing)?;
+    Ok((
+        ByteSize::from_bytes(lv.size),
+        ByteSize::from_bytes(lv.metadata_size),
+    ))
+}
+
+/// `lvextend` the data and metadata to the sizes given. LVM reloads the pool itself.
+pub(super) fn extend(
+    backing: &LvmBacking,
+    data: Option<ByteSize>,
+    metadata: Option<ByteSize>,
+) -> Result<(ByteSize, ByteSize)> {
+    let (data_now, metadata_now) = sizes(backing)?;
+    for (what, asked, now) in [
+        ("data", data, data_now),
+        ("metadata", metadata, metadata_now),
+    ] {
+        if asked.is_some_and(|asked| asked < now) {
+            return Err(Error::invalid(format!(
+                "the pool's {what} is {now} already; {} would shrink it, and pools only grow",
+                asked.expect("checked")
+            )));
+        }
+    }
+    if let Some(size) = data.filter(|&size| size > data_now) {
+        lvextend(backing, "-L", size, "data")?;
+    }
+    if let Some(size) = metadata.filter(|&size| size > metadata_now) {
+        lvextend(backing, "--poolmetadatasize", size, "metadata")?;
+    }
+    sizes(backing)
+}
+
+fn lvextend(backing: &LvmBacking, option: &str, size: ByteSize, what: &str) -> Result<()> {
+    let bytes = format!("{}b", size.bytes());
+    lvm::run(&["lvextend", "-y", option, &bytes, &backing.path()]).map_err(|e| {
+        if e.message().contains("Insufficient free space") {
+            Error::new(
+                ErrorKind::NoSpace,
+                format!(
+                    "volume group {} has no room to grow the pool's {what} to {size}; add a disk with `thinstack pool add-device DEVICE` ({})",
+                    backing.volume_group,
+                    e.message()
+                ),
+            )
+        } else {
+            e
+        }
+    })?;
+    tracing::info!(pool = %backing.path(), area = what, size = %size, "extended the LVM thin pool");
+    Ok(())
+}
+
+/// How far to grow data and metadata when their use crosses the threshold: each by `percent`
+/// of its size (at least one extent), within the VG's free extents. Metadata grows with the
+/// data, keeping their proportion, and on its own when its use crosses the threshold.
+pub fn plan_growth(
+    now: (ByteSize, ByteSize),
+    over: (bool, bool),
+    vg: &VolumeGroup,
+    percent: crate::units::Percent,
+) -> (Option<ByteSize>, Option<ByteSize>) {
+    let extent = vg.extent_size;
+    let mut free = vg.free_extents;
+    let mut grow = |size: ByteSize, wanted: bool| -> Option<ByteSize> {
+        if !wanted || free == 0 {
+            return None;
+        }
+        let step = percent.of(size.bytes()).div_ceil(extent).clamp(1, free);
+        free -= step;
+        Some(ByteSize::from_bytes(size.bytes() + step * extent))
+    };
+    let data = grow(now.0, over.0);
+    let metadata_cap = crate::config::METADATA_SIZE_MAX;
+    let metadata = grow(now.1, over.0 || over.1).filter(|_| now.1 < metadata_cap);
+    (data, metadata.map(|size| size.min(metadata_cap)))
+}
+
+/// The volume group, for planning growth.
+pub fn volume_group(backing: &LvmBacking) -> Result<VolumeGroup> {
+    lvm::volume_group(&backing.volume_group)?.ok_or_else(|| {
+        Error::inconsistent(format!("volume group {} is gone", backing.volume_group))
+    })
+}
+
+/// Grow the VG with another disk, after the same safety checks as at creation.
+pub fn add_device(config: &Config, backing: &LvmBacking, device: &Path, force: bool) -> Result<()> {
+    let signatures = blockdev::check_unused(device, force)?;
+    blockdev::wipe(device, &signatures)?;
+    lvm::run_with_paths(&["pvcreate", "-y"], &[device])?;
+    lvm::run_with_paths(&["vgextend", &backing.volume_group], &[device])?;
+    tracing::info!(volume_group = %backing.volume_group, device = %device.display(), "disk added to the volume group");
+    let path = record::path(config);
+    let mut saved: PoolRecord = crate::records::read_json(&path)?.ok_or_else(|| {
+        Error::inconsistent(format!("the pool record {} is missing", path.display()))
+    })?;
+    if let Some(setup) = saved.lvm.as_mut() {
+        setup.devices.push(device.to_path_buf());
+    }
+    record::save(config, &saved)
+}
+
+/// Deactivate and reactivate the pool: LVM runs thin_check (clearing `needs_check` when the
+/// metadata is clean) as it activates.
+pub(super) fn reactivate(backing: &LvmBacking) -> Result<()> {
+    deactivate(backing)?;
+    lvm::run(&["lvchange", "-ay", &backing.path()]).map_err(|e| {
+        e.context(format!(
+            "activating {} after a metadata check",
+            backing.path()
+        ))
+    })?;
+    Ok(())
+}
+
+/// Deactivate the pool LV.
+pub(super) fn deactivate(backing: &LvmBacking) -> Result<()> {
+    lvm::run(&["lvchange", "-an", &backing.path()])?;
+    Ok(())
+}
+
+/// Remove the pool LV, then the VG and the PV labels when nothing else is in the VG, and the
+/// profile.
+pub(super) fn destroy(config: &Config, backing: &LvmBacking) -> Result<()> {
+    let vg = &backing.volume_group;
+    let physical: Vec<PathBuf> = lvm::physical_volumes(vg)?;
+    lvm::run(&["lvremove", "-y", &backing.path()])?;
+    let others: Vec<String> = lvm::logical_volumes(vg)?
+        .into_iter()
+        .filter(|lv| !lv.is_hidden())
+        .map(|lv| lv.name)
+        .collect();
+    if others.is_empty() {
+        lvm::run(&["vgremove", "-y", vg])?;
+        let paths: Vec<&Path> = physical.iter().map(PathBuf::as_path).collect();
+        lvm::run_with_paths(&["pvremove", "-y"], &paths)?;
+        tracing::info!(volume_group = %vg, devices = ?physical, "volume group and PV labels removed");
+    } else {
+        tracing::warn!(volume_group = %vg, others = ?others, "the volume group holds other volumes; it is left in place");
+    }
+    let profile = Path::new(PROFILE_DIR).join(format!("{}.profile", profile_name(config)));
+    crate::records::remove(&profile)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Percent;
+
+    fn vg(extents: u64, free: u64) -> VolumeGroup {
+        VolumeGroup {
+            name: "vg".into(),
+            extent_size: 4 << 20,
+            extents,
+            free_extents: free,
+        }
+    }
+
+    #[test]
+    fn extents_leave_room_for_the_spare_and_metadata_is_at_least_2m() {
+        let settings = LvmConfig::default();
+        assert_eq!(extents_for(&settings, &vg(1000, 1000)).unwrap(), (950, 10));
+        // 1% of 64 extents rounds up to 1 extent (4 MiB); data keeps room for the spare.
+        assert_eq!(extents_for(&settings, &vg(64, 64)).unwrap(), (60, 1));
+        assert_eq!(
+            extents_for(&settings, &vg(2, 2)).unwrap_err().kind(),
+            ErrorKind::NoSpace
+        );
+    }
+
+    #[test]
+    fn growth_follows_the_threshold_and_stops_at_a_full_vg() {
+        let mib = |n| ByteSize::mib(n);
+        let twenty = Percent::new(20).unwrap();
+        // Data over: both grow by 20%, at least one extent.
+        assert_eq!(
+            plan_growth((mib(200), mib(4)), (true, false), &vg(100, 50), twenty),
+            (Some(mib(240)), Some(mib(8)))
+        );
+        // Metadata alone over: only metadata grows.
+        assert_eq!(
+            plan_growth((mib(200), mib(4)), (false, true), &vg(100, 50), twenty),
+            (None, Some(mib(8)))
+        );
+        // Neither over, or no free extents: nothing.
+        assert_eq!(
+            plan_growth((mib(200), mib(4)), (false, false), &vg(100, 50), twenty),
+            (None, None)
+        );
+        assert_eq!(
+            plan_growth((mib(200), mib(4)), (true, true), &vg(100, 0), twenty),
+            (None, None)
+        );
+        // One free extent goes to the data.
+        assert_eq!(
+            plan_growth((mib(200), mib(4)), (true, true), &vg(100, 1), twenty),
+            (Some(mib(204)), None)
+        );
+    }
+}
