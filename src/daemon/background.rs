@@ -57,7 +57,13 @@ struct Levels {
     data: usize,
     metadata: usize,
     volume_group_full: bool,
+    /// Watcher rounds the LVM pool has been over its extension threshold.
+    rounds_over: u32,
 }
+
+/// Where dmeventd runs, it extends a monitored LVM pool (by the profile); thinstackd steps in
+/// only when the pool stays over the threshold this many rounds (dmeventd checks every 10 s).
+const DMEVENTD_GRACE_ROUNDS: u32 = 3;
 
 fn watch_once(daemon: &Daemon, levels: &mut Levels) {
     match daemon.engine.process_deferred() {
@@ -80,11 +86,9 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
         Backing::Loop(files) => {
             autoextend_loop(daemon, &daemon.config.pool.loop_files, files, &usage)
         }
-        Backing::Lvm(volumes) if !crate::kernel::lvm::dmeventd_running() => {
-            autoextend_lvm(daemon, volumes, &usage, &mut levels.volume_group_full)
-        }
-        // dmeventd extends a monitored LVM pool; other pools are sized by whoever made them.
-        Backing::Lvm(_) | Backing::Devices(_) | Backing::Existing => {}
+        Backing::Lvm(volumes) => autoextend_lvm(daemon, volumes, &usage, levels),
+        // Other pools are sized by whoever made them (or by hand, `thinstack pool extend`).
+        Backing::Devices(_) | Backing::Existing => {}
     }
 }
 
@@ -137,12 +141,7 @@ fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, backing: &LoopBacking, 
 
 /// Extend the LVM pool's data and metadata volumes when use crosses `autoextend_threshold`,
 /// while the volume group has free extents; a full volume group is reported once.
-fn autoextend_lvm(
-    daemon: &Daemon,
-    volumes: &LvmBacking,
-    usage: &PoolUsage,
-    full_reported: &mut bool,
-) {
+fn autoextend_lvm(daemon: &Daemon, volumes: &LvmBacking, usage: &PoolUsage, levels: &mut Levels) {
     let config = &daemon.config.pool.lvm;
     let threshold = f64::from(config.autoextend_threshold.value());
     if threshold >= 100.0 {
@@ -153,7 +152,12 @@ fn autoextend_lvm(
         usage.metadata.percent_used() >= threshold,
     );
     if !over.0 && !over.1 {
-        *full_reported = false;
+        levels.volume_group_full = false;
+        levels.rounds_over = 0;
+        return;
+    }
+    levels.rounds_over += 1;
+    if crate::kernel::lvm::dmeventd_running() && levels.rounds_over < DMEVENTD_GRACE_ROUNDS {
         return;
     }
     let planned = lvm::volume_group(volumes).and_then(|vg| {
@@ -175,9 +179,9 @@ fn autoextend_lvm(
         }
     };
     if data.is_none() && metadata.is_none() {
-        if !*full_reported {
+        if !levels.volume_group_full {
             tracing::error!(volume_group = %vg.name, data = %usage.data.describe(), "the pool is over its extension threshold but its volume group is full; add a disk (thinstack pool add-device DEVICE)");
-            *full_reported = true;
+            levels.volume_group_full = true;
         }
         return;
     }

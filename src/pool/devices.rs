@@ -116,13 +116,15 @@ pub(super) fn adopt(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Res
             "thin pool {name} (pool.existing.device) is not active; activate it (lvchange -ay, or dmsetup create), then start thinstackd"
         )));
     }
-    let pool = Pool::from_active(
+    let mut pool = Pool::from_active(
         config.pool.name.clone(),
         dm,
         dm_name,
         Backing::Existing,
         false,
     )?;
+    // A failed or read-only pool is reported as such before anything is asked of it.
+    pool.ensure_usable(dm)?;
     if record.is_none() {
         ensure_empty(&pool, dm, config)?;
         let mut adopted = record::new(config, ByteSize::from_sectors(pool.block_size()));

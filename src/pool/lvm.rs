@@ -244,7 +244,7 @@ fn attach_profile(config: &Config, backing: &LvmBacking) -> Result<()> {
     ])?;
     if lvm::dmeventd_running() {
         lvm::run(&["lvchange", "--monitor", "y", &backing.path()])?;
-        tracing::info!(pool = %backing.path(), "dmeventd monitors the pool and extends it");
+        tracing::info!(pool = %backing.path(), "dmeventd monitors the pool; thinstackd extends it when dmeventd does not");
     } else {
         tracing::info!(pool = %backing.path(), "dmeventd is not running; thinstackd extends the pool itself");
     }

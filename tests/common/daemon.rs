@@ -39,6 +39,13 @@ pub struct TestDaemon {
 impl TestDaemon {
     /// Start thinstackd on a new test pool (`extra` is TOML added to the test config).
     pub fn start(test: &str, extra: &str) -> TestDaemon {
+        let mut daemon = TestDaemon::prepare(test, extra);
+        daemon.spawn();
+        daemon
+    }
+
+    /// A test pool and config for thinstackd, not started yet.
+    pub fn prepare(test: &str, extra: &str) -> TestDaemon {
         let mut pool = TestPool::new(test, extra);
         let socket = pool.dir.path().join("thinstack.sock");
         // The test config, with the socket and a quick watcher, written where the daemon reads it.
@@ -52,16 +59,14 @@ impl TestDaemon {
         let notify =
             std::os::unix::net::UnixDatagram::bind(pool.dir.path().join("notify.sock")).unwrap();
         notify.set_nonblocking(true).unwrap();
-        let mut daemon = TestDaemon {
+        TestDaemon {
             pool,
             config_path,
             socket,
             log,
             notify,
             child: None,
-        };
-        daemon.spawn();
-        daemon
+        }
     }
 
     /// Start the daemon process and wait until it answers.
@@ -100,6 +105,52 @@ impl TestDaemon {
                 "thinstackd did not answer within 90 s:\n{}",
                 self.log_text()
             );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Write the test's config (after changing `pool.config`) where the daemon reads it.
+    pub fn write_config(&self) {
+        std::fs::write(&self.config_path, self.pool.config.to_toml()).unwrap();
+    }
+
+    /// Start thinstackd where it must refuse to start: its exit code and log.
+    pub fn start_refused(&self) -> (i32, String) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_thinstackd"))
+            .arg("--config")
+            .arg(&self.config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start thinstackd");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                signal(&child, nix::sys::signal::Signal::SIGTERM);
+                let _ = child.wait();
+                panic!("thinstackd started although it should have refused");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Wait for the daemon to exit on its own (after `pool destroy`); its exit code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let mut child = self.child.take().expect("daemon running");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                self.child = Some(child);
+                panic!("thinstackd did not exit:\n{}", self.log_text());
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

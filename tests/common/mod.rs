@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod disks;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,0 +1,565 @@
+//! The production backends on the real kernel, with loop devices standing in for disks:
+//! direct-LVM from a blank disk (vgchange, restart, add-device, destroy), the safety checks on
+//! a disk that holds a filesystem, LVM pool extension until the volume group is full, an
+//! adopted pool (empty, non-empty, read-only), a pool on raw devices, and a pool flagged
+//! `needs_check`.
+
+mod common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::daemon::TestDaemon;
+use common::disks::{lvm, run_ok, volume_group_name, TestDisk, VolumeGroupGuard};
+use common::require_dm_thin;
+use serde_json::Value;
+use thinstack::kernel::dm::{self, Dm};
+use thinstack::units::ByteSize;
+
+const DEACTIVATE_ON_STOP: &str = "[daemon]\ndeactivate_on_shutdown = true\n";
+
+fn lvm_config(vg: &str, disks: &[&TestDisk], extra: &str) -> String {
+    let devices: Vec<String> = disks.iter().map(|d| format!("{:?}", d.name())).collect();
+    format!(
+        "[pool]\nbackend = \"lvm\"\n[pool.lvm]\ndevices = [{}]\nvolume_group = {vg:?}\n{extra}\n[layers]\nbase_size = \"64M\"\n{DEACTIVATE_ON_STOP}",
+        devices.join(", ")
+    )
+}
+
+/// Write `megabytes` MiB into `dir/name` and fsync it.
+fn write_file(dir: &Path, name: &str, megabytes: usize) {
+    let mut file = std::fs::File::create(dir.join(name)).unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    for _ in 0..megabytes {
+        file.write_all(&chunk).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+fn mount(d: &TestDaemon, layer: &str) -> PathBuf {
+    let run = d.cli(&["layer", "mount", layer]);
+    assert_eq!(run.code, 0, "mount {layer}: {run:?}");
+    PathBuf::from(run.stdout.trim())
+}
+
+fn unmount(d: &TestDaemon, layer: &str) {
+    let run = d.cli(&["layer", "unmount", layer]);
+    assert_eq!(run.code, 0, "unmount {layer}: {run:?}");
+}
+
+fn layer_names(d: &TestDaemon) -> Vec<String> {
+    let list = d.json(&["layer", "list"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn vg_exists(vg: &str) -> bool {
+    lvm(&["vgs", vg]).status.success()
+}
+
+/// A base layer with a file, committed, and a child of it.
+fn make_layers(d: &TestDaemon) {
+    d.json(&["layer", "create", "base"]);
+    let dir = mount(d, "base");
+    std::fs::write(dir.join("hello"), b"kept").unwrap();
+    unmount(d, "base");
+    d.json(&["layer", "commit", "base"]);
+    d.json(&["layer", "create", "child", "--parent", "base"]);
+}
+
+fn layers_intact(d: &TestDaemon) {
+    assert_eq!(layer_names(d), ["base", "child"]);
+    let dir = mount(d, "child");
+    assert_eq!(std::fs::read(dir.join("hello")).unwrap(), b"kept");
+    unmount(d, "child");
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_cleanly() {
+    require_dm_thin();
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = TestDisk::new(scratch.path(), "disk1", ByteSize::mib(256));
+    let second = TestDisk::new(scratch.path(), "disk2", ByteSize::mib(128));
+    let vg = volume_group_name("a");
+    let _guard = VolumeGroupGuard(vg.clone());
+    let mut d = TestDaemon::start("lvm", &lvm_config(&vg, &[&disk], ""));
+
+    let status = d.json(&["pool", "status"]);
+    assert_eq!(status["pool"]["backend"], "lvm", "{status}");
+    assert_eq!(status["pool"]["block_size"], "512K", "{status}");
+    assert!(
+        disk.probe().contains("TYPE=LVM2_member"),
+        "{}",
+        disk.probe()
+    );
+    let check = d.json(&["pool", "check"]);
+    assert_eq!(check["clean"], true, "{check}");
+    make_layers(&d);
+
+    // Deactivated and re-activated by hand while thinstackd is down.
+    assert_eq!(d.stop(), 0, "{}", d.log_text());
+    let pool_dm = thinstack::kernel::lvm::dm_name(&vg, d.pool.config.pool.name.as_str());
+    run_ok("lvm", &["vgchange", "-an", &vg]);
+    assert!(!Path::new("/dev/mapper").join(&pool_dm).exists());
+    run_ok("lvm", &["vgchange", "-ay", &vg]);
+    d.spawn();
+    layers_intact(&d);
+
+    // After a "reboot": the VG is inactive and thinstackd activates it.
+    assert_eq!(d.stop(), 0);
+    run_ok("lvm", &["vgchange", "-an", &vg]);
+    d.spawn();
+    layers_intact(&d);
+    assert!(d.log_text().contains("activated the LVM thin pool"));
+
+    // A second disk grows the volume group.
+    let added = d.json(&["pool", "add-device", &second.name()]);
+    assert!(added["volume_group_free"].is_string(), "{added}");
+    let pvs = lvm(&[
+        "pvs",
+        "--noheadings",
+        "-o",
+        "pv_name",
+        "--select",
+        &format!("vg_name={vg}"),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&pvs.stdout).lines().count(), 2);
+    let extended = d.json(&["pool", "extend", "--data", "300M"]);
+    assert_eq!(extended["data"], "300M", "{extended}");
+
+    // Settings that made the pool cannot change.
+    assert_eq!(d.stop(), 0);
+    let made = d.pool.config.clone();
+    d.pool.config.pool.lvm.data_percent = thinstack::units::Percent::new(50).unwrap();
+    d.write_config();
+    let (code, stderr) = d.start_refused();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("pool.lvm.data_percent was 95%, config says 50%")
+            && stderr.contains("thinstack pool destroy"),
+        "{stderr}"
+    );
+    d.pool.config = made;
+    d.write_config();
+    d.spawn();
+
+    // Destroy: refused while layers exist, then everything thinstack made is gone.
+    let refused = d.cli(&["pool", "destroy"]);
+    assert_eq!(refused.code, 5, "{refused:?}");
+    assert!(refused.stderr.contains("2 layer(s)"), "{refused:?}");
+    let destroyed = d.json(&["pool", "destroy", "--force"]);
+    assert_eq!(destroyed["layers_removed"], 2, "{destroyed}");
+    assert_eq!(d.wait_exit(), 0, "{}", d.log_text());
+    assert!(!vg_exists(&vg), "the volume group is left");
+    assert_eq!(disk.probe(), "", "the disk still carries a signature");
+    assert_eq!(
+        second.probe(),
+        "",
+        "the added disk still carries a signature"
+    );
+    let state = d.pool.config.state_dir.path();
+    assert!(!state.join("pool.json").exists());
+    assert!(!Path::new("/etc/lvm/profile")
+        .join(format!("thinstack-{}.profile", d.pool.config.pool.name))
+        .exists());
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn a_disk_with_a_filesystem_is_refused_untouched_and_taken_with_force() {
+    require_dm_thin();
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = TestDisk::new(scratch.path(), "disk", ByteSize::mib(128));
+    run_ok("mkfs.ext4", &["-q", &disk.name()]);
+    let fs_mount = scratch.path().join("fs");
+    std::fs::create_dir(&fs_mount).unwrap();
+    run_ok("mount", &[&disk.name(), fs_mount.to_str().unwrap()]);
+    std::fs::write(fs_mount.join("precious"), b"data").unwrap();
+    // Mounted: refused even when forced.
+    let vg = volume_group_name("b");
+    let _guard = VolumeGroupGuard(vg.clone());
+    let mut d = TestDaemon::prepare("sig", &lvm_config(&vg, &[&disk], "force = true"));
+    let (code, stderr) = d.start_refused();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(&format!("{} is mounted at", disk.name())),
+        "{stderr}"
+    );
+    run_ok("umount", &[fs_mount.to_str().unwrap()]);
+
+    // A signature without force: refused, nothing changed.
+    d.pool.config.pool.lvm.force = false;
+    d.write_config();
+    let before = disk.fingerprint();
+    let (code, stderr) = d.start_refused();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(&format!("{} is not blank: it carries ext4", disk.name()))
+            && stderr.contains("force = true"),
+        "{stderr}"
+    );
+    assert_eq!(
+        disk.fingerprint(),
+        before,
+        "the refused disk was written to"
+    );
+    assert!(!vg_exists(&vg));
+    assert!(!d.pool.config.state_dir.path().join("pool.json").exists());
+    run_ok("mount", &[&disk.name(), fs_mount.to_str().unwrap()]);
+    assert_eq!(std::fs::read(fs_mount.join("precious")).unwrap(), b"data");
+    run_ok("umount", &[fs_mount.to_str().unwrap()]);
+
+    // Forced: wiped and taken.
+    d.pool.config.pool.lvm.force = true;
+    d.write_config();
+    d.spawn();
+    assert!(
+        d.log_text().contains("wiping signatures"),
+        "{}",
+        d.log_text()
+    );
+    assert!(disk.probe().contains("LVM2_member"));
+    d.json(&["layer", "create", "base"]);
+    d.json(&["pool", "destroy", "--force"]);
+    assert_eq!(d.wait_exit(), 0);
+    assert_eq!(disk.probe(), "");
+}
+
+/// Used and total data bytes, and metadata total, from `pool status`.
+fn pool_space(d: &TestDaemon) -> (u64, u64, u64) {
+    let status = d.json(&["pool", "status"]);
+    (
+        bytes(&status["data"]["used"]),
+        bytes(&status["data"]["total"]),
+        bytes(&status["metadata"]["total"]),
+    )
+}
+
+fn bytes(v: &Value) -> u64 {
+    serde_json::from_value::<ByteSize>(v.clone())
+        .unwrap_or_else(|e| panic!("{v} is not a size: {e}"))
+        .bytes()
+}
+
+fn volume_group_free(vg: &str) -> u64 {
+    let out = run_ok(
+        "lvm",
+        &[
+            "vgs",
+            "--noheadings",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "vg_free",
+            vg,
+        ],
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn wait_for(what: &str, d: &TestDaemon, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}; log:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn an_lvm_pool_is_extended_as_it_fills_and_a_full_volume_group_means_no_space() {
+    require_dm_thin();
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = TestDisk::new(scratch.path(), "disk", ByteSize::mib(256));
+    let vg = volume_group_name("c");
+    let _guard = VolumeGroupGuard(vg.clone());
+    let settings = "data_percent = 40\nchunk_size = \"64K\"\nautoextend_threshold = 50\nautoextend_percent = 20";
+    let config = lvm_config(&vg, &[&disk], settings)
+        .replace("base_size = \"64M\"", "base_size = \"400M\"")
+        .replace("[pool]\n", "[pool]\nmin_free_space = \"10%\"\n");
+    let d = TestDaemon::start("fill", &config);
+    let (_, data_before, metadata_before) = pool_space(&d);
+    d.json(&["layer", "create", "base"]);
+    let dir = mount(&d, "base");
+
+    // Past the threshold: the daemon extends data and metadata; the writer never notices.
+    write_file(&dir, "first", 48);
+    wait_for("the pool to be extended", &d, || {
+        let (used, total, metadata) = pool_space(&d);
+        total > data_before && metadata > metadata_before && used * 2 < total
+    });
+    assert!(d.log_text().contains("extended the LVM thin pool"));
+
+    // Fill in steps, each time letting the daemon catch up, until the VG has no free extents.
+    let mut step = 0;
+    while volume_group_free(&vg) > 0 {
+        step += 1;
+        assert!(
+            step < 40,
+            "the volume group never filled; log:\n{}",
+            d.log_text()
+        );
+        write_file(&dir, &format!("more-{step}"), 8);
+        wait_for(
+            "the pool to fall below its threshold or the VG to fill",
+            &d,
+            || {
+                let (used, total, _) = pool_space(&d);
+                used * 2 < total || volume_group_free(&vg) == 0
+            },
+        );
+    }
+    // Then past 90% of what is left, never to 100% (a full pool would queue the writer).
+    let (used, total, _) = pool_space(&d);
+    let to_write = (total * 92 / 100).saturating_sub(used) >> 20;
+    write_file(&dir, "last", to_write as usize);
+    let refused = d.cli(&["layer", "create", "child", "--parent", "base"]);
+    assert_eq!(refused.code, 6, "{refused:?}\n{}", d.log_text());
+    assert!(refused.stderr.contains("free"), "{refused:?}");
+    wait_for("the full volume group to be reported", &d, || {
+        d.log_text().contains("its volume group is full")
+    });
+    unmount(&d, "base");
+}
+
+/// A thin pool made by "someone else" on two loop disks; removed when dropped.
+struct ForeignPool {
+    name: String,
+    _data: TestDisk,
+    _metadata: TestDisk,
+}
+
+impl ForeignPool {
+    fn new(dir: &Path, name: &str, features: &str) -> ForeignPool {
+        let data = TestDisk::new(dir, &format!("{name}-data"), ByteSize::mib(256));
+        let metadata = TestDisk::new(dir, &format!("{name}-meta"), ByteSize::mib(16));
+        let dm = Dm::open().unwrap();
+        let device =
+            |disk: &TestDisk| thinstack::kernel::blockdev::block_device(&disk.path).unwrap();
+        let sectors = ByteSize::mib(256).sectors();
+        let table = vec![(
+            0,
+            *sectors,
+            dm::THIN_POOL_TARGET.to_string(),
+            format!(
+                "{} {} 128 1024 {features}",
+                device(&metadata),
+                device(&data)
+            ),
+        )];
+        let dm_name = devicemapper::DmNameBuf::new(name.to_string()).unwrap();
+        dm.create_device(&dm_name, None, &table, false)
+            .expect("create the foreign pool");
+        ForeignPool {
+            name: name.to_string(),
+            _data: data,
+            _metadata: metadata,
+        }
+    }
+
+    fn dm_name(&self) -> devicemapper::DmNameBuf {
+        devicemapper::DmNameBuf::new(self.name.clone()).unwrap()
+    }
+
+    fn status_field(&self, index: usize) -> String {
+        let out = run_ok("dmsetup", &["status", &self.name]);
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(index)
+            .unwrap()
+            .to_string()
+    }
+}
+
+impl Drop for ForeignPool {
+    fn drop(&mut self) {
+        let _ = Dm::open().unwrap().remove_device(&self.dm_name());
+    }
+}
+
+fn existing_config(pool: &ForeignPool) -> String {
+    format!(
+        "[pool]\nbackend = \"existing\"\n[pool.existing]\ndevice = \"/dev/mapper/{}\"\n[layers]\nbase_size = \"64M\"\n",
+        pool.name
+    )
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn an_existing_empty_pool_is_adopted_and_left_as_found_and_a_used_or_read_only_one_is_refused() {
+    let dm = require_dm_thin();
+    let scratch = tempfile::tempdir().unwrap();
+    let foreign = ForeignPool::new(
+        scratch.path(),
+        &format!("foreign{}", std::process::id()),
+        "1 skip_block_zeroing",
+    );
+    let mut d = TestDaemon::start("adopt", &existing_config(&foreign));
+    let status = d.json(&["pool", "status"]);
+    assert_eq!(status["pool"]["backend"], "existing", "{status}");
+    assert_eq!(status["pool"]["block_size"], "64K", "{status}");
+    make_layers(&d);
+    let resize = d.cli(&["pool", "extend", "--data", "1G"]);
+    assert_eq!(resize.code, 1, "{resize:?}");
+    assert!(resize.stderr.contains("was adopted"), "{resize:?}");
+    assert_eq!(d.json(&["pool", "check"])["clean"], true);
+
+    // Destroy removes our layers and leaves the pool active, empty, at transaction id 0.
+    d.json(&["pool", "destroy", "--force"]);
+    assert_eq!(d.wait_exit(), 0, "{}", d.log_text());
+    assert!(
+        dm.exists(&foreign.dm_name()).unwrap(),
+        "the adopted pool was removed"
+    );
+    assert_eq!(foreign.status_field(3), "0", "transaction id");
+    assert!(foreign.status_field(5).starts_with("0/"), "data still used");
+    // So a new thinstack adopts it again.
+    let mut again = TestDaemon::start("adopt2", &existing_config(&foreign));
+    again.json(&["layer", "create", "base"]);
+    assert_eq!(again.stop(), 0);
+
+    // A pool someone else uses is refused, with why.
+    let used = ForeignPool::new(
+        scratch.path(),
+        &format!("used{}", std::process::id()),
+        "1 skip_block_zeroing",
+    );
+    run_ok("dmsetup", &["message", &used.name, "0", "create_thin 7"]);
+    let d = TestDaemon::prepare("used", &existing_config(&used));
+    let (code, stderr) = d.start_refused();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("is not empty") && stderr.contains("1 thin devices"),
+        "{stderr}"
+    );
+    assert!(!d.pool.config.state_dir.path().join("pool.json").exists());
+
+    // A read-only pool is reported, not used.
+    let name = format!("ro{}", std::process::id());
+    let formatted = ForeignPool::new(scratch.path(), &name, "1 skip_block_zeroing");
+    let table = dm.table(&formatted.dm_name()).unwrap();
+    let (start, length, target, params) = table[0].clone();
+    let read_only = params.replace("1 skip_block_zeroing", "2 skip_block_zeroing read_only");
+    dm.reload(&formatted.dm_name(), &[(start, length, target, read_only)])
+        .unwrap();
+    let d = TestDaemon::prepare("ro", &existing_config(&formatted));
+    let (code, stderr) = d.start_refused();
+    assert_ne!(code, 0);
+    assert!(stderr.contains("is read-only"), "{stderr}");
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn a_pool_on_raw_devices_zeroes_metadata_once_and_is_reopened_after_a_reboot() {
+    let dm = require_dm_thin();
+    let scratch = tempfile::tempdir().unwrap();
+    let data = TestDisk::new(scratch.path(), "data", ByteSize::mib(256));
+    let metadata = TestDisk::new(scratch.path(), "meta", ByteSize::mib(16));
+    // Leftover bytes (no signature) that the kernel would take for a damaged superblock.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&metadata.path)
+        .unwrap()
+        .write_all(&[0xffu8; 4096])
+        .unwrap();
+    let config = format!(
+        "[pool]\nbackend = \"devices\"\n[pool.devices]\ndata = {:?}\nmetadata = {:?}\n[layers]\nbase_size = \"64M\"\n{DEACTIVATE_ON_STOP}",
+        data.name(),
+        metadata.name()
+    );
+    let mut d = TestDaemon::start("devices", &config);
+    assert_eq!(d.json(&["pool", "status"])["pool"]["backend"], "devices");
+    make_layers(&d);
+
+    // A "reboot": the pool device is gone; it is made again over the same metadata.
+    assert_eq!(d.stop(), 0);
+    let pool_dm = d.pool.config.pool.name.pool_dm_name();
+    dm.remove_device(&pool_dm).unwrap();
+    d.spawn();
+    layers_intact(&d);
+    let grow = d.cli(&["pool", "extend", "--data", "1G"]);
+    assert_eq!(grow.code, 1, "{grow:?}");
+    assert!(grow.stderr.contains("grow the device itself"), "{grow:?}");
+    d.json(&["pool", "extend"]);
+
+    d.json(&["pool", "destroy", "--force"]);
+    assert_eq!(d.wait_exit(), 0);
+    assert!(!dm.exists(&pool_dm).unwrap(), "the pool device is left");
+    assert!(data.path.exists() && metadata.path.exists());
+}
+
+/// CRC-32C (Castagnoli), as dm-thin checksums its superblock.
+fn crc32c(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    crc
+}
+
+/// dm-thin's superblock checksum: CRC-32C over the block after the checksum field, XORed.
+fn superblock_checksum(block: &[u8]) -> u32 {
+    const SUPERBLOCK_CSUM_XOR: u32 = 160774;
+    crc32c(&block[4..4096]) ^ SUPERBLOCK_CSUM_XOR
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn a_pool_flagged_needs_check_is_checked_and_cleared_before_use() {
+    let dm = require_dm_thin();
+    let test = common::TestPool::new("needs-check", "");
+    let pool = common::open_pool(&test, &dm);
+    pool.create_thin(&dm, thinstack::names::ThinId::new(3).unwrap())
+        .unwrap();
+    pool.teardown(&dm).unwrap();
+
+    // Set the needs_check flag in the inactive metadata, as the kernel does after a failure.
+    let metadata = test.metadata_file();
+    let mut block = std::fs::read(&metadata).unwrap()[..4096].to_vec();
+    let stored = u32::from_le_bytes(block[0..4].try_into().unwrap());
+    assert_eq!(
+        superblock_checksum(&block),
+        stored,
+        "checksum reckoned as the kernel does"
+    );
+    block[4] |= 1;
+    let checksum = superblock_checksum(&block);
+    block[0..4].copy_from_slice(&checksum.to_le_bytes());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&metadata)
+        .unwrap();
+    file.write_all(&block).unwrap();
+    file.sync_all().unwrap();
+
+    let pool = common::open_pool(&test, &dm);
+    let status = pool.status(&dm).unwrap();
+    assert!(!status.health.needs_check, "still flagged: {status:?}");
+    assert!(!status.health.read_only, "{status:?}");
+    let ids = thinstack::kernel::real::thin_ids_of(&dm, &pool).unwrap();
+    assert!(
+        ids.contains(&thinstack::names::ThinId::new(3).unwrap()),
+        "{ids:?}"
+    );
+    pool.teardown(&dm).unwrap();
+    common::thin_check(&metadata);
+    let flags = std::fs::read(&metadata).unwrap()[4];
+    assert_eq!(flags & 1, 0, "the flag is still set in the metadata");
+}
