@@ -29,6 +29,16 @@ pub const POINTS: &[&str] = &[
     "resize.recorded",
     "resize.reloaded",
     "resize.grown",
+    "lvm.record_written",
+    "lvm.pvs_created",
+    "lvm.vg_created",
+    "lvm.data_lv_created",
+    "lvm.metadata_lv_created",
+    "lvm.converted",
+    "lvm.profile_attached",
+    "devices.record_written",
+    "devices.prepared",
+    "devices.activated",
 ];
 
 /// Die here if this point is armed (test builds only).

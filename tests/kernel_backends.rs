@@ -230,6 +230,53 @@ fn a_disk_with_a_filesystem_is_refused_untouched_and_taken_with_force() {
     assert_eq!(disk.probe(), "");
 }
 
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn a_pool_creation_killed_at_any_step_is_finished_by_the_next_start() {
+    require_dm_thin();
+    let scratch = tempfile::tempdir().unwrap();
+    let disk = TestDisk::new(scratch.path(), "disk", ByteSize::mib(128));
+    let data = TestDisk::new(scratch.path(), "data", ByteSize::mib(128));
+    let metadata = TestDisk::new(scratch.path(), "meta", ByteSize::mib(8));
+    let devices = format!(
+        "[pool]\nbackend = \"devices\"\n[pool.devices]\ndata = {:?}\nmetadata = {:?}\n[layers]\nbase_size = \"64M\"\n{DEACTIVATE_ON_STOP}",
+        data.name(),
+        metadata.name()
+    );
+    let points = thinstack::crash::POINTS
+        .iter()
+        .filter(|p| p.starts_with("lvm.") || p.starts_with("devices."));
+    let mut crashes = 0;
+    for point in points {
+        let (vg, config) = if point.starts_with("lvm.") {
+            let vg = volume_group_name("k");
+            let config = lvm_config(&vg, &[&disk], "");
+            (Some(vg), config)
+        } else {
+            (None, devices.clone())
+        };
+        let _guard = vg.clone().map(VolumeGroupGuard);
+        let mut d = TestDaemon::prepare("crash", &config);
+        let (code, stderr) = d.start_refused_with(&[("THINSTACK_CRASH_AT", point)]);
+        assert_ne!(
+            code, 0,
+            "{point}: the daemon did not die (built without crash-points?)"
+        );
+        assert!(stderr.contains(point), "{point}: {stderr}");
+        crashes += 1;
+        // The next start finishes the pool; it works and is destroyed without leftovers.
+        d.spawn();
+        d.json(&["layer", "create", "base"]);
+        d.json(&["pool", "destroy", "--force"]);
+        assert_eq!(d.wait_exit(), 0, "{point}: {}", d.log_text());
+        if let Some(vg) = &vg {
+            assert!(!vg_exists(vg), "{point}: volume group left");
+            assert_eq!(disk.probe(), "", "{point}: the disk keeps a signature");
+        }
+    }
+    assert_eq!(crashes, 10);
+}
+
 /// Used and total data bytes, and metadata total, from `pool status`.
 fn pool_space(d: &TestDaemon) -> (u64, u64, u64) {
     let status = d.json(&["pool", "status"]);

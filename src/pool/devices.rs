@@ -8,6 +8,7 @@ use devicemapper::{DmNameBuf, ThinPoolStatus};
 use super::record::{self, PoolRecord};
 use super::{Backing, DevicesBacking, Pool};
 use crate::config::Config;
+use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::kernel::dm::Dm;
@@ -46,6 +47,7 @@ pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Resu
         data_length,
         Backing::Devices(backing),
     )?;
+    crash::point("devices.activated");
     if !complete {
         let mut done = record::new(config, config.block_size());
         done.complete = true;
@@ -60,9 +62,11 @@ fn prepare(config: &Config, data: &Path, metadata: &Path) -> Result<()> {
     let data_signatures = blockdev::check_unused(data, force)?;
     let metadata_signatures = blockdev::check_unused(metadata, force)?;
     record::save(config, &record::new(config, config.block_size()))?;
+    crash::point("devices.record_written");
     blockdev::wipe(data, &data_signatures)?;
     blockdev::wipe(metadata, &metadata_signatures)?;
     blockdev::zero_start(metadata, METADATA_HEADER)?;
+    crash::point("devices.prepared");
     tracing::info!(data = %data.display(), metadata = %metadata.display(), "devices prepared for a new pool");
     Ok(())
 }

@@ -18,6 +18,7 @@ use devicemapper::DmNameBuf;
 use super::record::{self, PoolRecord};
 use super::{Backing, LvmBacking, Pool};
 use crate::config::{Config, LvmConfig};
+use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::kernel::dm::Dm;
@@ -117,16 +118,19 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     }
     if !resuming {
         record::save(config, &record::new(config, config.block_size()))?;
+        crash::point("lvm.record_written");
     }
     for (device, signatures) in &fresh {
         blockdev::wipe(device, signatures)?;
         lvm::run_with_paths(&["pvcreate", "-y"], &[device])?;
     }
+    crash::point("lvm.pvs_created");
     let vg = match existing_vg {
         Some(vg) => vg,
         None => {
             lvm::run_with_paths(&["vgcreate", "--addtag", "thinstack", vg_name], &devices)?;
             tracing::info!(volume_group = %vg_name, devices = ?devices, "volume group created");
+            crash::point("lvm.vg_created");
             lvm::volume_group(vg_name)?.ok_or_else(|| {
                 Error::inconsistent(format!("volume group {vg_name} vanished after vgcreate"))
             })?
@@ -134,6 +138,7 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     };
     make_thin_pool(settings, backing, &vg)?;
     attach_profile(config, backing)?;
+    crash::point("lvm.profile_attached");
     let mut done = record::new(config, config.block_size());
     done.complete = true;
     record::save(config, &done)
@@ -143,33 +148,29 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
 fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) -> Result<()> {
     let lv = &backing.logical_volume;
     let meta_lv = format!("{lv}meta");
-    match lvm::logical_volume(&vg.name, lv)? {
-        Some(existing) if existing.is_thin_pool() => return Ok(()),
-        Some(_) => {}
-        None => {
-            let (data, metadata) = extents_for(settings, vg)?;
+    let existing = lvm::logical_volumes(&vg.name)?;
+    let has = |name: &str| existing.iter().find(|l| l.name == name);
+    if has(lv).is_some_and(|pool| pool.is_thin_pool()) {
+        return Ok(());
+    }
+    let (data, metadata) = extents_for(settings, vg)?;
+    for (name, extents, point) in [
+        (lv.as_str(), data, "lvm.data_lv_created"),
+        (meta_lv.as_str(), metadata, "lvm.metadata_lv_created"),
+    ] {
+        if has(name).is_none() {
             lvm::run(&[
                 "lvcreate",
                 "-y",
                 "--wipesignatures",
                 "y",
                 "-n",
-                lv,
+                name,
                 "-l",
-                &data.to_string(),
+                &extents.to_string(),
                 &vg.name,
             ])?;
-            lvm::run(&[
-                "lvcreate",
-                "-y",
-                "--wipesignatures",
-                "y",
-                "-n",
-                &meta_lv,
-                "-l",
-                &metadata.to_string(),
-                &vg.name,
-            ])?;
+            crash::point(point);
         }
     }
     let chunk = format!("{}k", settings.chunk_size.size().bytes() / 1024);
@@ -185,6 +186,7 @@ fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) 
         "--poolmetadata",
         &format!("{}/{meta_lv}", vg.name),
     ])?;
+    crash::point("lvm.converted");
     tracing::info!(pool = %backing.path(), chunk_size = %settings.chunk_size.size(), "LVM thin pool created");
     Ok(())
 }

@@ -116,9 +116,15 @@ impl TestDaemon {
 
     /// Start thinstackd where it must refuse to start: its exit code and log.
     pub fn start_refused(&self) -> (i32, String) {
+        self.start_refused_with(&[])
+    }
+
+    /// [`TestDaemon::start_refused`] with extra environment (a crash point, say).
+    pub fn start_refused_with(&self, env: &[(&str, &str)]) -> (i32, String) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_thinstackd"))
             .arg("--config")
             .arg(&self.config_path)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
