@@ -57,6 +57,23 @@ fn layer_names(d: &TestDaemon) -> Vec<String> {
         .collect()
 }
 
+/// `thinstackd --check-pool` while the daemon is stopped: what it printed (it must pass).
+fn check_pool_offline(d: &TestDaemon) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_thinstackd"))
+        .arg("--config")
+        .arg(&d.config_path)
+        .arg("--check-pool")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "--check-pool failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
 fn vg_exists(vg: &str) -> bool {
     lvm(&["vgs", vg]).status.success()
 }
@@ -106,7 +123,11 @@ fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_
     let pool_dm = thinstack::kernel::lvm::dm_name(&vg, d.pool.config.pool.name.as_str());
     run_ok("lvm", &["vgchange", "-an", &vg]);
     assert!(!Path::new("/dev/mapper").join(&pool_dm).exists());
+    let offline = check_pool_offline(&d);
+    assert!(offline.contains("clean") && offline.contains("(inactive)"), "{offline}");
     run_ok("lvm", &["vgchange", "-ay", &vg]);
+    let offline = check_pool_offline(&d);
+    assert!(offline.contains("clean") && offline.contains("snapshot"), "{offline}");
     d.spawn();
     layers_intact(&d);
 

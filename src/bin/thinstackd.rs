@@ -19,6 +19,11 @@ struct Args {
     /// Validate the configuration, print the effective configuration, and exit.
     #[arg(long)]
     check_config: bool,
+
+    /// Check the pool's metadata with thin_check while thinstackd is stopped (the pool may be
+    /// inactive), print what was found, and exit: 0 clean, 1 damaged or not checkable.
+    #[arg(long, conflicts_with = "check_config")]
+    check_pool: bool,
 }
 
 fn main() -> ExitCode {
@@ -35,10 +40,39 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(&config);
+    if args.check_pool {
+        return check_pool(&config);
+    }
     match thinstack::daemon::run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(kind = %err.kind(), "{err}");
+            eprintln!("thinstackd: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-pool`: hold the state directory's lock (so no daemon runs), then check.
+fn check_pool(config: &Config) -> ExitCode {
+    let checked =
+        thinstack::records::StateLock::acquire(config.state_dir.path()).and_then(|_lock| {
+            let dm = thinstack::kernel::dm::Dm::open()?;
+            thinstack::pool::Pool::check_offline(config, &dm)
+        });
+    match checked {
+        Ok(report) if report.clean => {
+            println!("Pool metadata is clean ({}).", report.checked);
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            println!(
+                "Pool metadata is damaged ({}): {}",
+                report.checked, report.findings
+            );
+            ExitCode::FAILURE
+        }
+        Err(err) => {
             eprintln!("thinstackd: {err}");
             ExitCode::FAILURE
         }

@@ -62,6 +62,35 @@ pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Resu
     )
 }
 
+/// The dm name LVM gives the pool LV of `config`.
+pub fn pool_dm_name(config: &Config) -> Result<DmNameBuf> {
+    let vg = config.pool.lvm.volume_group.as_str();
+    DmNameBuf::new(lvm::dm_name(vg, config.pool.name.as_str()))
+        .map_err(|_| Error::invalid(format!("{vg}/{} has no usable dm name", config.pool.name)))
+}
+
+/// Call `check` with the pool's metadata volume, activated read-only (as an LVM component)
+/// for the call while the pool is inactive.
+pub(super) fn with_inactive_metadata<T>(
+    config: &Config,
+    check: impl FnOnce(&Path) -> Result<T>,
+) -> Result<T> {
+    let component = format!(
+        "{}/{}_tmeta",
+        config.pool.lvm.volume_group, config.pool.name
+    );
+    lvm::run(&["lvchange", "-ay", "-y", &component])?;
+    let node = Path::new("/dev/mapper").join(lvm::dm_name(
+        config.pool.lvm.volume_group.as_str(),
+        &format!("{}_tmeta", config.pool.name),
+    ));
+    let result = check(&node);
+    let deactivated = lvm::run(&["lvchange", "-an", &component]);
+    let result = result?;
+    deactivated?;
+    Ok(result)
+}
+
 impl LvmBacking {
     /// `vg/lv`, as LVM commands take it.
     pub fn path(&self) -> String {

@@ -505,6 +505,68 @@ impl Pool {
         Ok(checked)
     }
 
+    /// Check the metadata of the pool `config` describes without using it (thinstackd must not
+    /// be running): through a metadata snapshot when the pool is active, otherwise on the
+    /// inactive metadata itself (the loop file, the raw device, or LVM's metadata volume
+    /// activated read-only for the check).
+    pub fn check_offline(config: &Config, dm: &Dm) -> Result<CheckReport> {
+        let record = record::load(config)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "there is no pool in {}; nothing to check",
+                config.state_dir.path().display()
+            ))
+        })?;
+        let dm_name = match record.backend {
+            Backend::Lvm => lvm::pool_dm_name(config)?,
+            Backend::Existing => DmNameBuf::new(record::existing_name(config))
+                .map_err(|_| Error::invalid("pool.existing.device is not a dm name"))?,
+            Backend::Loop | Backend::Devices => config.pool.name.pool_dm_name(),
+        };
+        if dm.exists(&dm_name)? {
+            let pool = Pool::from_active(
+                config.pool.name.clone(),
+                dm,
+                dm_name,
+                Backing::Existing,
+                false,
+            )?;
+            return pool.check_metadata(dm);
+        }
+        let inactive = |metadata: &Path| -> Result<CheckReport> {
+            let checked = format!("{} (inactive)", metadata.display());
+            match thin_tools::check(metadata) {
+                Ok(()) => Ok(CheckReport {
+                    clean: true,
+                    checked,
+                    findings: "no damage found".to_string(),
+                }),
+                Err(e) if e.kind() == ErrorKind::Command => Ok(CheckReport {
+                    clean: false,
+                    checked,
+                    findings: e.to_string(),
+                }),
+                Err(e) => Err(e),
+            }
+        };
+        match record.backend {
+            Backend::Loop => inactive(&loop_files(config.state_dir.path()).1),
+            Backend::Devices => inactive(
+                config
+                    .pool
+                    .devices
+                    .metadata
+                    .as_ref()
+                    .expect("checked by config")
+                    .path(),
+            ),
+            Backend::Lvm => lvm::with_inactive_metadata(config, inactive),
+            Backend::Existing => Err(Error::not_found(format!(
+                "adopted pool {} is not active; check it with the tools of whoever made it",
+                &*dm_name
+            ))),
+        }
+    }
+
     /// Deactivate the pool (it and its data stay): loop devices are detached, LVM volumes
     /// deactivated; an adopted pool is left active.
     ///
