@@ -124,10 +124,16 @@ fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_
     run_ok("lvm", &["vgchange", "-an", &vg]);
     assert!(!Path::new("/dev/mapper").join(&pool_dm).exists());
     let offline = check_pool_offline(&d);
-    assert!(offline.contains("clean") && offline.contains("(inactive)"), "{offline}");
+    assert!(
+        offline.contains("clean") && offline.contains("(inactive)"),
+        "{offline}"
+    );
     run_ok("lvm", &["vgchange", "-ay", &vg]);
     let offline = check_pool_offline(&d);
-    assert!(offline.contains("clean") && offline.contains("snapshot"), "{offline}");
+    assert!(
+        offline.contains("clean") && offline.contains("snapshot"),
+        "{offline}"
+    );
     d.spawn();
     layers_intact(&d);
 
@@ -235,6 +241,23 @@ fn a_disk_with_a_filesystem_is_refused_untouched_and_taken_with_force() {
     assert_eq!(std::fs::read(fs_mount.join("precious")).unwrap(), b"data");
     run_ok("umount", &[fs_mount.to_str().unwrap()]);
 
+    // A disk in another volume group: refused even when forced.
+    let other = TestDisk::new(scratch.path(), "other", ByteSize::mib(64));
+    let other_vg = volume_group_name("o");
+    let _other_guard = VolumeGroupGuard(other_vg.clone());
+    run_ok("lvm", &["vgcreate", &other_vg, &other.name()]);
+    let in_vg = TestDaemon::prepare("invg", &lvm_config(&vg, &[&other], "force = true"));
+    let (code, stderr) = in_vg.start_refused();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(&format!(
+            "{} belongs to volume group {other_vg:?}",
+            other.name()
+        )),
+        "{stderr}"
+    );
+    assert!(vg_exists(&other_vg));
+
     // Forced: wiped and taken.
     d.pool.config.pool.lvm.force = true;
     d.write_config();
@@ -298,6 +321,51 @@ fn a_pool_creation_killed_at_any_step_is_finished_by_the_next_start() {
     assert_eq!(crashes, 10);
 }
 
+#[test]
+#[ignore = "needs root and dm-thin: scripts/vm-test"]
+fn a_loop_pool_is_destroyed_with_its_files_and_loop_devices() {
+    let dm = require_dm_thin();
+    let mut d = TestDaemon::start("destroy", "[layers]\nbase_size = \"64M\"\n");
+    make_layers(&d);
+    let mounted = mount(&d, "child");
+    let refused = d.cli(&["--json", "pool", "destroy"]);
+    assert_eq!(refused.code, 5, "{refused:?}");
+    assert_eq!(refused.json()["error"]["kind"], "busy");
+    let (data, metadata) = (d.pool.data_file(), d.pool.metadata_file());
+    let loops: Vec<PathBuf> = [&data, &metadata]
+        .iter()
+        .map(|f| {
+            thinstack::kernel::loopdev::find_attached(f)
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let destroyed = d.json(&["pool", "destroy", "--force"]);
+    assert_eq!(destroyed["layers_removed"], 2);
+    assert_eq!(d.wait_exit(), 0, "{}", d.log_text());
+    assert!(
+        !common::mounts_under(&mounted).contains(&mounted),
+        "still mounted"
+    );
+    assert!(!data.exists() && !metadata.exists(), "loop files left");
+    for device in loops {
+        let name = device.file_name().unwrap().to_string_lossy().into_owned();
+        let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"));
+        assert!(
+            backing.is_err(),
+            "{} still bound: {backing:?}",
+            device.display()
+        );
+    }
+    let prefix = d.pool.config.pool.name.dm_prefix();
+    assert!(dm.list_with_prefix(&prefix).unwrap().is_empty());
+    let state = d.pool.config.state_dir.path();
+    assert!(!state.join("pool.json").exists() && !state.join("txn.json").exists());
+    // A new start makes a new, empty pool.
+    d.spawn();
+    assert_eq!(layer_names(&d), Vec::<String>::new());
+}
+
 /// Used and total data bytes, and metadata total, from `pool status`.
 fn pool_space(d: &TestDaemon) -> (u64, u64, u64) {
     let status = d.json(&["pool", "status"]);
@@ -336,8 +404,9 @@ fn wait_for(what: &str, d: &TestDaemon, mut done: impl FnMut() -> bool) {
     while !done() {
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}; log:\n{}",
-            d.log_text()
+            "timed out waiting for {what}; log:\n{}\nprocesses:\n{}",
+            d.log_text(),
+            String::from_utf8_lossy(&run_ok("ps", &["-eo", "pid,stat,etime,wchan:30,args"]).stdout)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -351,17 +420,24 @@ fn an_lvm_pool_is_extended_as_it_fills_and_a_full_volume_group_means_no_space() 
     let disk = TestDisk::new(scratch.path(), "disk", ByteSize::mib(256));
     let vg = volume_group_name("c");
     let _guard = VolumeGroupGuard(vg.clone());
-    let settings = "data_percent = 40\nchunk_size = \"64K\"\nautoextend_threshold = 50\nautoextend_percent = 20";
+    // Data 48M and metadata 4M (1/20 of the data share), extended at half full by 20%.
+    let settings = "data_percent = 20\nmetadata_percent = 1\nchunk_size = \"64K\"\nautoextend_threshold = 50\nautoextend_percent = 20";
     let config = lvm_config(&vg, &[&disk], settings)
-        .replace("base_size = \"64M\"", "base_size = \"400M\"")
+        // A filesystem larger than the VG can ever hold, with a small journal.
+        .replace(
+            "base_size = \"64M\"",
+            "base_size = \"300M\"\nmkfs_args = [\"-J\", \"size=4\"]",
+        )
         .replace("[pool]\n", "[pool]\nmin_free_space = \"10%\"\n");
     let d = TestDaemon::start("fill", &config);
     let (_, data_before, metadata_before) = pool_space(&d);
     d.json(&["layer", "create", "base"]);
     let dir = mount(&d, "base");
 
-    // Past the threshold: the daemon extends data and metadata; the writer never notices.
-    write_file(&dir, "first", 48);
+    // Past the threshold: data is extended (by thinstackd, or by dmeventd where LVM started it)
+    // until under half full, and metadata keeps pace (past 80M of data, 1/20 is over 4M).
+    // The writer never notices.
+    write_file(&dir, "first", 32);
     wait_for("the pool to be extended", &d, || {
         let (used, total, metadata) = pool_space(&d);
         total > data_before && metadata > metadata_before && used * 2 < total
@@ -397,6 +473,16 @@ fn an_lvm_pool_is_extended_as_it_fills_and_a_full_volume_group_means_no_space() 
     wait_for("the full volume group to be reported", &d, || {
         d.log_text().contains("its volume group is full")
     });
+    let (used, total, metadata) = pool_space(&d);
+    println!(
+        "data {} -> {} ({}% used), metadata {} -> {}, {} extensions by thinstackd",
+        ByteSize::from_bytes(data_before),
+        ByteSize::from_bytes(total),
+        used * 100 / total,
+        ByteSize::from_bytes(metadata_before),
+        ByteSize::from_bytes(metadata),
+        d.log_text().matches("extending the pool's volumes").count()
+    );
     unmount(&d, "base");
 }
 

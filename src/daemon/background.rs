@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::Daemon;
 use crate::config::LoopConfig;
 use crate::kernel::{loopdev, PoolUsage, Space};
-use crate::pool::{lvm, Backing, LoopBacking, LvmBacking};
+use crate::pool::{lvm, Backing, LoopBacking};
 use crate::units::ByteSize;
 
 /// Shares of use at which a warning is logged (once per crossing).
@@ -86,7 +86,7 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
         Backing::Loop(files) => {
             autoextend_loop(daemon, &daemon.config.pool.loop_files, files, &usage)
         }
-        Backing::Lvm(volumes) => autoextend_lvm(daemon, volumes, &usage, levels),
+        Backing::Lvm(_) => autoextend_lvm(daemon, &usage, levels),
         // Other pools are sized by whoever made them (or by hand, `thinstack pool extend`).
         Backing::Devices(_) | Backing::Existing => {}
     }
@@ -139,57 +139,38 @@ fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, backing: &LoopBacking, 
     }
 }
 
-/// Extend the LVM pool's data and metadata volumes when use crosses `autoextend_threshold`,
-/// while the volume group has free extents; a full volume group is reported once.
-fn autoextend_lvm(daemon: &Daemon, volumes: &LvmBacking, usage: &PoolUsage, levels: &mut Levels) {
+/// Extend the LVM pool's volumes when data or metadata use crosses `autoextend_threshold`, or
+/// when its metadata has fallen behind its data, while the volume group has free extents; a
+/// full volume group is reported once. Where dmeventd runs it goes first.
+fn autoextend_lvm(daemon: &Daemon, usage: &PoolUsage, levels: &mut Levels) {
     let config = &daemon.config.pool.lvm;
     let threshold = f64::from(config.autoextend_threshold.value());
     if threshold >= 100.0 {
         return;
     }
-    let over = (
-        usage.data.percent_used() >= threshold,
-        usage.metadata.percent_used() >= threshold,
-    );
-    if !over.0 && !over.1 {
+    let over = usage.data.percent_used() >= threshold || usage.metadata.percent_used() >= threshold;
+    let behind =
+        usage.metadata.total.bytes() < lvm::metadata_wanted(usage.data.total.bytes(), config);
+    if !over && !behind {
         levels.volume_group_full = false;
         levels.rounds_over = 0;
         return;
     }
-    levels.rounds_over += 1;
-    if crate::kernel::lvm::dmeventd_running() && levels.rounds_over < DMEVENTD_GRACE_ROUNDS {
-        return;
-    }
-    let planned = lvm::volume_group(volumes).and_then(|vg| {
-        let sizes = daemon
-            .engine
-            .kernel()
-            .pool()
-            .sizes(daemon.engine.kernel().dm())?;
-        Ok((
-            lvm::plan_growth(sizes, over, &vg, config.autoextend_percent),
-            vg,
-        ))
-    });
-    let ((data, metadata), vg) = match planned {
-        Ok(planned) => planned,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot plan the pool's extension");
+    if over {
+        levels.rounds_over += 1;
+        if crate::kernel::lvm::dmeventd_running() && levels.rounds_over < DMEVENTD_GRACE_ROUNDS {
             return;
         }
-    };
-    if data.is_none() && metadata.is_none() {
-        if !levels.volume_group_full {
-            tracing::error!(volume_group = %vg.name, data = %usage.data.describe(), "the pool is over its extension threshold but its volume group is full; add a disk (thinstack pool add-device DEVICE)");
+    }
+    match daemon.autoextend_lvm() {
+        Ok(Some((growth, vg))) => {
+            tracing::warn!(volume_group = %vg, data_extents = growth.data, metadata_extents = growth.metadata, "pool was filling up; extended its volumes")
+        }
+        Ok(None) if over && !levels.volume_group_full => {
+            tracing::error!(data = %usage.data.describe(), "the pool is over its extension threshold but its volume group is full; add a disk (thinstack pool add-device DEVICE)");
             levels.volume_group_full = true;
         }
-        return;
-    }
-    tracing::info!(volume_group = %vg.name, free = %vg.free(), ?data, ?metadata, "pool over its extension threshold; extending its volumes");
-    match daemon.extend(data, metadata) {
-        Ok((data, metadata)) => {
-            tracing::warn!(%data, %metadata, "pool was filling up; extended it")
-        }
+        Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "automatic pool extension failed"),
     }
 }

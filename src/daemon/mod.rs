@@ -94,6 +94,25 @@ impl Daemon {
         })
     }
 
+    /// One automatic extension of an LVM pool, planned from fresh figures with pool messages
+    /// held off: what was added, and the volume group; `None` when nothing could be added.
+    pub fn autoextend_lvm(&self) -> Result<Option<(lvm::Growth, String)>> {
+        let Backing::Lvm(backing) = self.engine.kernel().pool().backing() else {
+            return Ok(None);
+        };
+        self.engine.exclusive_pool(|kernel| {
+            let vg = lvm::volume_group(backing)?;
+            let usage = kernel.usage()?;
+            let growth = lvm::plan_growth(&usage.data, &usage.metadata, &vg, &self.config.pool.lvm);
+            if growth == lvm::Growth::default() {
+                return Ok(None);
+            }
+            tracing::info!(volume_group = %vg.name, free = %vg.free(), data_extents = growth.data, metadata_extents = growth.metadata, "extending the pool's volumes");
+            lvm::grow(backing, growth, vg.extent_size)?;
+            Ok(Some((growth, vg.name)))
+        })
+    }
+
     /// Check the pool's metadata through a metadata snapshot.
     pub fn check(&self) -> Result<CheckReport> {
         self.engine
@@ -103,21 +122,20 @@ impl Daemon {
     /// Remove every layer (only when `force`, if there are any), then what thinstack made for
     /// the pool, and the records; the daemon stops afterwards.
     pub fn destroy(&self, force: bool) -> Result<usize> {
-        let removed = self.engine.remove_all(force)?;
+        // From here on new requests are refused, so no layer is made while the pool goes.
         self.destroyed.store(true, Ordering::SeqCst);
-        let destroyed = self.engine.exclusive_pool(|kernel| {
-            let pool = kernel.pool();
-            if matches!(pool.backing(), Backing::Existing) {
-                // Leave an adopted pool as it was found: empty, transaction id 0.
-                let now = kernel.usage()?.transaction_id;
-                kernel.set_transaction_id(now, 0)?;
-            }
-            pool.destroy(kernel.dm(), &self.config)
+        let destroyed = self.engine.remove_all(force).and_then(|removed| {
+            self.engine.exclusive_pool(|kernel| {
+                let pool = kernel.pool();
+                if matches!(pool.backing(), Backing::Existing) {
+                    // Leave an adopted pool as it was found: empty, transaction id 0.
+                    let now = kernel.usage()?.transaction_id;
+                    kernel.set_transaction_id(now, 0)?;
+                }
+                pool.destroy(kernel.dm(), &self.config).map(|()| removed)
+            })
         });
-        if let Err(e) = destroyed {
-            self.destroyed.store(false, Ordering::SeqCst);
-            return Err(e);
-        }
+        let removed = destroyed.inspect_err(|_| self.destroyed.store(false, Ordering::SeqCst))?;
         let state_dir = self.config.state_dir.path();
         records::remove(&state_dir.join("txn.json"))?;
         let _ = std::fs::remove_dir(state_dir.join("layers"));

@@ -2,8 +2,11 @@
 //! changes are made with one command each. Where udev is not running, commands run with
 //! `DM_DISABLE_UDEV=1`, so LVM makes its device nodes itself instead of waiting for udev.
 
+use std::ffi::OsString;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::{Arc, RwLock};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -64,20 +67,151 @@ pub fn dm_name(vg: &str, lv: &str) -> String {
     format!("{}-{}", vg.replace('-', "--"), lv.replace('-', "--"))
 }
 
-/// Run `lvm <args>`.
-pub fn run(args: &[&str]) -> Result<Output> {
-    cmd::run_with_env(Program::Lvm, args, &environment())
+/// LVM commands limited to `devices` (`--devices`, LVM 2.03.12 and later): a command never
+/// scans other disks, nor thinstack's own thin devices (thousands on a busy host, and a scan of
+/// a device that is suspended for a snapshot blocks until it resumes).
+#[derive(Clone, Default)]
+pub struct Lvm {
+    devices: Arc<RwLock<Vec<PathBuf>>>,
 }
 
-/// Run an LVM command that takes paths as well as words.
-pub fn run_with_paths(args: &[&str], paths: &[&Path]) -> Result<Output> {
-    let all: Vec<&std::ffi::OsStr> = args
-        .iter()
-        .map(|a| a.as_ref())
-        .chain(paths.iter().map(|p| p.as_os_str()))
-        .collect();
-    cmd::run_with_env(Program::Lvm, all, &environment())
+impl Lvm {
+    /// LVM on these devices only.
+    pub fn on(devices: Vec<PathBuf>) -> Lvm {
+        Lvm {
+            devices: Arc::new(RwLock::new(devices)),
+        }
+    }
+
+    /// Include another device from now on (one added to the volume group).
+    pub fn add(&self, device: PathBuf) {
+        self.devices.write().expect("lvm devices lock").push(device);
+    }
+
+    /// The devices commands are limited to.
+    pub fn devices(&self) -> Vec<PathBuf> {
+        self.devices.read().expect("lvm devices lock").clone()
+    }
+
+    /// Run `lvm <command> --devices D... <rest>`.
+    pub fn run(&self, args: &[&str]) -> Result<Output> {
+        self.run_with_paths(args, &[])
+    }
+
+    /// [`Lvm::run`] with paths after the words.
+    pub fn run_with_paths(&self, args: &[&str], paths: &[&Path]) -> Result<Output> {
+        let (command, rest) = args.split_first().expect("an LVM command");
+        let mut all: Vec<OsString> = vec![OsString::from(command)];
+        for device in self.devices() {
+            all.push("--devices".into());
+            all.push(device.into_os_string());
+        }
+        all.extend(rest.iter().map(OsString::from));
+        all.extend(paths.iter().map(|p| p.as_os_str().to_owned()));
+        cmd::run_with_env(Program::Lvm, all, &environment())
+    }
+
+    /// Rows of one report (`vg`, `lv` or `pv`) from `lvm <command> --reportformat json ...`.
+    fn report<T: DeserializeOwned>(
+        &self,
+        command: &str,
+        key: &str,
+        args: &[&str],
+    ) -> Result<Vec<T>> {
+        let mut all = vec![
+            command,
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+        ];
+        all.extend_from_slice(args);
+        let out = self.run(&all)?;
+        parse_report(&out.stdout, key)
+            .map_err(|e| e.context(format!("reading the report of `lvm {command}`")))
+    }
+
+    /// The volume group `name`, or `None` when there is none.
+    pub fn volume_group(&self, name: &str) -> Result<Option<VolumeGroup>> {
+        let rows: Vec<VgRow> = self.report(
+            "vgs",
+            "vg",
+            &["-o", "vg_name,vg_extent_size,vg_extent_count,vg_free_count"],
+        )?;
+        rows.into_iter()
+            .find(|row| row.vg_name == name)
+            .map(|row| {
+                Ok(VolumeGroup {
+                    extent_size: number(&row.vg_extent_size, "an extent size")?,
+                    extents: number(&row.vg_extent_count, "an extent count")?,
+                    free_extents: number(&row.vg_free_count, "free extents")?,
+                    name: row.vg_name,
+                })
+            })
+            .transpose()
+    }
+
+    /// Every LV of `vg`, hidden ones included.
+    pub fn logical_volumes(&self, vg: &str) -> Result<Vec<LogicalVolume>> {
+        let rows: Vec<LvRow> = self.report(
+            "lvs",
+            "lv",
+            &[
+                "-a",
+                "-o",
+                "lv_name,lv_size,lv_metadata_size,lv_attr,lv_active",
+                vg,
+            ],
+        )?;
+        rows.into_iter()
+            .map(|row| {
+                Ok(LogicalVolume {
+                    size: number(&row.lv_size, "an LV size")?,
+                    metadata_size: number(&row.lv_metadata_size, "a metadata size")?,
+                    active: row.lv_active == "active",
+                    attr: row.lv_attr,
+                    name: row.lv_name,
+                })
+            })
+            .collect()
+    }
+
+    /// The LV `lv` of `vg`.
+    pub fn logical_volume(&self, vg: &str, lv: &str) -> Result<Option<LogicalVolume>> {
+        Ok(self.logical_volumes(vg)?.into_iter().find(|l| l.name == lv))
+    }
+
+    /// The physical volumes of `vg`.
+    pub fn physical_volumes(&self, vg: &str) -> Result<Vec<PathBuf>> {
+        Ok(self
+            .pv_rows()?
+            .into_iter()
+            .filter(|row| row.vg_name == vg)
+            .map(|row| PathBuf::from(row.pv_name))
+            .collect())
+    }
+
+    fn pv_rows(&self) -> Result<Vec<PvRow>> {
+        self.report("pvs", "pv", &["-o", "pv_name,vg_name"])
+    }
 }
+
+impl fmt::Debug for Lvm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Lvm")
+            .field("devices", &self.devices())
+            .finish()
+    }
+}
+
+impl PartialEq for Lvm {
+    fn eq(&self, other: &Lvm) -> bool {
+        self.devices() == other.devices()
+    }
+}
+
+impl Eq for Lvm {}
 
 /// `LVM_SUPPRESS_FD_WARNINGS` keeps the output clean; without udev, LVM must not wait for it.
 fn environment() -> Vec<(&'static str, &'static str)> {
@@ -99,22 +233,6 @@ pub fn dmeventd_running() -> bool {
         .ok()
         .and_then(|pid| pid.trim().parse::<u32>().ok())
         .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
-}
-
-/// Rows of one report (`vg`, `lv` or `pv`) from `lvm <command> --reportformat json ...`.
-fn report<T: DeserializeOwned>(command: &str, key: &str, args: &[&str]) -> Result<Vec<T>> {
-    let mut all = vec![
-        command,
-        "--reportformat",
-        "json",
-        "--units",
-        "b",
-        "--nosuffix",
-    ];
-    all.extend_from_slice(args);
-    let out = run(&all)?;
-    parse_report(&out.stdout, key)
-        .map_err(|e| e.context(format!("reading the report of `lvm {command}`")))
 }
 
 fn parse_report<T: DeserializeOwned>(stdout: &[u8], key: &str) -> Result<Vec<T>> {
@@ -179,84 +297,24 @@ fn number(text: &str, what: &str) -> Result<u64> {
     })
 }
 
-/// The volume group `name`, or `None` when there is none.
-pub fn volume_group(name: &str) -> Result<Option<VolumeGroup>> {
-    let rows: Vec<VgRow> = report(
-        "vgs",
-        "vg",
-        &["-o", "vg_name,vg_extent_size,vg_extent_count,vg_free_count"],
-    )?;
-    rows.into_iter()
-        .find(|row| row.vg_name == name)
-        .map(|row| {
-            Ok(VolumeGroup {
-                extent_size: number(&row.vg_extent_size, "an extent size")?,
-                extents: number(&row.vg_extent_count, "an extent count")?,
-                free_extents: number(&row.vg_free_count, "free extents")?,
-                name: row.vg_name,
-            })
-        })
-        .transpose()
-}
-
-/// Every LV of `vg`, hidden ones included.
-pub fn logical_volumes(vg: &str) -> Result<Vec<LogicalVolume>> {
-    let rows: Vec<LvRow> = report(
-        "lvs",
-        "lv",
-        &[
-            "-a",
-            "-o",
-            "lv_name,lv_size,lv_metadata_size,lv_attr,lv_active",
-            vg,
-        ],
-    )?;
-    rows.into_iter()
-        .map(|row| {
-            Ok(LogicalVolume {
-                size: number(&row.lv_size, "an LV size")?,
-                metadata_size: number(&row.lv_metadata_size, "a metadata size")?,
-                active: row.lv_active == "active",
-                attr: row.lv_attr,
-                name: row.lv_name,
-            })
-        })
-        .collect()
-}
-
-/// The LV `lv` of `vg`.
-pub fn logical_volume(vg: &str, lv: &str) -> Result<Option<LogicalVolume>> {
-    Ok(logical_volumes(vg)?.into_iter().find(|l| l.name == lv))
-}
-
-/// The physical volumes of `vg`.
-pub fn physical_volumes(vg: &str) -> Result<Vec<PathBuf>> {
-    let rows: Vec<PvRow> = report("pvs", "pv", &["-o", "pv_name,vg_name"])?;
-    Ok(rows
-        .into_iter()
-        .filter(|row| row.vg_name == vg)
-        .map(|row| PathBuf::from(row.pv_name))
-        .collect())
-}
-
 /// The volume group the physical volume at `path` belongs to, if any.
 pub fn volume_group_of(path: &Path) -> Result<Option<String>> {
-    let wanted = canonical(path);
-    let rows: Vec<PvRow> = report("pvs", "pv", &["-o", "pv_name,vg_name"])?;
-    Ok(rows
-        .into_iter()
-        .find(|row| canonical(Path::new(&row.pv_name)) == wanted)
+    Ok(pv_row_of(path)?
         .map(|row| row.vg_name)
         .filter(|vg| !vg.is_empty()))
 }
 
 /// Whether `path` is an LVM physical volume (in a VG or not).
 pub fn is_physical_volume(path: &Path) -> Result<bool> {
+    Ok(pv_row_of(path)?.is_some())
+}
+
+fn pv_row_of(path: &Path) -> Result<Option<PvRow>> {
     let wanted = canonical(path);
-    let rows: Vec<PvRow> = report("pvs", "pv", &["-o", "pv_name,vg_name"])?;
-    Ok(rows
-        .iter()
-        .any(|row| canonical(Path::new(&row.pv_name)) == wanted))
+    Ok(Lvm::on(vec![path.to_path_buf()])
+        .pv_rows()?
+        .into_iter()
+        .find(|row| canonical(Path::new(&row.pv_name)) == wanted))
 }
 
 /// `/dev/disk/by-id/...` and `/dev/sdb` name the same PV; compare where links lead.

@@ -22,7 +22,8 @@ use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::kernel::dm::Dm;
-use crate::kernel::lvm::{self, VolumeGroup};
+use crate::kernel::lvm::{self, Lvm, VolumeGroup};
+use crate::kernel::Space;
 use crate::units::ByteSize;
 
 /// Where LVM looks for profiles (`config/profile_dir`).
@@ -34,9 +35,22 @@ const METADATA_MIN: u64 = 2 << 20;
 /// Create the pool (or finish a creation cut short), activate it when inactive (after a
 /// reboot), or adopt it when active.
 pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Result<Pool> {
+    // Commands see only the pool's disks: those recorded (with any added later), or, while
+    // the pool is being made, those configured.
+    let devices = match record.as_ref().and_then(|r| r.lvm.as_ref()) {
+        Some(setup) if record.as_ref().is_some_and(|r| r.complete) => setup.devices.clone(),
+        _ => config
+            .pool
+            .lvm
+            .devices
+            .iter()
+            .map(|d| d.path().to_path_buf())
+            .collect(),
+    };
     let backing = LvmBacking {
         volume_group: config.pool.lvm.volume_group.to_string(),
         logical_volume: config.pool.name.to_string(),
+        lvm: Lvm::on(devices),
     };
     let created = match record {
         Some(record) if record.complete => false,
@@ -48,7 +62,7 @@ pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Resu
     let pool_lv = find_pool_lv(&backing)?;
     write_profile(config)?;
     if !pool_lv.active {
-        lvm::run(&["lvchange", "-ay", &backing.path()])?;
+        backing.lvm.run(&["lvchange", "-ay", &backing.path()])?;
         tracing::info!(volume = %backing.path(), "activated the LVM thin pool");
     }
     let dm_name = DmNameBuf::new(lvm::dm_name(&backing.volume_group, &backing.logical_volume))
@@ -73,19 +87,21 @@ pub fn pool_dm_name(config: &Config) -> Result<DmNameBuf> {
 /// for the call while the pool is inactive.
 pub(super) fn with_inactive_metadata<T>(
     config: &Config,
+    devices: Vec<PathBuf>,
     check: impl FnOnce(&Path) -> Result<T>,
 ) -> Result<T> {
+    let lvm = Lvm::on(devices);
     let component = format!(
         "{}/{}_tmeta",
         config.pool.lvm.volume_group, config.pool.name
     );
-    lvm::run(&["lvchange", "-ay", "-y", &component])?;
+    lvm.run(&["lvchange", "-ay", "-y", &component])?;
     let node = Path::new("/dev/mapper").join(lvm::dm_name(
         config.pool.lvm.volume_group.as_str(),
         &format!("{}_tmeta", config.pool.name),
     ));
     let result = check(&node);
-    let deactivated = lvm::run(&["lvchange", "-an", &component]);
+    let deactivated = lvm.run(&["lvchange", "-an", &component]);
     let result = result?;
     deactivated?;
     Ok(result)
@@ -100,13 +116,16 @@ impl LvmBacking {
 
 /// The pool LV, which must exist and be a thin pool.
 fn find_pool_lv(backing: &LvmBacking) -> Result<lvm::LogicalVolume> {
-    if lvm::volume_group(&backing.volume_group)?.is_none() {
+    if backing.lvm.volume_group(&backing.volume_group)?.is_none() {
         return Err(Error::inconsistent(format!(
             "volume group {} of this pool is gone (are its disks attached?); attach them, or destroy the pool's records to start anew",
             backing.volume_group
         )));
     }
-    match lvm::logical_volume(&backing.volume_group, &backing.logical_volume)? {
+    match backing
+        .lvm
+        .logical_volume(&backing.volume_group, &backing.logical_volume)?
+    {
         Some(lv) if lv.is_thin_pool() => Ok(lv),
         Some(lv) => Err(Error::inconsistent(format!(
             "{} exists but is not a thin pool (attributes {}); it is not thinstack's",
@@ -124,7 +143,7 @@ fn find_pool_lv(backing: &LvmBacking) -> Result<lvm::LogicalVolume> {
 fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     let settings = &config.pool.lvm;
     let vg_name = &backing.volume_group;
-    let existing_vg = lvm::volume_group(vg_name)?;
+    let existing_vg = backing.lvm.volume_group(vg_name)?;
     if existing_vg.is_some() && !resuming {
         return Err(Error::new(
             ErrorKind::AlreadyExists,
@@ -151,16 +170,18 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     }
     for (device, signatures) in &fresh {
         blockdev::wipe(device, signatures)?;
-        lvm::run_with_paths(&["pvcreate", "-y"], &[device])?;
+        backing.lvm.run_with_paths(&["pvcreate", "-y"], &[device])?;
     }
     crash::point("lvm.pvs_created");
     let vg = match existing_vg {
         Some(vg) => vg,
         None => {
-            lvm::run_with_paths(&["vgcreate", "--addtag", "thinstack", vg_name], &devices)?;
+            backing
+                .lvm
+                .run_with_paths(&["vgcreate", "--addtag", "thinstack", vg_name], &devices)?;
             tracing::info!(volume_group = %vg_name, devices = ?devices, "volume group created");
             crash::point("lvm.vg_created");
-            lvm::volume_group(vg_name)?.ok_or_else(|| {
+            backing.lvm.volume_group(vg_name)?.ok_or_else(|| {
                 Error::inconsistent(format!("volume group {vg_name} vanished after vgcreate"))
             })?
         }
@@ -177,7 +198,7 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
 fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) -> Result<()> {
     let lv = &backing.logical_volume;
     let meta_lv = format!("{lv}meta");
-    let existing = lvm::logical_volumes(&vg.name)?;
+    let existing = backing.lvm.logical_volumes(&vg.name)?;
     let has = |name: &str| existing.iter().find(|l| l.name == name);
     if has(lv).is_some_and(|pool| pool.is_thin_pool()) {
         return Ok(());
@@ -188,7 +209,7 @@ fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) 
         (meta_lv.as_str(), metadata, "lvm.metadata_lv_created"),
     ] {
         if has(name).is_none() {
-            lvm::run(&[
+            backing.lvm.run(&[
                 "lvcreate",
                 "-y",
                 "--wipesignatures",
@@ -203,7 +224,7 @@ fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) 
         }
     }
     let chunk = format!("{}k", settings.chunk_size.size().bytes() / 1024);
-    lvm::run(&[
+    backing.lvm.run(&[
         "lvconvert",
         "-y",
         "--zero",
@@ -267,14 +288,16 @@ fn write_profile(config: &Config) -> Result<()> {
 /// Attach the profile, and switch monitoring on where dmeventd runs.
 fn attach_profile(config: &Config, backing: &LvmBacking) -> Result<()> {
     write_profile(config)?;
-    lvm::run(&[
+    backing.lvm.run(&[
         "lvchange",
         "--metadataprofile",
         &profile_name(config),
         &backing.path(),
     ])?;
     if lvm::dmeventd_running() {
-        lvm::run(&["lvchange", "--monitor", "y", &backing.path()])?;
+        backing
+            .lvm
+            .run(&["lvchange", "--monitor", "y", &backing.path()])?;
         tracing::info!(pool = %backing.path(), "dmeventd monitors the pool; thinstackd extends it when dmeventd does not");
     } else {
         tracing::info!(pool = %backing.path(), "dmeventd is not running; thinstackd extends the pool itself");
@@ -310,22 +333,25 @@ pub(super) fn extend(
         }
     }
     if let Some(size) = data.filter(|&size| size > data_now) {
-        lvextend(backing, "-L", size, "data")?;
+        lvextend(backing, "-L", &format!("{}b", size.bytes()), "data")?;
     }
     if let Some(size) = metadata.filter(|&size| size > metadata_now) {
-        lvextend(backing, "--poolmetadatasize", size, "metadata")?;
+        let bytes = format!("{}b", size.bytes());
+        lvextend(backing, "--poolmetadatasize", &bytes, "metadata")?;
     }
     sizes(backing)
 }
 
-fn lvextend(backing: &LvmBacking, option: &str, size: ByteSize, what: &str) -> Result<()> {
-    let bytes = format!("{}b", size.bytes());
-    lvm::run(&["lvextend", "-y", option, &bytes, &backing.path()]).map_err(|e| {
+fn lvextend(backing: &LvmBacking, option: &str, size: &str, what: &str) -> Result<()> {
+    let extended = backing
+        .lvm
+        .run(&["lvextend", "-y", option, size, &backing.path()]);
+    extended.map_err(|e| {
         if e.message().contains("Insufficient free space") {
             Error::new(
                 ErrorKind::NoSpace,
                 format!(
-                    "volume group {} has no room to grow the pool's {what} to {size}; add a disk with `thinstack pool add-device DEVICE` ({})",
+                    "volume group {} has no room to grow the pool's {what} ({size}); add a disk with `thinstack pool add-device DEVICE` ({})",
                     backing.volume_group,
                     e.message()
                 ),
@@ -338,44 +364,96 @@ fn lvextend(backing: &LvmBacking, option: &str, size: ByteSize, what: &str) -> R
     Ok(())
 }
 
-/// How far to grow data and metadata when their use crosses the threshold: each by `percent`
-/// of its size (at least one extent), within the VG's free extents. Metadata grows with the
-/// data, keeping their proportion, and on its own when its use crosses the threshold.
-pub fn plan_growth(
-    now: (ByteSize, ByteSize),
-    over: (bool, bool),
-    vg: &VolumeGroup,
-    percent: crate::units::Percent,
-) -> (Option<ByteSize>, Option<ByteSize>) {
+/// Extents to add to the pool's data and metadata volumes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Growth {
+    /// Extents for the data.
+    pub data: u64,
+    /// Extents for the metadata.
+    pub metadata: u64,
+}
+
+/// The metadata size that keeps pace with `data` bytes of data: the proportion the pool was
+/// made with (`metadata_percent` to `data_percent`), at most 16G.
+pub fn metadata_wanted(data: u64, config: &LvmConfig) -> u64 {
+    let share = u128::from(config.metadata_percent.value());
+    let data_share = u128::from(config.data_percent.value()).max(1);
+    let wanted = u128::from(data) * share / data_share;
+    (wanted as u64).min(crate::config::METADATA_SIZE_MAX.bytes())
+}
+
+/// How far to grow, from the pool's space: data by `autoextend_percent` of its size (at least
+/// one extent) when its use crossed the threshold; metadata by as much when its use crossed
+/// it, and in any case up to [`metadata_wanted`] for the data after growth (so metadata keeps
+/// pace with data whoever grew it, dmeventd included); all within the VG's free extents.
+pub fn plan_growth(data: &Space, metadata: &Space, vg: &VolumeGroup, config: &LvmConfig) -> Growth {
+    let threshold = f64::from(config.autoextend_threshold.value());
+    if threshold >= 100.0 {
+        return Growth::default();
+    }
     let extent = vg.extent_size;
     let mut free = vg.free_extents;
-    let mut grow = |size: ByteSize, wanted: bool| -> Option<ByteSize> {
-        if !wanted || free == 0 {
-            return None;
-        }
-        let step = percent.of(size.bytes()).div_ceil(extent).clamp(1, free);
-        free -= step;
-        Some(ByteSize::from_bytes(size.bytes() + step * extent))
+    let mut take = |bytes: u64| -> u64 {
+        let extents = bytes.div_ceil(extent).min(free);
+        free -= extents;
+        extents
     };
-    let data = grow(now.0, over.0);
-    let metadata_cap = crate::config::METADATA_SIZE_MAX;
-    let metadata = grow(now.1, over.0 || over.1).filter(|_| now.1 < metadata_cap);
-    (data, metadata.map(|size| size.min(metadata_cap)))
+    let percent = config.autoextend_percent;
+    let data_step = if data.percent_used() >= threshold {
+        take(percent.of(data.total.bytes()).max(1))
+    } else {
+        0
+    };
+    let data_after = data.total.bytes() + data_step * extent;
+    let metadata_now = metadata.total.bytes();
+    let over = if metadata.percent_used() >= threshold {
+        percent.of(metadata_now).max(1)
+    } else {
+        0
+    };
+    let short = metadata_wanted(data_after, config).saturating_sub(metadata_now);
+    let cap = crate::config::METADATA_SIZE_MAX
+        .bytes()
+        .saturating_sub(metadata_now);
+    Growth {
+        data: data_step,
+        metadata: take(over.max(short).min(cap)),
+    }
+}
+
+/// Add `growth` to the pool's volumes (relative `lvextend`, so an extension dmeventd made in
+/// the meantime is never undone or refused). LVM reloads the pool itself.
+pub fn grow(backing: &LvmBacking, growth: Growth, extent_size: u64) -> Result<()> {
+    if growth.data > 0 {
+        let extents = format!("+{}", growth.data);
+        lvextend(backing, "-l", &extents, "data")?;
+    }
+    if growth.metadata > 0 {
+        let bytes = format!("+{}b", growth.metadata * extent_size);
+        lvextend(backing, "--poolmetadatasize", &bytes, "metadata")?;
+    }
+    Ok(())
 }
 
 /// The volume group, for planning growth.
 pub fn volume_group(backing: &LvmBacking) -> Result<VolumeGroup> {
-    lvm::volume_group(&backing.volume_group)?.ok_or_else(|| {
-        Error::inconsistent(format!("volume group {} is gone", backing.volume_group))
-    })
+    backing
+        .lvm
+        .volume_group(&backing.volume_group)?
+        .ok_or_else(|| {
+            Error::inconsistent(format!("volume group {} is gone", backing.volume_group))
+        })
 }
 
 /// Grow the VG with another disk, after the same safety checks as at creation.
 pub fn add_device(config: &Config, backing: &LvmBacking, device: &Path, force: bool) -> Result<()> {
     let signatures = blockdev::check_unused(device, force)?;
     blockdev::wipe(device, &signatures)?;
-    lvm::run_with_paths(&["pvcreate", "-y"], &[device])?;
-    lvm::run_with_paths(&["vgextend", &backing.volume_group], &[device])?;
+    Lvm::on(vec![device.to_path_buf()]).run_with_paths(&["pvcreate", "-y"], &[device])?;
+    backing.lvm.add(device.to_path_buf());
+    backing
+        .lvm
+        .run_with_paths(&["vgextend", &backing.volume_group], &[device])?;
     tracing::info!(volume_group = %backing.volume_group, device = %device.display(), "disk added to the volume group");
     let path = record::path(config);
     let mut saved: PoolRecord = crate::records::read_json(&path)?.ok_or_else(|| {
@@ -391,18 +469,21 @@ pub fn add_device(config: &Config, backing: &LvmBacking, device: &Path, force: b
 /// metadata is clean) as it activates.
 pub(super) fn reactivate(backing: &LvmBacking) -> Result<()> {
     deactivate(backing)?;
-    lvm::run(&["lvchange", "-ay", &backing.path()]).map_err(|e| {
-        e.context(format!(
-            "activating {} after a metadata check",
-            backing.path()
-        ))
-    })?;
+    backing
+        .lvm
+        .run(&["lvchange", "-ay", &backing.path()])
+        .map_err(|e| {
+            e.context(format!(
+                "activating {} after a metadata check",
+                backing.path()
+            ))
+        })?;
     Ok(())
 }
 
 /// Deactivate the pool LV.
 pub(super) fn deactivate(backing: &LvmBacking) -> Result<()> {
-    lvm::run(&["lvchange", "-an", &backing.path()])?;
+    backing.lvm.run(&["lvchange", "-an", &backing.path()])?;
     Ok(())
 }
 
@@ -410,17 +491,19 @@ pub(super) fn deactivate(backing: &LvmBacking) -> Result<()> {
 /// profile.
 pub(super) fn destroy(config: &Config, backing: &LvmBacking) -> Result<()> {
     let vg = &backing.volume_group;
-    let physical: Vec<PathBuf> = lvm::physical_volumes(vg)?;
-    lvm::run(&["lvremove", "-y", &backing.path()])?;
-    let others: Vec<String> = lvm::logical_volumes(vg)?
+    let lvm = &backing.lvm;
+    let physical: Vec<PathBuf> = lvm.physical_volumes(vg)?;
+    lvm.run(&["lvremove", "-y", &backing.path()])?;
+    let others: Vec<String> = lvm
+        .logical_volumes(vg)?
         .into_iter()
         .filter(|lv| !lv.is_hidden())
         .map(|lv| lv.name)
         .collect();
     if others.is_empty() {
-        lvm::run(&["vgremove", "-y", vg])?;
+        lvm.run(&["vgremove", "-y", vg])?;
         let paths: Vec<&Path> = physical.iter().map(PathBuf::as_path).collect();
-        lvm::run_with_paths(&["pvremove", "-y"], &paths)?;
+        lvm.run_with_paths(&["pvremove", "-y"], &paths)?;
         tracing::info!(volume_group = %vg, devices = ?physical, "volume group and PV labels removed");
     } else {
         tracing::warn!(volume_group = %vg, others = ?others, "the volume group holds other volumes; it is left in place");
@@ -456,32 +539,61 @@ mod tests {
     }
 
     #[test]
-    fn growth_follows_the_threshold_and_stops_at_a_full_vg() {
-        let mib = |n| ByteSize::mib(n);
-        let twenty = Percent::new(20).unwrap();
-        // Data over: both grow by 20%, at least one extent.
+    fn growth_follows_the_threshold_keeps_metadata_in_pace_and_stops_at_a_full_vg() {
+        let mib = |n: u64| n << 20;
+        let space = |used: u64, total: u64| Space::new(mib(used), mib(total));
+        let mut config = LvmConfig {
+            autoextend_threshold: Percent::new(50).unwrap(),
+            ..LvmConfig::default()
+        };
+        config.data_percent = Percent::new(20).unwrap();
+        config.metadata_percent = Percent::new(1).unwrap();
+        // Data over: +20% (3 extents of 4M for 48M); metadata 4M is still 1/20 of 60M.
         assert_eq!(
-            plan_growth((mib(200), mib(4)), (true, false), &vg(100, 50), twenty),
-            (Some(mib(240)), Some(mib(8)))
+            plan_growth(&space(30, 48), &space(1, 4), &vg(100, 50), &config),
+            Growth {
+                data: 3,
+                metadata: 0
+            }
         );
-        // Metadata alone over: only metadata grows.
+        // Data grown past 80M (by dmeventd, say): metadata catches up to 1/20 of it.
         assert_eq!(
-            plan_growth((mib(200), mib(4)), (false, true), &vg(100, 50), twenty),
-            (None, Some(mib(8)))
+            plan_growth(&space(30, 84), &space(1, 4), &vg(100, 50), &config),
+            Growth {
+                data: 0,
+                metadata: 1
+            }
         );
-        // Neither over, or no free extents: nothing.
+        // Metadata over on its own: +20%, at least one extent.
         assert_eq!(
-            plan_growth((mib(200), mib(4)), (false, false), &vg(100, 50), twenty),
-            (None, None)
+            plan_growth(&space(1, 48), &space(3, 4), &vg(100, 50), &config),
+            Growth {
+                data: 0,
+                metadata: 1
+            }
+        );
+        // Nothing over, or no free extents: nothing.
+        assert_eq!(
+            plan_growth(&space(1, 48), &space(1, 4), &vg(100, 50), &config),
+            Growth::default()
         );
         assert_eq!(
-            plan_growth((mib(200), mib(4)), (true, true), &vg(100, 0), twenty),
-            (None, None)
+            plan_growth(&space(40, 48), &space(3, 4), &vg(100, 0), &config),
+            Growth::default()
         );
         // One free extent goes to the data.
         assert_eq!(
-            plan_growth((mib(200), mib(4)), (true, true), &vg(100, 1), twenty),
-            (Some(mib(204)), None)
+            plan_growth(&space(40, 48), &space(3, 4), &vg(100, 1), &config),
+            Growth {
+                data: 1,
+                metadata: 0
+            }
+        );
+        // A threshold of 100% never grows anything.
+        config.autoextend_threshold = Percent::new(100).unwrap();
+        assert_eq!(
+            plan_growth(&space(48, 48), &space(4, 4), &vg(100, 50), &config),
+            Growth::default()
         );
     }
 }

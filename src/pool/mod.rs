@@ -57,6 +57,9 @@ pub struct LvmBacking {
     pub volume_group: String,
     /// The thin-pool LV (named after the pool).
     pub logical_volume: String,
+    /// LVM limited to the volume group's disks.
+    #[serde(skip)]
+    pub lvm: crate::kernel::lvm::Lvm,
 }
 
 /// The raw devices of a `devices` pool.
@@ -78,6 +81,26 @@ pub struct Pool {
     backing: Backing,
     metadata_node: PathBuf,
     created: bool,
+}
+
+impl CheckReport {
+    /// The report of a thin_check run: damage it found is a report, not an error; any other
+    /// failure (thin_check missing, the device unreadable) is.
+    fn of(checked: String, result: Result<()>) -> Result<CheckReport> {
+        match result {
+            Ok(()) => Ok(CheckReport {
+                clean: true,
+                checked,
+                findings: "no damage found".to_string(),
+            }),
+            Err(e) if e.kind() == ErrorKind::Command => Ok(CheckReport {
+                clean: false,
+                checked,
+                findings: e.to_string(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// An active thin device: its dm name and a node to open it by.
@@ -488,21 +511,12 @@ impl Pool {
         dm.message(&self.dm_name, "reserve_metadata_snap")?;
         let checked = thin_tools::check_snapshot(&self.metadata_node);
         let released = dm.message(&self.dm_name, "release_metadata_snap");
-        let checked = match checked {
-            Ok(()) => CheckReport {
-                clean: true,
-                checked: format!("{} (metadata snapshot)", self.metadata_node.display()),
-                findings: "no damage found".to_string(),
-            },
-            Err(e) if e.kind() == ErrorKind::Command => CheckReport {
-                clean: false,
-                checked: format!("{} (metadata snapshot)", self.metadata_node.display()),
-                findings: e.to_string(),
-            },
-            Err(e) => return Err(e),
-        };
+        let report = CheckReport::of(
+            format!("{} (metadata snapshot)", self.metadata_node.display()),
+            checked,
+        )?;
         released?;
-        Ok(checked)
+        Ok(report)
     }
 
     /// Check the metadata of the pool `config` describes without using it (thinstackd must not
@@ -532,21 +546,11 @@ impl Pool {
             )?;
             return pool.check_metadata(dm);
         }
-        let inactive = |metadata: &Path| -> Result<CheckReport> {
-            let checked = format!("{} (inactive)", metadata.display());
-            match thin_tools::check(metadata) {
-                Ok(()) => Ok(CheckReport {
-                    clean: true,
-                    checked,
-                    findings: "no damage found".to_string(),
-                }),
-                Err(e) if e.kind() == ErrorKind::Command => Ok(CheckReport {
-                    clean: false,
-                    checked,
-                    findings: e.to_string(),
-                }),
-                Err(e) => Err(e),
-            }
+        let inactive = |metadata: &Path| {
+            CheckReport::of(
+                format!("{} (inactive)", metadata.display()),
+                thin_tools::check(metadata),
+            )
         };
         match record.backend {
             Backend::Loop => inactive(&loop_files(config.state_dir.path()).1),
@@ -559,7 +563,10 @@ impl Pool {
                     .expect("checked by config")
                     .path(),
             ),
-            Backend::Lvm => lvm::with_inactive_metadata(config, inactive),
+            Backend::Lvm => {
+                let devices = record.lvm.map(|setup| setup.devices).unwrap_or_default();
+                lvm::with_inactive_metadata(config, devices, inactive)
+            }
             Backend::Existing => Err(Error::not_found(format!(
                 "adopted pool {} is not active; check it with the tools of whoever made it",
                 &*dm_name
