@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::daemon::TestDaemon;
-use common::disks::{lvm, run_ok, volume_group_name, TestDisk, VolumeGroupGuard};
+use common::disks::{lvm, lvm_ok, run_ok, volume_group_name, TestDisk, VolumeGroupGuard};
 use common::require_dm_thin;
 use serde_json::Value;
 use thinstack::kernel::dm::{self, Dm};
@@ -121,14 +121,14 @@ fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_
     // Deactivated and re-activated by hand while thinstackd is down.
     assert_eq!(d.stop(), 0, "{}", d.log_text());
     let pool_dm = thinstack::kernel::lvm::dm_name(&vg, d.pool.config.pool.name.as_str());
-    run_ok("lvm", &["vgchange", "-an", &vg]);
+    lvm_ok(&["vgchange", "-an", &vg]);
     assert!(!Path::new("/dev/mapper").join(&pool_dm).exists());
     let offline = check_pool_offline(&d);
     assert!(
         offline.contains("clean") && offline.contains("(inactive)"),
         "{offline}"
     );
-    run_ok("lvm", &["vgchange", "-ay", &vg]);
+    lvm_ok(&["vgchange", "-ay", &vg]);
     let offline = check_pool_offline(&d);
     assert!(
         offline.contains("clean") && offline.contains("snapshot"),
@@ -139,7 +139,7 @@ fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_
 
     // After a "reboot": the VG is inactive and thinstackd activates it.
     assert_eq!(d.stop(), 0);
-    run_ok("lvm", &["vgchange", "-an", &vg]);
+    lvm_ok(&["vgchange", "-an", &vg]);
     d.spawn();
     layers_intact(&d);
     assert!(d.log_text().contains("activated the LVM thin pool"));
@@ -245,7 +245,7 @@ fn a_disk_with_a_filesystem_is_refused_untouched_and_taken_with_force() {
     let other = TestDisk::new(scratch.path(), "other", ByteSize::mib(64));
     let other_vg = volume_group_name("o");
     let _other_guard = VolumeGroupGuard(other_vg.clone());
-    run_ok("lvm", &["vgcreate", &other_vg, &other.name()]);
+    lvm_ok(&["vgcreate", &other_vg, &other.name()]);
     let in_vg = TestDaemon::prepare("invg", &lvm_config(&vg, &[&other], "force = true"));
     let (code, stderr) = in_vg.start_refused();
     assert_ne!(code, 0);
@@ -383,20 +383,26 @@ fn bytes(v: &Value) -> u64 {
 }
 
 fn volume_group_free(vg: &str) -> u64 {
-    let out = run_ok(
-        "lvm",
-        &[
-            "vgs",
-            "--noheadings",
-            "--units",
-            "b",
-            "--nosuffix",
-            "-o",
-            "vg_free",
-            vg,
-        ],
-    );
+    let out = lvm_ok(&[
+        "vgs",
+        "--noheadings",
+        "--units",
+        "b",
+        "--nosuffix",
+        "-o",
+        "vg_free",
+        vg,
+    ]);
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// What runs, for a failure message (empty where `ps` is missing).
+fn processes() -> String {
+    std::process::Command::new("ps")
+        .args(["-eo", "pid,stat,etime,wchan:30,args"])
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 fn wait_for(what: &str, d: &TestDaemon, mut done: impl FnMut() -> bool) {
@@ -406,7 +412,7 @@ fn wait_for(what: &str, d: &TestDaemon, mut done: impl FnMut() -> bool) {
             started.elapsed() < Duration::from_secs(60),
             "timed out waiting for {what}; log:\n{}\nprocesses:\n{}",
             d.log_text(),
-            String::from_utf8_lossy(&run_ok("ps", &["-eo", "pid,stat,etime,wchan:30,args"]).stdout)
+            processes()
         );
         std::thread::sleep(Duration::from_millis(200));
     }

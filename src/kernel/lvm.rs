@@ -102,6 +102,11 @@ impl Lvm {
     pub fn run_with_paths(&self, args: &[&str], paths: &[&Path]) -> Result<Output> {
         let (command, rest) = args.split_first().expect("an LVM command");
         let mut all: Vec<OsString> = vec![OsString::from(command)];
+        if !dmeventd_running() {
+            // Otherwise LVM would start a dmeventd of its own to monitor the pool; where none
+            // runs, thinstackd extends the pool itself.
+            all.extend(["--config".into(), "activation/monitoring=0".into()]);
+        }
         for device in self.devices() {
             all.push("--devices".into());
             all.push(device.into_os_string());
@@ -227,12 +232,21 @@ pub fn udev_running() -> bool {
     Path::new("/run/udev/control").exists()
 }
 
-/// Whether dmeventd runs, so LVM's own monitoring can extend the pool.
+/// Whether dmeventd runs (or systemd starts it on demand through `dm-event.socket`), so LVM's
+/// own monitoring can extend the pool.
 pub fn dmeventd_running() -> bool {
-    std::fs::read_to_string("/run/dmeventd.pid")
+    let running = std::fs::read_to_string("/run/dmeventd.pid")
         .ok()
         .and_then(|pid| pid.trim().parse::<u32>().ok())
-        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
+    running || systemd_listens_for_dmeventd()
+}
+
+/// systemd's `dm-event.socket` holds dmeventd's request FIFO open when it is active.
+fn systemd_listens_for_dmeventd() -> bool {
+    Path::new("/run/systemd/system").exists()
+        && Path::new("/run/dmeventd-server").exists()
+        && Path::new("/run/systemd/units/invocation:dm-event.socket").exists()
 }
 
 fn parse_report<T: DeserializeOwned>(stdout: &[u8], key: &str) -> Result<Vec<T>> {

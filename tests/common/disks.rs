@@ -81,13 +81,28 @@ pub fn volume_group_name(test: &str) -> String {
     )
 }
 
-/// Run `lvm ARGS` (output kept; status not checked).
+/// Run `lvm ARGS` (output kept; status not checked), with monitoring off so LVM never starts
+/// a dmeventd of its own in the test VM (thinstackd extends pools there; see `kernel::lvm`).
 pub fn lvm(args: &[&str]) -> Output {
+    let (command, rest) = args.split_first().expect("an lvm command");
     Command::new("lvm")
-        .args(args)
+        .arg(command)
+        .args(["--config", "activation/monitoring=0"])
+        .args(rest)
         .env("LVM_SUPPRESS_FD_WARNINGS", "1")
         .output()
         .expect("run lvm")
+}
+
+/// [`lvm`], which must succeed.
+pub fn lvm_ok(args: &[&str]) -> Output {
+    let out = lvm(args);
+    assert!(
+        out.status.success(),
+        "lvm {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Run a program (output kept; status not checked).
