@@ -257,6 +257,15 @@ fn a_disk_with_a_filesystem_is_refused_untouched_and_taken_with_force() {
         "{stderr}"
     );
     assert!(vg_exists(&other_vg));
+    // A volume group name in use on another disk: refused, not duplicated.
+    let taken = TestDaemon::prepare("taken", &lvm_config(&other_vg, &[&disk], "force = true"));
+    let (code, stderr) = taken.start_refused();
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(&format!("volume group {other_vg} exists already")),
+        "{stderr}"
+    );
+    assert!(disk.probe().contains("ext4"), "the disk was touched");
 
     // Forced: wiped and taken.
     d.pool.config.pool.lvm.force = true;

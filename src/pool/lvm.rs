@@ -143,7 +143,14 @@ fn find_pool_lv(backing: &LvmBacking) -> Result<lvm::LogicalVolume> {
 fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     let settings = &config.pool.lvm;
     let vg_name = &backing.volume_group;
-    let existing_vg = backing.lvm.volume_group(vg_name)?;
+    // A new VG's name must be free on every disk, not only on ours: this one look (and the
+    // vgcreate) scans them all.
+    let everywhere = Lvm::default();
+    let existing_vg = if resuming {
+        backing.lvm.volume_group(vg_name)?
+    } else {
+        everywhere.volume_group(vg_name)?
+    };
     if existing_vg.is_some() && !resuming {
         return Err(Error::new(
             ErrorKind::AlreadyExists,
@@ -176,9 +183,7 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     let vg = match existing_vg {
         Some(vg) => vg,
         None => {
-            backing
-                .lvm
-                .run_with_paths(&["vgcreate", "--addtag", "thinstack", vg_name], &devices)?;
+            everywhere.run_with_paths(&["vgcreate", "--addtag", "thinstack", vg_name], &devices)?;
             tracing::info!(volume_group = %vg_name, devices = ?devices, "volume group created");
             crash::point("lvm.vg_created");
             backing.lvm.volume_group(vg_name)?.ok_or_else(|| {

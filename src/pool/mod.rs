@@ -537,6 +537,7 @@ impl Pool {
             Backend::Loop | Backend::Devices => config.pool.name.pool_dm_name(),
         };
         if dm.exists(&dm_name)? {
+            // A snapshot check needs only the pool device and its metadata node, not the backing.
             let pool = Pool::from_active(
                 config.pool.name.clone(),
                 dm,
