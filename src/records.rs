@@ -365,6 +365,14 @@ impl RecordStore {
     pub fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
         write_json(&self.txn_path, txn)
     }
+
+    /// Drop the transaction record and the layer-record directory when it is empty (after the
+    /// pool is destroyed); anything else left in that directory stays.
+    pub fn clear(&self) -> Result<()> {
+        remove(&self.txn_path)?;
+        let _ = fs::remove_dir(&self.layers_dir);
+        Ok(())
+    }
 }
 
 #[cfg(test)]

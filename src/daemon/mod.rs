@@ -23,7 +23,7 @@ use crate::kernel::dm::Dm;
 use crate::kernel::real::{RealFs, RealPool};
 use crate::kernel::PoolKernel;
 use crate::pool::{lvm, Backing, CheckReport, Pool};
-use crate::records::{self, StateLock};
+use crate::records::StateLock;
 use crate::units::ByteSize;
 
 /// The running daemon's state, shared by request handlers and background work.
@@ -136,9 +136,7 @@ impl Daemon {
             })
         });
         let removed = destroyed.inspect_err(|_| self.destroyed.store(false, Ordering::SeqCst))?;
-        let state_dir = self.config.state_dir.path();
-        records::remove(&state_dir.join("txn.json"))?;
-        let _ = std::fs::remove_dir(state_dir.join("layers"));
+        self.engine.forget_pool()?;
         tracing::warn!(layers = removed, "pool destroyed; thinstackd stops");
         self.stop.notify_one();
         Ok(removed)
@@ -159,11 +157,9 @@ impl Daemon {
             }
         };
         for layer in layers {
-            for (target, mount) in &layer.mounts {
-                for _ in 0..mount.refs {
-                    if let Err(e) = self.engine.unmount(layer.name.as_str(), Some(target)) {
-                        tracing::error!(layer = %layer.name, error = %e, "could not unmount at shutdown");
-                    }
+            for target in layer.mount_users() {
+                if let Err(e) = self.engine.unmount(layer.name.as_str(), Some(target)) {
+                    tracing::error!(layer = %layer.name, error = %e, "could not unmount at shutdown");
                 }
             }
             if layer.device.is_some() {

@@ -139,6 +139,16 @@ pub struct Layer {
     pub children: Vec<LayerName>,
 }
 
+impl Layer {
+    /// Each mount point once per user holding it: unmounting at each, in turn, unmounts the
+    /// layer everywhere.
+    pub fn mount_users(&self) -> impl Iterator<Item = &Path> {
+        self.mounts
+            .iter()
+            .flat_map(|(target, mount)| std::iter::repeat_n(target.as_path(), mount.refs as usize))
+    }
+}
+
 /// The pool's status with the engine's settings and counts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -1037,10 +1047,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             ));
         }
         for layer in &layers {
-            for (target, mount) in &layer.mounts {
-                for _ in 0..mount.refs {
-                    self.unmount(layer.name.as_str(), Some(target))?;
-                }
+            for target in layer.mount_users() {
+                self.unmount(layer.name.as_str(), Some(target))?;
             }
         }
         let mut removed = 0;
@@ -1056,6 +1064,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
         }
         Ok(removed)
+    }
+
+    /// Forget the transaction record and the emptied layer-record directory, once the pool
+    /// they describe is destroyed (its layers removed first, [`Engine::remove_all`]).
+    pub fn forget_pool(&self) -> Result<()> {
+        self.store.clear()
     }
 
     fn descendants_post_order(&self, name: &LayerName, out: &mut Vec<LayerName>) {

@@ -90,7 +90,7 @@ pub fn check_unused(path: &Path, force: bool) -> Result<Vec<Signature>> {
     ensure_not_held(path, device)?;
     let signatures = signatures(path)?;
     if signatures.iter().any(|s| s.kind == "LVM2_member") {
-        if let Some(vg) = volume_group_of(path)? {
+        if let Some(vg) = crate::kernel::lvm::volume_group_of(path)? {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
@@ -102,12 +102,11 @@ pub fn check_unused(path: &Path, force: bool) -> Result<Vec<Signature>> {
         }
     }
     if !signatures.is_empty() && !force {
-        let found: Vec<String> = signatures.iter().map(Signature::to_string).collect();
         return Err(Error::invalid(format!(
             "{} is not blank: it carries {}; nothing was changed. If its contents may be destroyed, \
              set force = true for it (or wipe it with `wipefs -a {}`)",
             path.display(),
-            found.join(", "),
+            describe(&signatures),
             path.display()
         )));
     }
@@ -119,10 +118,15 @@ pub fn wipe(path: &Path, signatures: &[Signature]) -> Result<()> {
     if signatures.is_empty() {
         return Ok(());
     }
-    let found: Vec<String> = signatures.iter().map(Signature::to_string).collect();
-    tracing::warn!(device = %path.display(), signatures = %found.join(", "), "wiping signatures (force is set)");
+    tracing::warn!(device = %path.display(), signatures = %describe(signatures), "wiping signatures (force is set)");
     cmd::run(Program::Wipefs, ["--all".as_ref(), path.as_os_str()])?;
     Ok(())
+}
+
+/// "ext4 at offset 0x438 (UUID ...), dos at offset 0x1fe"
+fn describe(signatures: &[Signature]) -> String {
+    let each: Vec<String> = signatures.iter().map(Signature::to_string).collect();
+    each.join(", ")
 }
 
 /// Write zeros over the first `bytes` of a device, flushed to it.
@@ -274,11 +278,6 @@ fn holders_of(device: Device) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// The volume group an LVM physical volume belongs to, if any.
-fn volume_group_of(path: &Path) -> Result<Option<String>> {
-    crate::kernel::lvm::volume_group_of(path)
 }
 
 fn libc_o_excl() -> i32 {

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use devicemapper::{DmNameBuf, ThinPoolStatus};
+use devicemapper::ThinPoolStatus;
 
 use super::record::{self, PoolRecord};
 use super::{Backing, DevicesBacking, Pool};
@@ -49,9 +49,7 @@ pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Resu
     )?;
     crash::point("devices.activated");
     if !complete {
-        let mut done = record::new(config, config.block_size());
-        done.complete = true;
-        record::save(config, &done)?;
+        record::save_complete(config, config.block_size())?;
     }
     Ok(pool)
 }
@@ -61,7 +59,7 @@ fn prepare(config: &Config, data: &Path, metadata: &Path) -> Result<()> {
     let force = config.pool.devices.force;
     let data_signatures = blockdev::check_unused(data, force)?;
     let metadata_signatures = blockdev::check_unused(metadata, force)?;
-    record::save(config, &record::new(config, config.block_size()))?;
+    record::save_started(config, config.block_size())?;
     crash::point("devices.record_written");
     blockdev::wipe(data, &data_signatures)?;
     blockdev::wipe(metadata, &metadata_signatures)?;
@@ -101,9 +99,8 @@ pub(super) fn extend(
     }
     let status = pool.status(dm)?;
     let blocks = *data_size.sectors() / *pool.block_size();
-    let data_blocks = (ByteSize::from_sectors(devicemapper::Sectors(blocks * *pool.block_size()))
-        > status.data.total)
-        .then_some(blocks);
+    let blocks_now = *status.data.total.sectors() / *pool.block_size();
+    let data_blocks = (blocks > blocks_now).then_some(blocks);
     let metadata_grew = metadata_size > status.metadata.total;
     pool.reload_owned(dm, data_blocks, metadata_grew)?;
     Ok((data_size, metadata_size))
@@ -112,12 +109,11 @@ pub(super) fn extend(
 /// Adopt the thin pool named by `pool.existing.device`. On first use it must be empty
 /// (transaction id 0, no data used, no thin devices); later its record vouches for it.
 pub(super) fn adopt(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Result<Pool> {
-    let name = record::existing_name(config);
-    let dm_name = DmNameBuf::new(name.clone())
-        .map_err(|_| Error::invalid(format!("{name:?} is not a device-mapper name")))?;
+    let dm_name = record::existing_dm_name(config)?;
     if !dm.exists(&dm_name)? {
         return Err(Error::not_found(format!(
-            "thin pool {name} (pool.existing.device) is not active; activate it (lvchange -ay, or dmsetup create), then start thinstackd"
+            "thin pool {} (pool.existing.device) is not active; activate it (lvchange -ay, or dmsetup create), then start thinstackd",
+            &*dm_name
         )));
     }
     let mut pool = Pool::from_active(
@@ -131,10 +127,8 @@ pub(super) fn adopt(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Res
     pool.ensure_usable(dm)?;
     if record.is_none() {
         ensure_empty(&pool, dm, config)?;
-        let mut adopted = record::new(config, ByteSize::from_sectors(pool.block_size()));
-        adopted.complete = true;
-        record::save(config, &adopted)?;
-        tracing::info!(pool = %name, "adopted an empty thin pool");
+        record::save_complete(config, ByteSize::from_sectors(pool.block_size()))?;
+        tracing::info!(pool = %pool.dm_name(), "adopted an empty thin pool");
     }
     Ok(pool)
 }

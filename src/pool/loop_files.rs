@@ -77,9 +77,7 @@ pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Resu
         detach_quietly(&backing.metadata_device);
     })?;
     if record.is_none() {
-        let mut new = record::new(config, config.block_size());
-        new.complete = true;
-        record::save(config, &new)?;
+        record::save_complete(config, config.block_size())?;
     }
     Ok(pool)
 }

@@ -65,12 +65,10 @@ pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Resu
         backing.lvm.run(&["lvchange", "-ay", &backing.path()])?;
         tracing::info!(volume = %backing.path(), "activated the LVM thin pool");
     }
-    let dm_name = DmNameBuf::new(lvm::dm_name(&backing.volume_group, &backing.logical_volume))
-        .map_err(|_| Error::invalid(format!("{} has no usable dm name", backing.path())))?;
     Pool::from_active(
         config.pool.name.clone(),
         dm,
-        dm_name,
+        pool_dm_name(config)?,
         Backing::Lvm(backing),
         created,
     )
@@ -172,7 +170,7 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
         fresh.push((*device, blockdev::check_unused(device, settings.force)?));
     }
     if !resuming {
-        record::save(config, &record::new(config, config.block_size()))?;
+        record::save_started(config, config.block_size())?;
         crash::point("lvm.record_written");
     }
     for (device, signatures) in &fresh {
@@ -194,9 +192,7 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     make_thin_pool(settings, backing, &vg)?;
     attach_profile(config, backing)?;
     crash::point("lvm.profile_attached");
-    let mut done = record::new(config, config.block_size());
-    done.complete = true;
-    record::save(config, &done)
+    record::save_complete(config, config.block_size())
 }
 
 /// Data and metadata LVs, converted to a thin pool without zeroing.

@@ -440,19 +440,6 @@ impl Pool {
         })
     }
 
-    /// The sizes of the pool's data and metadata areas as its backend has them.
-    pub fn sizes(&self, dm: &Dm) -> Result<(ByteSize, ByteSize)> {
-        match &self.backing {
-            Backing::Loop(backing) => loop_files::sizes(backing),
-            Backing::Lvm(backing) => lvm::sizes(backing),
-            Backing::Devices(backing) => devices::sizes(backing),
-            Backing::Existing => {
-                let status = self.status(dm)?;
-                Ok((status.data.total, status.metadata.total))
-            }
-        }
-    }
-
     /// Grow the pool's data to `data` and its metadata to `metadata` bytes (each when given
     /// and larger than now): loop files grow, LVM volumes are extended, a `devices` pool
     /// takes up its devices' current size. Returns the sizes after.
@@ -532,8 +519,7 @@ impl Pool {
         })?;
         let dm_name = match record.backend {
             Backend::Lvm => lvm::pool_dm_name(config)?,
-            Backend::Existing => DmNameBuf::new(record::existing_name(config))
-                .map_err(|_| Error::invalid("pool.existing.device is not a dm name"))?,
+            Backend::Existing => record::existing_dm_name(config)?,
             Backend::Loop | Backend::Devices => config.pool.name.pool_dm_name(),
         };
         if dm.exists(&dm_name)? {

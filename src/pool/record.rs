@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use devicemapper::DmNameBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Backend, Config};
@@ -89,8 +90,18 @@ pub fn save(config: &Config, record: &PoolRecord) -> Result<()> {
     records::write_json(&path(config), record)
 }
 
-/// A new record for `config`'s pool, not yet complete.
-pub fn new(config: &Config, block_size: ByteSize) -> PoolRecord {
+/// Save the record of a pool whose creation begins (a crash leaves it incomplete).
+pub fn save_started(config: &Config, block_size: ByteSize) -> Result<()> {
+    save(config, &new(config, block_size, false))
+}
+
+/// Save the record of a pool that is made (or adopted).
+pub fn save_complete(config: &Config, block_size: ByteSize) -> Result<()> {
+    save(config, &new(config, block_size, true))
+}
+
+/// The record of `config`'s pool.
+fn new(config: &Config, block_size: ByteSize, complete: bool) -> PoolRecord {
     let pool = &config.pool;
     PoolRecord {
         format: POOL_RECORD_FORMAT,
@@ -101,7 +112,7 @@ pub fn new(config: &Config, block_size: ByteSize) -> PoolRecord {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        complete: false,
+        complete,
         lvm: (pool.backend == Backend::Lvm).then(|| LvmSetup {
             devices: pool
                 .lvm
@@ -131,6 +142,13 @@ pub fn new(config: &Config, block_size: ByteSize) -> PoolRecord {
                 .to_path_buf(),
         }),
     }
+}
+
+/// `pool.existing.device` as a device-mapper name.
+pub fn existing_dm_name(config: &Config) -> Result<DmNameBuf> {
+    let name = existing_name(config);
+    DmNameBuf::new(name.clone())
+        .map_err(|_| Error::invalid(format!("{name:?} is not a device-mapper name")))
 }
 
 /// `pool.existing.device` without its `/dev/mapper/` prefix.
@@ -259,9 +277,7 @@ mod tests {
     }
 
     fn complete(config: &Config) -> PoolRecord {
-        let mut record = new(config, config.block_size());
-        record.complete = true;
-        record
+        new(config, config.block_size(), true)
     }
 
     #[test]
