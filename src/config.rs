@@ -279,6 +279,21 @@ pub struct LayersConfig {
     /// Discard a layer's blocks before deleting it, so the pool passes the discards down and
     /// a loop file (or thin-provisioned disk) gets the space back.
     pub discard_on_remove: bool,
+    /// Wait for udev after a layer device appears or changes, so `/dev/mapper/<name>`
+    /// exists when the call returns (as dmsetup does). thinstack itself needs no udev.
+    pub udev_sync: bool,
+}
+
+impl LayersConfig {
+    /// How layer devices are announced to udev.
+    pub fn udev(&self) -> crate::kernel::dm::Udev {
+        use crate::kernel::dm::Udev;
+        if self.udev_sync {
+            Udev::WaitPrivate
+        } else {
+            Udev::NoWait
+        }
+    }
 }
 
 impl Default for Config {
@@ -344,6 +359,7 @@ impl Default for LayersConfig {
             mkfs_args: Vec::new(),
             mount_options: Vec::new(),
             discard_on_remove: true,
+            udev_sync: false,
         }
     }
 }

@@ -151,6 +151,15 @@ impl Error {
         Self::new(kind, message).with_source(err)
     }
 
+    /// A failed device-mapper ioctl issued by thinstack itself rather than the crate.
+    pub fn dm_errno(op: &str, device: &str, errno: Errno) -> Self {
+        Self::new(
+            kind_of_errno(errno),
+            format!("{op} {device}: {}", describe_dm_errno(errno)),
+        )
+        .with_source(io::Error::from_raw_os_error(errno as i32))
+    }
+
     /// The errno behind a device-mapper failure, if it came from an ioctl.
     pub fn errno(&self) -> Option<Errno> {
         let source = self.source.as_deref()?;

@@ -527,8 +527,14 @@ impl ForeignPool {
             ),
         )];
         let dm_name = devicemapper::DmNameBuf::new(name.to_string()).unwrap();
-        dm.create_device(&dm_name, None, &table, false)
-            .expect("create the foreign pool");
+        dm.create_device(
+            &dm_name,
+            None,
+            &table,
+            false,
+            thinstack::kernel::dm::Udev::Wait,
+        )
+        .expect("create the foreign pool");
         ForeignPool {
             name: name.to_string(),
             _data: data,
@@ -552,7 +558,9 @@ impl ForeignPool {
 
 impl Drop for ForeignPool {
     fn drop(&mut self) {
-        let _ = Dm::open().unwrap().remove_device(&self.dm_name());
+        let _ = Dm::open()
+            .unwrap()
+            .remove_device(&self.dm_name(), thinstack::kernel::dm::Udev::Wait);
     }
 }
 
@@ -619,8 +627,12 @@ fn an_existing_empty_pool_is_adopted_and_left_as_found_and_a_used_or_read_only_o
     let table = dm.table(&formatted.dm_name()).unwrap();
     let (start, length, target, params) = table[0].clone();
     let read_only = params.replace("1 skip_block_zeroing", "2 skip_block_zeroing read_only");
-    dm.reload(&formatted.dm_name(), &[(start, length, target, read_only)])
-        .unwrap();
+    dm.reload(
+        &formatted.dm_name(),
+        &[(start, length, target, read_only)],
+        thinstack::kernel::dm::Udev::Wait,
+    )
+    .unwrap();
     let d = TestDaemon::prepare("ro", &existing_config(&formatted));
     let (code, stderr) = d.start_refused();
     assert_ne!(code, 0);
@@ -653,7 +665,8 @@ fn a_pool_on_raw_devices_zeroes_metadata_once_and_is_reopened_after_a_reboot() {
     // A "reboot": the pool device is gone; it is made again over the same metadata.
     assert_eq!(d.stop(), 0);
     let pool_dm = d.pool.config.pool.name.pool_dm_name();
-    dm.remove_device(&pool_dm).unwrap();
+    dm.remove_device(&pool_dm, thinstack::kernel::dm::Udev::Wait)
+        .unwrap();
     d.spawn();
     layers_intact(&d);
     let grow = d.cli(&["pool", "extend", "--data", "1G"]);

@@ -7,6 +7,7 @@ use std::fs;
 use std::path::Path;
 
 use common::{open_pool, require_dm_thin, thin_check, TestPool};
+use thinstack::kernel::dm::Udev;
 use thinstack::kernel::fs::{mkfs, FsType};
 use thinstack::names::ThinId;
 use thinstack::units::ByteSize;
@@ -203,7 +204,9 @@ fn kernel_missing_target_and_missing_device_are_named() {
     let t = TestPool::new("missing", "");
     let name = t.config.pool.name.thin_dm_name(id(9));
     let table = vec![(0, 2048, "thin-nope".to_string(), "x".to_string())];
-    let err = dm.create_device(&name, None, &table, false).unwrap_err();
+    let err = dm
+        .create_device(&name, None, &table, false, Udev::NoWait)
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
     assert!(
         err.to_string()
@@ -215,7 +218,16 @@ fn kernel_missing_target_and_missing_device_are_named() {
         "the half-made device was left behind"
     );
 
-    let err = dm.remove_device(&name).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
-    assert!(err.to_string().contains("no such device"), "{err}");
+    // Both ways of removing (the crate's, and thinstack's own ioctl without a udev cookie)
+    // translate the kernel's answer.
+    for udev in [Udev::Wait, Udev::NoWait] {
+        let err = dm.remove_device(&name, udev).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{udev:?}: {err}");
+        assert!(
+            err.to_string().contains("no such device"),
+            "{udev:?}: {err}"
+        );
+        let err = dm.resume(&name, udev).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NotFound, "{udev:?}: {err}");
+    }
 }

@@ -40,7 +40,7 @@ impl Daemon {
     pub fn open(config: Config) -> Result<Daemon> {
         let state_dir = config.state_dir.path();
         let lock = StateLock::acquire(state_dir)?;
-        let dm = Dm::open()?;
+        let dm = Dm::open()?.with_layer_udev(config.layers.udev());
         let pool = Pool::open(&config, &dm)?;
         let kernel = RealPool::new(dm, pool);
         let settings = Settings::from_config(&config);

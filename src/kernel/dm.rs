@@ -24,9 +24,42 @@ pub const THIN_TARGET: &str = "thin";
 /// One line of a device-mapper table: start, length (sectors), target type, parameters.
 pub type TableLine = (u64, u64, String, String);
 
+/// How a device change is announced to udev, and whether the call waits for udev.
+///
+/// Under emulation udev, not the kernel, is what a layer costs: each announcement that carries
+/// a cookie makes udev run `dmsetup udevflags` and `dmsetup udevcomplete`, and the caller waits
+/// for both. See `BENCHMARKS.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Udev {
+    /// Every udev rule runs, and the call returns when udev is done, as with `dmsetup` (the
+    /// pool device, which LVM and others may look for).
+    Wait,
+    /// udev skips its disk and other rules (no blkid probe, no by-uuid link, no LVM scan, no
+    /// inotify watch), and the call returns once udev has made `/dev/mapper/<name>`.
+    WaitPrivate,
+    /// No cookie and no wait. udev finds no primary-source flag, so it gives the device the
+    /// same private treatment as [`Udev::WaitPrivate`] from its database (set when the device
+    /// was created), later. Race-free for thinstack: it hands out the kernel's own
+    /// `/dev/dm-N` node, which exists as soon as the device does, and udev never opens a
+    /// private device, so it cannot hold one that is being removed.
+    #[default]
+    NoWait,
+}
+
+impl Udev {
+    /// The crate's options for an ioctl that announces a change under this policy.
+    fn options(self) -> DmOptions {
+        match self {
+            Udev::Wait | Udev::NoWait => DmOptions::default(),
+            Udev::WaitPrivate => DmOptions::private(),
+        }
+    }
+}
+
 /// A handle on the kernel's device-mapper.
 pub struct Dm {
     dm: DM,
+    layer_udev: Udev,
 }
 
 impl Dm {
@@ -35,8 +68,22 @@ impl Dm {
     /// Returns an `Unsupported` error when the kernel has no device-mapper or this is not root.
     pub fn open() -> Result<Dm> {
         DM::new()
-            .map(|dm| Dm { dm })
+            .map(|dm| Dm {
+                dm,
+                layer_udev: Udev::default(),
+            })
             .map_err(|e| Error::dm("open", "/dev/mapper/control", e))
+    }
+
+    /// The same handle, announcing layer devices to udev under `policy`.
+    pub fn with_layer_udev(mut self, policy: Udev) -> Dm {
+        self.layer_udev = policy;
+        self
+    }
+
+    /// How layer (thin) devices are announced to udev.
+    pub fn layer_udev(&self) -> Udev {
+        self.layer_udev
     }
 
     /// Whether a device named `name` exists.
@@ -73,7 +120,8 @@ impl Dm {
             .collect())
     }
 
-    /// Create device `name` with `table` and make it live (resume).
+    /// Create device `name` with `table` and make it live (resume), announced to udev under
+    /// `udev`.
     ///
     /// When loading the table or resuming fails, the half-made device is removed again, so a
     /// failure leaves nothing behind. `read_only` makes the device refuse writes.
@@ -83,6 +131,7 @@ impl Dm {
         uuid: Option<&DmUuid>,
         table: &[TableLine],
         read_only: bool,
+        udev: Udev,
     ) -> Result<DeviceInfo> {
         check_target_names(table)?;
         let flags = if read_only {
@@ -90,7 +139,8 @@ impl Dm {
         } else {
             DmFlags::empty()
         };
-        self.dm
+        let created = self
+            .dm
             .device_create(name, uuid, DmOptions::default().set_flags(flags))
             .map_err(|e| {
                 let err = Error::dm("create", &name.to_string(), e);
@@ -110,11 +160,11 @@ impl Dm {
             .dm
             .table_load(&id, table, DmOptions::default().set_flags(flags))
             .map_err(|e| self.explain_table_error(name, table, e))
-            .and_then(|_| self.resume(name));
+            .and_then(|_| self.resume(name, udev));
         match loaded {
-            Ok(info) => Ok(info),
+            Ok(()) => Ok(created),
             Err(err) => {
-                if let Err(undo) = self.remove_device(name) {
+                if let Err(undo) = self.remove_device(name, udev) {
                     tracing::error!(device = %name, error = %undo, "could not remove half-made device");
                 }
                 Err(err)
@@ -164,13 +214,19 @@ impl Dm {
             .map_err(|e| Error::dm("list", "targets", e))
     }
 
-    /// Remove device `name`. The crate retries EBUSY a few times (200 ms apart) because udev
-    /// may still hold a device briefly after it changed.
-    pub fn remove_device(&self, name: &DmName) -> Result<()> {
-        self.dm
-            .device_remove(&DevId::Name(name), DmOptions::default())
-            .map(|_| ())
-            .map_err(|e| Error::dm("remove", &name.to_string(), e))
+    /// Remove device `name`. Waiting for udev, the crate retries EBUSY a few times (200 ms
+    /// apart) because udev may still probe a device briefly after it changed; a private
+    /// device ([`Udev::NoWait`]) is never opened by udev, so EBUSY means a real user.
+    pub fn remove_device(&self, name: &DmName, udev: Udev) -> Result<()> {
+        match udev {
+            Udev::NoWait => no_cookie::remove(self.dm.file(), name)
+                .map_err(|errno| Error::dm_errno("remove", &name.to_string(), errno)),
+            Udev::Wait | Udev::WaitPrivate => self
+                .dm
+                .device_remove(&DevId::Name(name), udev.options())
+                .map(|_| ())
+                .map_err(|e| Error::dm("remove", &name.to_string(), e)),
+        }
     }
 
     /// Suspend `name`: I/O is flushed and a filesystem on it frozen until [`Dm::resume`].
@@ -183,22 +239,28 @@ impl Dm {
             .map_err(|e| Error::dm("suspend", &name.to_string(), e))
     }
 
-    /// Resume `name` (also makes a newly loaded table live).
-    pub fn resume(&self, name: &DmName) -> Result<DeviceInfo> {
-        self.dm
-            .device_suspend(&DevId::Name(name), DmOptions::default())
-            .map_err(|e| Error::dm("resume", &name.to_string(), e))
+    /// Resume `name` (also makes a newly loaded table live), announced to udev under `udev`.
+    pub fn resume(&self, name: &DmName, udev: Udev) -> Result<()> {
+        match udev {
+            Udev::NoWait => no_cookie::resume(self.dm.file(), name)
+                .map_err(|errno| Error::dm_errno("resume", &name.to_string(), errno)),
+            Udev::Wait | Udev::WaitPrivate => self
+                .dm
+                .device_suspend(&DevId::Name(name), udev.options())
+                .map(|_| ())
+                .map_err(|e| Error::dm("resume", &name.to_string(), e)),
+        }
     }
 
     /// Load `table` into `name`'s inactive slot and make it live, with `name` suspended in
     /// between (used to grow a pool or a thin device).
-    pub fn reload(&self, name: &DmName, table: &[TableLine]) -> Result<()> {
+    pub fn reload(&self, name: &DmName, table: &[TableLine], udev: Udev) -> Result<()> {
         check_target_names(table)?;
         self.dm
             .table_load(&DevId::Name(name), table, DmOptions::default())
             .map_err(|e| Error::dm("load table of", &name.to_string(), e))?;
         self.suspend(name)?;
-        self.resume(name).map(|_| ())
+        self.resume(name, udev)
     }
 
     /// Send `message` to the pool `pool` and return its answer, if any.
@@ -264,6 +326,7 @@ impl Dm {
         origin: ThinId,
         origin_active: Option<&DmName>,
         new: ThinId,
+        udev: Udev,
     ) -> Result<()> {
         let message = format!("create_snap {new} {origin}");
         let Some(active) = origin_active else {
@@ -271,10 +334,10 @@ impl Dm {
         };
         self.suspend(active)?;
         let created = self.message(pool, &message);
-        let resumed = self.resume(active);
+        let resumed = self.resume(active, udev);
         match (created, resumed) {
-            (Ok(_), Ok(_)) => Ok(()),
-            (Err(err), Ok(_)) => Err(err),
+            (Ok(_), Ok(())) => Ok(()),
+            (Err(err), Ok(())) => Err(err),
             (Ok(_), Err(err)) => Err(err.context(format!(
                 "snapshot {new} of {origin} was made, but its origin {active} stayed suspended"
             ))),
@@ -296,6 +359,65 @@ impl Dm {
     pub fn set_transaction_id(&self, pool: &DmName, old: u64, new: u64) -> Result<()> {
         self.message(pool, &format!("set_transaction_id {old} {new}"))
             .map(|_| ())
+    }
+}
+
+/// The two ioctls that announce a change to udev, issued without a udev cookie.
+///
+/// The devicemapper crate always attaches a cookie and waits for udev when udev runs; these
+/// are for [`Udev::NoWait`]. The header alone is passed: neither ioctl takes or returns data.
+mod no_cookie {
+    use std::fs::File;
+    use std::mem::size_of;
+    use std::os::fd::AsRawFd;
+
+    use devicemapper::DmName;
+    use devicemapper_sys::dm_ioctl;
+    use nix::errno::Errno;
+
+    /// `DM_IOCTL` and the command numbers of `linux/dm-ioctl.h`, a stable kernel ABI.
+    const DM_IOCTL: u8 = 0xfd;
+    const DM_DEV_REMOVE_CMD: u8 = 4;
+    const DM_DEV_SUSPEND_CMD: u8 = 6;
+    /// Version 4.0.0 of the interface has both commands; every kernel with dm-thin has it.
+    const VERSION: [u32; 3] = [4, 0, 0];
+
+    /// Resume `name` (no `DM_SUSPEND` flag) with `event_nr` 0: no cookie.
+    pub fn resume(control: &File, name: &DmName) -> Result<(), Errno> {
+        call(control, DM_DEV_SUSPEND_CMD, name)
+    }
+
+    /// Remove `name`, no cookie.
+    pub fn remove(control: &File, name: &DmName) -> Result<(), Errno> {
+        call(control, DM_DEV_REMOVE_CMD, name)
+    }
+
+    fn call(control: &File, command: u8, name: &DmName) -> Result<(), Errno> {
+        let mut header = dm_ioctl {
+            version: VERSION,
+            data_size: size_of::<dm_ioctl>() as u32,
+            data_start: size_of::<dm_ioctl>() as u32,
+            ..Default::default()
+        };
+        let bytes = name.as_bytes();
+        // The name must leave room for its terminating NUL (DmName is at most 127 bytes).
+        if bytes.len() >= header.name.len() || bytes.contains(&0) {
+            return Err(Errno::EINVAL);
+        }
+        for (slot, byte) in header.name.iter_mut().zip(bytes) {
+            *slot = *byte as std::os::raw::c_char;
+        }
+        let request = nix::request_code_readwrite!(DM_IOCTL, command, size_of::<dm_ioctl>());
+        // SAFETY: `header` is a complete, initialised dm_ioctl of the size `request` encodes
+        // and `data_size` declares; the kernel reads and writes only that much.
+        let rc = unsafe {
+            nix::libc::ioctl(
+                control.as_raw_fd(),
+                request as _,
+                &mut header as *mut dm_ioctl,
+            )
+        };
+        Errno::result(rc).map(drop)
     }
 }
 

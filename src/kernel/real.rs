@@ -130,7 +130,7 @@ impl PoolKernel for RealPool {
     fn resize(&self, id: ThinId, size: ByteSize) -> Result<()> {
         let name = self.pool.name().thin_dm_name(id);
         let table = dm::thin_table(self.pool.device(), id, size.sectors());
-        self.dm.reload(&name, &table)
+        self.dm.reload(&name, &table, self.dm.layer_udev())
     }
 
     fn mapped(&self, id: ThinId) -> Result<ByteSize> {

@@ -24,7 +24,7 @@ use serde::Serialize;
 use crate::config::{Backend, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
-use crate::kernel::dm::{self, Dm};
+use crate::kernel::dm::{self, Dm, Udev};
 use crate::kernel::thin_tools;
 pub use crate::kernel::{Health, Space};
 use crate::names::{PoolName, ThinId};
@@ -190,8 +190,14 @@ impl Pool {
         let created = !dm.exists(&dm_name)?;
         if created {
             let table = owned_table(metadata_dev, data_dev, blocks, block_size);
-            dm.create_device(&dm_name, Some(&name.pool_dm_uuid()), &table, false)
-                .map_err(|e| e.context(format!("creating pool {name}")))?;
+            dm.create_device(
+                &dm_name,
+                Some(&name.pool_dm_uuid()),
+                &table,
+                false,
+                Udev::Wait,
+            )
+            .map_err(|e| e.context(format!("creating pool {name}")))?;
             tracing::info!(pool = %name, device = %dm_name.to_string(), blocks, block_size = %ByteSize::from_sectors(block_size), "thin pool activated");
         } else {
             verify_owned_table(dm, &dm_name, metadata_dev, data_dev, block_size)?;
@@ -258,13 +264,14 @@ impl Pool {
             Backing::Lvm(backing) => lvm::reactivate(backing)?,
             _ => {
                 let table = dm.table(&self.dm_name)?;
-                dm.remove_device(&self.dm_name)?;
+                dm.remove_device(&self.dm_name, Udev::Wait)?;
                 let checked = thin_tools::check_and_clear(&self.metadata_node);
                 dm.create_device(
                     &self.dm_name,
                     Some(&self.name.pool_dm_uuid()),
                     &table,
                     false,
+                    Udev::Wait,
                 )?;
                 checked?;
             }
@@ -352,6 +359,7 @@ impl Pool {
             origin,
             active.then_some(origin_name.as_ref()),
             new,
+            dm.layer_udev(),
         )
     }
 
@@ -370,6 +378,7 @@ impl Pool {
             Some(&self.name.thin_dm_uuid(id)),
             &table,
             read_only,
+            dm.layer_udev(),
         )?;
         Ok(ActiveThin {
             node: dm::kernel_node(&info),
@@ -390,7 +399,7 @@ impl Pool {
     ///
     /// Returns a `Busy` error while it is mounted or open.
     pub fn deactivate_thin(&self, dm: &Dm, id: ThinId) -> Result<()> {
-        dm.remove_device(&self.name.thin_dm_name(id))
+        dm.remove_device(&self.name.thin_dm_name(id), dm.layer_udev())
     }
 
     /// Delete thin device `id` and its data from the pool; it must be inactive.
@@ -483,11 +492,11 @@ impl Pool {
                 blocks,
                 self.block_size,
             );
-            dm.reload(&self.dm_name, &table)
+            dm.reload(&self.dm_name, &table, Udev::Wait)
                 .map_err(|e| e.context(format!("growing pool {}", self.name)))?;
         } else if metadata_grew {
             dm.suspend(&self.dm_name)?;
-            dm.resume(&self.dm_name)?;
+            dm.resume(&self.dm_name, Udev::Wait)?;
         }
         Ok(())
     }
@@ -583,10 +592,10 @@ impl Pool {
         }
         match &self.backing {
             Backing::Loop(backing) => {
-                dm.remove_device(&self.dm_name)?;
+                dm.remove_device(&self.dm_name, Udev::Wait)?;
                 loop_files::detach(backing)?;
             }
-            Backing::Devices(_) => dm.remove_device(&self.dm_name)?,
+            Backing::Devices(_) => dm.remove_device(&self.dm_name, Udev::Wait)?,
             Backing::Lvm(backing) => lvm::deactivate(backing)?,
             Backing::Existing => return Ok(()),
         }

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use thinstack::config::MetadataSize;
-use thinstack::kernel::dm::Dm;
+use thinstack::kernel::dm::{Dm, Udev};
 use thinstack::kernel::{fs, loopdev};
 use thinstack::pool::loop_files;
 use thinstack::units::ByteSize;
@@ -122,10 +122,10 @@ impl Drop for TestPool {
                 .iter()
                 .filter(|n| n.to_string() != pool_name.to_string())
             {
-                let _ = dm.remove_device(name);
+                let _ = dm.remove_device(name, Udev::Wait);
             }
         }
-        let _ = dm.remove_device(&pool_name);
+        let _ = dm.remove_device(&pool_name, Udev::Wait);
         for file in [self.data_file(), self.metadata_file()] {
             if let Ok(Some(device)) = loopdev::find_attached(&file) {
                 let _ = loopdev::detach(&device);
@@ -188,7 +188,8 @@ pub fn teardown_and_check(test: &TestPool) {
         .unwrap()
     {
         if name.to_string() != test.config.pool.name.pool_dm_name().to_string() {
-            dm.remove_device(&name).expect("deactivate thin device");
+            dm.remove_device(&name, Udev::NoWait)
+                .expect("deactivate thin device");
         }
     }
     pool.teardown(&dm).expect("teardown");
