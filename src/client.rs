@@ -1,12 +1,15 @@
 //! A blocking client for thinstackd's API, used by the `thinstack` command, benchmarks and
 //! tests. It keeps one connection open across requests.
+//!
+//! HTTP/1.1 over a plain `UnixStream`, with `httparse` reading the response head: a command
+//! makes one or two requests, and an async runtime and a full HTTP client cost more to start
+//! than the request itself (under emulation, tens of milliseconds per command; BENCHMARKS.md).
+//! The daemon always answers with a `Content-Length` body.
 
+use std::io::{ErrorKind as IoErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -65,20 +68,19 @@ impl ClientError {
 /// A connection to thinstackd.
 pub struct Client {
     socket: PathBuf,
-    runtime: tokio::runtime::Runtime,
-    connection: Option<SendRequest<Full<Bytes>>>,
+    connection: Option<UnixStream>,
 }
+
+/// Most header lines a response may carry.
+const MAX_HEADERS: usize = 32;
+/// Largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
 
 impl Client {
     /// A client for the daemon at `socket` (connected at the first request).
     pub fn new(socket: &Path) -> Client {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .expect("a single-threaded runtime");
         Client {
             socket: socket.to_path_buf(),
-            runtime,
             connection: None,
         }
     }
@@ -110,7 +112,7 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T, ClientError> {
-        let (status, bytes) = self.exchange(method, path, body)?;
+        let (status, bytes) = self.exchange(method, path, body.as_deref().unwrap_or_default())?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| ClientError::Protocol(format!("{method} {path}: {e}")));
@@ -128,100 +130,154 @@ impl Client {
         }
     }
 
-    /// Status and body of one request; a kept-alive connection the daemon closed is replaced
-    /// once.
+    /// Status and body of one request. A kept-alive connection the daemon closed meanwhile
+    /// refuses the request as it is written (EPIPE): that one is replaced, once.
     fn exchange(
         &mut self,
         method: &str,
         path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<(u16, Bytes), ClientError> {
+        body: &[u8],
+    ) -> Result<(u16, Vec<u8>), ClientError> {
+        let request = request_bytes(method, path, body);
         let reused = self.connection.is_some();
-        let body = Bytes::from(body.unwrap_or_default());
-        match self.send(method, path, body.clone()) {
-            Err(SendError::Closed(_)) if reused => {
-                self.connection = None;
-                self.send(method, path, body)
-                    .map_err(SendError::into_client)
+        let mut stream = match self.connection.take() {
+            Some(stream) => stream,
+            None => self.connect()?,
+        };
+        if let Err(e) = stream.write_all(&request) {
+            if !reused {
+                return Err(self.broke(&e.to_string()));
             }
-            other => other.map_err(SendError::into_client),
+            stream = self.connect()?;
+            stream
+                .write_all(&request)
+                .map_err(|e| self.broke(&e.to_string()))?;
         }
-    }
-
-    fn send(&mut self, method: &str, path: &str, body: Bytes) -> Result<(u16, Bytes), SendError> {
-        let socket = self.socket.clone();
-        let connection = self.connection.take();
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, "localhost")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(body))
-            .map_err(|e| SendError::Other(ClientError::Protocol(e.to_string())))?;
-        let (result, connection) = self.runtime.block_on(async move {
-            let mut sender = match connection {
-                Some(sender) => sender,
-                None => match connect(&socket).await {
-                    Ok(sender) => sender,
-                    Err(e) => return (Err(e), None),
-                },
-            };
-            if sender.ready().await.is_err() {
-                return (Err(SendError::Closed("connection closed".into())), None);
-            }
-            // Once sent, a broken connection is not retried: the operation may have happened.
-            let broke = |e: hyper::Error| {
-                SendError::Other(ClientError::Protocol(format!(
-                    "the connection to thinstackd broke during the request ({e}); it may or may not have been carried out: check with `thinstack layer inspect` or `layer list`"
-                )))
-            };
-            let response = match sender.send_request(request).await {
-                Ok(response) => response,
-                Err(e) => return (Err(broke(e)), None),
-            };
-            let status = response.status().as_u16();
-            match response.into_body().collect().await {
-                Ok(collected) => (Ok((status, collected.to_bytes())), Some(sender)),
-                Err(e) => (Err(broke(e)), None),
-            }
-        });
-        self.connection = connection;
-        result
-    }
-}
-
-enum SendError {
-    /// The kept-alive connection was closed before the request was sent; it may be retried.
-    Closed(String),
-    Other(ClientError),
-}
-
-impl SendError {
-    fn into_client(self) -> ClientError {
-        match self {
-            SendError::Closed(reason) => {
-                ClientError::Protocol(format!("the connection to thinstackd broke: {reason}"))
-            }
-            SendError::Other(e) => e,
+        // Once sent, a broken connection is not retried: the operation may have happened.
+        let (status, response, keep_alive) =
+            read_response(&mut stream).map_err(|e| self.broke(&e))?;
+        if keep_alive {
+            self.connection = Some(stream);
         }
+        Ok((status, response))
     }
-}
 
-async fn connect(socket: &Path) -> Result<SendRequest<Full<Bytes>>, SendError> {
-    let unreachable = |reason: String| {
-        SendError::Other(ClientError::Unreachable {
-            socket: socket.to_path_buf(),
-            reason,
+    fn connect(&self) -> Result<UnixStream, ClientError> {
+        UnixStream::connect(&self.socket).map_err(|e| ClientError::Unreachable {
+            socket: self.socket.clone(),
+            reason: e.to_string(),
         })
-    };
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| unreachable(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(sender)
+    }
+
+    fn broke(&self, reason: &str) -> ClientError {
+        ClientError::Protocol(format!(
+            "the connection to thinstackd broke during the request ({reason}); it may or may not have been carried out: check with `thinstack layer inspect` or `layer list`"
+        ))
+    }
+}
+
+fn request_bytes(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// Read one response: its status, its body, and whether the connection stays open.
+fn read_response(stream: &mut impl Read) -> Result<(u16, Vec<u8>, bool), String> {
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = match stream.read(&mut chunk) {
+            Ok(0) => return Err("the daemon closed the connection without answering".into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        buffer.extend_from_slice(&chunk[..read]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_len = match response.parse(&buffer) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => return Err("response head too large".into()),
+            Err(e) => return Err(format!("malformed response: {e}")),
+        };
+        let status = response.code.unwrap_or_default();
+        let header = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+        };
+        if header("transfer-encoding").is_some() {
+            return Err("a response without Content-Length is not expected from thinstackd".into());
+        }
+        let length: usize = header("content-length")
+            .ok_or("the response has no Content-Length")?
+            .parse()
+            .map_err(|e| format!("bad Content-Length: {e}"))?;
+        let keep_alive = header("connection").as_deref() != Some("close");
+        let mut body = buffer.split_off(head_len);
+        if body.len() < length {
+            let start = body.len();
+            body.resize(length, 0);
+            stream
+                .read_exact(&mut body[start..])
+                .map_err(|e| format!("reading the response body: {e}"))?;
+        }
+        body.truncate(length);
+        return Ok((status, body, keep_alive));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_response_split_anywhere_is_read_whole() {
+        let text = b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"a\": true}";
+        // A reader that hands out three bytes at a time.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(3).min(out.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let (status, body, keep_alive) = read_response(&mut Trickle(text)).unwrap();
+        assert_eq!(
+            (status, body.as_slice(), keep_alive),
+            (404, &b"{\"a\": true}"[..], true)
+        );
+    }
+
+    #[test]
+    fn connection_close_and_bad_answers_are_noticed() {
+        let text = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}";
+        let (_, _, keep_alive) = read_response(&mut &text[..]).unwrap();
+        assert!(!keep_alive);
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n";
+        assert!(read_response(&mut &chunked[..]).is_err());
+        let short = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n{}";
+        assert!(read_response(&mut &short[..]).unwrap_err().contains("body"));
+        assert!(read_response(&mut &b""[..]).unwrap_err().contains("closed"));
+        assert!(read_response(&mut &b"garbage\r\n\r\n"[..]).is_err());
+    }
+
+    #[test]
+    fn requests_carry_their_length() {
+        let bytes = request_bytes("POST", "/v1/layers", b"{}");
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(text.starts_with("POST /v1/layers HTTP/1.1\r\n"));
+        assert!(text.contains("content-length: 2\r\n"));
+        assert!(text.ends_with("\r\n\r\n{}"));
+    }
 }
