@@ -22,7 +22,7 @@
 //!                 [--thinstack-nopie BIN] [--layers N] [--scale N] [--label SUFFIX]
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -114,41 +114,24 @@ impl Bench {
         let n = self.args.layers;
         let api = self.tool("API");
         let cli = self.tool("CLI");
+        let nopie = self.args.thinstack_nopie.clone();
+        let thinstack = self.args.thinstack.clone();
 
         // create + commit: committed parents are inactive, so a snapshot is a message.
-        self.api_create("a-0", None)?;
-        self.api_commit("a-0")?;
-        self.api_create("c-0", None)?;
-        self.api_commit("c-0")?;
-        let costs = chain(n, "a", |parent, name| {
-            self.api_create(name, Some(parent))?;
-            self.api_commit(name)
-        })?;
-        self.record(&api, "create+commit", &costs);
-        let costs = chain(n, "c", |parent, name| {
-            self.cli(&["layer", "create", name, "--parent", parent])?;
-            self.cli(&["layer", "commit", name])
-        })?;
-        self.record(&cli, "create+commit", &costs);
-
         // create + activate: the parent stays active and writable, so it is suspended around
         // the snapshot, and the child's device is made.
-        self.api_create("aw-0", None)?;
-        self.api_activate("aw-0")?;
-        self.api_create("cw-0", None)?;
-        self.api_activate("cw-0")?;
-        let costs = chain(n, "aw", |parent, name| {
-            self.api_create(name, Some(parent))?;
-            self.api_activate(name)
-        })?;
-        self.record(&api, "create+activate", &costs);
-        let costs = chain(n, "cw", |parent, name| {
-            self.cli(&["layer", "create", name, "--parent", parent])?;
-            self.cli(&["layer", "activate", name])
-        })?;
-        self.record(&cli, "create+activate", &costs);
-        if let Some(nopie) = self.args.thinstack_nopie.clone() {
-            self.nopie_chains(&nopie)?;
+        for (then, api_prefix, cli_prefix, nopie_prefix) in
+            [("commit", "a", "c", "n"), ("activate", "aw", "cw", "nw")]
+        {
+            let operation = format!("create+{then}");
+            let costs = self.api_chain(api_prefix, then)?;
+            self.record(&api, &operation, &costs);
+            let costs = self.cli_chain(&thinstack, cli_prefix, then)?;
+            self.record(&cli, &operation, &costs);
+            if let Some(nopie) = &nopie {
+                let costs = self.cli_chain(nopie, nopie_prefix, then)?;
+                self.record(&self.tool("CLI (non-PIE)"), &operation, &costs);
+            }
         }
 
         // activate + mount + unmount + deactivate of each committed layer.
@@ -180,25 +163,29 @@ impl Bench {
         self.flush()
     }
 
-    /// The CLI chains again with the non-PIE build of the command.
-    fn nopie_chains(&mut self, bin: &std::path::Path) -> Result<(), String> {
-        let cli = self.tool("CLI (non-PIE)");
-        let n = self.args.layers;
-        self.api_create("n-0", None)?;
-        self.api_commit("n-0")?;
-        self.api_create("nw-0", None)?;
-        self.api_activate("nw-0")?;
-        let costs = chain(n, "n", |parent, name| {
+    /// A chain `<prefix>-1 ..= <prefix>-n` through the API, each layer created on the one
+    /// before and then `then` ("commit" or "activate"), on a base made the same way.
+    fn api_chain(&mut self, prefix: &str, then: &str) -> Result<Vec<f64>, String> {
+        self.chain_base(prefix, then)?;
+        chain(self.args.layers, prefix, |parent, name| {
+            self.api_create(name, Some(parent))?;
+            self.api_post(name, then, &Value::Null)
+        })
+    }
+
+    /// The same chain through the command `bin`, two processes per layer.
+    fn cli_chain(&mut self, bin: &Path, prefix: &str, then: &str) -> Result<Vec<f64>, String> {
+        self.chain_base(prefix, then)?;
+        chain(self.args.layers, prefix, |parent, name| {
             self.cli_with(bin, &["layer", "create", name, "--parent", parent])?;
-            self.cli_with(bin, &["layer", "commit", name])
-        })?;
-        self.record(&cli, "create+commit", &costs);
-        let costs = chain(n, "nw", |parent, name| {
-            self.cli_with(bin, &["layer", "create", name, "--parent", parent])?;
-            self.cli_with(bin, &["layer", "activate", name])
-        })?;
-        self.record(&cli, "create+activate", &costs);
-        Ok(())
+            self.cli_with(bin, &["layer", then, name])
+        })
+    }
+
+    fn chain_base(&mut self, prefix: &str, then: &str) -> Result<(), String> {
+        let base = format!("{prefix}-0");
+        self.api_create(&base, None)?;
+        self.api_post(&base, then, &Value::Null)
     }
 
     /// Grow one API chain to `--scale` layers; time the daemon's start-up at 100 layers and at
@@ -370,7 +357,7 @@ impl Bench {
         self.cli_with(&self.args.thinstack, args)
     }
 
-    fn cli_with(&self, bin: &std::path::Path, args: &[&str]) -> Result<(), String> {
+    fn cli_with(&self, bin: &Path, args: &[&str]) -> Result<(), String> {
         let out = Command::new(bin)
             .arg("--socket")
             .arg(&self.args.socket)
