@@ -118,6 +118,8 @@ pub struct PoolConfig {
     pub block_size: BlockSize,
     /// Refuse new layers when free data or metadata is below this share.
     pub min_free_space: Percent,
+    /// What writes meet when the pool's data is full.
+    pub when_full: WhenFull,
     /// `[pool.loop]`
     #[serde(rename = "loop")]
     pub loop_files: LoopConfig,
@@ -127,6 +129,29 @@ pub struct PoolConfig {
     pub existing: ExistingConfig,
     /// `[pool.devices]`
     pub devices: DevicesConfig,
+}
+
+/// `pool.when_full`: the thin pool's no-space policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WhenFull {
+    /// Writes that need a new block fail at once (ENOSPC, seen by writers as ENOSPC or EIO):
+    /// nothing hangs (the pool's `error_if_no_space`).
+    #[default]
+    Error,
+    /// Such writes wait until the pool is extended, or until the kernel's `no_space_timeout`
+    /// (dm-thin-pool module parameter, 60 s by default) passes, then fail.
+    Queue,
+}
+
+impl WhenFull {
+    /// The policy's name, as in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WhenFull::Error => "error",
+            WhenFull::Queue => "queue",
+        }
+    }
 }
 
 /// `pool.backend`
@@ -315,6 +340,7 @@ impl Default for PoolConfig {
             backend: Backend::Loop,
             block_size: BlockSize(BLOCK_SIZE_MIN),
             min_free_space: Percent::new(10).expect("valid default"),
+            when_full: WhenFull::default(),
             loop_files: LoopConfig::default(),
             lvm: LvmConfig::default(),
             existing: ExistingConfig::default(),

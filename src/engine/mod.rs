@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::WhenFull;
 use crate::config::{Config, MountOption};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
@@ -193,6 +194,14 @@ impl std::fmt::Display for Status {
             ("Minimum free space", self.min_free_space.to_string()),
             ("Transaction id", self.transaction_id.to_string()),
             ("Health", self.health.describe()),
+            (
+                "When full",
+                match self.health.when_full {
+                    Some(WhenFull::Error) => "error (writes fail at once)".to_string(),
+                    Some(WhenFull::Queue) => "queue (writes wait for an extension)".to_string(),
+                    None => "unknown".to_string(),
+                },
+            ),
             ("Layers", self.layers.to_string()),
             ("Deferred deletions", self.deferred_deletions.to_string()),
             ("Discard on remove", self.discard_on_remove.to_string()),

@@ -16,6 +16,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::names::ThinId;
 use crate::units::{DataBlocks, Sectors};
 
+/// The thin-pool feature that fails writes at once when the data is full.
+pub const ERROR_IF_NO_SPACE: &str = "error_if_no_space";
+
 /// The thin-pool target's name in tables and in the kernel's target list.
 pub const THIN_POOL_TARGET: &str = "thin-pool";
 /// The thin target's name.
@@ -454,21 +457,23 @@ fn single_line<'a>(name: &DmName, lines: &'a [TableLine], target: &str) -> Resul
 /// `skip_block_zeroing`: a new block is not zeroed before first use; every layer gets a fresh
 /// filesystem or is a snapshot, so stale data is never exposed through a filesystem, and zeroing
 /// would double the cost of every first write.
+///
+/// `error_if_no_space`: writes needing a new block fail at once when the data is full,
+/// instead of queueing (`pool.when_full`).
 pub fn thin_pool_table(
     metadata: Device,
     data: Device,
     data_length: Sectors,
     block_size: Sectors,
     low_water_mark: DataBlocks,
+    error_if_no_space: bool,
 ) -> Vec<TableLine> {
     use devicemapper::TargetParams;
-    let params = ThinPoolTargetParams::new(
-        metadata,
-        data,
-        block_size,
-        low_water_mark,
-        vec!["skip_block_zeroing".to_string()],
-    );
+    let mut features = vec!["skip_block_zeroing".to_string()];
+    if error_if_no_space {
+        features.push(ERROR_IF_NO_SPACE.to_string());
+    }
+    let params = ThinPoolTargetParams::new(metadata, data, block_size, low_water_mark, features);
     vec![(
         0,
         *data_length,
@@ -507,6 +512,7 @@ mod tests {
             Sectors(2048 * 128),
             Sectors(128),
             DataBlocks(100),
+            false,
         );
         assert_eq!(table.len(), 1);
         let (start, length, target, params) = &table[0];
@@ -515,6 +521,19 @@ mod tests {
         let parsed = parse_thin_pool_params(params).unwrap();
         assert_eq!(parsed.data_block_size, Sectors(128));
         assert_eq!(parsed.metadata_dev, Device { major: 7, minor: 1 });
+
+        let table = thin_pool_table(
+            Device { major: 7, minor: 1 },
+            Device { major: 7, minor: 0 },
+            Sectors(2048 * 128),
+            Sectors(128),
+            DataBlocks(100),
+            true,
+        );
+        let parsed = parse_thin_pool_params(&table[0].3).unwrap();
+        assert!(table[0].3.contains(" 2 "), "{}", table[0].3);
+        assert!(parsed.feature_args.contains(ERROR_IF_NO_SPACE));
+        assert!(parsed.feature_args.contains("skip_block_zeroing"));
     }
 
     #[test]

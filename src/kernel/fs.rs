@@ -112,7 +112,30 @@ pub fn mount(
             ),
             std::io::Error::from(errno),
         )
-    })
+    })?;
+    if fs == FsType::Xfs && !read_only {
+        bound_xfs_enospc_retries(device);
+    }
+    Ok(())
+}
+
+/// How long xfs retries a metadata write the full pool refused before it shuts the
+/// filesystem down: long enough for an automatic extension, short enough that nothing hangs.
+pub const XFS_ENOSPC_RETRY_SECONDS: u32 = 30;
+
+/// xfs retries metadata writes that failed with ENOSPC forever by default, so a full pool
+/// would hang the filesystem (and its unmount). Bound that for the mount of `device`.
+fn bound_xfs_enospc_retries(device: &Path) {
+    let Some(name) = std::fs::canonicalize(device)
+        .ok()
+        .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+    else {
+        return;
+    };
+    let knob = format!("/sys/fs/xfs/{name}/error/metadata/ENOSPC/retry_timeout_seconds");
+    if let Err(e) = std::fs::write(&knob, XFS_ENOSPC_RETRY_SECONDS.to_string()) {
+        tracing::warn!(knob = %knob, error = %e, "could not bound xfs's ENOSPC retries; a full pool may hang this filesystem");
+    }
 }
 
 /// How long an unmount keeps trying while the filesystem is busy.

@@ -154,6 +154,8 @@ pub struct Health {
     pub read_only: bool,
     /// The data area is full.
     pub out_of_space: bool,
+    /// What writes meet when the data is full ("error" or "queue"); none when failed.
+    pub when_full: Option<crate::config::WhenFull>,
 }
 
 impl Space {

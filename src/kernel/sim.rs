@@ -208,6 +208,7 @@ impl PoolKernel for Sim {
                 needs_check: false,
                 read_only: false,
                 out_of_space: data_used >= state.data_total,
+                when_full: Some(crate::config::WhenFull::Error),
             },
         })
     }

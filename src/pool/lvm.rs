@@ -17,7 +17,7 @@ use devicemapper::DmNameBuf;
 
 use super::record::{self, PoolRecord};
 use super::{Backing, LvmBacking, Pool};
-use crate::config::{Config, LvmConfig};
+use crate::config::{Config, LvmConfig, WhenFull};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
@@ -480,6 +480,19 @@ pub(super) fn reactivate(backing: &LvmBacking) -> Result<()> {
             ))
         })?;
     Ok(())
+}
+
+/// Set what writes meet when the pool is full (LVM reloads the pool's table).
+pub(super) fn set_when_full(backing: &LvmBacking, when_full: WhenFull) -> Result<()> {
+    let flag = match when_full {
+        WhenFull::Error => "y",
+        WhenFull::Queue => "n",
+    };
+    backing
+        .lvm
+        .run(&["lvchange", "--errorwhenfull", flag, &backing.path()])
+        .map(drop)
+        .map_err(|e| e.context(format!("setting pool.when_full on {}", backing.path())))
 }
 
 /// Deactivate the pool LV.

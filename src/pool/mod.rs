@@ -18,10 +18,13 @@ pub mod record;
 
 use std::path::{Path, PathBuf};
 
-use devicemapper::{Device, DmName, DmNameBuf, ThinPoolStatus, ThinPoolStatusSummary, ThinStatus};
+use devicemapper::{
+    Device, DmName, DmNameBuf, ThinPoolNoSpacePolicy, ThinPoolStatus, ThinPoolStatusSummary,
+    ThinStatus,
+};
 use serde::Serialize;
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, WhenFull};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::kernel::dm::{self, Dm, Udev};
@@ -81,6 +84,7 @@ pub struct Pool {
     backing: Backing,
     metadata_node: PathBuf,
     created: bool,
+    when_full: WhenFull,
 }
 
 impl CheckReport {
@@ -140,7 +144,52 @@ impl Pool {
             Backend::Existing => devices::adopt(config, dm, record)?,
         };
         pool.ensure_usable(dm)?;
+        pool.apply_when_full(dm, config.pool.when_full)?;
         Ok(pool)
+    }
+
+    /// What writes meet when the pool is full.
+    pub fn when_full(&self) -> WhenFull {
+        self.when_full
+    }
+
+    /// Give the pool the no-space policy `wanted` unless it has it: a reload of an owned
+    /// pool's table, `lvchange --errorwhenfull` for an LVM pool. An adopted pool keeps its own.
+    fn apply_when_full(&mut self, dm: &Dm, wanted: WhenFull) -> Result<()> {
+        let live = match dm.pool_status(&self.dm_name)? {
+            ThinPoolStatus::Working(status) => match status.no_space_policy {
+                ThinPoolNoSpacePolicy::Error => WhenFull::Error,
+                ThinPoolNoSpacePolicy::Queue => WhenFull::Queue,
+            },
+            ThinPoolStatus::Error | ThinPoolStatus::Fail => return Ok(()),
+        };
+        self.when_full = live;
+        if live == wanted {
+            return Ok(());
+        }
+        match &self.backing {
+            Backing::Existing => {
+                tracing::info!(pool = %self.name, when_full = live.as_str(), "an adopted pool keeps its own no-space policy");
+                return Ok(());
+            }
+            Backing::Lvm(backing) => lvm::set_when_full(backing, wanted)?,
+            Backing::Loop(_) | Backing::Devices(_) => {
+                let params = pool_params(dm, &self.dm_name)?;
+                let length: u64 = dm.table(&self.dm_name)?.iter().map(|line| line.1).sum();
+                let table = owned_table(
+                    params.metadata_dev,
+                    params.data_dev,
+                    length / *self.block_size,
+                    self.block_size,
+                    wanted,
+                );
+                dm.reload(&self.dm_name, &table, Udev::Wait)
+                    .map_err(|e| e.context(format!("setting pool.when_full on {}", self.name)))?;
+            }
+        }
+        tracing::info!(pool = %self.name, from = live.as_str(), to = wanted.as_str(), "pool no-space policy changed");
+        self.when_full = wanted;
+        Ok(())
     }
 
     /// A pool whose dm device is `dm_name` (active), over the metadata device in its table.
@@ -161,6 +210,7 @@ impl Pool {
             dm_name,
             backing,
             created,
+            when_full: WhenFull::default(),
         })
     }
 
@@ -189,7 +239,13 @@ impl Pool {
         }
         let created = !dm.exists(&dm_name)?;
         if created {
-            let table = owned_table(metadata_dev, data_dev, blocks, block_size);
+            let table = owned_table(
+                metadata_dev,
+                data_dev,
+                blocks,
+                block_size,
+                config.pool.when_full,
+            );
             dm.create_device(
                 &dm_name,
                 Some(&name.pool_dm_uuid()),
@@ -445,6 +501,10 @@ impl Pool {
                 needs_check: working.needs_check,
                 read_only: working.summary == ThinPoolStatusSummary::ReadOnly,
                 out_of_space: working.summary == ThinPoolStatusSummary::OutOfSpace,
+                when_full: Some(match working.no_space_policy {
+                    ThinPoolNoSpacePolicy::Error => WhenFull::Error,
+                    ThinPoolNoSpacePolicy::Queue => WhenFull::Queue,
+                }),
             },
         })
     }
@@ -491,6 +551,7 @@ impl Pool {
                 params.data_dev,
                 blocks,
                 self.block_size,
+                self.when_full,
             );
             dm.reload(&self.dm_name, &table, Udev::Wait)
                 .map_err(|e| e.context(format!("growing pool {}", self.name)))?;
@@ -619,12 +680,14 @@ impl Pool {
     }
 }
 
-/// The table of a pool thinstack owns: `blocks` data blocks, zeroing of new blocks skipped.
+/// The table of a pool thinstack owns: `blocks` data blocks, zeroing of new blocks skipped,
+/// the no-space policy `when_full`.
 fn owned_table(
     metadata: Device,
     data: Device,
     blocks: u64,
     block_size: Sectors,
+    when_full: WhenFull,
 ) -> Vec<dm::TableLine> {
     dm::thin_pool_table(
         metadata,
@@ -632,6 +695,7 @@ fn owned_table(
         Sectors(blocks * *block_size),
         block_size,
         DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1)),
+        when_full == WhenFull::Error,
     )
 }
 
@@ -716,6 +780,7 @@ impl PoolStatus {
                 needs_check: true,
                 read_only: true,
                 out_of_space: false,
+                when_full: None,
             },
         }
     }

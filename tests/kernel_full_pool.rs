@@ -1,0 +1,190 @@
+//! A full pool (issue 7, item 1): a writer inside a mounted layer drives a small pool out of
+//! data space. With `pool.when_full = "error"` (the default) the writer gets ENOSPC or EIO
+//! promptly instead of hanging, thinstackd stays responsive and says the pool is out of
+//! space, and after `pool extend` the pool takes writes again with every layer intact; for
+//! ext4 and xfs. The "queue" policy is applied and reported.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::daemon::TestDaemon;
+use common::require_dm_thin;
+use thinstack::config::WhenFull;
+
+const KEEP: &str = "kept on the committed base layer";
+
+/// Write 1 MiB chunks, syncing every 4 MiB, until a write or sync fails; the error and how
+/// long it took. Panics if `limit` MiB are written without an error.
+fn write_until_error(path: &Path, limit: usize) -> (std::io::Error, Duration, usize) {
+    let started = Instant::now();
+    let chunk = vec![0xa5u8; 1 << 20];
+    let mut file = std::fs::File::create(path).unwrap();
+    for mib in 1..=limit {
+        let step = file.write_all(&chunk).and_then(|()| {
+            if mib % 4 == 0 {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = step {
+            return (e, started.elapsed(), mib);
+        }
+    }
+    match file.sync_all() {
+        Err(e) => (e, started.elapsed(), limit),
+        Ok(()) => panic!("{limit} MiB written into a pool smaller than that, and no error"),
+    }
+}
+
+fn fill_and_recover(fs: &str, layer_size: &str) {
+    let mut d = TestDaemon::start(
+        &format!("full-{fs}"),
+        &format!(
+            "[pool]\nmin_free_space = \"0%\"\n\
+             [pool.loop]\ndata_size = \"192M\"\nautoextend_threshold = \"100%\"\n\
+             [layers]\nfilesystem = \"{fs}\"\nbase_size = \"{layer_size}\"\n"
+        ),
+    );
+    let status = d.json(&["pool", "status"]);
+    assert_eq!(status["health"]["when_full"], "error", "{status}");
+
+    // A committed base layer with a file, and a child to fill.
+    d.json(&["layer", "create", "base"]);
+    let base_mnt = d.cli(&["layer", "mount", "base"]).stdout.trim().to_string();
+    std::fs::write(Path::new(&base_mnt).join("keep"), KEEP).unwrap();
+    assert_eq!(d.cli(&["layer", "unmount", "base"]).code, 0);
+    d.json(&["layer", "commit", "base"]);
+    d.json(&["layer", "create", "fill", "--parent", "base"]);
+    let mnt = d.cli(&["layer", "mount", "fill"]).stdout.trim().to_string();
+    if fs == "xfs" {
+        let knob = xfs_enospc_knob(&mnt);
+        assert_eq!(
+            std::fs::read_to_string(&knob).unwrap().trim(),
+            "30",
+            "{knob}"
+        );
+    }
+
+    let (error, took, written) = write_until_error(&Path::new(&mnt).join("big"), 400);
+    let errno = error.raw_os_error();
+    assert!(
+        errno == Some(nix::libc::ENOSPC) || errno == Some(nix::libc::EIO),
+        "{fs}: the writer got {error} (wanted ENOSPC or EIO)"
+    );
+    eprintln!("{fs}: the writer got {error:?} after {written} MiB; the failing call took {took:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "{fs}: the failing call took {took:?}: writes waited on the full pool"
+    );
+
+    // thinstackd answers and says what happened.
+    let answered = Instant::now();
+    let status = d.json(&["pool", "status"]);
+    assert!(answered.elapsed() < Duration::from_secs(10));
+    assert_eq!(status["health"]["out_of_space"], true, "{fs}: {status}");
+    let text = d.cli(&["pool", "status"]).stdout;
+    assert!(text.contains("out of data space"), "{text}");
+
+    // Extended, the pool takes writes again.
+    assert_eq!(d.cli(&["pool", "extend", "--data", "768M"]).code, 0);
+    let status = d.json(&["pool", "status"]);
+    assert_eq!(status["health"]["out_of_space"], false, "{fs}: {status}");
+    let unmounted = d.cli(&["layer", "unmount", "fill"]);
+    assert_eq!(unmounted.code, 0, "{fs}: {unmounted:?}");
+    let mnt = d.cli(&["layer", "mount", "fill"]).stdout.trim().to_string();
+    assert!(
+        !mnt.is_empty(),
+        "{fs}: the filled layer did not mount again"
+    );
+    std::fs::write(Path::new(&mnt).join("after"), "written after the extension").unwrap();
+    std::fs::File::open(Path::new(&mnt).join("after"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&mnt).join("keep")).unwrap(),
+        KEEP,
+        "{fs}: the child lost its parent's file"
+    );
+    assert_eq!(d.cli(&["layer", "unmount", "fill"]).code, 0);
+
+    // Every layer is intact: the base's file, and the metadata checks clean.
+    let base_mnt = d.cli(&["layer", "mount", "base"]).stdout.trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&base_mnt).join("keep")).unwrap(),
+        KEEP
+    );
+    assert_eq!(d.cli(&["layer", "unmount", "base"]).code, 0);
+    let check = d.cli(&["pool", "check"]);
+    assert_eq!(check.code, 0, "{fs}: {check:?}");
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn a_full_pool_fails_ext4_writers_promptly_and_recovers_after_extend() {
+    require_dm_thin();
+    fill_and_recover("ext4", "256M");
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn a_full_pool_fails_xfs_writers_promptly_and_recovers_after_extend() {
+    require_dm_thin();
+    fill_and_recover("xfs", "320M");
+}
+
+/// The policy is applied at every start: a pool made with "error" is reloaded with "queue"
+/// when the config says so, and back.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn the_no_space_policy_follows_the_config_at_every_start() {
+    require_dm_thin();
+    let mut d = TestDaemon::start("when-full", "");
+    d.json(&["layer", "create", "base", "--size", "64M"]);
+    let table = dm_table(&d);
+    assert!(table.contains("error_if_no_space"), "{table}");
+    for (policy, when_full, in_table) in [
+        ("queue", WhenFull::Queue, false),
+        ("error", WhenFull::Error, true),
+    ] {
+        d.stop();
+        d.pool.config.pool.when_full = when_full;
+        d.write_config();
+        d.spawn();
+        let status = d.json(&["pool", "status"]);
+        assert_eq!(status["health"]["when_full"], policy, "{status}");
+        let table = dm_table(&d);
+        assert_eq!(table.contains("error_if_no_space"), in_table, "{table}");
+        assert_eq!(d.json(&["layer", "inspect", "base"])["name"], "base");
+    }
+}
+
+/// The sysfs file that bounds xfs's ENOSPC retries for the filesystem mounted at `mnt`.
+fn xfs_enospc_knob(mnt: &str) -> String {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let device = mounts
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (device, target) = (fields.next()?, fields.next()?);
+            (target == mnt).then(|| device.to_string())
+        })
+        .unwrap_or_else(|| panic!("{mnt} is not mounted"));
+    let name = std::fs::canonicalize(&device).unwrap();
+    let name = name.file_name().unwrap().to_string_lossy();
+    format!("/sys/fs/xfs/{name}/error/metadata/ENOSPC/retry_timeout_seconds")
+}
+
+fn dm_table(d: &TestDaemon) -> String {
+    let name = d.pool.config.pool.name.pool_dm_name().to_string();
+    let out = std::process::Command::new("dmsetup")
+        .args(["table", &name])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
