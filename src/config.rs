@@ -135,9 +135,12 @@ pub struct PoolConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum WhenFull {
+    /// `queue` while thinstackd extends the pool by itself (loop and lvm backends with
+    /// `autoextend_threshold` below 100%), so writes wait for the extension; `error` otherwise.
+    #[default]
+    Auto,
     /// Writes that need a new block fail at once (ENOSPC, seen by writers as ENOSPC or EIO):
     /// nothing hangs (the pool's `error_if_no_space`).
-    #[default]
     Error,
     /// Such writes wait until the pool is extended, or until the kernel's `no_space_timeout`
     /// (dm-thin-pool module parameter, 60 s by default) passes, then fail.
@@ -148,6 +151,7 @@ impl WhenFull {
     /// The policy's name, as in the config.
     pub fn as_str(self) -> &'static str {
         match self {
+            WhenFull::Auto => "auto",
             WhenFull::Error => "error",
             WhenFull::Queue => "queue",
         }
@@ -588,6 +592,21 @@ impl Config {
                 ),
             ));
         }
+        if let Some((i, _)) = self
+            .layers
+            .mkfs_args
+            .iter()
+            .enumerate()
+            .find(|(_, arg)| arg.contains('\0'))
+        {
+            return Err(KeyError::new(
+                "layers.mkfs_args",
+                format!(
+                    "argument {} holds a NUL byte, which no command line can carry; remove it",
+                    i + 1
+                ),
+            ));
+        }
         let base = self.layers.base_size;
         let (fs, min) = match self.layers.filesystem {
             FsType::Xfs => ("xfs", XFS_SIZE_MIN),
@@ -604,6 +623,21 @@ impl Config {
 }
 
 impl Config {
+    /// The pool's no-space policy, `auto` resolved: `queue` where thinstackd extends the pool
+    /// by itself, `error` where nothing will.
+    pub fn when_full(&self) -> WhenFull {
+        let grows = match self.pool.backend {
+            Backend::Loop => self.pool.loop_files.autoextend_threshold.value() < 100,
+            Backend::Lvm => self.pool.lvm.autoextend_threshold.value() < 100,
+            Backend::Devices | Backend::Existing => false,
+        };
+        match self.pool.when_full {
+            WhenFull::Auto if grows => WhenFull::Queue,
+            WhenFull::Auto => WhenFull::Error,
+            chosen => chosen,
+        }
+    }
+
     /// The chosen backend's section must say what it needs.
     fn check_backend(&self) -> std::result::Result<(), KeyError> {
         match self.pool.backend {

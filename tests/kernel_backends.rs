@@ -109,8 +109,8 @@ fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_
     let status = d.json(&["pool", "status"]);
     assert_eq!(status["pool"]["backend"], "lvm", "{status}");
     assert_eq!(status["pool"]["block_size"], "512K", "{status}");
-    // pool.when_full = "error" (the default) reached LVM and the kernel.
-    assert_eq!(status["health"]["when_full"], "error", "{status}");
+    // pool.when_full = "auto" with autoextension: "queue" reached LVM and the kernel.
+    assert_eq!(status["health"]["when_full"], "queue", "{status}");
     let when_full = lvm_ok(&[
         "lvs",
         "--noheadings",
@@ -118,7 +118,7 @@ fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_
         "lv_when_full",
         &format!("{vg}/{}", d.pool.config.pool.name),
     ]);
-    assert_eq!(String::from_utf8_lossy(&when_full.stdout).trim(), "error");
+    assert_eq!(String::from_utf8_lossy(&when_full.stdout).trim(), "queue");
     assert!(
         disk.probe().contains("TYPE=LVM2_member"),
         "{}",

@@ -1,8 +1,9 @@
 //! A full pool (issue 7, item 1): a writer inside a mounted layer drives a small pool out of
-//! data space. With `pool.when_full = "error"` (the default) the writer gets ENOSPC or EIO
+//! data space. With `pool.when_full = "error"` the writer gets ENOSPC or EIO
 //! promptly instead of hanging, thinstackd stays responsive and says the pool is out of
 //! space, and after `pool extend` the pool takes writes again with every layer intact; for
-//! ext4 and xfs. The "queue" policy is applied and reported.
+//! ext4 and xfs. These pools do not grow by themselves, so "auto" (the default) means "error";
+//! the other policies are applied and reported.
 
 mod common;
 
@@ -144,14 +145,22 @@ fn a_full_pool_fails_xfs_writers_promptly_and_recovers_after_extend() {
 #[ignore = "needs root and dm-thin: run with scripts/vm-test"]
 fn the_no_space_policy_follows_the_config_at_every_start() {
     require_dm_thin();
+    // "auto" on a loop pool that grows by itself: queue.
     let mut d = TestDaemon::start("when-full", "");
     d.json(&["layer", "create", "base", "--size", "64M"]);
+    assert_eq!(d.json(&["pool", "status"])["health"]["when_full"], "queue");
     let table = dm_table(&d);
-    assert!(table.contains("error_if_no_space"), "{table}");
+    assert!(!table.contains("error_if_no_space"), "{table}");
     for (policy, when_full, in_table) in [
-        ("queue", WhenFull::Queue, false),
         ("error", WhenFull::Error, true),
+        ("queue", WhenFull::Queue, false),
+        ("error", WhenFull::Auto, true),
     ] {
+        if when_full == WhenFull::Auto {
+            // A pool that does not grow by itself: error.
+            d.pool.config.pool.loop_files.autoextend_threshold =
+                thinstack::units::Percent::new(100).unwrap();
+        }
         d.stop();
         d.pool.config.pool.when_full = when_full;
         d.write_config();

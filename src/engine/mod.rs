@@ -199,7 +199,7 @@ impl std::fmt::Display for Status {
                 match self.health.when_full {
                     Some(WhenFull::Error) => "error (writes fail at once)".to_string(),
                     Some(WhenFull::Queue) => "queue (writes wait for an extension)".to_string(),
-                    None => "unknown".to_string(),
+                    Some(WhenFull::Auto) | None => "unknown".to_string(),
                 },
             ),
             ("Layers", self.layers.to_string()),
@@ -595,6 +595,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // The parent's lock is held until the snapshot is taken: its device does not change
         // under the snapshot, and it cannot be removed before its child's record exists.
         let parent_name = request.parent.as_deref().map(LayerName::new).transpose()?;
+        // Locking the same layer twice would wait forever.
+        if parent_name.as_ref() == Some(&name) {
+            return Err(Error::invalid(format!(
+                "layer {name:?} cannot be a snapshot of itself; name another layer as its parent"
+            )));
+        }
         let parent_guard = parent_name.as_ref().map(|p| self.locks.lock(p));
         let plan = self.plan_create(name, request)?;
         self.check_space()?;

@@ -583,3 +583,18 @@ fn a_child_racing_its_parents_removal_either_wins_whole_or_loses_whole() {
     }
     assert_consistent(&f, engine);
 }
+
+#[test]
+fn a_layer_named_as_its_own_parent_is_refused_not_deadlocked() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("a")).unwrap();
+    for name in ["a", "b"] {
+        let err = engine.create(&child(name, name)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+        assert!(err.to_string().contains("snapshot of itself"), "{err}");
+    }
+    // The layer is not left locked.
+    engine.commit("a").unwrap();
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 1);
+}

@@ -59,10 +59,18 @@ impl Udev {
     }
 }
 
+/// A removal without a udev cookie that meets EBUSY is retried this often, this far apart:
+/// not for udev (which never opens a private device) but for tools that scan every block
+/// device for a moment (blkid, LVM, multipathd). A real user is reported busy after 100 ms.
+const NO_COOKIE_BUSY_RETRIES: u64 = 10;
+const NO_COOKIE_BUSY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+
 /// A handle on the kernel's device-mapper.
 pub struct Dm {
     dm: DM,
     layer_udev: Udev,
+    /// How many removals were retried for EBUSY (see [`Dm::busy_retries`]).
+    busy_retries: std::sync::atomic::AtomicU64,
 }
 
 impl Dm {
@@ -74,6 +82,7 @@ impl Dm {
             .map(|dm| Dm {
                 dm,
                 layer_udev: Udev::default(),
+                busy_retries: std::sync::atomic::AtomicU64::new(0),
             })
             .map_err(|e| Error::dm("open", "/dev/mapper/control", e))
     }
@@ -87,6 +96,12 @@ impl Dm {
     /// How layer (thin) devices are announced to udev.
     pub fn layer_udev(&self) -> Udev {
         self.layer_udev
+    }
+
+    /// How many times a removal without a udev cookie met EBUSY and was tried again, since
+    /// this handle was opened (tests use it to show udev never held a device).
+    pub fn busy_retries(&self) -> u64 {
+        self.busy_retries.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether a device named `name` exists.
@@ -218,17 +233,35 @@ impl Dm {
     }
 
     /// Remove device `name`. Waiting for udev, the crate retries EBUSY a few times (200 ms
-    /// apart) because udev may still probe a device briefly after it changed; a private
-    /// device ([`Udev::NoWait`]) is never opened by udev, so EBUSY means a real user.
+    /// apart) because udev may still probe a device briefly after it changed. A private
+    /// device ([`Udev::NoWait`]) is never opened by udev; its removal is retried for 100 ms
+    /// in case another tool scans it for a moment.
     pub fn remove_device(&self, name: &DmName, udev: Udev) -> Result<()> {
         match udev {
-            Udev::NoWait => no_cookie::remove(self.dm.file(), name)
-                .map_err(|errno| Error::dm_errno("remove", &name.to_string(), errno)),
+            Udev::NoWait => self.remove_without_cookie(name),
             Udev::Wait | Udev::WaitPrivate => self
                 .dm
                 .device_remove(&DevId::Name(name), udev.options())
                 .map(|_| ())
                 .map_err(|e| Error::dm("remove", &name.to_string(), e)),
+        }
+    }
+
+    fn remove_without_cookie(&self, name: &DmName) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            match no_cookie::remove(self.dm.file(), name) {
+                Err(Errno::EBUSY) if attempt < NO_COOKIE_BUSY_RETRIES => {
+                    attempt += 1;
+                    self.busy_retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    std::thread::sleep(NO_COOKIE_BUSY_INTERVAL);
+                }
+                other => {
+                    return other
+                        .map_err(|errno| Error::dm_errno("remove", &name.to_string(), errno))
+                }
+            }
         }
     }
 

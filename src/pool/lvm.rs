@@ -486,7 +486,7 @@ pub(super) fn reactivate(backing: &LvmBacking) -> Result<()> {
 pub(super) fn set_when_full(backing: &LvmBacking, when_full: WhenFull) -> Result<()> {
     let flag = match when_full {
         WhenFull::Error => "y",
-        WhenFull::Queue => "n",
+        WhenFull::Queue | WhenFull::Auto => "n",
     };
     backing
         .lvm

@@ -144,7 +144,7 @@ impl Pool {
             Backend::Existing => devices::adopt(config, dm, record)?,
         };
         pool.ensure_usable(dm)?;
-        pool.apply_when_full(dm, config.pool.when_full)?;
+        pool.apply_when_full(dm, config.when_full())?;
         Ok(pool)
     }
 
@@ -244,7 +244,7 @@ impl Pool {
                 data_dev,
                 blocks,
                 block_size,
-                config.pool.when_full,
+                config.when_full(),
             );
             dm.create_device(
                 &dm_name,
