@@ -35,11 +35,7 @@ fn status_as_nobody(socket: &Path, gid: u32, groups: &[u32]) -> Run {
         .args(["--json", "pool", "status"])
         .output()
         .expect("setpriv (util-linux)");
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from(out)
 }
 
 /// A socket path outside the test's private (0700) directory, in a directory the daemon makes,

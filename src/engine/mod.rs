@@ -23,8 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::WhenFull;
-use crate::config::{Config, MountOption};
+use crate::config::{Config, MountOption, WhenFull};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::fs::FsType;

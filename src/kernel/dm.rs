@@ -539,14 +539,17 @@ mod tests {
 
     #[test]
     fn pool_table_has_block_size_low_water_mark_and_skip_zeroing() {
-        let table = thin_pool_table(
-            Device { major: 7, minor: 1 },
-            Device { major: 7, minor: 0 },
-            Sectors(2048 * 128),
-            Sectors(128),
-            DataBlocks(100),
-            false,
-        );
+        let table_with = |error_if_no_space| {
+            thin_pool_table(
+                Device { major: 7, minor: 1 },
+                Device { major: 7, minor: 0 },
+                Sectors(2048 * 128),
+                Sectors(128),
+                DataBlocks(100),
+                error_if_no_space,
+            )
+        };
+        let table = table_with(false);
         assert_eq!(table.len(), 1);
         let (start, length, target, params) = &table[0];
         assert_eq!((*start, *length, target.as_str()), (0, 262144, "thin-pool"));
@@ -555,14 +558,7 @@ mod tests {
         assert_eq!(parsed.data_block_size, Sectors(128));
         assert_eq!(parsed.metadata_dev, Device { major: 7, minor: 1 });
 
-        let table = thin_pool_table(
-            Device { major: 7, minor: 1 },
-            Device { major: 7, minor: 0 },
-            Sectors(2048 * 128),
-            Sectors(128),
-            DataBlocks(100),
-            true,
-        );
+        let table = table_with(true);
         let parsed = parse_thin_pool_params(&table[0].3).unwrap();
         assert!(table[0].3.contains(" 2 "), "{}", table[0].3);
         assert!(parsed.feature_args.contains(ERROR_IF_NO_SPACE));

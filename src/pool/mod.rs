@@ -84,7 +84,6 @@ pub struct Pool {
     backing: Backing,
     metadata_node: PathBuf,
     created: bool,
-    when_full: WhenFull,
 }
 
 impl CheckReport {
@@ -148,22 +147,13 @@ impl Pool {
         Ok(pool)
     }
 
-    /// What writes meet when the pool is full.
-    pub fn when_full(&self) -> WhenFull {
-        self.when_full
-    }
-
     /// Give the pool the no-space policy `wanted` unless it has it: a reload of an owned
     /// pool's table, `lvchange --errorwhenfull` for an LVM pool. An adopted pool keeps its own.
-    fn apply_when_full(&mut self, dm: &Dm, wanted: WhenFull) -> Result<()> {
+    fn apply_when_full(&self, dm: &Dm, wanted: WhenFull) -> Result<()> {
         let live = match dm.pool_status(&self.dm_name)? {
-            ThinPoolStatus::Working(status) => match status.no_space_policy {
-                ThinPoolNoSpacePolicy::Error => WhenFull::Error,
-                ThinPoolNoSpacePolicy::Queue => WhenFull::Queue,
-            },
+            ThinPoolStatus::Working(status) => when_full_of(status.no_space_policy),
             ThinPoolStatus::Error | ThinPoolStatus::Fail => return Ok(()),
         };
-        self.when_full = live;
         if live == wanted {
             return Ok(());
         }
@@ -188,7 +178,6 @@ impl Pool {
             }
         }
         tracing::info!(pool = %self.name, from = live.as_str(), to = wanted.as_str(), "pool no-space policy changed");
-        self.when_full = wanted;
         Ok(())
     }
 
@@ -210,7 +199,6 @@ impl Pool {
             dm_name,
             backing,
             created,
-            when_full: WhenFull::default(),
         })
     }
 
@@ -501,10 +489,7 @@ impl Pool {
                 needs_check: working.needs_check,
                 read_only: working.summary == ThinPoolStatusSummary::ReadOnly,
                 out_of_space: working.summary == ThinPoolStatusSummary::OutOfSpace,
-                when_full: Some(match working.no_space_policy {
-                    ThinPoolNoSpacePolicy::Error => WhenFull::Error,
-                    ThinPoolNoSpacePolicy::Queue => WhenFull::Queue,
-                }),
+                when_full: Some(when_full_of(working.no_space_policy)),
             },
         })
     }
@@ -551,7 +536,12 @@ impl Pool {
                 params.data_dev,
                 blocks,
                 self.block_size,
-                self.when_full,
+                // The policy the pool has now, kept across the resize.
+                if params.feature_args.contains(dm::ERROR_IF_NO_SPACE) {
+                    WhenFull::Error
+                } else {
+                    WhenFull::Queue
+                },
             );
             dm.reload(&self.dm_name, &table, Udev::Wait)
                 .map_err(|e| e.context(format!("growing pool {}", self.name)))?;
@@ -697,6 +687,14 @@ fn owned_table(
         DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1)),
         when_full == WhenFull::Error,
     )
+}
+
+/// The kernel's no-space policy as the config names it.
+fn when_full_of(policy: ThinPoolNoSpacePolicy) -> WhenFull {
+    match policy {
+        ThinPoolNoSpacePolicy::Error => WhenFull::Error,
+        ThinPoolNoSpacePolicy::Queue => WhenFull::Queue,
+    }
 }
 
 /// The parameters of the single thin-pool target of `name`.
