@@ -104,6 +104,15 @@ pub struct AddDeviceResponse {
     pub volume_group_free: ByteSize,
 }
 
+/// `POST /v1/pool/doctor`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoctorRequest {
+    /// Clean what is safe to clean (otherwise only list).
+    #[serde(default)]
+    pub repair: bool,
+}
+
 /// `POST /v1/pool/destroy`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod crash;
 pub mod daemon;
+pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod kernel;

@@ -12,10 +12,11 @@ use serde::Serialize;
 use serde_json::Value;
 use thinstack::api::{
     AddDeviceRequest, AddDeviceResponse, CreateRequest, DestroyRequest, DestroyResponse,
-    DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest, MountResponse,
-    RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
+    DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
+    MountResponse, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
+use thinstack::doctor::{DoctorReport, Status as DoctorStatus};
 use thinstack::engine::{Layer, Removal, Status};
 use thinstack::kernel::fs::FsType;
 use thinstack::pool::CheckReport;
@@ -80,6 +81,14 @@ enum PoolCommand {
     /// Check the pool's metadata with thin_check (through a metadata snapshot); exit 1 when
     /// damage is found.
     Check,
+    /// List what a crash or a foreign tool left: dm devices and thin devices no record owns,
+    /// layers whose thin device is gone, stale mounts and mount points, loop devices bound to
+    /// deleted files. Exit 1 while something of this pool's needs attention.
+    Doctor {
+        /// Clean what is safe to clean: never what is in use, nor what is not this pool's.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Remove the pool and what thinstack made for it (loop files, or LVM volumes, volume
     /// group and PV labels); an adopted pool stays. thinstackd stops afterwards.
     Destroy {
@@ -195,12 +204,15 @@ fn parse_fs(text: &str) -> Result<FsType, String> {
 struct Output {
     json: Value,
     text: String,
+    /// The exit status of a command that succeeded but found something (pool doctor).
+    status: u8,
 }
 
 fn output<T: Serialize>(value: &T, text: String) -> Output {
     Output {
         json: serde_json::to_value(value).unwrap_or(Value::Null),
         text,
+        status: 0,
     }
 }
 
@@ -232,7 +244,7 @@ fn main() -> ExitCode {
             } else {
                 writeln!(stdout, "{}", out.text.trim_end())
             };
-            ExitCode::SUCCESS
+            ExitCode::from(out.status)
         }
         Err(e) => {
             if args.json {
@@ -295,6 +307,12 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
             let text = format!("Pool metadata is clean ({}).", report.checked);
             Ok(output(&report, text))
         }
+        PoolCommand::Doctor { repair } => {
+            let report: DoctorReport = client.post("/v1/pool/doctor", &DoctorRequest { repair })?;
+            let mut out = output(&report, doctor_text(&report));
+            out.status = u8::from(report.needs_attention());
+            Ok(out)
+        }
         PoolCommand::Destroy { force } => {
             let destroyed: DestroyResponse =
                 client.post("/v1/pool/destroy", &DestroyRequest { force })?;
@@ -305,6 +323,27 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
             Ok(output(&destroyed, text))
         }
     }
+}
+
+fn doctor_text(report: &DoctorReport) -> String {
+    if report.findings.is_empty() {
+        return "Nothing left over: the records and the host agree.".to_string();
+    }
+    let mut text = String::new();
+    for finding in &report.findings {
+        let status = serde_json::to_value(finding.status).unwrap_or(Value::Null);
+        let status = status.as_str().unwrap_or("?").replace('_', " ");
+        text.push_str(&format!("{status:>14}  {}\n", finding.detail));
+    }
+    if !report.repair
+        && report
+            .findings
+            .iter()
+            .any(|f| f.status == DoctorStatus::Repairable)
+    {
+        text.push_str("Run `thinstack pool doctor --repair` to clean what is repairable.\n");
+    }
+    text
 }
 
 fn layer_path(name: &str, action: &str) -> String {

@@ -10,8 +10,9 @@ use serde_json::Value;
 use super::Daemon;
 use crate::api::{
     AddDeviceRequest, AddDeviceResponse, CreateRequest, DestroyRequest, DestroyResponse,
-    DeviceResponse, DoneResponse, ExtendRequest, ExtendResponse, MountRequest, MountResponse,
-    RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest, UsageResponse, VersionResponse,
+    DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
+    MountResponse, RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest, UsageResponse,
+    VersionResponse,
 };
 use crate::engine::{CreateLayer, Removal};
 use crate::error::{Error, ErrorKind, Result};
@@ -49,6 +50,7 @@ pub const ROUTES: &[Route] = &[
     route("POST", "/v1/pool/extend", pool_extend),
     route("POST", "/v1/pool/add-device", pool_add_device),
     route("POST", "/v1/pool/check", pool_check),
+    route("POST", "/v1/pool/doctor", pool_doctor),
     route("POST", "/v1/pool/destroy", pool_destroy),
     route("GET", "/v1/layers", list_layers),
     route("POST", "/v1/layers", create_layer),
@@ -234,6 +236,12 @@ fn pool_add_device(daemon: &Daemon, call: &Call) -> Result<Reply> {
 fn pool_check(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     ok(daemon.check()?)
+}
+
+fn pool_doctor(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: DoctorRequest = body(call)?;
+    ok(crate::doctor::examine(daemon.engine(), request.repair)?)
 }
 
 fn pool_destroy(daemon: &Daemon, call: &Call) -> Result<Reply> {

@@ -13,6 +13,7 @@
 //!   finishes layers left `removing`, deletes thin devices no record owns, flags records whose
 //!   thin device is gone, and re-activates layers that were active before a reboot.
 
+mod leftovers;
 mod locks;
 mod reconcile;
 
@@ -35,6 +36,7 @@ use crate::records::{
 };
 use crate::units::{ByteSize, Percent};
 
+pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
 pub use reconcile::ReconcileReport;
 
@@ -365,6 +367,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Give back the kernels (to tear the pool down).
     pub fn into_kernels(self) -> (K, F) {
         (self.kernel, self.fs)
+    }
+
+    /// The state directory (records, default mount points).
+    pub fn state_dir(&self) -> &Path {
+        &self.settings.state_dir
     }
 
     /// The pool's transaction id as the records have it.

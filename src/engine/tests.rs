@@ -598,3 +598,110 @@ fn a_layer_named_as_its_own_parent_is_refused_not_deadlocked() {
     engine.commit("a").unwrap();
     assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 1);
 }
+
+// ----- leftovers (pool doctor) -------------------------------------------------------------
+
+#[test]
+fn thin_devices_no_record_owns_are_found_and_deleted_but_owned_ones_never() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    let a = engine.create(&base("a")).unwrap();
+    let foreign = ThinId::new(500).unwrap();
+    f.sim.create_thin(foreign).unwrap();
+    f.sim.activate(foreign, ByteSize::mib(8), false).unwrap();
+    assert_eq!(engine.orphan_thin_ids().unwrap(), [foreign]);
+
+    let err = engine.delete_orphan_thin(a.thin_id).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    f.sim.hold(foreign);
+    let err = engine.delete_orphan_thin(foreign).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    f.sim.release(foreign);
+    engine.delete_orphan_thin(foreign).unwrap();
+
+    assert!(engine.orphan_thin_ids().unwrap().is_empty());
+    assert_eq!(f.sim.thin_ids_now(), BTreeSet::from([a.thin_id]));
+    // The deleted id is never handed out while this engine runs.
+    let b = engine.create(&base("b")).unwrap();
+    assert_ne!(b.thin_id, foreign);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn mount_records_whose_mount_is_gone_are_listed_then_dropped() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("a")).unwrap();
+    let target = engine.mount("a", None, false).unwrap();
+    assert!(engine.stale_mount_records(false).unwrap().is_empty());
+    FsKernel::unmount(&f.sim, &target).unwrap(); // behind thinstack's back
+
+    let stale = engine.stale_mount_records(false).unwrap();
+    assert_eq!(stale, [(LayerName::new("a").unwrap(), target.clone())]);
+    assert_eq!(
+        engine.inspect("a").unwrap().mounts.len(),
+        1,
+        "listing changed the record"
+    );
+    assert_eq!(engine.stale_mount_records(true).unwrap().len(), 1);
+    assert!(engine.inspect("a").unwrap().mounts.is_empty());
+    assert!(engine.stale_mount_records(false).unwrap().is_empty());
+}
+
+#[test]
+fn mounts_the_records_do_not_know_are_found_and_unmounted() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("a")).unwrap();
+    let node = engine.activate("a").unwrap();
+    let name = LayerName::new("a").unwrap();
+    let by_hand = Path::new("/mnt/by-hand");
+    f.sim
+        .mount(&node, by_hand, FsType::Ext4, false, &[])
+        .unwrap();
+    let recorded = engine.mount("a", None, false).unwrap();
+
+    assert!(!engine.unrecorded_mount(&name, &recorded, true).unwrap());
+    assert!(engine.unrecorded_mount(&name, by_hand, false).unwrap());
+    assert!(f.sim.mounts_now().contains(&by_hand.to_path_buf()));
+    assert!(engine.unrecorded_mount(&name, by_hand, true).unwrap());
+    assert_eq!(f.sim.mounts_now(), [recorded]);
+    assert!(!engine.unrecorded_mount(&name, by_hand, false).unwrap());
+}
+
+#[test]
+fn stale_mount_points_are_only_empty_directories_of_no_layer() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("a")).unwrap();
+    engine.mount("a", None, false).unwrap();
+    engine.unmount("a", None).unwrap();
+    let mnt = f.dir.path().join("mnt");
+    for dir in ["ghost", ".grow-77", "full"] {
+        std::fs::create_dir(mnt.join(dir)).unwrap();
+    }
+    std::fs::write(mnt.join("full/file"), b"keep").unwrap();
+    let growth = mnt.join(".grow-78");
+    std::fs::create_dir(&growth).unwrap();
+    let node = engine.activate("a").unwrap();
+    f.sim
+        .mount(&node, &growth, FsType::Ext4, false, &[])
+        .unwrap();
+
+    let stale = engine.stale_mount_points().unwrap();
+    assert_eq!(
+        stale,
+        [
+            StalePoint::Directory(mnt.join(".grow-77")),
+            StalePoint::GrowthMount(growth.clone()),
+            StalePoint::Directory(mnt.join("ghost")),
+        ]
+    );
+    for point in &stale {
+        engine.remove_stale_point(point).unwrap();
+    }
+    assert!(engine.stale_mount_points().unwrap().is_empty());
+    assert!(f.sim.mounts_now().is_empty());
+    assert!(mnt.join("a").is_dir() && mnt.join("full/file").exists());
+    assert!(!mnt.join("ghost").exists() && !growth.exists());
+}

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
+use crate::kernel::mounts;
 use crate::units::ByteSize;
 
 /// A signature `wipefs` found on a device.
@@ -215,15 +216,11 @@ pub fn node_of(device: Device) -> Result<PathBuf> {
 fn mounted_at(device: Device) -> Result<Option<String>> {
     let mut numbers = vec![format!("{}:{}", device.major, device.minor)];
     numbers.extend(partitions_of(device));
-    let text = std::fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-    Ok(text.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let number = *fields.get(2)?;
+    Ok(mounts::table()?.into_iter().find_map(|mount| {
+        let number = format!("{}:{}", mount.device.major, mount.device.minor);
         numbers
-            .iter()
-            .any(|n| n == number)
-            .then(|| fields.get(4).unwrap_or(&"?").to_string())
+            .contains(&number)
+            .then(|| mount.target.display().to_string())
     }))
 }
 
@@ -241,31 +238,37 @@ fn partitions_of(device: Device) -> Vec<String> {
         .collect()
 }
 
-/// An exclusive open fails while the kernel holds the device (device-mapper, md, a mount).
-fn ensure_not_held(path: &Path, device: Device) -> Result<()> {
+/// Whether the kernel holds the block device at `path` (a mount, device-mapper, md): an
+/// exclusive open fails then.
+pub fn is_held(path: &Path) -> Result<bool> {
     match OpenOptions::new()
         .read(true)
         .custom_flags(libc_o_excl())
         .open(path)
     {
-        Ok(_) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => {
-            let holders = holders_of(device);
-            let by = if holders.is_empty() {
-                String::new()
-            } else {
-                format!(" (held by {})", holders.join(", "))
-            };
-            Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "{} is in use{by}; release it, or choose another device",
-                    path.display()
-                ),
-            ))
-        }
+        Ok(_) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBUSY as i32) => Ok(true),
         Err(e) => Err(Error::io(format!("opening {}", path.display()), e)),
     }
+}
+
+fn ensure_not_held(path: &Path, device: Device) -> Result<()> {
+    if !is_held(path)? {
+        return Ok(());
+    }
+    let holders = holders_of(device);
+    let by = if holders.is_empty() {
+        String::new()
+    } else {
+        format!(" (held by {})", holders.join(", "))
+    };
+    Err(Error::new(
+        ErrorKind::Busy,
+        format!(
+            "{} is in use{by}; release it, or choose another device",
+            path.display()
+        ),
+    ))
 }
 
 fn holders_of(device: Device) -> Vec<String> {

@@ -114,6 +114,50 @@ pub fn find_attached(file: &Path) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// A bound loop device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    /// The loop device, `/dev/loopN`.
+    pub device: PathBuf,
+    /// The file it is bound to, as the kernel names it.
+    pub file: PathBuf,
+    /// Whether that file was deleted (the device then holds its only copy).
+    pub deleted: bool,
+}
+
+/// Every bound loop device, from sysfs.
+pub fn bindings() -> Result<Vec<Binding>> {
+    let entries =
+        std::fs::read_dir("/sys/block").map_err(|e| Error::io("listing /sys/block", e))?;
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(entry.path().join("loop/backing_file")) else {
+            continue; // not bound
+        };
+        let (file, deleted) = parse_backing_file(&text);
+        found.push(Binding {
+            device: PathBuf::from("/dev").join(name),
+            file,
+            deleted,
+        });
+    }
+    found.sort_by(|a, b| a.device.cmp(&b.device));
+    Ok(found)
+}
+
+/// sysfs's `backing_file`: the path, with " (deleted)" appended once the file is unlinked.
+fn parse_backing_file(text: &str) -> (PathBuf, bool) {
+    let text = text.trim_end_matches('\n');
+    match text.strip_suffix(" (deleted)") {
+        Some(path) => (PathBuf::from(path), true),
+        None => (PathBuf::from(text), false),
+    }
+}
+
 /// Bind `file` to the loop device already bound to it, or to a free one.
 ///
 /// Returns the loop device's path.
@@ -217,6 +261,18 @@ pub fn file_size(path: &Path) -> Result<ByteSize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deleted_backing_files_are_told_apart() {
+        assert_eq!(
+            parse_backing_file("/var/lib/x/data (deleted)\n"),
+            (PathBuf::from("/var/lib/x/data"), true)
+        );
+        assert_eq!(
+            parse_backing_file("/var/lib/x/data\n"),
+            (PathBuf::from("/var/lib/x/data"), false)
+        );
+    }
 
     #[test]
     fn sparse_files_are_created_once_and_never_touched_again() {

@@ -12,6 +12,7 @@ pub mod dm;
 pub mod fs;
 pub mod loopdev;
 pub mod lvm;
+pub mod mounts;
 pub mod real;
 pub mod sim;
 pub mod thin_tools;

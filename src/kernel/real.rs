@@ -264,33 +264,8 @@ impl FsKernel for RealFs {
     }
 
     fn is_mounted(&self, target: &Path) -> Result<bool> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| Error::io("reading /proc/self/mountinfo", e))?;
-        Ok(text
-            .lines()
-            .filter_map(|line| line.split(' ').nth(4))
-            .any(|mount_point| Path::new(&unescape_mount_field(mount_point)) == target))
+        crate::kernel::mounts::is_mounted(target)
     }
-}
-
-/// mountinfo escapes space, tab, newline and backslash as octal (`\040`).
-fn unescape_mount_field(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 4 <= bytes.len() {
-            let digits = std::str::from_utf8(&bytes[i + 1..i + 4]).unwrap_or("");
-            if let Ok(code) = u8::from_str_radix(digits, 8) {
-                out.push(code);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -315,12 +290,5 @@ mod tests {
             .unwrap()
             .is_empty());
         assert!(parse_dump_ids(r#"<device dev_id="x">"#).is_err());
-    }
-
-    #[test]
-    fn mountinfo_escapes_are_undone() {
-        assert_eq!(unescape_mount_field(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mount_field("/plain"), "/plain");
-        assert_eq!(unescape_mount_field(r"/x\"), r"/x\");
     }
 }

@@ -1,0 +1,343 @@
+//! `thinstack pool doctor`: what a crash or a foreign tool left beside thinstack's records,
+//! listed, and with `repair` cleaned.
+//!
+//! What is found:
+//! - device-mapper devices named as this pool's thin devices that no record owns;
+//! - thin devices in the pool that no record owns;
+//! - layers whose thin device is gone from the pool (only the operator can settle those);
+//! - mount records whose mount is gone, and mounts of layers their records do not know;
+//! - stale mount points under `<state_dir>/mnt`;
+//! - loop devices bound to deleted files.
+//!
+//! Repair never touches what is in use, nor what is not this daemon's: devices with
+//! thinstack's prefix that belong to another pool, and loop devices bound to deleted files
+//! outside the state directory, are reported and left alone.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use devicemapper::Device;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, StalePoint};
+use crate::error::{ErrorKind, Result};
+use crate::kernel::dm::Udev;
+use crate::kernel::real::{RealFs, RealPool};
+use crate::kernel::{blockdev, loopdev, mounts, PoolKernel};
+use crate::names::{parse_thin_dm_name, ThinId};
+
+/// The prefix every thinstack layout version's dm names share.
+const FAMILY_PREFIX: &str = "thinstack-";
+
+/// What kind of leftover a finding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Leftover {
+    /// A device-mapper device with thinstack's prefix that no record owns.
+    DmDevice,
+    /// A thin device in the pool that no record owns.
+    ThinDevice,
+    /// A layer whose thin device is gone from the pool.
+    MissingThinDevice,
+    /// A mount record whose mount is gone.
+    StaleMountRecord,
+    /// A mount of a layer that its record does not know.
+    UnrecordedMount,
+    /// A directory under the state directory's `mnt` that no layer uses.
+    StaleMountPoint,
+    /// A loop device bound to a deleted file.
+    DeletedLoopFile,
+}
+
+/// Where a finding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Repair (`--repair`) cleans it.
+    Repairable,
+    /// Cleaned by this run.
+    Repaired,
+    /// In use, so left alone: release it and run again.
+    InUse,
+    /// Not this daemon's: reported, never touched.
+    NotOurs,
+    /// Only the operator can settle it (the detail says how).
+    NeedsOperator,
+    /// Repair was tried and failed (the detail says why).
+    Failed,
+}
+
+/// One leftover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Finding {
+    /// What kind of leftover.
+    pub kind: Leftover,
+    /// The device, thin id, layer or path concerned.
+    pub subject: String,
+    /// What was found, and what repair does or did.
+    pub detail: String,
+    /// Where it stands.
+    pub status: Status,
+}
+
+/// Everything the doctor found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DoctorReport {
+    /// Whether this run repaired what it could.
+    pub repair: bool,
+    /// The leftovers, in the order they were examined.
+    pub findings: Vec<Finding>,
+}
+
+impl DoctorReport {
+    /// Whether something of this daemon's is still left to clean or settle.
+    pub fn needs_attention(&self) -> bool {
+        self.findings.iter().any(|f| {
+            matches!(
+                f.status,
+                Status::Repairable | Status::InUse | Status::NeedsOperator | Status::Failed
+            )
+        })
+    }
+
+    fn note(&mut self, kind: Leftover, subject: impl ToString, detail: String, status: Status) {
+        self.findings.push(Finding {
+            kind,
+            subject: subject.to_string(),
+            detail,
+            status,
+        });
+    }
+
+    /// Record a repairable finding, repairing it with `fix` when this is a repair run.
+    fn repairable(
+        &mut self,
+        kind: Leftover,
+        subject: impl ToString,
+        detail: String,
+        fix: impl FnOnce() -> Result<()>,
+    ) {
+        let (status, detail) = if !self.repair {
+            (Status::Repairable, detail)
+        } else {
+            match fix() {
+                Ok(()) => (Status::Repaired, detail),
+                Err(e) if e.kind() == ErrorKind::Busy => (Status::InUse, format!("{detail}; {e}")),
+                Err(e) => (Status::Failed, format!("{detail}; repair failed: {e}")),
+            }
+        };
+        self.note(kind, subject, detail, status);
+    }
+}
+
+/// Examine the host and the records for leftovers; with `repair`, clean what is safe to.
+pub fn examine(engine: &Engine<RealPool, RealFs>, repair: bool) -> Result<DoctorReport> {
+    let mut report = DoctorReport {
+        repair,
+        findings: Vec::new(),
+    };
+    // Mounts first: a mount keeps the devices below it busy.
+    stale_mount_records(engine, &mut report)?;
+    unrecorded_mounts(engine, &mut report)?;
+    stale_mount_points(engine, &mut report)?;
+    dm_devices(engine, &mut report)?;
+    thin_devices(engine, &mut report)?;
+    missing_thin_devices(engine, &mut report);
+    deleted_loop_files(engine, &mut report)?;
+    tracing::info!(
+        repair,
+        findings = report.findings.len(),
+        needs_attention = report.needs_attention(),
+        "doctor examined the pool"
+    );
+    Ok(report)
+}
+
+fn stale_mount_records(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+    for (layer, target) in engine.stale_mount_records(report.repair)? {
+        let detail = format!(
+            "layer {:?} is recorded as mounted at {}, but nothing is mounted there; repair drops the record",
+            layer.as_str(),
+            target.display()
+        );
+        // The records were already mended by the call above when repairing.
+        let status = if report.repair {
+            Status::Repaired
+        } else {
+            Status::Repairable
+        };
+        report.note(Leftover::StaleMountRecord, target.display(), detail, status);
+    }
+    Ok(())
+}
+
+/// Mounts of this pool's active thin devices, found in the mount table by device number.
+fn unrecorded_mounts(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+    let thin_devices = active_thin_devices(engine)?;
+    for mount in mounts::table()? {
+        let Some(&id) = thin_devices.get(&mount.device) else {
+            continue;
+        };
+        let Some(layer) = engine.layer_of(id) else {
+            continue; // an orphan device; reported with the dm devices
+        };
+        if !engine.unrecorded_mount(&layer, &mount.target, false)? {
+            continue;
+        }
+        let detail = format!(
+            "layer {:?} (thin device {id}) is mounted at {} without a record of it (a crash while mounting, or a mount by hand); repair unmounts it",
+            layer.as_str(),
+            mount.target.display()
+        );
+        report.repairable(
+            Leftover::UnrecordedMount,
+            mount.target.display(),
+            detail,
+            || {
+                engine
+                    .unrecorded_mount(&layer, &mount.target, true)
+                    .map(drop)
+            },
+        );
+    }
+    Ok(())
+}
+
+fn active_thin_devices(engine: &Engine<RealPool, RealFs>) -> Result<HashMap<Device, ThinId>> {
+    let kernel = engine.kernel();
+    let pool_name = kernel.pool().name();
+    let mut devices = HashMap::new();
+    for id in kernel.active_ids()? {
+        if let Some(info) = kernel.dm().try_info(&pool_name.thin_dm_name(id))? {
+            devices.insert(info.device(), id);
+        }
+    }
+    Ok(devices)
+}
+
+fn stale_mount_points(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+    for point in engine.stale_mount_points()? {
+        let (path, detail) = match &point {
+            StalePoint::Directory(path) => (
+                path,
+                format!(
+                    "{} is a mount point of no layer, with nothing mounted; repair removes it if empty",
+                    path.display()
+                ),
+            ),
+            StalePoint::GrowthMount(path) => (
+                path,
+                format!(
+                    "{} is still mounted after a crash while growing a filesystem; repair unmounts and removes it",
+                    path.display()
+                ),
+            ),
+        };
+        report.repairable(Leftover::StaleMountPoint, path.display(), detail, || {
+            engine.remove_stale_point(&point)
+        });
+    }
+    Ok(())
+}
+
+fn dm_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+    let kernel = engine.kernel();
+    let (dm, pool) = (kernel.dm(), kernel.pool());
+    for name in dm.list_with_prefix(FAMILY_PREFIX)? {
+        if name.as_ref() == pool.dm_name() {
+            continue;
+        }
+        let text = name.to_string();
+        let Some(id) = parse_thin_dm_name(pool.name(), &name) else {
+            let detail = format!(
+                "{text} has thinstack's prefix but is not a device of pool {}; left alone (the thinstackd of its pool cleans it, or `dmsetup remove {text}`)",
+                pool.name()
+            );
+            report.note(Leftover::DmDevice, text, detail, Status::NotOurs);
+            continue;
+        };
+        if engine.layer_of(id).is_some() {
+            continue;
+        }
+        let Some(info) = dm.try_info(&name)? else {
+            continue; // gone meanwhile
+        };
+        if info.open_count() > 0 {
+            let detail = format!(
+                "{text} is the device of thin device {id}, which no record owns, and is held open {} time(s) (mounted, or used by a process); release it and run again",
+                info.open_count()
+            );
+            report.note(Leftover::DmDevice, text, detail, Status::InUse);
+            continue;
+        }
+        let detail = format!(
+            "{text} is the device of thin device {id}, which no record owns; repair removes the device"
+        );
+        report.repairable(Leftover::DmDevice, &text, detail, || {
+            dm.remove_device(&name, Udev::Wait)
+        });
+    }
+    Ok(())
+}
+
+fn thin_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+    for id in engine.orphan_thin_ids()? {
+        let detail = format!(
+            "thin device {id} is in pool {} but no record owns it (made by another tool, or left by one); repair deletes it",
+            engine.kernel().pool().name()
+        );
+        report.repairable(Leftover::ThinDevice, id, detail, || {
+            engine.delete_orphan_thin(id)
+        });
+    }
+    Ok(())
+}
+
+fn missing_thin_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) {
+    for layer in engine.missing_layers() {
+        let detail = format!(
+            "layer {:?} has a record but its thin device is gone from the pool, so its data is lost; `thinstack remove {}` drops the record",
+            layer.as_str(),
+            layer.as_str()
+        );
+        report.note(
+            Leftover::MissingThinDevice,
+            layer.as_str(),
+            detail,
+            Status::NeedsOperator,
+        );
+    }
+}
+
+fn deleted_loop_files(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+    let state_dir = engine.state_dir();
+    for binding in loopdev::bindings()? {
+        if !binding.deleted {
+            continue;
+        }
+        let device = binding.device.display().to_string();
+        let file = binding.file.display();
+        if !binding.file.starts_with(state_dir) {
+            let detail = format!(
+                "{device} is bound to {file}, which was deleted; it is outside thinstack's state directory {}, so it is left alone (`losetup -d {device}` frees it)",
+                state_dir.display()
+            );
+            report.note(Leftover::DeletedLoopFile, device, detail, Status::NotOurs);
+            continue;
+        }
+        if blockdev::is_held(&binding.device)? {
+            let detail = format!(
+                "{device} is bound to {file}, which was deleted, and is in use (its data lives only in the device now); copy it out before detaching it"
+            );
+            report.note(Leftover::DeletedLoopFile, device, detail, Status::InUse);
+            continue;
+        }
+        let detail = format!(
+            "{device} is bound to {file}, which was deleted, and unused; repair detaches it"
+        );
+        report.repairable(Leftover::DeletedLoopFile, &device, detail, || {
+            loopdev::detach(Path::new(&binding.device))
+        });
+    }
+    Ok(())
+}
