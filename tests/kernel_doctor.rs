@@ -252,3 +252,54 @@ fn kernel_doctor_lists_then_repairs_leftovers_and_leaves_the_rest_alone() {
     let text = d.cli(&["pool", "doctor"]);
     assert!(text.stdout.contains("not ours"), "{text:?}");
 }
+
+fn suspended(name: &str) -> bool {
+    run("dmsetup", &["info", name]).contains("SUSPENDED")
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_start_settles_devices_a_kill_left_half_done() {
+    let _dm = require_dm_thin();
+    let mut d = TestDaemon::start("half-done", "[layers]\nbase_size = \"64M\"\n");
+    let pool = d.pool.config.pool.name.to_string();
+    d.json(&["layer", "create", "a"]);
+    let node = d.json(&["layer", "activate", "a"])["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id = d.json(&["layer", "inspect", "a"])["thin_id"]
+        .as_u64()
+        .unwrap();
+    d.kill9();
+    // As a kill between ioctls leaves them: a thin device created without its table, a
+    // thin device suspended inside a snapshot, the pool suspended inside a reload.
+    let tableless = format!("thinstack-1-{pool}-thin-999");
+    let thin = format!("thinstack-1-{pool}-thin-{id}");
+    let pool_dm = format!("thinstack-1-{pool}-pool");
+    run("dmsetup", &["create", "--notable", &tableless]);
+    run("dmsetup", &["suspend", &thin]);
+    run("dmsetup", &["suspend", &pool_dm]);
+    assert!(suspended(&thin) && suspended(&pool_dm));
+
+    d.spawn();
+    assert!(
+        !dm_exists(&tableless),
+        "the tableless device is still there"
+    );
+    assert!(!suspended(&thin), "{thin} is still suspended");
+    assert!(!suspended(&pool_dm), "{pool_dm} is still suspended");
+    // I/O on the layer goes through again.
+    run(
+        "dd",
+        &[
+            "if=/dev/zero",
+            &format!("of={node}"),
+            "bs=64k",
+            "count=4",
+            "oflag=direct",
+        ],
+    );
+    let (code, findings) = doctor(&d, false);
+    assert_eq!((code, findings.len()), (0, 0), "{findings:#?}");
+}

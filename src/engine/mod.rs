@@ -1133,9 +1133,22 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.delete_thin(Some(&name), id)?;
             crash::point("remove.deleted");
         }
+        self.remove_default_mount_point(&name);
         self.drop_record(&name)?;
         tracing::info!(layer = %name, thin_id = %id, "layer removed");
         Ok(Removal::Removed)
+    }
+
+    /// The directory `mount` made for the layer goes with it (while the record still exists,
+    /// so no crash leaves it behind). Only an empty directory is removed; failing to is
+    /// harmless, and `pool doctor` reports what is left.
+    fn remove_default_mount_point(&self, name: &LayerName) {
+        let path = self.settings.state_dir.join("mnt").join(name.as_str());
+        if let Err(e) = std::fs::remove_dir(&path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(layer = %name, path = %path.display(), error = %e, "could not remove the layer's mount point");
+            }
+        }
     }
 
     /// Discard the blocks of inactive thin `id`, so the pool passes the discards down and a

@@ -10,7 +10,7 @@ use super::{Engine, Removal};
 use crate::error::{ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::{LayerName, ThinId};
-use crate::records::{LayerState, PoolOp};
+use crate::records::{LayerState, MountRecord, PoolOp};
 
 /// What reconciling found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -31,6 +31,9 @@ pub struct ReconcileReport {
     pub reactivated: Vec<LayerName>,
     /// Mount records whose mount is gone (after a reboot), dropped.
     pub stale_mounts: Vec<PathBuf>,
+    /// Layers the kernel had active or mounted without their record saying so (a crash
+    /// between the kernel step and the record): the records now say so.
+    pub adopted: Vec<String>,
 }
 
 impl ReconcileReport {
@@ -54,6 +57,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.finish_removing(&mut report)?;
         self.delete_orphans(&pool_ids, &mut report)?;
         self.drop_stale_mounts(&mut report)?;
+        self.remove_stale_mount_points(&mut report)?;
+        self.adopt_active_and_mounted(&mut report)?;
         self.reactivate(&mut report)?;
         if report.is_clean() {
             tracing::info!(
@@ -218,6 +223,54 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             if record.mounts.len() != before {
                 report.stale_mounts.extend(stale);
+                self.put(record)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Empty mount points of layers that are gone (left by a crash, or an older thinstack).
+    fn remove_stale_mount_points(&self, report: &mut ReconcileReport) -> Result<()> {
+        for point in self.stale_mount_points()? {
+            self.remove_stale_point(&point)?;
+            report.stale_mounts.push(point.path().to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// A crash between a kernel step and its record leaves a layer active, or mounted, without
+    /// its record saying so. The kernel is right about those (the device and the mount are
+    /// there), so the record learns them, and a later deactivate or remove sees them.
+    fn adopt_active_and_mounted(&self, report: &mut ReconcileReport) -> Result<()> {
+        let ready: Vec<_> = self
+            .index()
+            .layers
+            .values()
+            .filter(|l| l.state == LayerState::Ready && !l.missing)
+            .cloned()
+            .collect();
+        for mut record in ready {
+            let Some(node) = self.kernel.active_node(record.thin_id)? else {
+                continue;
+            };
+            let mut learned = Vec::new();
+            if !record.active {
+                record.active = true;
+                learned.push("active".to_string());
+            }
+            for (target, read_only) in self.fs.mounts_of(&node)? {
+                if let std::collections::btree_map::Entry::Vacant(entry) =
+                    record.mounts.entry(target)
+                {
+                    learned.push(format!("mounted at {}", entry.key().display()));
+                    entry.insert(MountRecord { refs: 1, read_only });
+                }
+            }
+            if !learned.is_empty() {
+                tracing::warn!(layer = %record.name, learned = ?learned, "the kernel had this layer active or mounted without a record of it; recorded");
+                report
+                    .adopted
+                    .push(format!("{}: {}", record.name, learned.join(", ")));
                 self.put(record)?;
             }
         }

@@ -705,3 +705,28 @@ fn stale_mount_points_are_only_empty_directories_of_no_layer() {
     assert!(mnt.join("a").is_dir() && mnt.join("full/file").exists());
     assert!(!mnt.join("ghost").exists() && !growth.exists());
 }
+
+#[test]
+fn a_layer_the_kernel_has_active_or_mounted_without_a_record_is_recorded_at_open() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    let a = engine.create(&base("a")).unwrap();
+    engine.create(&base("b")).unwrap();
+    drop(engine);
+    // As a crash between the kernel step and the record leaves them.
+    let node = f.sim.activate(a.thin_id, a.size, false).unwrap();
+    f.sim
+        .mount(&node, Path::new("/mnt/x"), FsType::Ext4, true, &[])
+        .unwrap();
+
+    let (engine, report) = f.open();
+    assert_eq!(report.adopted, ["a: active, mounted at /mnt/x"]);
+    let a = engine.inspect("a").unwrap();
+    assert_eq!(a.mounts.len(), 1);
+    assert!(a.mounts[Path::new("/mnt/x")].read_only);
+    assert_eq!(engine.deactivate("a").unwrap_err().kind(), ErrorKind::Busy);
+    engine.unmount("a", None).unwrap();
+    engine.deactivate("a").unwrap();
+    drop(engine);
+    assert!(f.open().1.is_clean());
+}

@@ -83,6 +83,10 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
     fs.mount(&node, mount_point, FsType::Ext4, false, &[])
         .expect("mount");
     assert!(fs.is_mounted(mount_point).expect("is_mounted"));
+    assert_eq!(
+        fs.mounts_of(&node).expect("mounts_of"),
+        [(mount_point.to_path_buf(), false)]
+    );
     expect_kind(
         "deactivating a mounted device",
         pool.deactivate(a),
@@ -91,6 +95,7 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
     pool.snapshot(a, b).expect("snapshot of a mounted origin");
     fs.unmount(mount_point).expect("unmount");
     assert!(!fs.is_mounted(mount_point).expect("is_mounted"));
+    assert!(fs.mounts_of(&node).expect("mounts_of").is_empty());
     assert!(
         pool.mapped(a).expect("mapped").bytes() > 0,
         "mkfs maps blocks"

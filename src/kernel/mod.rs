@@ -112,6 +112,8 @@ pub trait FsKernel {
     fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<()>;
     /// Whether something is mounted at `target`.
     fn is_mounted(&self, target: &Path) -> Result<bool>;
+    /// Where the block device at `device` is mounted: each target, and whether read-only.
+    fn mounts_of(&self, device: &Path) -> Result<Vec<(PathBuf, bool)>>;
 }
 
 /// Used and total bytes of one of the pool's areas.

@@ -13,6 +13,8 @@ pub struct Mount {
     pub device: Device,
     /// Where it is mounted.
     pub target: PathBuf,
+    /// Whether it is mounted read-only.
+    pub read_only: bool,
 }
 
 /// Every mount this process can see.
@@ -27,6 +29,14 @@ pub fn is_mounted(target: &Path) -> Result<bool> {
     Ok(table()?.iter().any(|mount| mount.target == target))
 }
 
+/// Where the block device `device` is mounted, and whether read-only.
+pub fn of_device(device: Device) -> Result<Vec<Mount>> {
+    Ok(table()?
+        .into_iter()
+        .filter(|mount| mount.device == device)
+        .collect())
+}
+
 /// mountinfo lines: `id parent major:minor root target options ...`.
 fn parse(text: &str) -> Vec<Mount> {
     text.lines()
@@ -34,12 +44,14 @@ fn parse(text: &str) -> Vec<Mount> {
             let mut fields = line.split(' ');
             let (major, minor) = fields.nth(2)?.split_once(':')?;
             let target = fields.nth(1)?;
+            let options = fields.next()?;
             Some(Mount {
                 device: Device {
                     major: major.parse().ok()?,
                     minor: minor.parse().ok()?,
                 },
                 target: PathBuf::from(unescape(target)),
+                read_only: options.split(',').any(|o| o == "ro"),
             })
         })
         .collect()
@@ -84,6 +96,9 @@ mod tests {
             }
         );
         assert_eq!(mounts[1].target, Path::new("/mnt/a b"));
+        assert!(!mounts[1].read_only);
+        let ro = parse("98 29 253:3 / /m ro,relatime - ext4 /dev/dm-3 ro\n");
+        assert!(ro[0].read_only);
     }
 
     #[test]

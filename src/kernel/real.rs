@@ -266,6 +266,14 @@ impl FsKernel for RealFs {
     fn is_mounted(&self, target: &Path) -> Result<bool> {
         crate::kernel::mounts::is_mounted(target)
     }
+
+    fn mounts_of(&self, device: &Path) -> Result<Vec<(PathBuf, bool)>> {
+        let number = blockdev::block_device(device)?;
+        Ok(crate::kernel::mounts::of_device(number)?
+            .into_iter()
+            .map(|mount| (mount.target, mount.read_only))
+            .collect())
+    }
 }
 
 #[cfg(test)]

@@ -60,7 +60,8 @@ struct SimState {
     thins: BTreeMap<ThinId, SimThin>,
     active: BTreeMap<ThinId, SimActive>,
     /// Mount point -> thin id.
-    mounts: BTreeMap<PathBuf, ThinId>,
+    /// Mount point -> (device, read-only).
+    mounts: BTreeMap<PathBuf, (ThinId, bool)>,
     /// Devices held open by someone outside thinstack.
     held: BTreeSet<ThinId>,
     data_total: u64,
@@ -306,7 +307,7 @@ impl PoolKernel for Sim {
                 "thin device {id}: no such device"
             )));
         }
-        if state.held.contains(&id) || state.mounts.values().any(|m| *m == id) {
+        if state.held.contains(&id) || state.mounts.values().any(|(m, _)| *m == id) {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!("thin device {id}: device is busy"),
@@ -403,7 +404,7 @@ impl FsKernel for Sim {
                 format!("{} is a mount point already", target.display()),
             ));
         }
-        state.mounts.insert(target.to_path_buf(), id);
+        state.mounts.insert(target.to_path_buf(), (id, read_only));
         Ok(())
     }
 
@@ -429,6 +430,17 @@ impl FsKernel for Sim {
 
     fn is_mounted(&self, target: &Path) -> Result<bool> {
         Ok(self.state().mounts.contains_key(target))
+    }
+
+    fn mounts_of(&self, device: &Path) -> Result<Vec<(PathBuf, bool)>> {
+        let id = Sim::id_of_node(device)?;
+        Ok(self
+            .state()
+            .mounts
+            .iter()
+            .filter(|(_, (mounted, _))| *mounted == id)
+            .map(|(target, (_, read_only))| (target.clone(), *read_only))
+            .collect())
     }
 }
 

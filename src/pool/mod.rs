@@ -19,8 +19,8 @@ pub mod record;
 use std::path::{Path, PathBuf};
 
 use devicemapper::{
-    Device, DmName, DmNameBuf, ThinPoolNoSpacePolicy, ThinPoolStatus, ThinPoolStatusSummary,
-    ThinStatus,
+    Device, DmFlags, DmName, DmNameBuf, ThinPoolNoSpacePolicy, ThinPoolStatus,
+    ThinPoolStatusSummary, ThinStatus,
 };
 use serde::Serialize;
 
@@ -30,7 +30,7 @@ use crate::kernel::blockdev;
 use crate::kernel::dm::{self, Dm, Udev};
 use crate::kernel::thin_tools;
 pub use crate::kernel::{Health, Space};
-use crate::names::{PoolName, ThinId};
+use crate::names::{parse_thin_dm_name, PoolName, ThinId};
 use crate::units::{ByteSize, DataBlocks, MetaBlocks, Sectors};
 
 pub use loop_files::{loop_files, LoopBacking};
@@ -142,9 +142,43 @@ impl Pool {
             Backend::Devices => devices::open(config, dm, record)?,
             Backend::Existing => devices::adopt(config, dm, record)?,
         };
+        pool.settle_devices(dm)?;
         pool.ensure_usable(dm)?;
         pool.apply_when_full(dm, config.when_full())?;
         Ok(pool)
+    }
+
+    /// A kill between the ioctls of one step leaves devices half done: the pool or a thin
+    /// device suspended (inside a reload, a snapshot of an active origin, a resize), where every
+    /// I/O on it waits; or a thin device created without its table yet, which has no node and
+    /// serves nothing. The suspended are resumed (with the table the step loaded, which its
+    /// record already holds), the tableless removed.
+    fn settle_devices(&self, dm: &Dm) -> Result<()> {
+        if dm
+            .info(&self.dm_name)?
+            .flags()
+            .contains(DmFlags::DM_SUSPEND)
+        {
+            tracing::warn!(pool = %self.name, "resuming the pool device, which a crash left suspended");
+            dm.resume(&self.dm_name, Udev::Wait)?;
+        }
+        for name in dm.list_with_prefix(&self.name.dm_prefix())? {
+            if parse_thin_dm_name(&self.name, &name).is_none() {
+                continue;
+            }
+            let Some(info) = dm.try_info(&name)? else {
+                continue;
+            };
+            let flags = info.flags();
+            if !flags.contains(DmFlags::DM_ACTIVE_PRESENT) {
+                tracing::warn!(device = %name.to_string(), "removing a thin device a crash left without a table");
+                dm.remove_device(&name, dm.layer_udev())?;
+            } else if flags.contains(DmFlags::DM_SUSPEND) {
+                tracing::warn!(device = %name.to_string(), "resuming a thin device a crash left suspended");
+                dm.resume(&name, dm.layer_udev())?;
+            }
+        }
+        Ok(())
     }
 
     /// Give the pool the no-space policy `wanted` unless it has it: a reload of an owned
