@@ -41,6 +41,49 @@ fn write_until_error(path: &Path, limit: usize) -> (std::io::Error, Duration, us
     }
 }
 
+/// A committed base layer with a file, and a child of it, mounted, to fill; the child's mount.
+fn base_and_mounted_child(d: &TestDaemon) -> String {
+    d.json(&["layer", "create", "base"]);
+    let base_mnt = d.cli(&["layer", "mount", "base"]).stdout.trim().to_string();
+    std::fs::write(Path::new(&base_mnt).join("keep"), KEEP).unwrap();
+    assert_eq!(d.cli(&["layer", "unmount", "base"]).code, 0);
+    d.json(&["layer", "commit", "base"]);
+    d.json(&["layer", "create", "fill", "--parent", "base"]);
+    d.cli(&["layer", "mount", "fill"]).stdout.trim().to_string()
+}
+
+/// After the extension: the filled child mounts again and takes a new file, both layers keep
+/// the base's file, and the metadata checks clean. Stops the daemon.
+fn writable_again_with_layers_intact(d: &mut TestDaemon, what: &str) {
+    let unmounted = d.cli(&["layer", "unmount", "fill"]);
+    assert_eq!(unmounted.code, 0, "{what}: {unmounted:?}");
+    let mnt = d.cli(&["layer", "mount", "fill"]).stdout.trim().to_string();
+    assert!(
+        !mnt.is_empty(),
+        "{what}: the filled layer did not mount again"
+    );
+    std::fs::write(Path::new(&mnt).join("after"), "written after the extension").unwrap();
+    std::fs::File::open(Path::new(&mnt).join("after"))
+        .unwrap()
+        .sync_all()
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&mnt).join("keep")).unwrap(),
+        KEEP,
+        "{what}: the child lost its parent's file"
+    );
+    assert_eq!(d.cli(&["layer", "unmount", "fill"]).code, 0);
+    let base_mnt = d.cli(&["layer", "mount", "base"]).stdout.trim().to_string();
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&base_mnt).join("keep")).unwrap(),
+        KEEP
+    );
+    assert_eq!(d.cli(&["layer", "unmount", "base"]).code, 0);
+    let check = d.cli(&["pool", "check"]);
+    assert_eq!(check.code, 0, "{what}: {check:?}");
+    assert_eq!(d.stop(), 0);
+}
+
 fn fill_and_recover(fs: &str, layer_size: &str) {
     let mut d = TestDaemon::start(
         &format!("full-{fs}"),
@@ -53,14 +96,7 @@ fn fill_and_recover(fs: &str, layer_size: &str) {
     let status = d.json(&["pool", "status"]);
     assert_eq!(status["health"]["when_full"], "error", "{status}");
 
-    // A committed base layer with a file, and a child to fill.
-    d.json(&["layer", "create", "base"]);
-    let base_mnt = d.cli(&["layer", "mount", "base"]).stdout.trim().to_string();
-    std::fs::write(Path::new(&base_mnt).join("keep"), KEEP).unwrap();
-    assert_eq!(d.cli(&["layer", "unmount", "base"]).code, 0);
-    d.json(&["layer", "commit", "base"]);
-    d.json(&["layer", "create", "fill", "--parent", "base"]);
-    let mnt = d.cli(&["layer", "mount", "fill"]).stdout.trim().to_string();
+    let mnt = base_and_mounted_child(&d);
     if fs == "xfs" {
         let knob = xfs_enospc_knob(&mnt);
         assert_eq!(
@@ -94,35 +130,7 @@ fn fill_and_recover(fs: &str, layer_size: &str) {
     assert_eq!(d.cli(&["pool", "extend", "--data", "768M"]).code, 0);
     let status = d.json(&["pool", "status"]);
     assert_eq!(status["health"]["out_of_space"], false, "{fs}: {status}");
-    let unmounted = d.cli(&["layer", "unmount", "fill"]);
-    assert_eq!(unmounted.code, 0, "{fs}: {unmounted:?}");
-    let mnt = d.cli(&["layer", "mount", "fill"]).stdout.trim().to_string();
-    assert!(
-        !mnt.is_empty(),
-        "{fs}: the filled layer did not mount again"
-    );
-    std::fs::write(Path::new(&mnt).join("after"), "written after the extension").unwrap();
-    std::fs::File::open(Path::new(&mnt).join("after"))
-        .unwrap()
-        .sync_all()
-        .unwrap();
-    assert_eq!(
-        std::fs::read_to_string(Path::new(&mnt).join("keep")).unwrap(),
-        KEEP,
-        "{fs}: the child lost its parent's file"
-    );
-    assert_eq!(d.cli(&["layer", "unmount", "fill"]).code, 0);
-
-    // Every layer is intact: the base's file, and the metadata checks clean.
-    let base_mnt = d.cli(&["layer", "mount", "base"]).stdout.trim().to_string();
-    assert_eq!(
-        std::fs::read_to_string(Path::new(&base_mnt).join("keep")).unwrap(),
-        KEEP
-    );
-    assert_eq!(d.cli(&["layer", "unmount", "base"]).code, 0);
-    let check = d.cli(&["pool", "check"]);
-    assert_eq!(check.code, 0, "{fs}: {check:?}");
-    assert_eq!(d.stop(), 0);
+    writable_again_with_layers_intact(&mut d, fs);
 }
 
 #[test]
@@ -196,4 +204,81 @@ fn dm_table(d: &TestDaemon) -> String {
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One 4 KiB write at the start of every 64 KiB pool block, so each write maps a block of its
+/// own: the most metadata per byte a writer can use. Syncs every 512 writes; stops at the
+/// first failing call and returns its error, how long that call took, and the writes that
+/// went before.
+fn map_blocks_until_error(path: &Path, limit: u64) -> (std::io::Error, Duration, u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path).unwrap();
+    let block = [0x5au8; 4096];
+    for n in 0..limit {
+        let started = Instant::now();
+        let step = file.write_all_at(&block, n * 65536).and_then(|()| {
+            if n % 512 == 511 {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = step {
+            return (e, started.elapsed(), n);
+        }
+    }
+    panic!("{limit} blocks mapped on a 2M metadata device, and no error");
+}
+
+/// The metadata runs out before the data. Running out fails a pool for good (the kernel
+/// cannot even flag it for a check), so thinstackd's watcher makes the pool read-only at the
+/// kernel's low-water mark: the writer fails promptly with EIO, the pool says read-only (not
+/// failed, no check needed), and growing the metadata makes it writable again with its layers
+/// intact.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn a_pool_out_of_metadata_fails_writers_promptly_and_recovers_after_extend() {
+    require_dm_thin();
+    let mut d = TestDaemon::start(
+        "meta-full",
+        "[pool]\nmin_free_space = \"0%\"\n\
+         [pool.loop]\ndata_size = \"16G\"\nmetadata_size = \"2M\"\nautoextend_threshold = \"100%\"\n\
+         [layers]\nbase_size = \"12G\"\n",
+    );
+    let mnt = base_and_mounted_child(&d);
+
+    let started = Instant::now();
+    let (error, took, mapped) = map_blocks_until_error(&Path::new(&mnt).join("sparse"), 180_000);
+    let errno = error.raw_os_error();
+    eprintln!(
+        "metadata: the writer got {error:?} after {mapped} blocks mapped ({} MiB written) in {:?}; the failing call took {took:?}",
+        (mapped * 4096) >> 20,
+        started.elapsed()
+    );
+    assert!(
+        errno == Some(nix::libc::ENOSPC) || errno == Some(nix::libc::EIO),
+        "the writer got {error} (wanted ENOSPC or EIO)"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "the failing call took {took:?}"
+    );
+
+    let answered = Instant::now();
+    let status = d.json(&["pool", "status"]);
+    assert!(answered.elapsed() < Duration::from_secs(10));
+    eprintln!("metadata: pool status when full: {}", status["health"]);
+    assert_eq!(status["health"]["read_only"], true, "{status}");
+    assert_eq!(status["health"]["needs_check"], false, "{status}");
+    assert_eq!(status["health"]["failed"], false, "{status}");
+    let text = d.cli(&["pool", "status"]).stdout;
+    assert!(text.contains("read-only"), "{text}");
+
+    let extended = d.cli(&["pool", "extend", "--metadata", "16M"]);
+    assert_eq!(extended.code, 0, "{extended:?}");
+    let status = d.json(&["pool", "status"]);
+    eprintln!("metadata: pool status after extend: {}", status["health"]);
+    assert_eq!(status["health"]["read_only"], false, "{status}");
+    assert_eq!(status["health"]["needs_check"], false, "{status}");
+    writable_again_with_layers_intact(&mut d, "metadata");
 }

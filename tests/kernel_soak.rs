@@ -15,11 +15,11 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::daemon::{Run, TestDaemon};
+use common::daemon::TestDaemon;
 use common::{open_engine_with, require_dm_thin, teardown_and_check};
 use serde_json::{json, Value};
 use thinstack::client::{Client, ClientError};
@@ -82,11 +82,18 @@ fn cut(e: &ClientError) -> bool {
 }
 
 /// One client's operations until the daemon dies. Returns false when cut.
-fn client_round(socket: PathBuf, client: usize, seed: u64, model: Model, tally: Arc<Mutex<Tally>>) {
+fn client_round(
+    socket: PathBuf,
+    client: usize,
+    seed: u64,
+    model: Model,
+    tally: Arc<Mutex<Tally>>,
+    stop: Arc<AtomicBool>,
+) {
     let mut rng = Rng(seed | 1);
     let mut api = Client::new(&socket);
     let prefix = format!("c{client}-");
-    loop {
+    while !stop.load(Ordering::SeqCst) {
         let (own, committed): (Vec<String>, Vec<String>) = {
             let model = model.lock().unwrap();
             let own: Vec<String> = model
@@ -269,34 +276,13 @@ fn activation(api: &mut Client, tally: &Mutex<Tally>, name: &str, on: bool) -> S
     Ok(())
 }
 
-/// `thin_ls` on the pool's metadata, through a metadata snapshot: the pool's thin ids.
+/// `thin_ls` on the pool's metadata: the pool's thin ids.
 fn thin_ls_ids(d: &TestDaemon) -> BTreeSet<u64> {
     let pool = format!("thinstack-1-{}-pool", d.pool.config.pool.name);
     let metadata = loopdev::find_attached(&d.pool.metadata_file())
         .unwrap()
         .expect("metadata loop device");
-    let message = |text: &str| {
-        let run = Run::from(
-            Command::new("dmsetup")
-                .args(["message", &pool, "0", text])
-                .output()
-                .unwrap(),
-        );
-        assert_eq!(run.code, 0, "dmsetup message {text}: {run:?}");
-    };
-    message("reserve_metadata_snap");
-    let out = Command::new("thin_ls")
-        .args(["--metadata-snap", "--no-headers", "-o", "DEV"])
-        .arg(&metadata)
-        .output()
-        .unwrap();
-    message("release_metadata_snap");
-    let run = Run::from(out);
-    assert_eq!(run.code, 0, "thin_ls: {run:?}");
-    run.stdout
-        .split_whitespace()
-        .map(|id| id.parse().unwrap())
-        .collect()
+    common::thin_ls_ids(&pool, &metadata)
 }
 
 /// Every check made after a restart; settles the uncertain layers from what is there.
@@ -358,7 +344,13 @@ fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) {
     assert_eq!(loops.len(), 2, "round {round}: {loops:?}");
     // Nothing left over at all.
     let doctor = d.json(&["pool", "doctor"]);
-    assert_eq!(doctor["findings"], json!([]), "round {round}: {doctor}");
+    let ours: Vec<&Value> = doctor["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["status"] != "not_ours")
+        .collect();
+    assert!(ours.is_empty(), "round {round}: {doctor}");
     // Nothing a client was told is lost or back.
     let mut model = model.lock().unwrap();
     model.retain(|name, known| {
@@ -441,19 +433,23 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
     let mut rng = Rng(seed);
     let started = Instant::now();
     for round in 0..rounds {
+        let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
                 let (socket, model, tally) = (d.socket.clone(), model.clone(), tally.clone());
-                let seed = rng.next();
-                std::thread::spawn(move || client_round(socket, client, seed, model, tally))
+                let (seed, stop) = (rng.next(), stop.clone());
+                std::thread::spawn(move || client_round(socket, client, seed, model, tally, stop))
             })
             .collect();
         std::thread::sleep(Duration::from_millis(300 + rng.below(2700)));
+        stop.store(true, Ordering::SeqCst);
         d.kill9();
+        // Restarted before the clients are joined: a kill inside a snapshot leaves the origin
+        // suspended, and a client writing into it waits until the next start resumes it.
+        d.spawn();
         for client in clients {
             client.join().unwrap();
         }
-        d.spawn();
         check_after_restart(&d, &model, round);
     }
     let (layers, bytes) = verify_contents(&d, &model);

@@ -90,6 +90,22 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
         // Other pools are sized by whoever made them (or by hand, `thinstack pool extend`).
         Backing::Devices(_) | Backing::Existing => {}
     }
+    guard_metadata(daemon, &usage);
+}
+
+/// After any growth: a pool whose metadata is still nearly full is made read-only.
+fn guard_metadata(daemon: &Daemon, usage: &PoolUsage) {
+    match daemon.guard_metadata() {
+        Ok(Some(true)) => tracing::error!(
+            metadata = %usage.metadata.describe(),
+            "the pool's metadata is nearly full, so the pool is now read-only (running out would fail it for good); writes that need new blocks fail until `thinstack pool extend --metadata SIZE`"
+        ),
+        Ok(Some(false)) => {
+            tracing::warn!("the pool's metadata has room again: the pool is writable")
+        }
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "could not guard the pool's metadata"),
+    }
 }
 
 fn warn_on_crossing(area: &str, space: &Space, level: &mut usize) {

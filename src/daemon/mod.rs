@@ -73,8 +73,30 @@ impl Daemon {
                 "say how large the pool should become: data, metadata, or both",
             ));
         }
-        self.engine
-            .exclusive_pool(|kernel| kernel.pool().extend(kernel.dm(), data, metadata))
+        let sizes = self
+            .engine
+            .exclusive_pool(|kernel| kernel.pool().extend(kernel.dm(), data, metadata))?;
+        // Grown metadata lifts the guard at once, not at the watcher's next round.
+        if self.guard_metadata()? == Some(false) {
+            tracing::warn!("the pool's metadata has room again: the pool is writable");
+        }
+        Ok(sizes)
+    }
+
+    /// Keep the metadata from running out, which fails a pool for good (the kernel cannot
+    /// even record that it needs a check): while it is nearly full, the pool is made
+    /// read-only, and writable again once there is room. "Nearly full" is the kernel's own
+    /// low-water mark for metadata: less than 4 MiB or a quarter of it free. Returns
+    /// `Some(true)` when the pool was made read-only now, `Some(false)` when made writable,
+    /// `None` when nothing changed (or the pool's table is not thinstack's).
+    pub fn guard_metadata(&self) -> Result<Option<bool>> {
+        self.engine.exclusive_pool(|kernel| {
+            let metadata = kernel.usage()?.metadata;
+            let low_water = (metadata.total.bytes() / 4).min(4 << 20);
+            let nearly_full = metadata.available.bytes() < low_water;
+            let changed = kernel.pool().set_read_only(kernel.dm(), nearly_full)?;
+            Ok(changed.then_some(nearly_full))
+        })
     }
 
     /// Add a disk to a direct-LVM pool's volume group (after the safety checks).

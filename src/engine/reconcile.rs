@@ -10,7 +10,7 @@ use super::{Engine, Removal};
 use crate::error::{ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::{LayerName, ThinId};
-use crate::records::{LayerState, MountRecord, PoolOp};
+use crate::records::{LayerRecord, LayerState, MountRecord, PoolOp};
 
 /// What reconciling found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
@@ -229,6 +229,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
+    /// Records of the layers that are ready and whose thin device is in the pool.
+    fn usable_records(&self) -> Vec<LayerRecord> {
+        self.index()
+            .layers
+            .values()
+            .filter(|l| l.state == LayerState::Ready && !l.missing)
+            .cloned()
+            .collect()
+    }
+
     /// Empty mount points of layers that are gone (left by a crash, or an older thinstack).
     fn remove_stale_mount_points(&self, report: &mut ReconcileReport) -> Result<()> {
         for point in self.stale_mount_points()? {
@@ -242,13 +252,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// its record saying so. The kernel is right about those (the device and the mount are
     /// there), so the record learns them, and a later deactivate or remove sees them.
     fn adopt_active_and_mounted(&self, report: &mut ReconcileReport) -> Result<()> {
-        let ready: Vec<_> = self
-            .index()
-            .layers
-            .values()
-            .filter(|l| l.state == LayerState::Ready && !l.missing)
-            .cloned()
-            .collect();
+        let ready = self.usable_records();
         for mut record in ready {
             let Some(node) = self.kernel.active_node(record.thin_id)? else {
                 continue;
@@ -301,13 +305,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Activate layers that should be active, and make every active layer's device read-only
     /// exactly when the layer is committed (a crash inside commit can leave them apart).
     fn reactivate(&self, report: &mut ReconcileReport) -> Result<()> {
-        let ready: Vec<_> = self
-            .index()
-            .layers
-            .values()
-            .filter(|l| l.state == LayerState::Ready && !l.missing)
-            .cloned()
-            .collect();
+        let ready = self.usable_records();
         for record in ready {
             match self.kernel.active_read_only(record.thin_id)? {
                 None if record.active => {

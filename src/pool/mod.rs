@@ -39,6 +39,9 @@ pub use loop_files::{loop_files, LoopBacking};
 /// tenth of a small pool so the event that drives extension fires before the pool is full.
 const LOW_WATER_BLOCKS: u64 = 32768;
 
+/// The thin-pool feature that makes the pool read-only.
+const READ_ONLY: &str = "read_only";
+
 /// What the pool sits on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "backend", rename_all = "lowercase")]
@@ -560,30 +563,100 @@ impl Pool {
         Ok(sizes)
     }
 
-    /// Reload an owned pool's table over the same devices with a new data length (in blocks),
-    /// or suspend and resume it so the kernel takes up a grown metadata device.
+    /// Reload an owned pool's table over the same devices, with a new data length (in blocks)
+    /// when the data grew, so the kernel takes up the grown devices at the resume. The reload
+    /// also lifts thinstack's read-only guard ([`Pool::set_read_only`]): the kernel cannot
+    /// grow the metadata of a read-only pool. The watcher makes it read-only again if the
+    /// growth was not enough.
     fn reload_owned(&self, dm: &Dm, data_blocks: Option<u64>, metadata_grew: bool) -> Result<()> {
-        if let Some(blocks) = data_blocks {
-            let params = pool_params(dm, &self.dm_name)?;
-            let table = owned_table(
-                params.metadata_dev,
-                params.data_dev,
-                blocks,
-                self.block_size,
-                // The policy the pool has now, kept across the resize.
-                if params.feature_args.contains(dm::ERROR_IF_NO_SPACE) {
-                    WhenFull::Error
-                } else {
-                    WhenFull::Queue
-                },
-            );
-            dm.reload(&self.dm_name, &table, Udev::Wait)
-                .map_err(|e| e.context(format!("growing pool {}", self.name)))?;
-        } else if metadata_grew {
-            dm.suspend(&self.dm_name)?;
-            dm.resume(&self.dm_name, Udev::Wait)?;
+        if data_blocks.is_none() && !metadata_grew {
+            return Ok(());
         }
-        Ok(())
+        let params = pool_params(dm, &self.dm_name)?;
+        let (length, low_water) = match data_blocks {
+            Some(blocks) => (
+                Sectors(blocks * *self.block_size),
+                DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1)),
+            ),
+            None => (self.table_length(dm)?, params.low_water_mark),
+        };
+        let features = params
+            .feature_args
+            .iter()
+            .filter(|f| f.as_str() != READ_ONLY)
+            .cloned()
+            .collect();
+        self.reload_pool_table(dm, &params, length, low_water, features)
+            .map_err(|e| e.context(format!("growing pool {}", self.name)))
+    }
+
+    /// The pool device's length.
+    fn table_length(&self, dm: &Dm) -> Result<Sectors> {
+        Ok(Sectors(
+            dm.table(&self.dm_name)?.iter().map(|line| line.1).sum(),
+        ))
+    }
+
+    /// Reload the pool's table over the devices in `params`, with `features`.
+    fn reload_pool_table(
+        &self,
+        dm: &Dm,
+        params: &devicemapper::ThinPoolTargetParams,
+        length: Sectors,
+        low_water: DataBlocks,
+        mut features: Vec<String>,
+    ) -> Result<()> {
+        features.sort();
+        let params = devicemapper::ThinPoolTargetParams::new(
+            params.metadata_dev,
+            params.data_dev,
+            params.data_block_size,
+            low_water,
+            features,
+        );
+        let table = vec![(
+            0,
+            *length,
+            dm::THIN_POOL_TARGET.to_string(),
+            devicemapper::TargetParams::param_str(&params),
+        )];
+        dm.reload(&self.dm_name, &table, Udev::Wait)
+    }
+
+    /// Whether thinstack made the pool read-only (the `read_only` feature in its table), as
+    /// it does when the metadata is nearly full (see [`Pool::set_read_only`]).
+    pub fn is_read_only(&self, dm: &Dm) -> Result<bool> {
+        Ok(pool_params(dm, &self.dm_name)?
+            .feature_args
+            .contains(READ_ONLY))
+    }
+
+    /// Make an owned pool read-only, or writable again, by reloading its table with or without
+    /// the `read_only` feature (everything else kept). A read-only pool serves reads and
+    /// writes to mapped blocks; writes that need a new block fail with EIO at once, and its
+    /// metadata is not touched. Returns whether anything changed; an LVM or adopted pool's
+    /// table is not thinstack's, so it is left as it is.
+    pub fn set_read_only(&self, dm: &Dm, read_only: bool) -> Result<bool> {
+        if matches!(self.backing, Backing::Lvm(_) | Backing::Existing) {
+            return Ok(false);
+        }
+        let params = pool_params(dm, &self.dm_name)?;
+        if params.feature_args.contains(READ_ONLY) == read_only {
+            return Ok(false);
+        }
+        let mut features: Vec<String> = params
+            .feature_args
+            .iter()
+            .filter(|f| f.as_str() != READ_ONLY)
+            .cloned()
+            .collect();
+        if read_only {
+            features.push(READ_ONLY.to_string());
+        }
+        let length = self.table_length(dm)?;
+        self.reload_pool_table(dm, &params, length, params.low_water_mark, features)
+            .map_err(|e| e.context(format!("making pool {} read-only={read_only}", self.name)))?;
+        Ok(true)
     }
 
     /// Check the metadata through a metadata snapshot while the pool is active (`thin_check

@@ -146,6 +146,33 @@ pub fn thin_check(metadata: &Path) {
     }
 }
 
+/// The thin ids `thin_ls` reads from the metadata of the live pool `pool_dm` (a dm name),
+/// through a metadata snapshot: what the pool holds, told by the kernel's own tools.
+pub fn thin_ls_ids(pool_dm: &str, metadata: &Path) -> std::collections::BTreeSet<u64> {
+    let message = |text: &str| {
+        let out = Command::new("dmsetup")
+            .args(["message", pool_dm, "0", text])
+            .output()
+            .expect("dmsetup");
+        assert!(
+            out.status.success(),
+            "dmsetup message {pool_dm} {text}: {out:?}"
+        );
+    };
+    message("reserve_metadata_snap");
+    let out = Command::new("thin_ls")
+        .args(["--metadata-snap", "--no-headers", "-o", "DEV"])
+        .arg(metadata)
+        .output()
+        .expect("thin_ls");
+    message("release_metadata_snap");
+    assert!(out.status.success(), "thin_ls: {out:?}");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|id| id.parse().expect("thin_ls prints ids"))
+        .collect()
+}
+
 /// Mount points at or below `dir`, in mount order.
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_to_string("/proc/self/mountinfo")
