@@ -232,7 +232,10 @@ impl From<&Error> for ErrorBody {
 pub fn status_of(kind: ErrorKind) -> u16 {
     match kind {
         ErrorKind::NotFound => 404,
-        ErrorKind::AlreadyExists | ErrorKind::Busy => 409,
+        // Unsupported: the request cannot be served by this pool as it is set up (a disk for
+        // a pool that is not lvm), which is the client's to change, not a server failure.
+        ErrorKind::AlreadyExists | ErrorKind::Busy | ErrorKind::Unsupported => 409,
+        ErrorKind::Permission => 403,
         ErrorKind::NoSpace => 507,
         ErrorKind::Invalid => 400,
         _ => 500,

@@ -141,9 +141,16 @@ pub const LAYER_NAME_MAX: usize = 128;
 ///
 /// The rule keeps names safe as file names (no `/`, no NUL, never `.` or `..`), which is why
 /// record files may be named after layers. Device-mapper names never use them.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct LayerName(String);
+
+/// Quoted like a string, as error messages show it (`layer "base" is committed`).
+impl fmt::Debug for LayerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
 
 impl LayerName {
     /// Validate `name`.

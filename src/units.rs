@@ -172,6 +172,18 @@ impl serde::de::Visitor<'_> for SizeVisitor {
             .map(ByteSize)
             .map_err(|_| E::custom(format!("{bytes} is negative; sizes are zero or more")))
     }
+
+    /// JSON has one number type: `141.0` is the whole number 141 (JSON Schema agrees).
+    fn visit_f64<E: serde::de::Error>(self, bytes: f64) -> Result<ByteSize, E> {
+        // 2^64 is the first f64 past u64::MAX.
+        if bytes >= 0.0 && bytes.fract() == 0.0 && bytes < 18_446_744_073_709_551_616.0 {
+            Ok(ByteSize(bytes as u64))
+        } else {
+            Err(E::custom(format!(
+                "{bytes} is not a whole number of bytes from 0 to 2^64-1"
+            )))
+        }
+    }
 }
 
 /// A whole percentage from 0 to 100, written `10%` (a bare `10` is accepted too).
@@ -261,6 +273,21 @@ impl serde::de::Visitor<'_> for PercentVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn whole_json_numbers_are_sizes_and_others_are_refused() {
+        let size: ByteSize = serde_json::from_str("141.0").unwrap();
+        assert_eq!(size, ByteSize(141));
+        for bad in ["1.5", "-1.0", "1e20", "-3"] {
+            let err = serde_json::from_str::<ByteSize>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("whole number") || err.contains("negative"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn sizes_parse_with_binary_suffixes() {

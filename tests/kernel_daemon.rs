@@ -201,6 +201,18 @@ fn kernel_daemon_every_command_with_exit_codes_and_json() {
         };
     expect_api_error(client.get("/v1/nothing"), 404, "not_found");
     expect_api_error(client.call("PUT", "/v1/layers/x", None), 405, "invalid");
+    {
+        // A 405 names the methods the resource takes (RFC 9110).
+        use std::io::{Read, Write};
+        let mut raw = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+        raw.write_all(b"PUT /v1/layers/x HTTP/1.1\r\nHost: thinstack\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        raw.read_to_string(&mut answer).unwrap();
+        let head = answer.to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 405"), "{answer}");
+        assert!(head.contains("\r\nallow: get, delete\r\n"), "{answer}");
+    }
     expect_api_error(
         client.call("POST", "/v1/layers", Some(b"{\"name\": 5}".to_vec())),
         400,

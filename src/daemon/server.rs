@@ -93,6 +93,14 @@ async fn handle(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    if status == 405 {
+        // RFC 9110: a 405 names the methods the resource takes.
+        if let Resolved::WrongMethod(methods) = routes::resolve(&method, &path) {
+            if let Ok(allow) = hyper::header::HeaderValue::from_str(&methods.join(", ")) {
+                response.headers_mut().insert(hyper::header::ALLOW, allow);
+            }
+        }
+    }
     Ok(response)
 }
 
