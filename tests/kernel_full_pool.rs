@@ -237,13 +237,30 @@ fn map_blocks_until_error(path: &Path, limit: u64) -> (std::io::Error, Duration,
 /// intact.
 #[test]
 #[ignore = "needs root and dm-thin: run with scripts/vm-test"]
-fn a_pool_out_of_metadata_fails_writers_promptly_and_recovers_after_extend() {
+fn a_pool_out_of_metadata_fails_ext4_writers_promptly_and_recovers_after_extend() {
     require_dm_thin();
+    metadata_full_and_recover("ext4");
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn a_pool_out_of_metadata_fails_xfs_writers_promptly_and_recovers_after_extend() {
+    require_dm_thin();
+    metadata_full_and_recover("xfs");
+}
+
+/// One metadata test at a time: each puts about 300 MiB into the VM's tmpfs.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn metadata_full_and_recover(fs: &str) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut d = TestDaemon::start(
-        "meta-full",
-        "[pool]\nmin_free_space = \"0%\"\n\
-         [pool.loop]\ndata_size = \"16G\"\nmetadata_size = \"2M\"\nautoextend_threshold = \"100%\"\n\
-         [layers]\nbase_size = \"12G\"\n",
+        &format!("meta-full-{fs}"),
+        &format!(
+            "[pool]\nmin_free_space = \"0%\"\n\
+             [pool.loop]\ndata_size = \"16G\"\nmetadata_size = \"2M\"\nautoextend_threshold = \"100%\"\n\
+             [layers]\nfilesystem = \"{fs}\"\nbase_size = \"12G\"\n"
+        ),
     );
     let mnt = base_and_mounted_child(&d);
 
@@ -251,7 +268,7 @@ fn a_pool_out_of_metadata_fails_writers_promptly_and_recovers_after_extend() {
     let (error, took, mapped) = map_blocks_until_error(&Path::new(&mnt).join("sparse"), 180_000);
     let errno = error.raw_os_error();
     eprintln!(
-        "metadata: the writer got {error:?} after {mapped} blocks mapped ({} MiB written) in {:?}; the failing call took {took:?}",
+        "metadata, {fs}: the writer got {error:?} after {mapped} blocks mapped ({} MiB written) in {:?}; the failing call took {took:?}",
         (mapped * 4096) >> 20,
         started.elapsed()
     );
@@ -267,7 +284,10 @@ fn a_pool_out_of_metadata_fails_writers_promptly_and_recovers_after_extend() {
     let answered = Instant::now();
     let status = d.json(&["pool", "status"]);
     assert!(answered.elapsed() < Duration::from_secs(10));
-    eprintln!("metadata: pool status when full: {}", status["health"]);
+    eprintln!(
+        "metadata, {fs}: pool status when full: {}",
+        status["health"]
+    );
     assert_eq!(status["health"]["read_only"], true, "{status}");
     assert_eq!(status["health"]["needs_check"], false, "{status}");
     assert_eq!(status["health"]["failed"], false, "{status}");
@@ -277,8 +297,11 @@ fn a_pool_out_of_metadata_fails_writers_promptly_and_recovers_after_extend() {
     let extended = d.cli(&["pool", "extend", "--metadata", "16M"]);
     assert_eq!(extended.code, 0, "{extended:?}");
     let status = d.json(&["pool", "status"]);
-    eprintln!("metadata: pool status after extend: {}", status["health"]);
+    eprintln!(
+        "metadata, {fs}: pool status after extend: {}",
+        status["health"]
+    );
     assert_eq!(status["health"]["read_only"], false, "{status}");
     assert_eq!(status["health"]["needs_check"], false, "{status}");
-    writable_again_with_layers_intact(&mut d, "metadata");
+    writable_again_with_layers_intact(&mut d, fs);
 }
