@@ -376,6 +376,51 @@ fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) {
     });
 }
 
+/// Turns a hang into a failure that says where things stood: when no round step is reached
+/// for `limit`, prints the processes (state, kernel wait channel, kernel stack of those in D
+/// state and of thinstackd), the dm devices and thinstackd's log, and exits the test process.
+fn watchdog(step: Arc<Mutex<(Instant, String)>>, log: PathBuf, limit: Duration) {
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(5));
+        let (since, what) = step.lock().unwrap().clone();
+        if since.elapsed() < limit {
+            continue;
+        }
+        eprintln!("soak: STUCK for {:?} after: {what}", since.elapsed());
+        let show = |program: &str, args: &[&str]| {
+            if let Ok(out) = std::process::Command::new(program).args(args).output() {
+                eprintln!(
+                    "--- {program} {args:?}\n{}",
+                    String::from_utf8_lossy(&out.stdout)
+                );
+            }
+        };
+        show("ps", &["-eo", "pid,stat,wchan:32,etime,args"]);
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+            let state = stat.rsplit(") ").next().and_then(|r| r.chars().next());
+            if state == Some('D') || comm.starts_with("thinstack") {
+                let stack = std::fs::read_to_string(entry.path().join("stack")).unwrap_or_default();
+                eprintln!(
+                    "--- /proc/{}/stack ({}):\n{stack}",
+                    entry.file_name().to_string_lossy(),
+                    comm.trim()
+                );
+            }
+        }
+        show("dmsetup", &["info", "-c"]);
+        show("dmsetup", &["status"]);
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(60).collect();
+        eprintln!(
+            "--- thinstackd log (last 60 lines, newest first):\n{}",
+            tail.join("\n")
+        );
+        std::process::exit(101);
+    });
+}
+
 /// Read back every file a client wrote: from its mount, or mounted read-only for the check.
 fn verify_contents(d: &TestDaemon, model: &Model) -> (usize, u64) {
     let model = model.lock().unwrap();
@@ -432,7 +477,11 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
     let tally: Arc<Mutex<Tally>> = Arc::default();
     let mut rng = Rng(seed);
     let started = Instant::now();
+    let step = Arc::new(Mutex::new((Instant::now(), "start".to_string())));
+    let mark = |what: String| *step.lock().unwrap() = (Instant::now(), what);
+    watchdog(step.clone(), d.log.clone(), Duration::from_secs(240));
     for round in 0..rounds {
+        mark(format!("round {round}: clients running"));
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
@@ -443,15 +492,24 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
             .collect();
         std::thread::sleep(Duration::from_millis(300 + rng.below(2700)));
         stop.store(true, Ordering::SeqCst);
+        mark(format!("round {round}: killing thinstackd"));
         d.kill9();
+        mark(format!("round {round}: killed; starting thinstackd"));
         // Restarted before the clients are joined: a kill inside a snapshot leaves the origin
         // suspended, and a client writing into it waits until the next start resumes it.
         d.spawn();
+        mark(format!("round {round}: started; joining the clients"));
         for client in clients {
             client.join().unwrap();
         }
+        mark(format!("round {round}: checking"));
         check_after_restart(&d, &model, round);
+        eprintln!(
+            "soak: round {round} done at {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
     }
+    mark("reading back".to_string());
     let (layers, bytes) = verify_contents(&d, &model);
     let kept = model.lock().unwrap().len();
     assert_eq!(d.stop(), 0, "{}", d.log_text());

@@ -223,7 +223,7 @@ pub fn run(config: Config) -> Result<()> {
 async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
     let listener = socket::bind(&socket_path, &daemon.config.daemon.socket_group)?;
     let watcher = background::spawn(daemon.clone());
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    notify_systemd("READY=1");
     tracing::info!(socket = %socket_path.display(), "serving the API");
     let stop = async {
         tokio::select! {
@@ -232,10 +232,37 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
         }
     };
     server::serve(daemon.clone(), listener, stop).await;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    notify_systemd("STOPPING=1");
     watcher.stop().await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// Tell the service manager (`NOTIFY_SOCKET`, as systemd's `Type=notify` sets it) how the
+/// daemon stands. The send never blocks: a socket nobody drains (its queue full) would
+/// otherwise hold start-up forever, as a test harness's did after ten restarts. A message
+/// that cannot go is logged and dropped.
+fn notify_systemd(state: &str) {
+    if let Some(target) = std::env::var_os("NOTIFY_SOCKET") {
+        notify_socket(&target.to_string_lossy(), state);
+    }
+}
+
+/// Send `state` to the datagram socket `target` (a path, or `@name` for an abstract one).
+fn notify_socket(target: &str, state: &str) {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let address = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(target),
+    };
+    let sent = UnixDatagram::unbound().and_then(|socket| {
+        socket.set_nonblocking(true)?;
+        socket.send_to_addr(state.as_bytes(), &address?)
+    });
+    if let Err(e) = sent {
+        tracing::warn!(socket = %target, state, error = %e, "could not notify the service manager");
+    }
 }
 
 /// Resolves at the first SIGTERM or SIGINT.

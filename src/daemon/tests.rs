@@ -101,3 +101,19 @@ fn space_warnings_are_logged_once_per_crossing() {
     assert_eq!(level_after(95, 1), 2);
     assert_eq!(level_after(70, 2), 0, "falling back re-arms the warnings");
 }
+
+#[test]
+fn notifying_a_socket_nobody_reads_never_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("notify.sock");
+    let receiver = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let started = std::time::Instant::now();
+    // Far more than the socket's queue holds (net.unix.max_dgram_qlen, 10 by default).
+    for _ in 0..100 {
+        super::notify_socket(path.to_str().unwrap(), "READY=1");
+    }
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    let mut buffer = [0u8; 64];
+    let n = receiver.recv(&mut buffer).unwrap();
+    assert_eq!(&buffer[..n], b"READY=1");
+}
