@@ -202,11 +202,11 @@ impl Pool {
             Backing::Lvm(backing) => lvm::set_when_full(backing, wanted)?,
             Backing::Loop(_) | Backing::Devices(_) => {
                 let params = pool_params(dm, &self.dm_name)?;
-                let length: u64 = dm.table(&self.dm_name)?.iter().map(|line| line.1).sum();
+                let length = self.table_length(dm)?;
                 let table = owned_table(
                     params.metadata_dev,
                     params.data_dev,
-                    length / *self.block_size,
+                    *length / *self.block_size,
                     self.block_size,
                     wanted,
                 );
@@ -580,12 +580,7 @@ impl Pool {
             ),
             None => (self.table_length(dm)?, params.low_water_mark),
         };
-        let features = params
-            .feature_args
-            .iter()
-            .filter(|f| f.as_str() != READ_ONLY)
-            .cloned()
-            .collect();
+        let features = features_without_read_only(&params);
         self.reload_pool_table(dm, &params, length, low_water, features)
             .map_err(|e| e.context(format!("growing pool {}", self.name)))
     }
@@ -644,12 +639,7 @@ impl Pool {
         if params.feature_args.contains(READ_ONLY) == read_only {
             return Ok(false);
         }
-        let mut features: Vec<String> = params
-            .feature_args
-            .iter()
-            .filter(|f| f.as_str() != READ_ONLY)
-            .cloned()
-            .collect();
+        let mut features = features_without_read_only(&params);
         if read_only {
             features.push(READ_ONLY.to_string());
         }
@@ -794,6 +784,16 @@ fn owned_table(
         DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1)),
         when_full == WhenFull::Error,
     )
+}
+
+/// A pool table's feature arguments, without thinstack's read-only guard.
+fn features_without_read_only(params: &devicemapper::ThinPoolTargetParams) -> Vec<String> {
+    params
+        .feature_args
+        .iter()
+        .filter(|f| f.as_str() != READ_ONLY)
+        .cloned()
+        .collect()
 }
 
 /// The kernel's no-space policy as the config names it.
