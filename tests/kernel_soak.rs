@@ -237,10 +237,13 @@ fn commit(api: &mut Client, model: &Model, tally: &Mutex<Tally>, name: &str) -> 
 /// its removal is not deferred.
 fn unmount_all(api: &mut Client, name: &str) -> Step {
     let layer: Value = api.get(&format!("/v1/layers/{name}")).map_err(|_| ())?;
-    for target in layer["mounts"].as_object().unwrap().keys() {
+    // A mount has as many users as mounts two cut writes left: each needs its unmount.
+    for (target, mount) in layer["mounts"].as_object().unwrap() {
         let request = json!({ "target": target });
-        api.post::<Value>(&format!("/v1/layers/{name}/unmount"), &request)
-            .map_err(|_| ())?;
+        for _ in 0..mount["refs"].as_u64().unwrap_or(1) {
+            api.post::<Value>(&format!("/v1/layers/{name}/unmount"), &request)
+                .map_err(|_| ())?;
+        }
     }
     Ok(())
 }
