@@ -179,6 +179,36 @@ pub struct LayerRecord {
     /// The pool has no thin device for this record (found at reconcile).
     #[serde(default)]
     pub missing: bool,
+    /// The containerd snapshot this layer is, when containerd made it (`[containerd]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRecord>,
+}
+
+/// What kind of containerd snapshot a layer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// Writable, from Prepare; becomes committed by Commit.
+    Active,
+    /// Read-only, from View.
+    View,
+    /// Read-only for good, a parent for others.
+    Committed,
+}
+
+/// A containerd snapshot's identity: its key in its namespace's key space. The key is any
+/// string; it never becomes a device or file name (the layer's name is thinstack's own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The containerd namespace (the `containerd-namespace` gRPC header).
+    pub namespace: String,
+    /// The snapshot's key (active and view snapshots) or name (committed ones).
+    pub key: String,
+    /// Active, view or committed.
+    pub kind: SnapshotKind,
+    /// When containerd last changed it (created, committed, labels updated); nanoseconds
+    /// since the Unix epoch.
+    pub updated_ns: u64,
 }
 
 /// A pool message about to be sent, recorded first so a crash can be reconciled.
@@ -450,6 +480,7 @@ mod tests {
             mounts: BTreeMap::new(),
             deferred: false,
             missing: false,
+            snapshot: None,
         };
         store.put_layer(&record).unwrap();
         fs::write(dir.path().join("layers/stray.json.tmp"), b"x").unwrap();

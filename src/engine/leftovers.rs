@@ -111,6 +111,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let Ok(record) = self.record(&name) else {
             return Ok(false);
         };
+        // containerd mounts its snapshots itself.
+        if record.snapshot.is_some() {
+            return Ok(false);
+        }
         if record.mounts.contains_key(target) || !self.fs.is_mounted(target)? {
             return Ok(false);
         }

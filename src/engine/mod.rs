@@ -16,6 +16,7 @@
 mod leftovers;
 mod locks;
 mod reconcile;
+mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -32,11 +33,12 @@ use crate::kernel::{FsKernel, Health, PoolDetails, PoolKernel, PoolUsage, Space}
 use crate::names::{LayerName, ThinId, THIN_ID_MAX};
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
-    StateLock, TxnRecord, RECORD_FORMAT,
+    SnapshotKind, SnapshotRecord, StateLock, TxnRecord, RECORD_FORMAT,
 };
 use crate::units::{ByteSize, Percent};
 
 pub use leftovers::StalePoint;
+pub use snapshots::{NewSnapshot, SnapshotInfo, SnapshotMount, SnapshotRoot};
 use locks::{LayerGuard, LayerLocks};
 pub use reconcile::ReconcileReport;
 
@@ -139,6 +141,9 @@ pub struct Layer {
     pub missing: bool,
     /// Layers made from this one.
     pub children: Vec<LayerName>,
+    /// The containerd snapshot this layer is, if containerd made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotRecord>,
 }
 
 impl Layer {
@@ -240,6 +245,8 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
     /// Held across each pool message, so messages reach the pool one at a time.
     txn: Mutex<TxnRecord>,
     locks: LayerLocks,
+    /// Held from checking that a containerd key is free until a record owns it.
+    snapshot_claims: Mutex<()>,
 }
 
 /// The records in memory.
@@ -250,6 +257,10 @@ struct Index {
     used_ids: BTreeSet<ThinId>,
     /// Parent -> children, kept with the records so no operation scans every layer.
     children: BTreeMap<LayerName, BTreeSet<LayerName>>,
+    /// containerd's (namespace, key) -> the layer that is that snapshot, for every snapshot
+    /// not being removed (a removed key is free again at once, even while its device waits
+    /// for deferred removal).
+    snapshot_keys: BTreeMap<(String, String), LayerName>,
 }
 
 impl Index {
@@ -261,15 +272,37 @@ impl Index {
     }
 
     fn insert(&mut self, record: LayerRecord) {
+        if let Some(old) = self.layers.get(&record.name).cloned() {
+            self.forget_snapshot_key(&old);
+        }
         self.used_ids.insert(record.thin_id);
         index_child(&mut self.children, &record);
+        if let Some(snapshot) = &record.snapshot {
+            if record.state != LayerState::Removing {
+                self.snapshot_keys.insert(
+                    (snapshot.namespace.clone(), snapshot.key.clone()),
+                    record.name.clone(),
+                );
+            }
+        }
         self.layers.insert(record.name.clone(), record);
+    }
+
+    /// Free the key of snapshot `record`, if it is still this layer's.
+    fn forget_snapshot_key(&mut self, record: &LayerRecord) {
+        if let Some(snapshot) = &record.snapshot {
+            let key = (snapshot.namespace.clone(), snapshot.key.clone());
+            if self.snapshot_keys.get(&key) == Some(&record.name) {
+                self.snapshot_keys.remove(&key);
+            }
+        }
     }
 
     fn remove(&mut self, name: &LayerName) {
         let Some(record) = self.layers.remove(name) else {
             return;
         };
+        self.forget_snapshot_key(&record);
         self.used_ids.remove(&record.thin_id);
         if let Some(parent) = &record.parent {
             if let Some(siblings) = self.children.get_mut(parent) {
@@ -354,6 +387,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             index: Mutex::new(index),
             txn: Mutex::new(txn),
             locks: LayerLocks::default(),
+            snapshot_claims: Mutex::new(()),
         };
         let report = engine.reconcile()?;
         Ok((engine, report))
@@ -441,6 +475,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             deferred_removal: record.deferred,
             missing: record.missing,
             children,
+            snapshot: record.snapshot,
         })
     }
 
@@ -597,6 +632,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// filesystem; a smaller one is refused. Refused with `NoSpace` when free data or metadata
     /// is below `min_free_space`. On failure nothing is left behind.
     pub fn create(&self, request: &CreateLayer) -> Result<Layer> {
+        self.create_with(request, None)
+    }
+
+    /// [`Engine::create`], of a containerd snapshot when `snapshot` says which: its key is
+    /// claimed with the record, a view is read-only, and a new root's filesystem is bare (no
+    /// `lost+found`, root directory mode 0755), as containerd's snapshotters give it.
+    fn create_with(&self, request: &CreateLayer, snapshot: Option<SnapshotRecord>) -> Result<Layer> {
         let (name, _guard) = self.lock_layer(&request.name)?;
         // The parent's lock is held until the snapshot is taken: its device does not change
         // under the snapshot, and it cannot be removed before its child's record exists.
@@ -608,7 +650,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             )));
         }
         let parent_guard = parent_name.as_ref().map(|p| self.locks.lock(p));
-        let plan = self.plan_create(name, request)?;
+        let mut plan = self.plan_create(name, request)?;
+        plan.bare_root = snapshot.is_some();
         self.check_space()?;
         let id = self.allocate_id()?;
         let record = LayerRecord {
@@ -623,16 +666,20 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 .as_ref()
                 .map(|p| p.fs_uuid.clone())
                 .unwrap_or_default(),
-            committed: false,
+            committed: snapshot
+                .as_ref()
+                .is_some_and(|s| s.kind == SnapshotKind::View),
             labels: request.labels.clone(),
-            created_ns: now_ns(),
+            // containerd expects a new snapshot's update time to equal its creation time.
+            created_ns: snapshot.as_ref().map_or_else(now_ns, |s| s.updated_ns),
             state: LayerState::Creating,
             active: false,
             mounts: BTreeMap::new(),
             deferred: false,
             missing: false,
+            snapshot,
         };
-        if let Err(e) = self.put(record.clone()) {
+        if let Err(e) = self.put_claiming(record.clone()) {
             self.index().used_ids.remove(&id);
             return Err(e);
         }
@@ -699,6 +746,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             parent,
             size,
             filesystem,
+            bare_root: false,
         })
     }
 
@@ -749,6 +797,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                     .fs
                     .mkfs(plan.filesystem, &node, &self.settings.mkfs_args)?;
                 crash::point("create.formatted");
+                if plan.bare_root {
+                    self.with_private_mount(id, &node, plan.filesystem, false, |root| {
+                        crate::kernel::fs::make_bare_root(root)
+                    })?;
+                }
                 self.kernel.deactivate(id)?;
                 Ok(fs_uuid)
             }
@@ -767,7 +820,23 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Grow the filesystem on `node` to its device: mounted at a private place for the call
     /// (xfs only grows mounted; online resize2fs needs no fsck first).
     fn grow_filesystem(&self, id: ThinId, node: &Path, filesystem: FsType) -> Result<()> {
-        // Layer names start with a letter or digit, so ".grow-*" never meets a layer's mount.
+        self.with_private_mount(id, node, filesystem, false, |target| {
+            self.fs.grow(filesystem, node, target)
+        })
+    }
+
+    /// Run `f` on thin `id`'s filesystem (on `node`) mounted at a private place (read-only
+    /// when asked), then unmount it. The place, `mnt/.grow-<id>`, is one reconcile and `pool doctor` know
+    /// to clean up after a crash; layer names start with a letter or digit, so it never meets
+    /// a layer's mount point.
+    fn with_private_mount<R>(
+        &self,
+        id: ThinId,
+        node: &Path,
+        filesystem: FsType,
+        read_only: bool,
+        f: impl FnOnce(&Path) -> Result<R>,
+    ) -> Result<R> {
         let target = self
             .settings
             .state_dir
@@ -775,11 +844,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             .join(format!(".grow-{id}"));
         std::fs::create_dir_all(&target)
             .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
-        self.fs.mount(node, &target, filesystem, false, &[])?;
-        let grown = self.fs.grow(filesystem, node, &target);
+        self.fs.mount(node, &target, filesystem, read_only, &[])?;
+        let done = f(&target);
         let unmounted = self.fs.unmount(&target);
         let _ = std::fs::remove_dir(&target);
-        grown.and(unmounted)
+        let done = done?;
+        unmounted.map(|()| done)
     }
 
     /// Take back a create that failed after its record was written.
@@ -1007,7 +1077,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn remove(&self, name: &str) -> Result<Removal> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.record(&name)?;
-        let children = self.children_of(&name);
+        let children = self.live_children(&name);
         if !children.is_empty() {
             return Err(Error::new(
                 ErrorKind::Busy,
@@ -1249,6 +1319,8 @@ struct CreatePlan {
     parent: Option<LayerRecord>,
     size: ByteSize,
     filesystem: FsType,
+    /// A new root without `lost+found`, its root directory mode 0755 (containerd's).
+    bare_root: bool,
 }
 
 fn check_fs_size(filesystem: FsType, size: ByteSize) -> Result<()> {

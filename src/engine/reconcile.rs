@@ -262,7 +262,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 record.active = true;
                 learned.push("active".to_string());
             }
-            for (target, read_only) in self.fs.mounts_of(&node)? {
+            // containerd mounts its snapshots itself; those mounts are not thinstack's.
+            let ours = if record.snapshot.is_some() {
+                Vec::new()
+            } else {
+                self.fs.mounts_of(&node)?
+            };
+            for (target, read_only) in ours {
                 if let std::collections::btree_map::Entry::Vacant(entry) =
                     record.mounts.entry(target)
                 {

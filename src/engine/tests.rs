@@ -730,3 +730,231 @@ fn a_layer_the_kernel_has_active_or_mounted_without_a_record_is_recorded_at_open
     drop(engine);
     assert!(f.open().1.is_clean());
 }
+
+// ----- containerd snapshots ------------------------------------------------------------------
+
+const ROOT: SnapshotRoot = SnapshotRoot {
+    size: ByteSize::gib(1),
+    filesystem: FsType::Ext4,
+};
+
+fn prepare(e: &Engine<Sim, Sim>, ns: &str, key: &str, parent: &str) -> Result<SnapshotMount> {
+    snapshot(e, ns, key, parent, SnapshotKind::Active)
+}
+
+fn snapshot(
+    e: &Engine<Sim, Sim>,
+    ns: &str,
+    key: &str,
+    parent: &str,
+    kind: SnapshotKind,
+) -> Result<SnapshotMount> {
+    let new = NewSnapshot {
+        namespace: ns,
+        key,
+        parent,
+        kind,
+        labels: BTreeMap::from([("l".to_string(), key.to_string())]),
+    };
+    e.snapshot_create(new, ROOT)
+}
+
+fn thin_of(e: &Engine<Sim, Sim>, ns: &str, key: &str) -> ThinId {
+    let name = e.snapshot_layer(ns, key).unwrap();
+    e.record(&name).unwrap().thin_id
+}
+
+#[test]
+fn snapshot_keys_are_any_string_and_each_namespace_is_its_own_key_space() {
+    let f = Fixture::new();
+    let e = f.engine();
+    let key = "/var/lib/containerd/../x y/\u{e9}=1";
+    let mount = prepare(&e, "default", key, "").unwrap();
+    assert!(!mount.read_only);
+    assert!(f.sim.active_node(thin_of(&e, "default", key)).unwrap().is_some());
+    prepare(&e, "other", key, "").unwrap();
+    let err = prepare(&e, "default", key, "").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    let info = e.snapshot_stat("default", key).unwrap();
+    assert_eq!(info.kind, SnapshotKind::Active);
+    assert_eq!(info.created_ns, info.updated_ns);
+    assert_eq!(e.snapshot_list("default").len(), 1);
+    assert_eq!(e.snapshot_list("nowhere").len(), 0);
+    // The layer names are thinstack's own.
+    for layer in e.list(&BTreeMap::new()).unwrap() {
+        assert!(layer.name.as_str().starts_with("ctd-"), "{}", layer.name);
+    }
+    let err = e.snapshot_stat("third", key).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn snapshot_parents_must_be_committed_and_exist() {
+    let f = Fixture::new();
+    let e = f.engine();
+    prepare(&e, "ns", "active", "").unwrap();
+    let err = prepare(&e, "ns", "child", "active").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    let err = prepare(&e, "ns", "child", "absent").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    // Another namespace's snapshot is not a parent here.
+    prepare(&e, "other", "a", "").unwrap();
+    e.snapshot_commit("other", "a", "c", BTreeMap::new()).unwrap();
+    let err = prepare(&e, "ns", "child", "c").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    // Nothing was left by the refusals.
+    assert_eq!(e.list(&BTreeMap::new()).unwrap().len(), 2);
+}
+
+#[test]
+fn an_unmounted_active_snapshot_is_committed_in_place() {
+    let f = Fixture::new();
+    let e = f.engine();
+    prepare(&e, "ns", "a", "").unwrap();
+    let id = thin_of(&e, "ns", "a");
+    let labels = BTreeMap::from([("k".to_string(), "v".to_string())]);
+    e.snapshot_commit("ns", "a", "c", labels.clone()).unwrap();
+    assert_eq!(thin_of(&e, "ns", "c"), id);
+    assert!(f.sim.active_node(id).unwrap().is_none());
+    let err = e.snapshot_stat("ns", "a").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    let info = e.snapshot_stat("ns", "c").unwrap();
+    assert_eq!(info.kind, SnapshotKind::Committed);
+    assert_eq!(info.labels, labels);
+    assert_eq!(info.parent, "");
+    // A committed snapshot is committed once, and its name is taken.
+    let err = e.snapshot_commit("ns", "c", "d", BTreeMap::new()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    prepare(&e, "ns", "b", "c").unwrap();
+    let err = e.snapshot_commit("ns", "b", "c", BTreeMap::new()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
+    assert_eq!(e.snapshot_stat("ns", "b").unwrap().parent, "c");
+    // A view is read-only and cannot be committed.
+    let view = snapshot(&e, "ns", "v", "c", SnapshotKind::View).unwrap();
+    assert!(view.read_only);
+    let err = e.snapshot_commit("ns", "v", "w", BTreeMap::new()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+}
+
+#[test]
+fn a_mounted_active_snapshot_is_committed_from_a_snapshot_and_released_later() {
+    let f = Fixture::new();
+    let e = f.engine();
+    prepare(&e, "ns", "base", "").unwrap();
+    e.snapshot_commit("ns", "base", "p", BTreeMap::new()).unwrap();
+    prepare(&e, "ns", "a", "p").unwrap();
+    let active = thin_of(&e, "ns", "a");
+    f.sim.hold(active); // containerd has it mounted
+    e.snapshot_commit("ns", "a", "c", BTreeMap::new()).unwrap();
+    let committed = thin_of(&e, "ns", "c");
+    assert_ne!(committed, active);
+    assert_eq!(e.snapshot_stat("ns", "c").unwrap().parent, "p");
+    // The key is free at once; the device waits for its user.
+    assert_eq!(e.snapshot_stat("ns", "a").unwrap_err().kind(), ErrorKind::NotFound);
+    assert!(f.sim.thin_ids().unwrap().contains(&active));
+    prepare(&e, "ns", "a", "c").unwrap();
+    e.snapshot_remove("ns", "a").unwrap();
+    // The removed active snapshot does not hold its parent.
+    e.snapshot_remove("ns", "c").unwrap();
+    e.snapshot_remove("ns", "p").unwrap();
+    f.sim.release(active);
+    e.process_deferred().unwrap();
+    assert!(e.list(&BTreeMap::new()).unwrap().is_empty());
+    assert!(f.sim.thin_ids().unwrap().is_empty());
+}
+
+#[test]
+fn a_snapshot_with_children_is_not_removed() {
+    let f = Fixture::new();
+    let e = f.engine();
+    prepare(&e, "ns", "a", "").unwrap();
+    e.snapshot_commit("ns", "a", "c", BTreeMap::new()).unwrap();
+    snapshot(&e, "ns", "v", "c", SnapshotKind::View).unwrap();
+    let err = e.snapshot_remove("ns", "c").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(err.message().contains("cannot remove"), "{err}");
+    assert!(err.message().contains("\"v\""), "{err}");
+    e.snapshot_remove("ns", "v").unwrap();
+    e.snapshot_remove("ns", "c").unwrap();
+    let err = e.snapshot_remove("ns", "c").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+#[test]
+fn snapshot_updates_change_labels_only() {
+    let f = Fixture::new();
+    let e = f.engine();
+    prepare(&e, "ns", "a", "").unwrap();
+    let before = e.snapshot_stat("ns", "a").unwrap();
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let all = e
+        .snapshot_update("ns", "a", &labels(&[("x", "1"), ("y", "2")]), &[])
+        .unwrap();
+    assert_eq!(all.labels, labels(&[("x", "1"), ("y", "2")]));
+    assert_eq!(all.created_ns, before.created_ns);
+    assert!(all.updated_ns > before.updated_ns);
+    let some = e
+        .snapshot_update(
+            "ns",
+            "a",
+            &labels(&[("x", "9"), ("z", "3")]),
+            &["labels.x".into(), "labels.y".into()],
+        )
+        .unwrap();
+    assert_eq!(some.labels, labels(&[("x", "9")]));
+    let err = e
+        .snapshot_update("ns", "a", &labels(&[]), &["parent".into()])
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    let long = "v".repeat(4096);
+    let err = e
+        .snapshot_update("ns", "a", &labels(&[("k", &long)]), &[])
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    // Refusals changed nothing; the rest survives a re-open.
+    drop(e);
+    let e = f.engine();
+    assert_eq!(e.snapshot_stat("ns", "a").unwrap().labels, some.labels);
+}
+
+#[test]
+fn a_crash_inside_a_snapshot_commit_loses_neither_the_key_nor_the_name() {
+    type Op = fn(&mut Engine<Sim, Sim>);
+    let operations: [(&str, Op); 2] = [
+        ("in place", |e| {
+            e.snapshot_commit("ns", "a", "c", BTreeMap::new()).unwrap();
+        }),
+        ("mounted", |e| {
+            let id = thin_of(e, "ns", "a");
+            e.kernel().hold(id);
+            e.snapshot_commit("ns", "a", "c", BTreeMap::new()).unwrap();
+        }),
+    ];
+    let mut crashes = 0;
+    for point in crate::crash::POINTS {
+        for (what, op) in &operations {
+            let f = Fixture::new();
+            let id = {
+                let e = f.engine();
+                prepare(&e, "ns", "a", "").unwrap();
+                thin_of(&e, "ns", "a")
+            };
+            if !crash_at(point, &f, op) {
+                continue;
+            }
+            crashes += 1;
+            f.sim.release(id); // containerd lets go
+            let (engine, _) = f.open();
+            let active = engine.snapshot_stat("ns", "a").is_ok();
+            let committed = engine.snapshot_stat("ns", "c").is_ok();
+            assert!(active || committed, "{what} at {point}: both gone");
+            assert_consistent(&f, engine);
+        }
+    }
+    assert!(crashes >= 5, "only {crashes} crashes were exercised");
+}

@@ -119,6 +119,32 @@ pub fn mount(
     Ok(())
 }
 
+/// Make the fresh filesystem mounted at `root` bare, as containerd's snapshotters give a new
+/// root: no `lost+found` (an image's first layer would show it), the root directory mode 0755.
+pub fn make_bare_root(root: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let lost_found = root.join("lost+found");
+    match std::fs::remove_dir(&lost_found) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io(format!("removing {}", lost_found.display()), e));
+        }
+        _ => {}
+    }
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755))
+        .map_err(|e| Error::io(format!("setting the mode of {}", root.display()), e))
+}
+
+/// Inodes in use on the filesystem mounted at `target`.
+pub fn inodes_used(target: &Path) -> Result<u64> {
+    let stats = nix::sys::statvfs::statvfs(target).map_err(|errno| {
+        Error::io(
+            format!("reading the filesystem usage at {}", target.display()),
+            std::io::Error::from(errno),
+        )
+    })?;
+    Ok(u64::from(stats.files()).saturating_sub(u64::from(stats.files_free())))
+}
+
 /// How long xfs retries a metadata write the full pool refused before it shuts the
 /// filesystem down: long enough for an automatic extension, short enough that nothing hangs.
 pub const XFS_ENOSPC_RETRY_SECONDS: u32 = 30;
