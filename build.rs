@@ -2,7 +2,8 @@
 //! needs no protoc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    const SERVICE: &str = "github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto";
+    const SERVICE: &str =
+        "github.com/containerd/containerd/api/services/snapshots/v1/snapshots.proto";
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile([SERVICE], ["proto"])?;
     tonic_prost_build::configure()

@@ -50,6 +50,46 @@ pub struct Config {
     pub layers: LayersConfig,
     /// The daemon.
     pub daemon: DaemonConfig,
+    /// containerd's snapshot service.
+    pub containerd: ContainerdConfig,
+}
+
+/// `[containerd]`: thinstackd as a containerd proxy snapshotter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContainerdConfig {
+    /// Serve containerd's snapshot service (gRPC) on `socket`.
+    pub enabled: bool,
+    /// The gRPC socket, for containerd's `[proxy_plugins.<name>] address`.
+    pub socket: AbsolutePath,
+    /// A group whose members may use the socket (mode 0660); empty: root only (mode 0600).
+    pub socket_group: String,
+    /// Virtual size of a new root snapshot; default: `layers.base_size`.
+    pub base_size: Option<ByteSize>,
+    /// Filesystem of new root snapshots; default: `layers.filesystem`.
+    pub filesystem: Option<FsType>,
+}
+
+impl Default for ContainerdConfig {
+    fn default() -> Self {
+        ContainerdConfig {
+            enabled: false,
+            socket: AbsolutePath(PathBuf::from("/run/thinstack/containerd.sock")),
+            socket_group: String::new(),
+            base_size: None,
+            filesystem: None,
+        }
+    }
+}
+
+impl Config {
+    /// The size and filesystem of new containerd root snapshots.
+    pub fn containerd_root(&self) -> (ByteSize, FsType) {
+        (
+            self.containerd.base_size.unwrap_or(self.layers.base_size),
+            self.containerd.filesystem.unwrap_or(self.layers.filesystem),
+        )
+    }
 }
 
 /// `[daemon]`
@@ -333,6 +373,7 @@ impl Default for Config {
             pool: PoolConfig::default(),
             layers: LayersConfig::default(),
             daemon: DaemonConfig::default(),
+            containerd: ContainerdConfig::default(),
         }
     }
 }
@@ -607,19 +648,57 @@ impl Config {
                 ),
             ));
         }
-        let base = self.layers.base_size;
-        let (fs, min) = match self.layers.filesystem {
-            FsType::Xfs => ("xfs", XFS_SIZE_MIN),
-            FsType::Ext4 => ("ext4", EXT4_SIZE_MIN),
-        };
-        if base < min {
+        check_base_size(
+            "layers.base_size",
+            self.layers.base_size,
+            self.layers.filesystem,
+        )?;
+        self.check_containerd()
+    }
+
+    fn check_containerd(&self) -> std::result::Result<(), KeyError> {
+        let containerd = &self.containerd;
+        if !containerd.socket_group.is_empty() && !is_group_name(&containerd.socket_group) {
             return Err(KeyError::new(
-                "layers.base_size",
-                format!("base size {base} is too small for {fs}; it must be at least {min}"),
+                "containerd.socket_group",
+                format!(
+                    "{:?} is not a group name; write a name such as \"thinstack\", or \"\" for root only",
+                    containerd.socket_group
+                ),
             ));
         }
-        Ok(())
+        if containerd.enabled && containerd.socket == self.socket {
+            return Err(KeyError::new(
+                "containerd.socket",
+                format!(
+                    "{} is the API's socket too; give containerd's its own path",
+                    self.socket.path().display()
+                ),
+            ));
+        }
+        let (size, filesystem) = self.containerd_root();
+        let key = if containerd.base_size.is_some() {
+            "containerd.base_size"
+        } else {
+            "layers.base_size"
+        };
+        check_base_size(key, size, filesystem)
     }
+}
+
+/// A new filesystem of `fs` needs at least its minimum size.
+fn check_base_size(key: &str, size: ByteSize, fs: FsType) -> std::result::Result<(), KeyError> {
+    let min = match fs {
+        FsType::Xfs => XFS_SIZE_MIN,
+        FsType::Ext4 => EXT4_SIZE_MIN,
+    };
+    if size < min {
+        return Err(KeyError::new(
+            key,
+            format!("base size {size} is too small for {fs}; it must be at least {min}"),
+        ));
+    }
+    Ok(())
 }
 
 impl Config {

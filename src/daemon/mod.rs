@@ -17,7 +17,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::{Backend, Config};
-use crate::engine::{Engine, Settings};
+use crate::containerd::{EngineHolder, SnapshotService};
+use crate::engine::{Engine, Settings, SnapshotRoot};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::dm::Dm;
 use crate::kernel::real::{RealFs, RealPool};
@@ -222,6 +223,14 @@ pub fn run(config: Config) -> Result<()> {
 
 async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
     let listener = socket::bind(&socket_path, &daemon.config.daemon.socket_group)?;
+    let (stopped, stopping) = tokio::sync::watch::channel(false);
+    let containerd = match serve_containerd(&daemon, stopping) {
+        Ok(task) => task,
+        Err(e) => {
+            let _ = std::fs::remove_file(&socket_path);
+            return Err(e);
+        }
+    };
     let watcher = background::spawn(daemon.clone());
     notify_systemd("READY=1");
     tracing::info!(socket = %socket_path.display(), "serving the API");
@@ -233,9 +242,51 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
     };
     server::serve(daemon.clone(), listener, stop).await;
     notify_systemd("STOPPING=1");
+    let _ = stopped.send(true);
+    if let Some(task) = containerd {
+        match task.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "containerd's snapshot service failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "containerd's snapshot service did not stop cleanly")
+            }
+            Ok(Ok(())) => {}
+        }
+    }
     watcher.stop().await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
+}
+
+/// Serve containerd's snapshot service on its own socket when `[containerd] enabled`, until
+/// `stopping` turns true.
+fn serve_containerd(
+    daemon: &Arc<Daemon>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<tokio::task::JoinHandle<Result<()>>>> {
+    let config = &daemon.config.containerd;
+    if !config.enabled {
+        return Ok(None);
+    }
+    let socket_path = config.socket.path().to_path_buf();
+    let listener = socket::bind(&socket_path, &config.socket_group)?;
+    let (size, filesystem) = daemon.config.containerd_root();
+    let service = SnapshotService::new(daemon.clone(), SnapshotRoot { size, filesystem });
+    Ok(Some(tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        let served = crate::containerd::serve(service, listener, &socket_path, stop).await;
+        let _ = std::fs::remove_file(&socket_path);
+        served
+    })))
+}
+
+impl EngineHolder for Daemon {
+    type Pool = RealPool;
+    type Fs = RealFs;
+    fn engine(&self) -> &Engine<RealPool, RealFs> {
+        &self.engine
+    }
 }
 
 /// Tell the service manager (`NOTIFY_SOCKET`, as systemd's `Type=notify` sets it) how the

@@ -38,9 +38,9 @@ use crate::records::{
 use crate::units::{ByteSize, Percent};
 
 pub use leftovers::StalePoint;
-pub use snapshots::{NewSnapshot, SnapshotInfo, SnapshotMount, SnapshotRoot};
 use locks::{LayerGuard, LayerLocks};
 pub use reconcile::ReconcileReport;
+pub use snapshots::{NewSnapshot, SnapshotInfo, SnapshotMount, SnapshotRoot};
 
 /// Longest label key and value.
 const LABEL_KEY_MAX: usize = 256;
@@ -638,7 +638,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// [`Engine::create`], of a containerd snapshot when `snapshot` says which: its key is
     /// claimed with the record, a view is read-only, and a new root's filesystem is bare (no
     /// `lost+found`, root directory mode 0755), as containerd's snapshotters give it.
-    fn create_with(&self, request: &CreateLayer, snapshot: Option<SnapshotRecord>) -> Result<Layer> {
+    fn create_with(
+        &self,
+        request: &CreateLayer,
+        snapshot: Option<SnapshotRecord>,
+    ) -> Result<Layer> {
         let (name, _guard) = self.lock_layer(&request.name)?;
         // The parent's lock is held until the snapshot is taken: its device does not change
         // under the snapshot, and it cannot be removed before its child's record exists.

@@ -189,7 +189,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Prepare (active) or View: a thin snapshot of committed `parent`, or a new root with a
     /// bare filesystem; its device is active on return.
-    pub fn snapshot_create(&self, new: NewSnapshot<'_>, root: SnapshotRoot) -> Result<SnapshotMount> {
+    pub fn snapshot_create(
+        &self,
+        new: NewSnapshot<'_>,
+        root: SnapshotRoot,
+    ) -> Result<SnapshotMount> {
         if new.key.is_empty() {
             return Err(Error::invalid("a snapshot key must not be empty"));
         }
@@ -272,7 +276,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         labels: BTreeMap<String, String>,
     ) -> Result<()> {
         if name.is_empty() {
-            return Err(Error::invalid("a committed snapshot's name must not be empty"));
+            return Err(Error::invalid(
+                "a committed snapshot's name must not be empty",
+            ));
         }
         check_snapshot_labels(&labels)?;
         let (record, _guard) = self.lock_snapshot(namespace, key)?;
@@ -456,11 +462,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             .values()
             .filter(|l| {
                 l.state == LayerState::Ready
-                    && l.snapshot.as_ref().is_some_and(|s| s.namespace == namespace)
+                    && l.snapshot
+                        .as_ref()
+                        .is_some_and(|s| s.namespace == namespace)
             })
             .cloned()
             .collect();
-        records.iter().filter_map(|r| self.snapshot_info(r)).collect()
+        records
+            .iter()
+            .filter_map(|r| self.snapshot_info(r))
+            .collect()
     }
 
     /// Bytes the snapshot's device has mapped, and inodes its filesystem uses (read where it

@@ -771,7 +771,11 @@ fn snapshot_keys_are_any_string_and_each_namespace_is_its_own_key_space() {
     let key = "/var/lib/containerd/../x y/\u{e9}=1";
     let mount = prepare(&e, "default", key, "").unwrap();
     assert!(!mount.read_only);
-    assert!(f.sim.active_node(thin_of(&e, "default", key)).unwrap().is_some());
+    assert!(f
+        .sim
+        .active_node(thin_of(&e, "default", key))
+        .unwrap()
+        .is_some());
     prepare(&e, "other", key, "").unwrap();
     let err = prepare(&e, "default", key, "").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
@@ -799,7 +803,8 @@ fn snapshot_parents_must_be_committed_and_exist() {
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     // Another namespace's snapshot is not a parent here.
     prepare(&e, "other", "a", "").unwrap();
-    e.snapshot_commit("other", "a", "c", BTreeMap::new()).unwrap();
+    e.snapshot_commit("other", "a", "c", BTreeMap::new())
+        .unwrap();
     let err = prepare(&e, "ns", "child", "c").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
     // Nothing was left by the refusals.
@@ -823,16 +828,22 @@ fn an_unmounted_active_snapshot_is_committed_in_place() {
     assert_eq!(info.labels, labels);
     assert_eq!(info.parent, "");
     // A committed snapshot is committed once, and its name is taken.
-    let err = e.snapshot_commit("ns", "c", "d", BTreeMap::new()).unwrap_err();
+    let err = e
+        .snapshot_commit("ns", "c", "d", BTreeMap::new())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
     prepare(&e, "ns", "b", "c").unwrap();
-    let err = e.snapshot_commit("ns", "b", "c", BTreeMap::new()).unwrap_err();
+    let err = e
+        .snapshot_commit("ns", "b", "c", BTreeMap::new())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
     assert_eq!(e.snapshot_stat("ns", "b").unwrap().parent, "c");
     // A view is read-only and cannot be committed.
     let view = snapshot(&e, "ns", "v", "c", SnapshotKind::View).unwrap();
     assert!(view.read_only);
-    let err = e.snapshot_commit("ns", "v", "w", BTreeMap::new()).unwrap_err();
+    let err = e
+        .snapshot_commit("ns", "v", "w", BTreeMap::new())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
 }
 
@@ -841,7 +852,8 @@ fn a_mounted_active_snapshot_is_committed_from_a_snapshot_and_released_later() {
     let f = Fixture::new();
     let e = f.engine();
     prepare(&e, "ns", "base", "").unwrap();
-    e.snapshot_commit("ns", "base", "p", BTreeMap::new()).unwrap();
+    e.snapshot_commit("ns", "base", "p", BTreeMap::new())
+        .unwrap();
     prepare(&e, "ns", "a", "p").unwrap();
     let active = thin_of(&e, "ns", "a");
     f.sim.hold(active); // containerd has it mounted
@@ -850,7 +862,10 @@ fn a_mounted_active_snapshot_is_committed_from_a_snapshot_and_released_later() {
     assert_ne!(committed, active);
     assert_eq!(e.snapshot_stat("ns", "c").unwrap().parent, "p");
     // The key is free at once; the device waits for its user.
-    assert_eq!(e.snapshot_stat("ns", "a").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        e.snapshot_stat("ns", "a").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
     assert!(f.sim.thin_ids().unwrap().contains(&active));
     prepare(&e, "ns", "a", "c").unwrap();
     e.snapshot_remove("ns", "a").unwrap();

@@ -142,7 +142,7 @@ pub fn inodes_used(target: &Path) -> Result<u64> {
             std::io::Error::from(errno),
         )
     })?;
-    Ok(u64::from(stats.files()).saturating_sub(u64::from(stats.files_free())))
+    Ok(stats.files().saturating_sub(stats.files_free()))
 }
 
 /// How long xfs retries a metadata write the full pool refused before it shuts the
