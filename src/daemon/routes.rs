@@ -315,6 +315,7 @@ fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
             )))
         }
     };
+    not_containerds(daemon, call, "removed")?;
     let removed: Vec<(LayerName, Removal)> = if recursive {
         daemon.engine.remove_recursive(name(call))?
     } else {
@@ -331,7 +332,25 @@ fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn commit_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
+    not_containerds(daemon, call, "committed")?;
     ok(daemon.engine.commit(name(call))?)
+}
+
+/// containerd's snapshots change only through containerd, whose records would otherwise name
+/// snapshots that are gone or changed.
+fn not_containerds(daemon: &Daemon, call: &Call, what: &str) -> Result<()> {
+    match daemon.engine.inspect(name(call))?.snapshot {
+        None => Ok(()),
+        Some(snapshot) => Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "layer {:?} is containerd's snapshot {:?} in namespace {:?}; it is {what} through containerd (ctr snapshots), not here",
+                name(call),
+                snapshot.key,
+                snapshot.namespace
+            ),
+        )),
+    }
 }
 
 fn layer_usage(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -355,6 +374,7 @@ fn activate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn deactivate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
+    not_containerds(daemon, call, "deactivated")?;
     daemon.engine.deactivate(name(call))?;
     done(call, "deactivated")
 }
@@ -391,5 +411,6 @@ fn unmount_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 fn resize_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: ResizeRequest = body(call)?;
+    not_containerds(daemon, call, "resized")?;
     ok(daemon.engine.resize(name(call), request.size)?)
 }
