@@ -624,15 +624,7 @@ impl Config {
             ));
         }
         self.check_backend()?;
-        if !self.daemon.socket_group.is_empty() && !is_group_name(&self.daemon.socket_group) {
-            return Err(KeyError::new(
-                "daemon.socket_group",
-                format!(
-                    "{:?} is not a group name; write a name such as \"thinstack\", or \"\" for root only",
-                    self.daemon.socket_group
-                ),
-            ));
-        }
+        check_socket_group("daemon.socket_group", &self.daemon.socket_group)?;
         if let Some((i, _)) = self
             .layers
             .mkfs_args
@@ -658,15 +650,7 @@ impl Config {
 
     fn check_containerd(&self) -> std::result::Result<(), KeyError> {
         let containerd = &self.containerd;
-        if !containerd.socket_group.is_empty() && !is_group_name(&containerd.socket_group) {
-            return Err(KeyError::new(
-                "containerd.socket_group",
-                format!(
-                    "{:?} is not a group name; write a name such as \"thinstack\", or \"\" for root only",
-                    containerd.socket_group
-                ),
-            ));
-        }
+        check_socket_group("containerd.socket_group", &containerd.socket_group)?;
         if containerd.enabled && containerd.socket == self.socket {
             return Err(KeyError::new(
                 "containerd.socket",
@@ -824,6 +808,19 @@ fn check_devices(devices: &DevicesConfig) -> std::result::Result<(), KeyError> {
 fn first_repeated<'a>(paths: impl Iterator<Item = &'a Path>) -> Option<&'a Path> {
     let mut seen = std::collections::BTreeSet::new();
     paths.into_iter().find(|path| !seen.insert(*path))
+}
+
+/// A socket's group: empty (root only) or a group name.
+fn check_socket_group(key: &str, group: &str) -> std::result::Result<(), KeyError> {
+    if group.is_empty() || is_group_name(group) {
+        return Ok(());
+    }
+    Err(KeyError::new(
+        key,
+        format!(
+            "{group:?} is not a group name; write a name such as \"thinstack\", or \"\" for root only"
+        ),
+    ))
 }
 
 /// A POSIX-style group name (checked here; whether it exists is checked at start-up).

@@ -456,6 +456,22 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.index().children_of(name)
     }
 
+    /// Children of `name` that are not being removed: a thin snapshot does not depend on its
+    /// origin, so a child whose removal waits for its user does not hold its parent.
+    fn live_children(&self, name: &LayerName) -> Vec<LayerName> {
+        let index = self.index();
+        index
+            .children_of(name)
+            .into_iter()
+            .filter(|child| {
+                index
+                    .layers
+                    .get(child)
+                    .is_some_and(|c| c.state != LayerState::Removing)
+            })
+            .collect()
+    }
+
     fn view(&self, record: LayerRecord) -> Result<Layer> {
         let device = self.kernel.active_node(record.thin_id)?;
         let children = self.children_of(&record.name);
@@ -537,14 +553,24 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn usage(&self, name: &str) -> Result<ByteSize> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.ready_record(&name)?;
+        self.with_device(&record, |_| self.kernel.mapped(record.thin_id))
+    }
+
+    /// Run `f` on the node of `record`'s device: the active one, or one activated read-only
+    /// for the call (a measurement never writes). The caller holds the layer's lock.
+    fn with_device<R>(
+        &self,
+        record: &LayerRecord,
+        f: impl FnOnce(&Path) -> Result<R>,
+    ) -> Result<R> {
         let id = record.thin_id;
-        if self.kernel.active_node(id)?.is_some() {
-            return self.kernel.mapped(id);
+        if let Some(node) = self.kernel.active_node(id)? {
+            return f(&node);
         }
-        self.kernel.activate(id, record.size, true)?;
-        let mapped = self.kernel.mapped(id);
+        let node = self.kernel.activate(id, record.size, true)?;
+        let done = f(&node);
         self.kernel.deactivate(id)?;
-        mapped
+        done
     }
 
     // ----- records ---------------------------------------------------------------------------
@@ -916,6 +942,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn activate(&self, name: &str) -> Result<PathBuf> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.ready_record(&name)?;
+        self.keep_active(record)
+    }
+
+    /// The node of `record`'s device, activated if needed and recorded as active (so a
+    /// reboot brings it back). The caller holds the layer's lock.
+    fn keep_active(&self, record: LayerRecord) -> Result<PathBuf> {
         let node = self.ensure_active(&record)?;
         if !record.active {
             let mut active = record;

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::{check_labels, now_ns, usable, CreateLayer, Engine, LayerGuard};
+use super::{check_labels, now_ns, usable, CreateLayer, Engine, Index, LayerGuard};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::fs::FsType;
@@ -162,29 +162,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     fn snapshot_info(&self, record: &LayerRecord) -> Option<SnapshotInfo> {
-        let snapshot = record.snapshot.as_ref()?;
-        let parent = record
-            .parent
-            .as_ref()
-            .and_then(|p| self.index().layers.get(p).cloned())
-            .and_then(|p| p.snapshot.map(|s| s.key))
-            .unwrap_or_default();
-        Some(SnapshotInfo {
-            key: snapshot.key.clone(),
-            parent,
-            kind: snapshot.kind,
-            created_ns: record.created_ns,
-            updated_ns: snapshot.updated_ns,
-            labels: record.labels.clone(),
-        })
-    }
-
-    fn snapshot_mount(record: &LayerRecord, device: PathBuf) -> SnapshotMount {
-        SnapshotMount {
-            device,
-            filesystem: record.filesystem,
-            read_only: record.committed,
-        }
+        self.index().snapshot_info(record)
     }
 
     /// Prepare (active) or View: a thin snapshot of committed `parent`, or a new root with a
@@ -258,13 +236,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 format!("snapshot {key:?} is committed; mount an active snapshot or a view of it"),
             ));
         }
-        let device = self.ensure_active(&record)?;
-        if !record.active {
-            let mut active = record.clone();
-            active.active = true;
-            self.put(active)?;
-        }
-        Ok(Self::snapshot_mount(&record, device))
+        let (filesystem, read_only) = (record.filesystem, record.committed);
+        let device = self.keep_active(record)?;
+        Ok(SnapshotMount {
+            device,
+            filesystem,
+            read_only,
+        })
     }
 
     /// Commit active snapshot `key` as `name`, with `labels`. See the module docs.
@@ -456,8 +434,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Every snapshot of `namespace` (ready ones: being made or removed is not there yet).
     pub fn snapshot_list(&self, namespace: &str) -> Vec<SnapshotInfo> {
-        let records: Vec<LayerRecord> = self
-            .index()
+        let index = self.index();
+        index
             .layers
             .values()
             .filter(|l| {
@@ -466,11 +444,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                         .as_ref()
                         .is_some_and(|s| s.namespace == namespace)
             })
-            .cloned()
-            .collect();
-        records
-            .iter()
-            .filter_map(|r| self.snapshot_info(r))
+            .filter_map(|l| index.snapshot_info(l))
             .collect()
     }
 
@@ -478,44 +452,43 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// is mounted, or from a private read-only mount).
     pub fn snapshot_usage(&self, namespace: &str, key: &str) -> Result<(ByteSize, u64)> {
         let (record, _guard) = self.lock_snapshot(namespace, key)?;
-        let was_active = self.kernel.active_node(record.thin_id)?.is_some();
-        let node = self.ensure_active(&record)?;
-        let measured = self.measure(&record, &node);
-        if !was_active {
-            self.kernel.deactivate(record.thin_id)?;
-        }
-        measured
+        self.with_device(&record, |node| {
+            let mapped = self.kernel.mapped(record.thin_id)?;
+            let inodes = match self.fs.mounts_of(node)?.first() {
+                Some((target, _)) => crate::kernel::fs::inodes_used(target)?,
+                None => self.with_private_mount(
+                    record.thin_id,
+                    node,
+                    record.filesystem,
+                    true,
+                    crate::kernel::fs::inodes_used,
+                )?,
+            };
+            Ok((mapped, inodes))
+        })
     }
+}
 
-    fn measure(&self, record: &LayerRecord, node: &std::path::Path) -> Result<(ByteSize, u64)> {
-        let mapped = self.kernel.mapped(record.thin_id)?;
-        let inodes = match self.fs.mounts_of(node)?.first() {
-            Some((target, _)) => crate::kernel::fs::inodes_used(target)?,
-            None => self.with_private_mount(
-                record.thin_id,
-                node,
-                record.filesystem,
-                record.committed,
-                crate::kernel::fs::inodes_used,
-            )?,
-        };
-        Ok((mapped, inodes))
-    }
-
-    /// Children of `name` that are not being removed: a thin snapshot does not depend on its
-    /// origin, so a child whose removal waits for its user does not hold its parent.
-    pub(super) fn live_children(&self, name: &LayerName) -> Vec<LayerName> {
-        let index = self.index();
-        index
-            .children_of(name)
-            .into_iter()
-            .filter(|child| {
-                index
-                    .layers
-                    .get(child)
-                    .is_some_and(|c| c.state != LayerState::Removing)
-            })
-            .collect()
+impl Index {
+    /// `record` as containerd sees it (none unless containerd made it); its parent is named
+    /// by the parent's key.
+    fn snapshot_info(&self, record: &LayerRecord) -> Option<SnapshotInfo> {
+        let snapshot = record.snapshot.as_ref()?;
+        let parent = record
+            .parent
+            .as_ref()
+            .and_then(|p| self.layers.get(p))
+            .and_then(|p| p.snapshot.as_ref())
+            .map(|s| s.key.clone())
+            .unwrap_or_default();
+        Some(SnapshotInfo {
+            key: snapshot.key.clone(),
+            parent,
+            kind: snapshot.kind,
+            created_ns: record.created_ns,
+            updated_ns: snapshot.updated_ns,
+            labels: record.labels.clone(),
+        })
     }
 }
 
