@@ -8,7 +8,6 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use common::daemon::TestDaemon;
 use common::disks::{lvm, lvm_ok, run_ok, volume_group_name, TestDisk, VolumeGroupGuard};
@@ -424,17 +423,10 @@ fn processes() -> String {
         .unwrap_or_default()
 }
 
-fn wait_for(what: &str, d: &TestDaemon, mut done: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !done() {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}; log:\n{}\nprocesses:\n{}",
-            d.log_text(),
-            processes()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for(what: &str, d: &TestDaemon, done: impl FnMut() -> bool) {
+    common::wait_until(what, done, || {
+        format!("log:\n{}\nprocesses:\n{}", d.log_text(), processes())
+    });
 }
 
 #[test]

@@ -402,7 +402,7 @@ fn kernel_engine_reactivates_after_a_reboot() {
     drop(engine);
 
     // The "reboot": mounts, dm devices and loop devices are gone; the files stay.
-    thinstack::kernel::fs::unmount(&mnt).unwrap();
+    common::unmount_by_hand(&mnt).unwrap();
     teardown_and_check(&t);
 
     let (engine, report) = open_engine(&t);

@@ -17,13 +17,14 @@ use thinstack::config::WhenFull;
 
 const KEEP: &str = "kept on the committed base layer";
 
-/// Write 1 MiB chunks, syncing every 4 MiB, until a write or sync fails; the error and how
-/// long it took. Panics if `limit` MiB are written without an error.
+/// Write 1 MiB chunks, syncing every 4 MiB, until a write or sync fails: the error, how long
+/// the failing call itself took, and the MiB written. Panics if `limit` MiB go in without one.
 fn write_until_error(path: &Path, limit: usize) -> (std::io::Error, Duration, usize) {
-    let started = Instant::now();
     let chunk = vec![0xa5u8; 1 << 20];
     let mut file = std::fs::File::create(path).unwrap();
     for mib in 1..=limit {
+        // Timed per call: the failing call's own time is what says writes did not queue.
+        let started = Instant::now();
         let step = file.write_all(&chunk).and_then(|()| {
             if mib % 4 == 0 {
                 file.sync_data()
@@ -35,6 +36,7 @@ fn write_until_error(path: &Path, limit: usize) -> (std::io::Error, Duration, us
             return (e, started.elapsed(), mib);
         }
     }
+    let started = Instant::now();
     match file.sync_all() {
         Err(e) => (e, started.elapsed(), limit),
         Ok(()) => panic!("{limit} MiB written into a pool smaller than that, and no error"),
@@ -121,7 +123,9 @@ fn fill_and_recover(fs: &str, layer_size: &str) {
     // thinstackd answers and says what happened.
     let answered = Instant::now();
     let status = d.json(&["pool", "status"]);
-    assert!(answered.elapsed() < Duration::from_secs(10));
+    // A daemon stuck behind the full pool would not answer at all; the bound leaves room for
+    // emulation.
+    assert!(answered.elapsed() < Duration::from_secs(60));
     assert_eq!(status["health"]["out_of_space"], true, "{fs}: {status}");
     let text = d.cli(&["pool", "status"]).stdout;
     assert!(text.contains("out of data space"), "{text}");
@@ -283,7 +287,9 @@ fn metadata_full_and_recover(fs: &str) {
 
     let answered = Instant::now();
     let status = d.json(&["pool", "status"]);
-    assert!(answered.elapsed() < Duration::from_secs(10));
+    // A daemon stuck behind the full pool would not answer at all; the bound leaves room for
+    // emulation.
+    assert!(answered.elapsed() < Duration::from_secs(60));
     eprintln!(
         "metadata, {fs}: pool status when full: {}",
         status["health"]

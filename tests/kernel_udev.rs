@@ -171,9 +171,11 @@ fn a_held_layer_device_is_reported_busy_without_waiting() {
     let err = pool.deactivate_thin(&dm, id(1)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
     assert!(err.to_string().contains("device is busy"), "{err}");
-    // Ten brief retries (for tools that scan every device for a moment), then the answer.
+    // Ten brief retries (for tools that scan every device for a moment), then the answer: not
+    // the crate's five 200 ms rounds of waiting for udev. The count is the check; the bound
+    // only catches a wait of that kind, with room for emulation.
     assert!(
-        started.elapsed() < std::time::Duration::from_millis(1000),
+        started.elapsed() < std::time::Duration::from_secs(10),
         "a busy removal took {:?}",
         started.elapsed()
     );

@@ -18,10 +18,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::daemon::cli_at;
-use common::require_dm_thin;
+use common::{require_dm_thin, wait_until};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use thinstack::client::Client;
@@ -69,15 +69,11 @@ fn start_daemon(dir: &Path) -> Child {
         .stderr(log)
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while Client::new(&socket()).get::<Value>("/v1/version").is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(90),
-            "thinstackd did not answer:\n{}",
-            std::fs::read_to_string(dir.join("thinstackd.log")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(
+        "thinstackd to answer",
+        || Client::new(&socket()).get::<Value>("/v1/version").is_ok(),
+        || std::fs::read_to_string(dir.join("thinstackd.log")).unwrap_or_default(),
+    );
     child
 }
 
@@ -192,7 +188,7 @@ fn imitate_reboot(daemon: &mut Child, pool: &str, dir: &Path) {
     let _ = daemon.kill();
     let _ = daemon.wait();
     for target in common::mounts_under(&dir.join("state")).into_iter().rev() {
-        thinstack::kernel::fs::unmount(&target).unwrap();
+        common::unmount_by_hand(&target).unwrap();
     }
     let dm = thinstack::kernel::dm::Dm::open().unwrap();
     let prefix = format!("thinstack-1-{pool}-");

@@ -42,6 +42,14 @@ const LOW_WATER_BLOCKS: u64 = 32768;
 /// The thin-pool feature that makes the pool read-only.
 const READ_ONLY: &str = "read_only";
 
+/// How a reload of the pool's own table (growth, the no-space policy, the metadata guard) is
+/// announced to udev: without a cookie, and not waited for. A reload keeps the device's name,
+/// number and `/dev/mapper` link, and thinstack reads nothing udev makes for it, so the wait
+/// bought nothing; it cost seconds under emulation and held the engine's pool lock meanwhile,
+/// so creates and removes stalled behind every extension. udev still sees the change event
+/// and keeps the rules it applied when the pool was created (from its database).
+const POOL_RELOAD_UDEV: Udev = Udev::NoWait;
+
 /// What the pool sits on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "backend", rename_all = "lowercase")]
@@ -210,7 +218,7 @@ impl Pool {
                     self.block_size,
                     wanted,
                 );
-                dm.reload(&self.dm_name, &table, Udev::Wait)
+                dm.reload(&self.dm_name, &table, POOL_RELOAD_UDEV)
                     .map_err(|e| e.context(format!("setting pool.when_full on {}", self.name)))?;
             }
         }
@@ -615,7 +623,7 @@ impl Pool {
             dm::THIN_POOL_TARGET.to_string(),
             devicemapper::TargetParams::param_str(&params),
         )];
-        dm.reload(&self.dm_name, &table, Udev::Wait)
+        dm.reload(&self.dm_name, &table, POOL_RELOAD_UDEV)
     }
 
     /// Whether thinstack made the pool read-only (the `read_only` feature in its table), as

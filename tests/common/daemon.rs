@@ -111,8 +111,9 @@ impl TestDaemon {
                 );
             }
             assert!(
-                started.elapsed() < Duration::from_secs(90),
-                "thinstackd did not answer within 90 s:\n{}",
+                started.elapsed() < super::EVENTUALLY,
+                "thinstackd did not answer within {:?}:\n{}",
+                super::EVENTUALLY,
                 self.log_text()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -139,7 +140,7 @@ impl TestDaemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start thinstackd");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + super::EVENTUALLY;
         while child.try_wait().unwrap().is_none() {
             if Instant::now() > deadline {
                 signal(&child, nix::sys::signal::Signal::SIGTERM);
@@ -158,7 +159,7 @@ impl TestDaemon {
     /// Wait for the daemon to exit on its own (after `pool destroy`); its exit code.
     pub fn wait_exit(&mut self) -> i32 {
         let mut child = self.child.take().expect("daemon running");
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + super::EVENTUALLY;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status.code().unwrap_or(-1);
@@ -241,7 +242,8 @@ impl Drop for TestDaemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal(&child, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(30);
+            // Clean-up, not a check: a daemon that does not stop in a minute is killed.
+            let deadline = Instant::now() + Duration::from_secs(60);
             while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -13,6 +13,7 @@ pub mod disks;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use thinstack::config::MetadataSize;
 use thinstack::kernel::dm::{Dm, Udev};
@@ -32,6 +33,38 @@ pub fn require_dm_thin() -> Dm {
     });
     let _ = Command::new("modprobe").arg("dm-thin-pool").status();
     dm
+}
+
+/// How long a test waits for something that must happen. Generous on purpose: under emulation
+/// everything runs 10 to 50 times slower than on a host (a 2 s step there can take a minute
+/// here), and a wait that expires on a slow day is a flaky test, not a finding.
+pub const EVENTUALLY: Duration = Duration::from_secs(300);
+
+/// Poll `done` until it holds, then return how long that took. After [`EVENTUALLY`] the test
+/// fails, naming `what` and showing `context()` (a log, say). Every test that waits for
+/// something waits here, on the condition itself, never on a fixed sleep.
+pub fn wait_until(
+    what: &str,
+    mut done: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) -> Duration {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < EVENTUALLY,
+            "timed out after {:?} waiting for {what}:\n{}",
+            EVENTUALLY,
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    started.elapsed()
+}
+
+/// Unmount `target` as an operator would by hand (`umount`), with none of thinstack's checks:
+/// for clean-up, and for tests that change the mount table behind thinstack's back.
+pub fn unmount_by_hand(target: &Path) -> nix::Result<()> {
+    nix::mount::umount(target)
 }
 
 static SEQUENCE: AtomicUsize = AtomicUsize::new(0);
@@ -90,7 +123,7 @@ impl TestPool {
 
     /// Unmount what [`TestPool::mount`] mounted.
     pub fn unmount(&mut self, target: &Path) {
-        fs::unmount(target).expect("unmount");
+        unmount_by_hand(target).expect("unmount");
         self.mounts.retain(|m| m != target);
     }
 
@@ -108,11 +141,11 @@ impl Drop for TestPool {
     /// device of the pool (thins first), detach the loop devices.
     fn drop(&mut self) {
         for target in self.mounts.drain(..).rev() {
-            let _ = fs::unmount(&target);
+            let _ = unmount_by_hand(&target);
         }
         // Anything else mounted under the test's directory (by the engine), deepest first.
         for target in mounts_under(self.dir.path()).into_iter().rev() {
-            let _ = fs::unmount(&target);
+            let _ = unmount_by_hand(&target);
         }
         let Ok(dm) = Dm::open() else { return };
         let prefix = self.config.pool.name.dm_prefix();
