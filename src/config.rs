@@ -343,8 +343,12 @@ pub struct LayersConfig {
     pub filesystem: FsType,
     /// Extra arguments for mkfs, appended after thinstack's own.
     pub mkfs_args: Vec<String>,
-    /// Extra mount options, one per element.
+    /// Extra mount options, one per element. Layer mounts are `nodev,nosuid` unless these
+    /// say `dev` or `suid`.
     pub mount_options: Vec<MountOption>,
+    /// Directories beneath which a client may mount a layer (`layer mount --target`), besides
+    /// `<state_dir>/mnt`. Empty: only there.
+    pub mount_roots: Vec<AbsolutePath>,
     /// Discard a layer's blocks before deleting it, so the pool passes the discards down and
     /// a loop file (or thin-provisioned disk) gets the space back.
     pub discard_on_remove: bool,
@@ -429,6 +433,7 @@ impl Default for LayersConfig {
             filesystem: FsType::Ext4,
             mkfs_args: Vec::new(),
             mount_options: Vec::new(),
+            mount_roots: Vec::new(),
             discard_on_remove: true,
             udev_sync: false,
         }
@@ -645,7 +650,34 @@ impl Config {
             self.layers.base_size,
             self.layers.filesystem,
         )?;
+        self.check_mount_roots()?;
         self.check_containerd()
+    }
+
+    /// A mount root lets clients hide what lies beneath it, so `/` (everything) and the state
+    /// directory (the records) can never be one, nor anything that holds the state directory.
+    fn check_mount_roots(&self) -> std::result::Result<(), KeyError> {
+        let state_dir = self.state_dir.path();
+        for root in &self.layers.mount_roots {
+            let root = root.path();
+            let problem = if root.parent().is_none() {
+                "is the whole file system"
+            } else if root.starts_with(state_dir) {
+                "is the state directory or inside it (layers mount under its mnt without a root)"
+            } else if state_dir.starts_with(root) {
+                "holds the state directory, whose records a mount would hide"
+            } else {
+                continue;
+            };
+            return Err(KeyError::new(
+                "layers.mount_roots",
+                format!(
+                    "mount root {} {problem}; name a directory set aside for layer mounts, such as \"/srv/layers\"",
+                    root.display()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn check_containerd(&self) -> std::result::Result<(), KeyError> {
@@ -1027,6 +1059,7 @@ base_size = "20G"
 filesystem = "xfs"
 mkfs_args = ["-m", "reflink=0"]
 mount_options = ["noatime"]
+mount_roots = ["/srv/layers"]
 "#;
         let c = Config::parse(text, "x").unwrap();
         assert_eq!(c.state_dir.path(), Path::new("/srv/ts"));
@@ -1038,6 +1071,27 @@ mount_options = ["noatime"]
         assert_eq!(c.layers.filesystem, FsType::Xfs);
         assert_eq!(c.layers.mkfs_args, ["-m", "reflink=0"]);
         assert_eq!(c.layers.mount_options[0].as_str(), "noatime");
+        assert_eq!(c.layers.mount_roots[0].path(), Path::new("/srv/layers"));
+    }
+
+    #[test]
+    fn a_mount_root_may_not_hide_the_system_or_the_records() {
+        for (root, says) in [
+            ("/", "whole file system"),
+            ("/var/lib/thinstack/mnt", "inside it"),
+            ("/var/lib", "holds the state directory"),
+            ("/var", "holds the state directory"),
+        ] {
+            let err = error_of(&format!("[layers]\nmount_roots = [\"{root}\"]\n"));
+            assert!(
+                err.contains("layers.mount_roots") && err.contains(says),
+                "{root}: {err}"
+            );
+        }
+        let err = error_of("[layers]\nmount_roots = [\"srv\"]\n");
+        assert!(err.contains("relative"), "{err}");
+        let c = Config::parse("[layers]\nmount_roots = [\"/var/lib/other\"]\n", "x").unwrap();
+        assert_eq!(c.layers.mount_roots.len(), 1);
     }
 
     #[test]

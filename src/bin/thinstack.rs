@@ -263,6 +263,7 @@ fn exit_code(e: &ClientError) -> u8 {
         Some(ErrorKind::AlreadyExists) => 4,
         Some(ErrorKind::Busy) => 5,
         Some(ErrorKind::NoSpace) => 6,
+        Some(ErrorKind::Permission) => 8,
         Some(_) => 1,
     }
 }

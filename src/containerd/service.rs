@@ -346,6 +346,7 @@ mod tests {
             filesystem: FsType::Ext4,
             mkfs_args: Vec::new(),
             mount_options: Vec::new(),
+            mount_roots: Vec::new(),
             min_free_space: Percent::new(10).unwrap(),
             discard_on_remove: false,
             busy_retries: 1,

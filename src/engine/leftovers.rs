@@ -119,7 +119,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return Ok(false);
         }
         if repair {
-            self.fs.unmount(target)?;
+            let Some(node) = self.kernel.active_node(record.thin_id)? else {
+                return Ok(false);
+            };
+            self.fs.unmount(target, &node)?;
             tracing::warn!(layer = %name, target = %target.display(), "unmounted a mount the records did not know");
         }
         Ok(true)
@@ -150,13 +153,36 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return Ok(());
         }
         if let StalePoint::GrowthMount(target) = point {
-            self.fs.unmount(target)?;
+            let node = self.growth_device(target)?.ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Permission,
+                    format!(
+                        "{} has a mount of no active layer device; thinstack unmounts only its own mounts",
+                        target.display()
+                    ),
+                )
+            })?;
+            self.fs.unmount(target, &node)?;
         }
         let path = point.path();
         std::fs::remove_dir(path)
             .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
         tracing::warn!(path = %path.display(), "removed a stale mount point");
         Ok(())
+    }
+
+    /// The active device a growth mount point (`.grow-<id>`) was made for.
+    pub(super) fn growth_device(&self, point: &Path) -> Result<Option<PathBuf>> {
+        let id = point
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix(".grow-"))
+            .and_then(|id| id.parse::<u32>().ok())
+            .and_then(|id| ThinId::new(id).ok());
+        match id {
+            Some(id) => self.kernel.active_node(id),
+            None => Ok(None),
+        }
     }
 
     fn stale_point(&self, path: &Path) -> Result<Option<StalePoint>> {

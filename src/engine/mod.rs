@@ -15,6 +15,7 @@
 
 mod leftovers;
 mod locks;
+mod mount_policy;
 mod reconcile;
 mod snapshots;
 
@@ -59,6 +60,8 @@ pub struct Settings {
     pub mkfs_args: Vec<String>,
     /// Extra mount options.
     pub mount_options: Vec<String>,
+    /// Directories beneath which callers may mount layers, besides `<state_dir>/mnt`.
+    pub mount_roots: Vec<PathBuf>,
     /// Refuse new layers below this share of free data or metadata.
     pub min_free_space: Percent,
     /// Discard a layer's blocks before deleting it (gives loop-file space back).
@@ -82,6 +85,12 @@ impl Settings {
                 .mount_options
                 .iter()
                 .map(|o: &MountOption| o.as_str().to_string())
+                .collect(),
+            mount_roots: config
+                .layers
+                .mount_roots
+                .iter()
+                .map(|root| root.path().to_path_buf())
                 .collect(),
             min_free_space: config.pool.min_free_space,
             discard_on_remove: config.layers.discard_on_remove,
@@ -876,7 +885,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             .map_err(|e| Error::io(format!("creating {}", target.display()), e))?;
         self.fs.mount(node, &target, filesystem, read_only, &[])?;
         let done = f(&target);
-        let unmounted = self.fs.unmount(&target);
+        let unmounted = self.fs.unmount(&target, node);
         let _ = std::fs::remove_dir(&target);
         let done = done?;
         unmounted.map(|()| done)
@@ -1009,12 +1018,17 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Mount a layer at `target` (default `<state_dir>/mnt/<name>`), read-only when asked or
     /// committed. Mounting the same layer at the same place again adds a user; each user
     /// unmounts once. Returns the mount point.
+    ///
+    /// A given target must be beneath `<state_dir>/mnt` or a configured mount root (else
+    /// `Permission`), and an existing empty directory reached through no symbolic link. The
+    /// mount table is asked before a record is trusted: a recorded mount that is gone (unmounted
+    /// by hand) is mounted again, not merely counted.
     pub fn mount(&self, name: &str, target: Option<&Path>, read_only: bool) -> Result<PathBuf> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.ready_record(&name)?;
         let read_only = read_only || record.committed;
         let target = match target {
-            Some(path) => checked_mount_target(path)?,
+            Some(path) => self.mount_policy().check(path)?,
             None => {
                 let path = self.settings.state_dir.join("mnt").join(name.as_str());
                 std::fs::create_dir_all(&path)
@@ -1022,7 +1036,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 path
             }
         };
-        let mut updated = record.clone();
+        let mut updated = self.drop_gone_mounts(record)?;
         if let Some(existing) = updated.mounts.get_mut(&target) {
             if existing.read_only != read_only {
                 return Err(Error::new(
@@ -1048,11 +1062,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 format!("{} has something else mounted on it", target.display()),
             ));
         }
-        let node = self.ensure_active(&record)?;
+        let node = self.ensure_active(&updated)?;
         self.fs.mount(
             &node,
             &target,
-            record.filesystem,
+            updated.filesystem,
             read_only,
             &self.settings.mount_options,
         )?;
@@ -1060,20 +1074,71 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         updated
             .mounts
             .insert(target.clone(), MountRecord { refs: 1, read_only });
-        self.put(updated)?;
+        if let Err(e) = self.put(updated) {
+            // Never a mount the records do not know: take it back.
+            if let Err(undo) = self.fs.unmount(&target, &node) {
+                tracing::error!(layer = %name, target = %target.display(), error = %undo, "could not undo a mount whose record was not written; the next start records it");
+            }
+            return Err(e);
+        }
         tracing::info!(layer = %name, target = %target.display(), read_only, "layer mounted");
         Ok(target)
     }
 
+    /// Where callers may mount layers.
+    fn mount_policy(&self) -> mount_policy::MountPolicy<'_> {
+        mount_policy::MountPolicy {
+            state_dir: &self.settings.state_dir,
+            roots: &self.settings.mount_roots,
+        }
+    }
+
+    /// `record` without the mounts the kernel no longer has (unmounted behind thinstack's
+    /// back), written back when any were dropped.
+    fn drop_gone_mounts(&self, record: LayerRecord) -> Result<LayerRecord> {
+        if record.mounts.is_empty() {
+            return Ok(record);
+        }
+        let live: BTreeSet<PathBuf> = match self.kernel.active_node(record.thin_id)? {
+            Some(node) => self
+                .fs
+                .mounts_of(&node)?
+                .into_iter()
+                .map(|(target, _)| target)
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        let mut updated = record;
+        let gone: Vec<PathBuf> = updated
+            .mounts
+            .keys()
+            .filter(|target| !live.contains(*target))
+            .cloned()
+            .collect();
+        if gone.is_empty() {
+            return Ok(updated);
+        }
+        for target in &gone {
+            updated.mounts.remove(target);
+        }
+        self.put(updated.clone())?;
+        tracing::warn!(layer = %updated.name, mounts = ?gone, "dropped mount records whose mount was gone (unmounted by hand?)");
+        Ok(updated)
+    }
+
     /// Drop one user of a mount of the layer (the only mount, or the one at `target`); the last
-    /// user unmounts. The device stays active.
+    /// user unmounts. The device stays active. A recorded mount that the kernel no longer has
+    /// is dropped from the record; one that something else now covers is refused.
     pub fn unmount(&self, name: &str, target: Option<&Path>) -> Result<()> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.record(&name)?;
+        let had = record.mounts.len();
+        let record = self.drop_gone_mounts(record)?;
         let target = match target {
-            Some(path) => path.to_path_buf(),
+            Some(path) => mount_policy::plain(path)?,
             None => match record.mounts.keys().collect::<Vec<_>>().as_slice() {
                 [only] => (*only).clone(),
+                [] if had > 0 => return Ok(()),
                 [] => return Err(Error::invalid(format!("layer {name:?} is not mounted"))),
                 many => {
                     return Err(Error::invalid(format!(
@@ -1089,6 +1154,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         };
         let mut updated = record;
         let Some(mount) = updated.mounts.get_mut(&target) else {
+            if had > updated.mounts.len() {
+                // The one named was among those already gone.
+                return Ok(());
+            }
             return Err(Error::invalid(format!(
                 "layer {name:?} is not mounted at {}",
                 target.display()
@@ -1098,7 +1167,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             mount.refs -= 1;
             return self.put(updated);
         }
-        self.fs.unmount(&target)?;
+        let node = self.kernel.active_node(updated.thin_id)?.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Inconsistent,
+                format!("layer {name:?} is recorded mounted but its device is not active"),
+            )
+        })?;
+        self.fs.unmount(&target, &node)?;
         updated.mounts.remove(&target);
         self.put(updated)?;
         tracing::info!(layer = %name, target = %target.display(), "layer unmounted");
@@ -1387,29 +1462,6 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A caller's mount point must be an absolute path to an existing directory.
-fn checked_mount_target(path: &Path) -> Result<PathBuf> {
-    if !path.is_absolute()
-        || path
-            .components()
-            .any(|c| c == std::path::Component::ParentDir)
-    {
-        return Err(Error::invalid(format!(
-            "mount point {} must be an absolute path without \"..\"",
-            path.display()
-        )));
-    }
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Error::io(format!("mount point {}", path.display()), e))?;
-    if !meta.is_dir() {
-        return Err(Error::invalid(format!(
-            "mount point {} is not a directory",
-            path.display()
-        )));
-    }
-    Ok(path.to_path_buf())
 }
 
 #[cfg(test)]

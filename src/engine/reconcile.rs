@@ -300,7 +300,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 continue;
             }
             if self.fs.is_mounted(&path)? {
-                self.fs.unmount(&path)?;
+                let Some(node) = self.growth_device(&path)? else {
+                    tracing::warn!(path = %path.display(), "left a mount on a growth mount point alone: it is no active layer device's");
+                    continue;
+                };
+                self.fs.unmount(&path, &node)?;
                 report.stale_mounts.push(path.clone());
             }
             let _ = std::fs::remove_dir(&path);

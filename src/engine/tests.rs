@@ -33,6 +33,7 @@ impl Fixture {
             filesystem: FsType::Ext4,
             mkfs_args: Vec::new(),
             mount_options: Vec::new(),
+            mount_roots: Vec::new(),
             min_free_space: Percent::new(10).unwrap(),
             discard_on_remove: true,
             busy_retries: 2,
@@ -489,25 +490,83 @@ fn thin_ids_of_existing_layers_are_never_handed_out_again() {
 }
 
 #[test]
-fn mount_targets_must_be_absolute_directories() {
+fn mount_targets_outside_mnt_and_the_mount_roots_are_not_permitted() {
     let f = Fixture::new();
-    let engine = f.engine();
+    let roots = tempfile::tempdir().unwrap();
+    let settings = Settings {
+        mount_roots: vec![roots.path().to_path_buf()],
+        ..f.settings()
+    };
+    let (engine, _) = Engine::open(f.sim.clone(), f.sim.clone(), settings).unwrap();
     engine.create(&base("base")).unwrap();
-    for bad in ["relative", "/nonexistent/dir", "/tmp/../etc"] {
+    let state = f.dir.path().display().to_string();
+    for bad in [
+        "/".to_string(),
+        "/etc".to_string(),
+        state.clone(),
+        format!("{state}/layers"),
+        format!("{state}/mnt"),
+        format!("{state}/mnt/.grow-1"),
+        roots.path().display().to_string(),
+    ] {
+        let err = engine
+            .mount("base", Some(Path::new(&bad)), false)
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Permission, "{bad}: {err}");
+    }
+    for bad in ["relative", "/tmp/../etc"] {
         let err = engine
             .mount("base", Some(Path::new(bad)), false)
             .unwrap_err();
-        assert!(
-            matches!(err.kind(), ErrorKind::Invalid | ErrorKind::NotFound),
-            "{bad}: {err}"
-        );
+        assert_eq!(err.kind(), ErrorKind::Invalid, "{bad}: {err}");
     }
-    let file = f.dir.path().join("file");
-    std::fs::write(&file, b"").unwrap();
-    assert_eq!(
-        engine.mount("base", Some(&file), false).unwrap_err().kind(),
-        ErrorKind::Invalid
+    assert!(
+        f.sim.mounts_now().is_empty(),
+        "a refused mount changes nothing"
     );
+    assert!(engine.inspect("base").unwrap().mounts.is_empty());
+    let allowed = roots.path().join("vm1/rootfs/");
+    let target = engine.mount("base", Some(&allowed), false).unwrap();
+    assert_eq!(
+        target,
+        roots.path().join("vm1/rootfs"),
+        "kept in plain form"
+    );
+    engine.unmount("base", Some(&allowed)).unwrap();
+}
+
+#[test]
+fn a_recorded_mount_that_is_gone_is_mounted_again_not_counted() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("a")).unwrap();
+    let target = engine.mount("a", None, false).unwrap();
+    let node = f
+        .sim
+        .active_node(engine.inspect("a").unwrap().thin_id)
+        .unwrap()
+        .unwrap();
+    FsKernel::unmount(&f.sim, &target, &node).unwrap(); // by hand
+                                                        // Mounting again really mounts (one user), instead of counting a second user of nothing.
+    assert_eq!(engine.mount("a", None, false).unwrap(), target);
+    assert!(f.sim.is_mounted(&target).unwrap());
+    assert_eq!(engine.inspect("a").unwrap().mounts[&target].refs, 1);
+    // Unmounted by hand again: the unmount drops the record and succeeds.
+    FsKernel::unmount(&f.sim, &target, &node).unwrap();
+    engine.unmount("a", None).unwrap();
+    assert!(engine.inspect("a").unwrap().mounts.is_empty());
+    // Something else mounted where the layer was: thinstack neither counts it nor unmounts it.
+    engine.create(&base("b")).unwrap();
+    engine.mount("a", None, false).unwrap();
+    FsKernel::unmount(&f.sim, &target, &node).unwrap();
+    let other = engine.activate("b").unwrap();
+    f.sim
+        .mount(&other, &target, FsType::Ext4, false, &[])
+        .unwrap();
+    let err = engine.mount("a", None, false).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert_eq!(f.sim.mounts_now(), [target.clone()]);
+    assert!(engine.inspect("a").unwrap().mounts.is_empty());
 }
 
 #[test]
@@ -634,7 +693,12 @@ fn mount_records_whose_mount_is_gone_are_listed_then_dropped() {
     engine.create(&base("a")).unwrap();
     let target = engine.mount("a", None, false).unwrap();
     assert!(engine.stale_mount_records(false).unwrap().is_empty());
-    FsKernel::unmount(&f.sim, &target).unwrap(); // behind thinstack's back
+    let node = f
+        .sim
+        .active_node(engine.inspect("a").unwrap().thin_id)
+        .unwrap()
+        .unwrap();
+    FsKernel::unmount(&f.sim, &target, &node).unwrap(); // behind thinstack's back
 
     let stale = engine.stale_mount_records(false).unwrap();
     assert_eq!(stale, [(LayerName::new("a").unwrap(), target.clone())]);
@@ -681,7 +745,10 @@ fn stale_mount_points_are_only_empty_directories_of_no_layer() {
         std::fs::create_dir(mnt.join(dir)).unwrap();
     }
     std::fs::write(mnt.join("full/file"), b"keep").unwrap();
-    let growth = mnt.join(".grow-78");
+    // A growth mount a crash left: layer a's device at `.grow-<its id>`.
+    let id = engine.inspect("a").unwrap().thin_id;
+    assert_ne!(id.value(), 77);
+    let growth = mnt.join(format!(".grow-{id}"));
     std::fs::create_dir(&growth).unwrap();
     let node = engine.activate("a").unwrap();
     f.sim
@@ -692,8 +759,8 @@ fn stale_mount_points_are_only_empty_directories_of_no_layer() {
     assert_eq!(
         stale,
         [
-            StalePoint::Directory(mnt.join(".grow-77")),
             StalePoint::GrowthMount(growth.clone()),
+            StalePoint::Directory(mnt.join(".grow-77")),
             StalePoint::Directory(mnt.join("ghost")),
         ]
     );

@@ -93,9 +93,21 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
         ErrorKind::Busy,
     );
     pool.snapshot(a, b).expect("snapshot of a mounted origin");
-    fs.unmount(mount_point).expect("unmount");
+    let other = pool.activate(b, size, true).expect("activate the snapshot");
+    expect_kind(
+        "unmounting another device's mount",
+        fs.unmount(mount_point, &other),
+        ErrorKind::Permission,
+    );
+    pool.deactivate(b).expect("deactivate the snapshot");
+    fs.unmount(mount_point, &node).expect("unmount");
     assert!(!fs.is_mounted(mount_point).expect("is_mounted"));
     assert!(fs.mounts_of(&node).expect("mounts_of").is_empty());
+    expect_kind(
+        "unmounting where nothing is mounted",
+        fs.unmount(mount_point, &node),
+        ErrorKind::Permission,
+    );
     assert!(
         pool.mapped(a).expect("mapped").bytes() > 0,
         "mkfs maps blocks"

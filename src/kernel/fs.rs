@@ -6,8 +6,9 @@ use std::path::Path;
 use nix::mount::{MntFlags, MsFlags};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
+use crate::kernel::mount_target::MountTarget;
 
 /// A filesystem thinstack can make on a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -77,6 +78,10 @@ pub fn implied_mount_options(fs: FsType) -> &'static [&'static str] {
 }
 
 /// Mount `device` (holding `fs`) at `target`, read-only when asked, with `options`.
+///
+/// The target is opened first without following any symbolic link, must be an empty directory,
+/// and the mount goes onto that open directory, not onto the path again. A layer mount is
+/// `nodev,nosuid` unless `options` say `dev` or `suid`.
 pub fn mount(
     device: &Path,
     target: &Path,
@@ -84,21 +89,16 @@ pub fn mount(
     read_only: bool,
     options: &[&str],
 ) -> Result<()> {
-    let data: Vec<&str> = implied_mount_options(fs)
-        .iter()
-        .copied()
-        .chain(options.iter().copied())
-        .collect();
-    let data = data.join(",");
-    let flags = if read_only {
-        MsFlags::MS_RDONLY
-    } else {
-        MsFlags::empty()
-    };
-    tracing::debug!(device = %device.display(), target = %target.display(), %fs, read_only, options = %data, "mounting");
+    let opened = MountTarget::open(target)?;
+    opened.ensure_empty()?;
+    let (mut flags, data) = split_mount_options(implied_mount_options(fs), options);
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    tracing::debug!(device = %device.display(), target = %target.display(), %fs, read_only, ?flags, options = %data, "mounting");
     nix::mount::mount(
         Some(device),
-        target,
+        &opened.proc_path(),
         Some(fs.name()),
         flags,
         (!data.is_empty()).then_some(data.as_str()),
@@ -117,6 +117,47 @@ pub fn mount(
         bound_xfs_enospc_retries(device);
     }
     Ok(())
+}
+
+/// The options `mount(8)` turns into mount flags rather than passing to the filesystem; each
+/// sets (`true`) or clears its flag.
+const FLAG_OPTIONS: &[(&str, MsFlags, bool)] = &[
+    ("ro", MsFlags::MS_RDONLY, true),
+    ("rw", MsFlags::MS_RDONLY, false),
+    ("nodev", MsFlags::MS_NODEV, true),
+    ("dev", MsFlags::MS_NODEV, false),
+    ("nosuid", MsFlags::MS_NOSUID, true),
+    ("suid", MsFlags::MS_NOSUID, false),
+    ("noexec", MsFlags::MS_NOEXEC, true),
+    ("exec", MsFlags::MS_NOEXEC, false),
+    ("noatime", MsFlags::MS_NOATIME, true),
+    ("atime", MsFlags::MS_NOATIME, false),
+    ("nodiratime", MsFlags::MS_NODIRATIME, true),
+    ("diratime", MsFlags::MS_NODIRATIME, false),
+    ("relatime", MsFlags::MS_RELATIME, true),
+    ("norelatime", MsFlags::MS_RELATIME, false),
+    ("strictatime", MsFlags::MS_STRICTATIME, true),
+    ("sync", MsFlags::MS_SYNCHRONOUS, true),
+    ("async", MsFlags::MS_SYNCHRONOUS, false),
+    ("dirsync", MsFlags::MS_DIRSYNC, true),
+    ("lazytime", MsFlags::MS_LAZYTIME, true),
+    ("nolazytime", MsFlags::MS_LAZYTIME, false),
+];
+
+/// Mount flags and the filesystem's own option string from `implied` then `options`: flag
+/// options become flags (the filesystem would refuse them as unknown), and a layer starts
+/// `nodev,nosuid`, which only an explicit `dev` or `suid` lifts.
+pub fn split_mount_options(implied: &[&str], options: &[&str]) -> (MsFlags, String) {
+    let mut flags = MsFlags::MS_NODEV | MsFlags::MS_NOSUID;
+    let mut data = Vec::new();
+    for option in implied.iter().chain(options) {
+        match FLAG_OPTIONS.iter().find(|(name, _, _)| name == option) {
+            Some((_, flag, true)) => flags |= *flag,
+            Some((_, flag, false)) => flags &= !*flag,
+            None => data.push(*option),
+        }
+    }
+    (flags, data.join(","))
 }
 
 /// Make the fresh filesystem mounted at `root` bare, as containerd's snapshotters give a new
@@ -168,16 +209,20 @@ fn bound_xfs_enospc_retries(device: &Path) {
 const UNMOUNT_ATTEMPTS: u32 = 20;
 const UNMOUNT_RETRY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Unmount the filesystem at `target`.
+/// Unmount the filesystem of `device` at `target`, and nothing else: the target is opened
+/// without following a symbolic link, must be the root of a mount of `device`, and is
+/// unmounted with `UMOUNT_NOFOLLOW`. Something else mounted there (on top, say, or instead,
+/// after an unmount by hand) is refused with `Permission`, and left alone.
 ///
 /// EBUSY is retried for about a second: a child process that another thread is starting holds
 /// copies of this process's open files until its `exec` closes them (O_CLOEXEC), so a file just
 /// closed here can keep the filesystem busy for that long. Returns a `Busy` error when files on
 /// it are still open after that.
-pub fn unmount(target: &Path) -> Result<()> {
+pub fn unmount(target: &Path, device: &Path) -> Result<()> {
+    ensure_mount_of(target, device)?;
     let mut attempt = 1;
     loop {
-        match nix::mount::umount2(target, MntFlags::empty()) {
+        match nix::mount::umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
             Ok(()) => return Ok(()),
             Err(nix::errno::Errno::EBUSY) if attempt < UNMOUNT_ATTEMPTS => {
                 attempt += 1;
@@ -191,6 +236,28 @@ pub fn unmount(target: &Path) -> Result<()> {
             }
         }
     }
+}
+
+/// Refuse unless the top mount at `target` is `device`'s filesystem. The directory is closed
+/// again before the unmount (an open one would keep the mount busy).
+fn ensure_mount_of(target: &Path, device: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let wanted = std::fs::metadata(device)
+        .map_err(|e| Error::io(format!("reading {}", device.display()), e))?
+        .rdev();
+    let opened = MountTarget::open(target)?;
+    if opened.device()? == wanted && opened.is_mount_root()? {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Permission,
+        format!(
+            "{} is not where {} is mounted (something else is mounted there, or nothing); \
+             thinstack unmounts only its own mounts",
+            target.display(),
+            device.display()
+        ),
+    ))
 }
 
 /// Grow the filesystem on `device` (mounted at `mount_point` for xfs, which grows only while
@@ -222,6 +289,19 @@ mod tests {
         let (program, args) = mkfs_base_args(FsType::Xfs);
         assert_eq!(program, Program::MkfsXfs);
         assert!(args.contains(&"-K"));
+    }
+
+    #[test]
+    fn layer_mounts_are_nodev_nosuid_unless_the_options_say_dev_or_suid() {
+        let (flags, data) = split_mount_options(&["nouuid"], &["noatime", "commit=60"]);
+        assert!(flags.contains(MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOATIME));
+        assert_eq!(
+            data, "nouuid,commit=60",
+            "flag options never reach the filesystem"
+        );
+        let (flags, data) = split_mount_options(&[], &["dev", "suid"]);
+        assert!(!flags.intersects(MsFlags::MS_NODEV | MsFlags::MS_NOSUID));
+        assert_eq!(data, "");
     }
 
     #[test]

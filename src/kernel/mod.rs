@@ -12,6 +12,7 @@ pub mod dm;
 pub mod fs;
 pub mod loopdev;
 pub mod lvm;
+pub mod mount_target;
 pub mod mounts;
 pub mod real;
 pub mod sim;
@@ -106,8 +107,9 @@ pub trait FsKernel {
         read_only: bool,
         options: &[String],
     ) -> Result<()>;
-    /// Unmount `target`; `Busy` while files are open there.
-    fn unmount(&self, target: &Path) -> Result<()>;
+    /// Unmount `device`'s filesystem at `target`; `Permission` when the top mount there is
+    /// not `device`'s, `Busy` while files are open there.
+    fn unmount(&self, target: &Path, device: &Path) -> Result<()>;
     /// Grow the filesystem mounted at `mount_point` (on `device`) to fill its device.
     fn grow(&self, fs: FsType, device: &Path, mount_point: &Path) -> Result<()>;
     /// Whether something is mounted at `target`.

@@ -255,8 +255,8 @@ impl FsKernel for RealFs {
         fs::mount(device, target, fs_type, read_only, &options)
     }
 
-    fn unmount(&self, target: &Path) -> Result<()> {
-        fs::unmount(target)
+    fn unmount(&self, target: &Path, device: &Path) -> Result<()> {
+        fs::unmount(target, device)
     }
 
     fn grow(&self, fs_type: FsType, device: &Path, mount_point: &Path) -> Result<()> {

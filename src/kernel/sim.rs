@@ -408,13 +408,24 @@ impl FsKernel for Sim {
         Ok(())
     }
 
-    fn unmount(&self, target: &Path) -> Result<()> {
+    fn unmount(&self, target: &Path, device: &Path) -> Result<()> {
         self.enter(SimOp::Unmount)?;
-        self.state()
-            .mounts
-            .remove(target)
-            .map(|_| ())
-            .ok_or_else(|| Error::invalid(format!("{} is not mounted", target.display())))
+        let id = Sim::id_of_node(device)?;
+        let mut state = self.state();
+        match state.mounts.get(target) {
+            Some((mounted, _)) if *mounted == id => {
+                state.mounts.remove(target);
+                Ok(())
+            }
+            _ => Err(Error::new(
+                ErrorKind::Permission,
+                format!(
+                    "{} is not where {} is mounted; thinstack unmounts only its own mounts",
+                    target.display(),
+                    device.display()
+                ),
+            )),
+        }
     }
 
     fn grow(&self, _fs: FsType, _device: &Path, mount_point: &Path) -> Result<()> {
