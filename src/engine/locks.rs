@@ -29,14 +29,37 @@ impl LayerLocks {
 
     /// Wait until no one else works on `name`, then hold it.
     ///
-    /// To stay free of deadlocks, a caller that holds two locks takes a layer's before its
-    /// parent's, and never a descendant's while holding an ancestor's.
+    /// To stay free of deadlocks, a caller that holds a lock and needs another waits only for
+    /// one no waiter for its own can hold: a fresh name of its own making. Two names that
+    /// clients chose are taken together with [`LayerLocks::lock_both`].
     pub(super) fn lock(&self, name: &LayerName) -> LayerGuard<'_> {
         let mut held = self.held();
         while held.contains(name) {
             held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
         }
         held.insert(name.clone());
+        self.guard(name)
+    }
+
+    /// Wait until no one works on `first` or `second` (distinct), then hold both. Holding
+    /// neither while waiting, the caller can be in no cycle of waits: `create b --parent a`
+    /// and `create a --parent b` sent together each take both or wait with nothing.
+    pub(super) fn lock_both(
+        &self,
+        first: &LayerName,
+        second: &LayerName,
+    ) -> (LayerGuard<'_>, LayerGuard<'_>) {
+        debug_assert_ne!(first, second, "a name is locked once");
+        let mut held = self.held();
+        while held.contains(first) || held.contains(second) {
+            held = self.released.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.insert(first.clone());
+        held.insert(second.clone());
+        (self.guard(first), self.guard(second))
+    }
+
+    fn guard(&self, name: &LayerName) -> LayerGuard<'_> {
         LayerGuard {
             locks: self,
             name: name.clone(),
@@ -85,5 +108,27 @@ mod tests {
         }
         assert_eq!(most.load(Ordering::SeqCst), 1);
         assert!(locks.held().is_empty(), "every guard gave its name back");
+    }
+
+    #[test]
+    fn crossing_pairs_never_wait_on_each_other_forever() {
+        let locks = Arc::new(LayerLocks::default());
+        let a = LayerName::new("a").unwrap();
+        let b = LayerName::new("b").unwrap();
+        let threads: Vec<_> = [(a.clone(), b.clone()), (b, a)]
+            .into_iter()
+            .map(|(first, second)| {
+                let locks = locks.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..2000 {
+                        let _both = locks.lock_both(&first, &second);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(locks.held().is_empty());
     }
 }

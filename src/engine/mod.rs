@@ -678,7 +678,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         request: &CreateLayer,
         snapshot: Option<SnapshotRecord>,
     ) -> Result<Layer> {
-        let (name, _guard) = self.lock_layer(&request.name)?;
+        let name = LayerName::new(&request.name)?;
         // The parent's lock is held until the snapshot is taken: its device does not change
         // under the snapshot, and it cannot be removed before its child's record exists.
         let parent_name = request.parent.as_deref().map(LayerName::new).transpose()?;
@@ -688,7 +688,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 "layer {name:?} cannot be a snapshot of itself; name another layer as its parent"
             )));
         }
-        let parent_guard = parent_name.as_ref().map(|p| self.locks.lock(p));
+        // Both names at once: two creates that name each other as parent would otherwise each
+        // hold one and wait for the other for ever.
+        let (_guard, parent_guard) = match &parent_name {
+            Some(parent) => {
+                let (guard, parent_guard) = self.locks.lock_both(&name, parent);
+                (guard, Some(parent_guard))
+            }
+            None => (self.locks.lock(&name), None),
+        };
         let mut plan = self.plan_create(name, request)?;
         plan.bare_root = snapshot.is_some();
         self.check_space()?;

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
@@ -1039,4 +1040,30 @@ fn a_crash_inside_a_snapshot_commit_loses_neither_the_key_nor_the_name() {
         }
     }
     assert!(crashes >= 5, "only {crashes} crashes were exercised");
+}
+
+#[test]
+fn creates_that_name_each_other_as_parent_never_deadlock() {
+    let f = Fixture::new();
+    let engine = Arc::new(f.engine());
+    engine.create(&base("base")).unwrap();
+    let (done, finished) = std::sync::mpsc::channel();
+    for (first, second) in [("x", "y"), ("y", "x")] {
+        let (engine, done) = (engine.clone(), done.clone());
+        std::thread::spawn(move || {
+            // Neither parent exists, so each create is refused at once, and fast: many rounds
+            // of the two crossing in the few instructions between taking the two locks.
+            for _ in 0..20_000 {
+                let err = engine.create(&child(first, second)).unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+            }
+            done.send(()).unwrap();
+        });
+    }
+    for _ in 0..2 {
+        finished
+            .recv_timeout(Duration::from_secs(120))
+            .expect("crossing creates deadlocked");
+    }
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 1);
 }

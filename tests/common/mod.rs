@@ -98,6 +98,11 @@ impl TestPool {
         if !extra.contains("data_size") {
             config.pool.loop_files.data_size = ByteSize::gib(4);
         }
+        // Tests mount at chosen places under their own directory (`mount_point`).
+        if !extra.contains("mount_roots") {
+            let root = thinstack::config::AbsolutePath::new(dir.path().join("mnt")).unwrap();
+            config.layers.mount_roots = vec![root];
+        }
         if !extra.contains("metadata_size") {
             config.pool.loop_files.metadata_size = MetadataSize::new(ByteSize::mib(64)).unwrap();
         }
