@@ -68,3 +68,64 @@ impl Change {
         .log();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Error;
+    use std::sync::{Arc, Mutex};
+    use tonic::transport::server::Connected;
+
+    /// Log output, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What `log` logs, formatted as thinstackd does off a terminal.
+    fn logged(log: impl FnOnce()) -> String {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .without_time()
+            .with_target(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, log);
+        let text = captured.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_containerd_change_is_audited_with_its_peer_key_namespace_and_code() {
+        let (ours, _theirs) = tokio::net::UnixStream::pair().unwrap();
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert(NAMESPACE_HEADER, "ns".parse().unwrap());
+        request.extensions_mut().insert(ours.connect_info());
+        let change = Change::begin("containerd.Remove", &request).on("k");
+        let text = logged(|| change.finished::<()>(&Err(Error::not_found("no snapshot k"))));
+        let (uid, pid) = (nix::unistd::geteuid(), std::process::id());
+        let expected = format!(
+            "INFO audit uid={uid} pid={pid} operation=\"containerd.Remove\" layer=\"k\" namespace=\"ns\" status=NotFound outcome=\"failed\" error=\"no snapshot k\""
+        );
+        assert!(text.contains(&expected), "{text}");
+        let text =
+            logged(|| Change::begin("containerd.Cleanup", &Request::new(())).finished(&Ok(())));
+        assert!(
+            text.contains("audit uid=unknown pid=unknown operation=\"containerd.Cleanup\" namespace=\"\" status=Ok outcome=\"ok\""),
+            "{text}"
+        );
+    }
+}
