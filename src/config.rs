@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use crate::error::{Error, Result};
 use crate::kernel::fs::FsType;
 use crate::names::PoolName;
-use crate::units::{ByteSize, Percent};
+use crate::units::{ByteSize, Percent, Timeout};
 
 /// Where the daemon looks for its configuration when none is named.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/thinstack/thinstack.toml";
@@ -104,7 +104,29 @@ pub struct DaemonConfig {
     pub deactivate_on_shutdown: bool,
     /// Seconds between checks of pool space and retries of deferred removals.
     pub watch_interval_seconds: u32,
+    /// Most connections open at once on the API socket, and apart on containerd's; a client
+    /// beyond it is refused at once, so idle or stalled clients cannot use up the daemon.
+    pub max_connections: u32,
+    /// How long a client may take to send a request's head (an idle connection is closed
+    /// after it too) and then, again, its body.
+    pub request_timeout: Timeout,
+    /// At SIGTERM, how long open connections get to finish before they are cut. Operations
+    /// already started always finish, however long they take.
+    pub shutdown_timeout: Timeout,
 }
+
+/// `daemon.max_connections` bounds: at least one client; at most the file descriptors the
+/// shipped systemd unit gives the daemon (`LimitNOFILE=65536`).
+pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=65536;
+
+/// `daemon.request_timeout` bounds: a second is the least a real client needs; an hour is
+/// already far more than any request of a few kilobytes takes.
+pub const REQUEST_TIMEOUT_RANGE: std::ops::RangeInclusive<Timeout> =
+    Timeout::secs(1)..=Timeout::secs(3600);
+
+/// `daemon.shutdown_timeout` bounds: 0 cuts open connections at once.
+pub const SHUTDOWN_TIMEOUT_RANGE: std::ops::RangeInclusive<Timeout> =
+    Timeout::secs(0)..=Timeout::secs(3600);
 
 impl Default for DaemonConfig {
     fn default() -> Self {
@@ -113,6 +135,9 @@ impl Default for DaemonConfig {
             log_level: LogLevel::Info,
             deactivate_on_shutdown: false,
             watch_interval_seconds: 5,
+            max_connections: 256,
+            request_timeout: Timeout::secs(30),
+            shutdown_timeout: Timeout::secs(30),
         }
     }
 }
@@ -629,7 +654,7 @@ impl Config {
             ));
         }
         self.check_backend()?;
-        check_socket_group("daemon.socket_group", &self.daemon.socket_group)?;
+        self.daemon.check()?;
         if let Some((i, _)) = self
             .layers
             .mkfs_args
@@ -715,6 +740,51 @@ fn check_base_size(key: &str, size: ByteSize, fs: FsType) -> std::result::Result
         ));
     }
     Ok(())
+}
+
+impl DaemonConfig {
+    fn check(&self) -> std::result::Result<(), KeyError> {
+        check_socket_group("daemon.socket_group", &self.socket_group)?;
+        if !MAX_CONNECTIONS_RANGE.contains(&self.max_connections) {
+            return Err(KeyError::new(
+                "daemon.max_connections",
+                format!(
+                    "{} is out of range; allow from {} to {} connections (each is a file descriptor)",
+                    self.max_connections,
+                    MAX_CONNECTIONS_RANGE.start(),
+                    MAX_CONNECTIONS_RANGE.end()
+                ),
+            ));
+        }
+        check_timeout(
+            "daemon.request_timeout",
+            self.request_timeout,
+            REQUEST_TIMEOUT_RANGE,
+        )?;
+        check_timeout(
+            "daemon.shutdown_timeout",
+            self.shutdown_timeout,
+            SHUTDOWN_TIMEOUT_RANGE,
+        )
+    }
+}
+
+fn check_timeout(
+    key: &str,
+    value: Timeout,
+    range: std::ops::RangeInclusive<Timeout>,
+) -> std::result::Result<(), KeyError> {
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(KeyError::new(
+        key,
+        format!(
+            "{value} is out of range; write from {} to {}, such as \"30s\"",
+            range.start(),
+            range.end()
+        ),
+    ))
 }
 
 impl Config {
@@ -1184,5 +1254,79 @@ mount_roots = ["/srv/layers"]
         let c = Config::default();
         let again = Config::parse(&c.to_toml(), "x").unwrap();
         assert_eq!(c, again);
+    }
+
+    #[test]
+    fn connection_limits_and_timeouts_are_read_with_their_defaults() {
+        let d = Config::default().daemon;
+        assert_eq!(d.max_connections, 256);
+        assert_eq!(d.request_timeout, Timeout::secs(30));
+        assert_eq!(d.shutdown_timeout, Timeout::secs(30));
+        let text =
+            "[daemon]\nmax_connections = 4\nrequest_timeout = \"2s\"\nshutdown_timeout = 90\n";
+        let c = Config::parse(text, "x").unwrap().daemon;
+        assert_eq!(c.max_connections, 4);
+        assert_eq!(
+            c.request_timeout.duration(),
+            std::time::Duration::from_secs(2)
+        );
+        assert_eq!(c.shutdown_timeout, Timeout::secs(90));
+        let zero = Config::parse("[daemon]\nshutdown_timeout = \"0s\"\n", "x").unwrap();
+        assert_eq!(zero.daemon.shutdown_timeout, Timeout::secs(0));
+        // Written back as text, so the effective config round-trips.
+        let shown = Config::parse(text, "x").unwrap().to_toml();
+        assert!(shown.contains("shutdown_timeout = \"1m 30s\""), "{shown}");
+        assert_eq!(Config::parse(&shown, "x").unwrap().daemon, c);
+    }
+
+    #[test]
+    fn connection_limits_and_timeouts_out_of_range_say_what_is_allowed() {
+        for (text, key, says) in [
+            (
+                "max_connections = 0",
+                "daemon.max_connections",
+                "from 1 to 65536",
+            ),
+            (
+                "max_connections = 70000",
+                "daemon.max_connections",
+                "from 1 to 65536",
+            ),
+            (
+                "max_connections = -1",
+                "daemon.max_connections",
+                "invalid value",
+            ),
+            (
+                "request_timeout = \"0s\"",
+                "daemon.request_timeout",
+                "from 1s to 1h",
+            ),
+            (
+                "request_timeout = \"2h\"",
+                "daemon.request_timeout",
+                "from 1s to 1h",
+            ),
+            (
+                "shutdown_timeout = \"61m\"",
+                "daemon.shutdown_timeout",
+                "from 0s to 1h",
+            ),
+            (
+                "shutdown_timeout = \"soon\"",
+                "daemon.shutdown_timeout",
+                "not a length of time",
+            ),
+            (
+                "shutdown_timeout = -5",
+                "daemon.shutdown_timeout",
+                "negative",
+            ),
+        ] {
+            let err = error_of(&format!("[daemon]\n{text}\n"));
+            assert!(err.contains(key), "{text}: {err}");
+            assert!(err.contains(says), "{text}: {err}");
+            assert!(err.contains("line 2"), "{text}: {err}");
+        }
     }
 }

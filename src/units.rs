@@ -1,10 +1,12 @@
-//! Sizes and percentages as users write them (`64K`, `10G`, `10%`), as typed values.
+//! Sizes, percentages and lengths of time as users write them (`64K`, `10G`, `10%`, `30s`), as
+//! typed values.
 //!
 //! Kernel-facing units (`Bytes`, `Sectors`, `DataBlocks`, `MetaBlocks`) come from the
 //! `devicemapper` crate and are re-exported so the rest of thinstack uses one set of types.
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -270,6 +272,85 @@ impl serde::de::Visitor<'_> for PercentVisitor {
     }
 }
 
+/// A length of time, written with a unit (`30s`, `2m`, `1h 30m`, `500ms`) or as a bare whole
+/// number of seconds (`30`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timeout(Duration);
+
+impl Timeout {
+    /// `n` seconds.
+    pub const fn secs(n: u64) -> Self {
+        Timeout(Duration::from_secs(n))
+    }
+
+    /// The length of time.
+    pub fn duration(self) -> Duration {
+        self.0
+    }
+}
+
+impl FromStr for Timeout {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let trimmed = text.trim();
+        if let Ok(seconds) = trimmed.parse::<u64>() {
+            return Ok(Timeout::secs(seconds));
+        }
+        humantime::parse_duration(trimmed).map(Timeout).map_err(|e| {
+            format!("\"{text}\" is not a length of time ({e}); write a number and a unit, such as \"30s\" or \"2m\"")
+        })
+    }
+}
+
+impl fmt::Display for Timeout {
+    /// `30s`, `2m`, `1h 30m`: text that parses back to the same length.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_zero() {
+            return f.write_str("0s");
+        }
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Timeout {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TimeoutVisitor)
+    }
+}
+
+struct TimeoutVisitor;
+
+impl serde::de::Visitor<'_> for TimeoutVisitor {
+    type Value = Timeout;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a length of time such as \"30s\"")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Timeout, E> {
+        text.parse().map_err(E::custom)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, seconds: u64) -> Result<Timeout, E> {
+        Ok(Timeout::secs(seconds))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, seconds: i64) -> Result<Timeout, E> {
+        u64::try_from(seconds).map(Timeout::secs).map_err(|_| {
+            E::custom(format!(
+                "{seconds} is negative; a length of time is zero or more, such as \"30s\""
+            ))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,5 +420,27 @@ mod tests {
         assert!("ten%".parse::<Percent>().is_err());
         assert_eq!(Percent::new(10).unwrap().of(1000), 100);
         assert_eq!(Percent::new(10).unwrap().of(1001), 101);
+    }
+
+    #[test]
+    fn timeouts_parse_with_units_or_as_seconds_and_round_trip() {
+        assert_eq!("30".parse::<Timeout>().unwrap(), Timeout::secs(30));
+        assert_eq!("30s".parse::<Timeout>().unwrap(), Timeout::secs(30));
+        assert_eq!("2m".parse::<Timeout>().unwrap(), Timeout::secs(120));
+        assert_eq!(
+            "500ms".parse::<Timeout>().unwrap().duration(),
+            Duration::from_millis(500)
+        );
+        for text in ["0s", "30s", "2m", "1h 30m", "1s 500ms"] {
+            assert_eq!(text.parse::<Timeout>().unwrap().to_string(), text);
+        }
+        for bad in ["", "ten seconds", "-1s", "1.5x"] {
+            let err = bad.parse::<Timeout>().unwrap_err();
+            assert!(err.contains("not a length of time"), "{bad}: {err}");
+        }
+        let negative = serde_json::from_str::<Timeout>("-3")
+            .unwrap_err()
+            .to_string();
+        assert!(negative.contains("negative"), "{negative}");
     }
 }

@@ -103,6 +103,9 @@ const KEYS: &[&str] = &[
     "log_level",
     "deactivate_on_shutdown",
     "watch_interval_seconds",
+    "max_connections",
+    "request_timeout",
+    "shutdown_timeout",
     "no_such_key",
 ];
 

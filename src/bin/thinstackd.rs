@@ -80,10 +80,16 @@ fn check_pool(config: &Config) -> ExitCode {
 }
 
 /// Human text with colours on a terminal; plain lines without timestamps otherwise (journald
-/// stamps each line itself). `RUST_LOG` overrides `daemon.log_level`.
+/// stamps each line itself). `RUST_LOG` overrides `daemon.log_level`. Audit lines are kept at
+/// every `daemon.log_level`: a quieter log must not lose who changed what.
 fn init_logging(config: &Config) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.daemon.log_level.as_str()));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{},{}=info",
+            config.daemon.log_level.as_str(),
+            thinstack::audit::TARGET
+        ))
+    });
     let terminal = std::io::stderr().is_terminal();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

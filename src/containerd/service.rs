@@ -4,8 +4,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
+use super::change::Change;
 use super::filter::Filters;
 use super::proto::containerd::services::snapshots::v1 as api;
 use super::proto::containerd::types::Mount;
@@ -66,16 +67,38 @@ impl<H: EngineHolder> SnapshotService<H> {
             .map_err(status_of)
     }
 
-    async fn create<T>(&self, request: Request<T>, kind: SnapshotKind) -> Result<Vec<Mount>, Status>
+    /// [`SnapshotService::run`] for an operation that changes something: audited when it
+    /// ends, on its blocking thread, so even if containerd gives up waiting.
+    async fn change<T: Send + 'static>(
+        &self,
+        change: Change,
+        op: impl FnOnce(&Engine<H::Pool, H::Fs>) -> crate::error::Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        self.run(move |engine| {
+            let result = op(engine);
+            change.finished(&result);
+            result
+        })
+        .await
+    }
+
+    async fn create<T>(
+        &self,
+        operation: &'static str,
+        request: Request<T>,
+        kind: SnapshotKind,
+    ) -> Result<Vec<Mount>, Status>
     where
         T: CreateRequest,
     {
-        let namespace = namespace_of(&request)?;
+        let change = Change::begin(operation, &request);
+        let namespace = namespace_of(&request).inspect_err(|s| change.refused(s))?;
         let request = request.into_inner();
         let (key, parent, labels) = request.parts();
+        let change = change.on(&key);
         let root = self.root;
         let mount = self
-            .run(move |engine| {
+            .change(change, move |engine| {
                 let new = NewSnapshot {
                     namespace: &namespace,
                     key: &key,
@@ -120,17 +143,21 @@ fn namespace_of<T>(request: &Request<T>) -> Result<String, Status> {
 
 /// The gRPC status containerd turns back into the matching `errdefs` error.
 pub fn status_of(error: Error) -> Status {
-    let message = error.to_string();
-    match error.kind() {
-        ErrorKind::NotFound => Status::not_found(message),
-        ErrorKind::AlreadyExists => Status::already_exists(message),
-        ErrorKind::Invalid => Status::invalid_argument(message),
+    Status::new(code_of(error.kind()), error.to_string())
+}
+
+/// The gRPC code of an error of `kind`.
+pub fn code_of(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::Invalid => Code::InvalidArgument,
         ErrorKind::Busy | ErrorKind::Inconsistent | ErrorKind::Unsupported => {
-            Status::failed_precondition(message)
+            Code::FailedPrecondition
         }
-        ErrorKind::NoSpace => Status::resource_exhausted(message),
-        ErrorKind::Permission => Status::permission_denied(message),
-        ErrorKind::Kernel | ErrorKind::Command | ErrorKind::Io => Status::internal(message),
+        ErrorKind::NoSpace => Code::ResourceExhausted,
+        ErrorKind::Permission => Code::PermissionDenied,
+        ErrorKind::Kernel | ErrorKind::Command | ErrorKind::Io => Code::Internal,
     }
 }
 
@@ -183,7 +210,9 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         &self,
         request: Request<api::PrepareSnapshotRequest>,
     ) -> Result<Response<api::PrepareSnapshotResponse>, Status> {
-        let mounts = self.create(request, SnapshotKind::Active).await?;
+        let mounts = self
+            .create("containerd.Prepare", request, SnapshotKind::Active)
+            .await?;
         Ok(Response::new(api::PrepareSnapshotResponse { mounts }))
     }
 
@@ -191,7 +220,9 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         &self,
         request: Request<api::ViewSnapshotRequest>,
     ) -> Result<Response<api::ViewSnapshotResponse>, Status> {
-        let mounts = self.create(request, SnapshotKind::View).await?;
+        let mounts = self
+            .create("containerd.View", request, SnapshotKind::View)
+            .await?;
         Ok(Response::new(api::ViewSnapshotResponse { mounts }))
     }
 
@@ -213,9 +244,11 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         &self,
         request: Request<api::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
-        let namespace = namespace_of(&request)?;
+        let change = Change::begin("containerd.Commit", &request);
+        let namespace = namespace_of(&request).inspect_err(|s| change.refused(s))?;
         let request = request.into_inner();
-        self.run(move |engine| {
+        let change = change.on(&request.key);
+        self.change(change, move |engine| {
             let labels: BTreeMap<String, String> = request.labels.into_iter().collect();
             engine.snapshot_commit(&namespace, &request.key, &request.name, labels)
         })
@@ -227,10 +260,14 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         &self,
         request: Request<api::RemoveSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
-        let namespace = namespace_of(&request)?;
+        let change = Change::begin("containerd.Remove", &request);
+        let namespace = namespace_of(&request).inspect_err(|s| change.refused(s))?;
         let key = request.into_inner().key;
-        self.run(move |engine| engine.snapshot_remove(&namespace, &key))
-            .await?;
+        let change = change.on(&key);
+        self.change(change, move |engine| {
+            engine.snapshot_remove(&namespace, &key)
+        })
+        .await?;
         Ok(Response::new(()))
     }
 
@@ -252,15 +289,20 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         &self,
         request: Request<api::UpdateSnapshotRequest>,
     ) -> Result<Response<api::UpdateSnapshotResponse>, Status> {
-        let namespace = namespace_of(&request)?;
+        let change = Change::begin("containerd.Update", &request);
+        let namespace = namespace_of(&request).inspect_err(|s| change.refused(s))?;
         let request = request.into_inner();
         let info = request
             .info
-            .ok_or_else(|| Status::invalid_argument("the update carries no snapshot info"))?;
+            .ok_or_else(|| Status::invalid_argument("the update carries no snapshot info"))
+            .inspect_err(|s| change.refused(s))?;
+        let change = change.on(&info.name);
         let paths = request.update_mask.map(|m| m.paths).unwrap_or_default();
         let labels: BTreeMap<String, String> = info.labels.into_iter().collect();
         let updated = self
-            .run(move |engine| engine.snapshot_update(&namespace, &info.name, &labels, &paths))
+            .change(change, move |engine| {
+                engine.snapshot_update(&namespace, &info.name, &labels, &paths)
+            })
             .await?;
         Ok(Response::new(api::UpdateSnapshotResponse {
             info: Some(info_of(updated)),
@@ -311,11 +353,9 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         }))
     }
 
-    async fn cleanup(
-        &self,
-        _request: Request<api::CleanupRequest>,
-    ) -> Result<Response<()>, Status> {
-        self.run(|engine| engine.process_deferred().map(|_| ()))
+    async fn cleanup(&self, request: Request<api::CleanupRequest>) -> Result<Response<()>, Status> {
+        let change = Change::begin("containerd.Cleanup", &request);
+        self.change(change, |engine| engine.process_deferred().map(|_| ()))
             .await?;
         Ok(Response::new(()))
     }

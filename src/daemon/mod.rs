@@ -3,11 +3,18 @@
 //! Start-up: lock the state directory (before anything touches the pool), open or create the
 //! pool, reconcile records with it, bind the socket, tell systemd it is ready. Each request
 //! runs on a blocking thread of its own, so a client that disconnects mid-request never
-//! interrupts an operation: it finishes whole. On SIGTERM or SIGINT the daemon stops
-//! accepting, lets in-flight operations finish, leaves layers mounted and active (unless
-//! `daemon.deactivate_on_shutdown`), and releases the lock.
+//! interrupts an operation: it finishes whole. At most `daemon.max_connections` clients are
+//! connected at once (on each socket); a request's head and body each have
+//! `daemon.request_timeout` to arrive. Every request that changes something is audited (see
+//! [`crate::audit`]). On SIGTERM or SIGINT the daemon stops accepting, gives open connections
+//! `daemon.shutdown_timeout` to finish and cuts the rest, lets every operation already started
+//! finish, leaves layers mounted and active (unless `daemon.deactivate_on_shutdown`), and
+//! releases the lock.
 
 mod background;
+mod connections;
+mod handler;
+mod in_flight;
 pub mod routes;
 mod server;
 mod socket;
@@ -239,10 +246,11 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
             () = shutdown_signal() => {}
             () = daemon.stop.notified() => {}
         }
+        notify_systemd("STOPPING=1");
+        // Both sockets stop together, so the stop takes one shutdown_timeout, not two.
+        let _ = stopped.send(true);
     };
     server::serve(daemon.clone(), listener, stop).await;
-    notify_systemd("STOPPING=1");
-    let _ = stopped.send(true);
     if let Some(task) = containerd {
         match task.await {
             Ok(Err(e)) => tracing::error!(error = %e, "containerd's snapshot service failed"),
@@ -271,11 +279,15 @@ fn serve_containerd(
     let listener = socket::bind(&socket_path, &config.socket_group)?;
     let (size, filesystem) = daemon.config.containerd_root();
     let service = SnapshotService::new(daemon.clone(), SnapshotRoot { size, filesystem });
+    let limits = crate::containerd::Limits {
+        max_connections: daemon.config.daemon.max_connections,
+        shutdown_timeout: daemon.config.daemon.shutdown_timeout,
+    };
     Ok(Some(tokio::spawn(async move {
         let stop = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         };
-        let served = crate::containerd::serve(service, listener, &socket_path, stop).await;
+        let served = crate::containerd::serve(service, listener, &socket_path, limits, stop).await;
         let _ = std::fs::remove_file(&socket_path);
         served
     })))

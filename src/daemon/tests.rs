@@ -62,6 +62,39 @@ fn every_documented_operation_has_an_id_and_error_responses() {
 }
 
 #[test]
+fn every_operation_documents_the_refusals_of_slow_and_surplus_clients() {
+    let document: Value = serde_json::from_str(OPENAPI).unwrap();
+    let unavailable = &document["components"]["responses"]["Unavailable"];
+    assert!(
+        unavailable["headers"]["Retry-After"].is_object(),
+        "a 503 says when to retry"
+    );
+    for response in ["Unavailable", "RequestTimeout"] {
+        assert_eq!(
+            document["components"]["responses"][response]["content"]["application/json"]["schema"]
+                ["$ref"],
+            "#/components/schemas/Error",
+            "{response}: the JSON error body"
+        );
+    }
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let responses = &operation["responses"];
+            assert_eq!(
+                responses["503"]["$ref"], "#/components/responses/Unavailable",
+                "{method} {path}: 503"
+            );
+            if method != "get" {
+                assert_eq!(
+                    responses["408"]["$ref"], "#/components/responses/RequestTimeout",
+                    "{method} {path}: 408"
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn paths_resolve_to_routes_with_their_layer_name() {
     match resolve("POST", "/v1/layers/base/commit") {
         Resolved::Route(route, name) => {

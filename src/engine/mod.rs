@@ -1070,14 +1070,22 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 format!("{} has something else mounted on it", target.display()),
             ));
         }
+        let was_active = self.kernel.active_node(updated.thin_id)?.is_some();
         let node = self.ensure_active(&updated)?;
-        self.fs.mount(
+        let mounted = self.fs.mount(
             &node,
             &target,
             updated.filesystem,
             read_only,
             &self.settings.mount_options,
-        )?;
+        );
+        if let Err(e) = mounted {
+            // A refused target changes nothing: not even the device's activation.
+            if !was_active {
+                let _ = self.kernel.deactivate(updated.thin_id);
+            }
+            return Err(e);
+        }
         updated.active = true;
         updated
             .mounts

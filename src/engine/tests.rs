@@ -566,7 +566,7 @@ fn a_recorded_mount_that_is_gone_is_mounted_again_not_counted() {
         .unwrap();
     let err = engine.mount("a", None, false).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
-    assert_eq!(f.sim.mounts_now(), [target.clone()]);
+    assert_eq!(f.sim.mounts_now(), std::slice::from_ref(&target));
     assert!(engine.inspect("a").unwrap().mounts.is_empty());
 }
 

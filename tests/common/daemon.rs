@@ -158,15 +158,29 @@ impl TestDaemon {
 
     /// Wait for the daemon to exit on its own (after `pool destroy`); its exit code.
     pub fn wait_exit(&mut self) -> i32 {
+        self.wait_exit_within(super::EVENTUALLY)
+    }
+
+    /// Send SIGTERM and return at once (then [`TestDaemon::wait_exit_within`]).
+    pub fn sigterm(&self) {
+        let child = self.child.as_ref().expect("daemon running");
+        signal(child, nix::sys::signal::Signal::SIGTERM);
+    }
+
+    /// Wait up to `limit` for the daemon to exit; its exit code. Panics with the log if not.
+    pub fn wait_exit_within(&mut self, limit: Duration) -> i32 {
         let mut child = self.child.take().expect("daemon running");
-        let deadline = Instant::now() + super::EVENTUALLY;
+        let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 return status.code().unwrap_or(-1);
             }
             if Instant::now() > deadline {
                 self.child = Some(child);
-                panic!("thinstackd did not exit:\n{}", self.log_text());
+                panic!(
+                    "thinstackd did not exit within {limit:?}:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
