@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::Removal;
 use crate::error::{Error, ErrorKind};
 use crate::kernel::fs::FsType;
-use crate::names::LayerName;
+use crate::names::{LayerName, ThinId};
 use crate::units::ByteSize;
 
 /// Every route starts with this.
@@ -111,6 +111,20 @@ pub struct DoctorRequest {
     /// Clean what is safe to clean (otherwise only list).
     #[serde(default)]
     pub repair: bool,
+    /// With `repair`: delete thin devices no record owns too. They may be layers whose
+    /// records were lost (`adopt` gives them back), so only on the operator's word.
+    #[serde(default)]
+    pub delete_unowned: bool,
+}
+
+/// `POST /v1/pool/adopt`: make a thin device no record owns a layer again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptRequest {
+    /// The thin device (as `pool doctor` lists it).
+    pub thin_id: ThinId,
+    /// The layer's name.
+    pub name: String,
 }
 
 /// `POST /v1/pool/destroy`

@@ -130,8 +130,27 @@ impl DoctorReport {
     }
 }
 
+/// What a doctor run may clean.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Repair {
+    /// Clean what is safe to clean.
+    pub repair: bool,
+    /// Delete thin devices no record owns too (only with `repair`).
+    pub delete_unowned: bool,
+}
+
+impl From<&crate::api::DoctorRequest> for Repair {
+    fn from(request: &crate::api::DoctorRequest) -> Repair {
+        Repair {
+            repair: request.repair,
+            delete_unowned: request.repair && request.delete_unowned,
+        }
+    }
+}
+
 /// Examine the host and the records for leftovers; with `repair`, clean what is safe to.
-pub fn examine(engine: &Engine<RealPool, RealFs>, repair: bool) -> Result<DoctorReport> {
+pub fn examine(engine: &Engine<RealPool, RealFs>, how: Repair) -> Result<DoctorReport> {
+    let repair = how.repair;
     let mut report = DoctorReport {
         repair,
         findings: Vec::new(),
@@ -141,7 +160,7 @@ pub fn examine(engine: &Engine<RealPool, RealFs>, repair: bool) -> Result<Doctor
     unrecorded_mounts(engine, &mut report)?;
     stale_mount_points(engine, &mut report)?;
     dm_devices(engine, &mut report)?;
-    thin_devices(engine, &mut report)?;
+    thin_devices(engine, how.delete_unowned, &mut report)?;
     missing_thin_devices(engine, &mut report);
     deleted_loop_files(engine, &mut report)?;
     tracing::info!(
@@ -280,15 +299,33 @@ fn dm_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> R
     Ok(())
 }
 
-fn thin_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+/// Thin devices no record owns may be layers whose records were moved aside or lost: kept,
+/// and left to the operator (adopt, or delete on their word), never deleted by `--repair`.
+fn thin_devices(
+    engine: &Engine<RealPool, RealFs>,
+    delete: bool,
+    report: &mut DoctorReport,
+) -> Result<()> {
     for id in engine.orphan_thin_ids()? {
+        let mapped = engine
+            .kernel()
+            .mapped(id)
+            .map(|m| m.human())
+            .unwrap_or_else(|e| format!("unknown ({e})"));
         let detail = format!(
-            "thin device {id} is in pool {} but no record owns it (made by another tool, or left by one); repair deletes it",
+            "thin device {id} ({mapped} mapped) is in pool {} but no record owns it: a layer whose \
+             record was moved aside or lost, or another tool's; put the record back and restart, \
+             or `thinstack pool doctor --adopt {id} NAME` to make it a layer again, or \
+             `--repair --delete-unowned` to delete it",
             engine.kernel().pool().name()
         );
-        report.repairable(Leftover::ThinDevice, id, detail, || {
-            engine.delete_orphan_thin(id)
-        });
+        if delete {
+            report.repairable(Leftover::ThinDevice, id, detail, || {
+                engine.delete_orphan_thin(id)
+            });
+        } else {
+            report.note(Leftover::ThinDevice, id, detail, Status::NeedsOperator);
+        }
     }
     Ok(())
 }

@@ -76,7 +76,10 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     };
     serde_json::from_slice(&bytes).map(Some).map_err(|e| {
         Error::inconsistent(format!(
-            "record {} is damaged ({e}); move it aside and run `thinstack pool check`",
+            "record {} is damaged ({e}); move it out of the state directory and start again: \
+             start-up keeps the thin device it described, `thinstack pool doctor` lists that \
+             device by id, and a repaired record put back (then a restart) or \
+             `thinstack pool doctor --adopt THIN_ID NAME` makes it a layer again",
             path.display()
         ))
     })

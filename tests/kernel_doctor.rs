@@ -82,9 +82,21 @@ fn loop_on_deleted_file(path: &Path, foreign: &mut Foreign) -> String {
 
 /// `pool doctor` (with `--repair` when asked): exit code and findings as (kind, subject, status).
 fn doctor(d: &TestDaemon, repair: bool) -> (i32, Vec<(String, String, String)>) {
+    doctor_with(d, repair, false)
+}
+
+/// [`doctor`], deleting thin devices no record owns too when `delete_unowned`.
+fn doctor_with(
+    d: &TestDaemon,
+    repair: bool,
+    delete_unowned: bool,
+) -> (i32, Vec<(String, String, String)>) {
     let mut args = vec!["--json", "pool", "doctor"];
     if repair {
         args.push("--repair");
+    }
+    if delete_unowned {
+        args.push("--delete-unowned");
     }
     let run = d.cli(&args);
     assert!(run.code == 0 || run.code == 1, "doctor failed: {run:?}");
@@ -177,8 +189,8 @@ fn kernel_doctor_lists_then_repairs_leftovers_and_leaves_the_rest_alone() {
         (ghost.clone(), "repairable"),
         (orphan.clone(), "repairable"),
         (held_name.clone(), "in_use"),
-        ("4242".to_string(), "repairable"),
-        ("4343".to_string(), "repairable"),
+        ("4242".to_string(), "needs_operator"),
+        ("4343".to_string(), "needs_operator"),
         (other.clone(), "not_ours"),
         (ours_loop.clone(), "repairable"),
         (foreign_loop.clone(), "not_ours"),
@@ -204,7 +216,8 @@ fn kernel_doctor_lists_then_repairs_leftovers_and_leaves_the_rest_alone() {
         1
     );
 
-    // Repair cleans all but what is in use and what is not ours.
+    // Repair cleans all but what is in use, what is not ours, and thin devices no record owns
+    // (they may be layers whose records were lost): those only on the operator's word.
     let (code, repaired) = doctor(&d, true);
     eprintln!("doctor repaired: {repaired:#?}");
     assert_eq!(code, 1, "the held device still needs attention");
@@ -213,6 +226,22 @@ fn kernel_doctor_lists_then_repairs_leftovers_and_leaves_the_rest_alone() {
         (gone.clone(), "repaired"),
         (ghost.clone(), "repaired"),
         (orphan.clone(), "repaired"),
+        (held_name.clone(), "in_use"),
+        ("4242".to_string(), "needs_operator"),
+        ("4343".to_string(), "needs_operator"),
+        (other.clone(), "not_ours"),
+        (ours_loop.clone(), "repaired"),
+        (foreign_loop.clone(), "not_ours"),
+    ] {
+        assert_eq!(
+            status_of(&repaired, &subject),
+            [status],
+            "{subject}: {repaired:#?}"
+        );
+    }
+    let (code, repaired) = doctor_with(&d, true, true);
+    assert_eq!(code, 1, "the held device still needs attention");
+    for (subject, status) in [
         (held_name.clone(), "in_use"),
         ("4242".to_string(), "repaired"),
         ("4343".to_string(), "in_use"),
@@ -231,7 +260,7 @@ fn kernel_doctor_lists_then_repairs_leftovers_and_leaves_the_rest_alone() {
 
     // Released, the last one goes; what is left is not ours, and the exit code says so.
     drop(held);
-    let (code, last) = doctor(&d, true);
+    let (code, last) = doctor_with(&d, true, true);
     assert_eq!(code, 0, "{last:#?}");
     assert_eq!(status_of(&last, &held_name), ["repaired"]);
     assert_eq!(status_of(&last, "4343"), ["repaired"]);

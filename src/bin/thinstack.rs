@@ -11,14 +11,15 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use serde_json::Value;
 use thinstack::api::{
-    AddDeviceRequest, AddDeviceResponse, CreateRequest, DestroyRequest, DestroyResponse,
-    DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
-    MountResponse, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
+    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CreateRequest, DestroyRequest,
+    DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse,
+    MountRequest, MountResponse, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
 use thinstack::doctor::{DoctorReport, Status as DoctorStatus};
 use thinstack::engine::{Layer, Removal, Status};
 use thinstack::kernel::fs::FsType;
+use thinstack::names::{ThinId, THIN_ID_MAX};
 use thinstack::pool::CheckReport;
 use thinstack::units::ByteSize;
 use thinstack::ErrorKind;
@@ -85,9 +86,17 @@ enum PoolCommand {
     /// layers whose thin device is gone, stale mounts and mount points, loop devices bound to
     /// deleted files. Exit 1 while something of this pool's needs attention.
     Doctor {
-        /// Clean what is safe to clean: never what is in use, nor what is not this pool's.
-        #[arg(long)]
+        /// Clean what is safe to clean: never what is in use, nor what is not this pool's,
+        /// nor thin devices no record owns (they may be layers whose records were lost).
+        #[arg(long, conflicts_with = "adopt")]
         repair: bool,
+        /// With --repair: delete the thin devices no record owns too (their data is lost).
+        #[arg(long, requires = "repair")]
+        delete_unowned: bool,
+        /// Make the thin device THIN_ID, which no record owns, the layer NAME again (its
+        /// filesystem tells its size; its parent is not known any more).
+        #[arg(long, num_args = 2, value_names = ["THIN_ID", "NAME"])]
+        adopt: Option<Vec<String>>,
     },
     /// Remove the pool and what thinstack made for it (loop files, or LVM volumes, volume
     /// group and PV labels); an adopted pool stays. thinstackd stops afterwards.
@@ -308,8 +317,44 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
             let text = format!("Pool metadata is clean ({}).", report.checked);
             Ok(output(&report, text))
         }
-        PoolCommand::Doctor { repair } => {
-            let report: DoctorReport = client.post("/v1/pool/doctor", &DoctorRequest { repair })?;
+        PoolCommand::Doctor {
+            adopt: Some(adopt), ..
+        } => {
+            let thin_id = adopt[0]
+                .parse::<u32>()
+                .ok()
+                .and_then(|id| ThinId::new(id).ok());
+            let Some(thin_id) = thin_id else {
+                return Err(ClientError::Api {
+                    status: 400,
+                    kind: ErrorKind::Invalid,
+                    message: format!(
+                        "--adopt {:?}: a thin id is a number from 0 to {THIN_ID_MAX}, as `thinstack pool doctor` lists it",
+                        adopt[0]
+                    ),
+                });
+            };
+            let request = AdoptRequest {
+                thin_id,
+                name: adopt[1].clone(),
+            };
+            let layer: Layer = client.post("/v1/pool/adopt", &request)?;
+            let text = format!(
+                "Thin device {} is layer {} again ({}, {}).",
+                layer.thin_id, layer.name, layer.filesystem, layer.size
+            );
+            Ok(output(&layer, text))
+        }
+        PoolCommand::Doctor {
+            repair,
+            delete_unowned,
+            adopt: None,
+        } => {
+            let request = DoctorRequest {
+                repair,
+                delete_unowned,
+            };
+            let report: DoctorReport = client.post("/v1/pool/doctor", &request)?;
             let mut out = output(&report, doctor_text(&report));
             out.status = u8::from(report.needs_attention());
             Ok(out)

@@ -9,10 +9,10 @@ use serde_json::Value;
 
 use super::Daemon;
 use crate::api::{
-    AddDeviceRequest, AddDeviceResponse, CreateRequest, DestroyRequest, DestroyResponse,
-    DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse, MountRequest,
-    MountResponse, RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest, UsageResponse,
-    VersionResponse,
+    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CreateRequest, DestroyRequest,
+    DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse,
+    MountRequest, MountResponse, RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest,
+    UsageResponse, VersionResponse,
 };
 use crate::engine::{CreateLayer, Removal};
 use crate::error::{Error, ErrorKind, Result};
@@ -51,6 +51,7 @@ pub const ROUTES: &[Route] = &[
     route("POST", "/v1/pool/add-device", pool_add_device),
     route("POST", "/v1/pool/check", pool_check),
     route("POST", "/v1/pool/doctor", pool_doctor),
+    route("POST", "/v1/pool/adopt", pool_adopt),
     route("POST", "/v1/pool/destroy", pool_destroy),
     route("GET", "/v1/layers", list_layers),
     route("POST", "/v1/layers", create_layer),
@@ -241,7 +242,22 @@ fn pool_check(daemon: &Daemon, call: &Call) -> Result<Reply> {
 fn pool_doctor(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: DoctorRequest = body(call)?;
-    ok(crate::doctor::examine(daemon.engine(), request.repair)?)
+    if request.delete_unowned && !request.repair {
+        return Err(Error::invalid(
+            "delete_unowned deletes thin devices only in a repair run; send repair: true too",
+        ));
+    }
+    ok(crate::doctor::examine(
+        daemon.engine(),
+        crate::doctor::Repair::from(&request),
+    )?)
+}
+
+fn pool_adopt(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: AdoptRequest = body(call)?;
+    let layer = daemon.engine().adopt(request.thin_id, &request.name)?;
+    json(201, layer)
 }
 
 fn pool_destroy(daemon: &Daemon, call: &Call) -> Result<Reply> {

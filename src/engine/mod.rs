@@ -13,6 +13,7 @@
 //!   finishes layers left `removing`, deletes thin devices no record owns, flags records whose
 //!   thin device is gone, and re-activates layers that were active before a reboot.
 
+mod adopt;
 mod leftovers;
 mod locks;
 mod mount_policy;
@@ -384,7 +385,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let store = RecordStore::open_locked(&settings.state_dir, lock)?;
         ensure_private_dir(&settings.state_dir.join("mnt"))?;
         let mut index = Index::default();
+        let mut owners: BTreeMap<ThinId, LayerName> = BTreeMap::new();
         for (_, layer) in store.load_layers()? {
+            if let Some(other) = owners.insert(layer.thin_id, layer.name.clone()) {
+                return Err(two_owners(
+                    &settings.state_dir,
+                    layer.thin_id,
+                    &other,
+                    &layer.name,
+                ));
+            }
             index.insert(layer);
         }
         let txn = store.load_txn()?.unwrap_or_default();
@@ -1478,6 +1488,21 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Two records claim one thin device (a record put back after its device was adopted under
+/// another name, say): removing either would destroy the other's data, so nothing starts.
+fn two_owners(state_dir: &Path, id: ThinId, a: &LayerName, b: &LayerName) -> Error {
+    Error::new(
+        ErrorKind::Inconsistent,
+        format!(
+            "layers {:?} and {:?} both claim thin device {id}; move one record out of {} \
+             (the one that should not exist), then start again",
+            a.as_str(),
+            b.as_str(),
+            state_dir.join("layers").display()
+        ),
+    )
 }
 
 #[cfg(test)]

@@ -23,8 +23,11 @@ pub struct ReconcileReport {
     pub finished_removals: Vec<LayerName>,
     /// Layers whose removal still waits for their device to be released.
     pub still_deferred: Vec<LayerName>,
-    /// Thin devices no record owned, deleted.
+    /// Thin devices no record owned that the pending intent proves were being made, deleted.
     pub orphans_deleted: Vec<ThinId>,
+    /// Thin devices no record owns and no intent explains, kept: they may be layers whose
+    /// records were moved aside or lost. `pool doctor` lists them; `--adopt` names them.
+    pub unowned_kept: Vec<ThinId>,
     /// Records whose thin device the pool does not have.
     pub missing: Vec<LayerName>,
     /// Layers active before a reboot, activated again.
@@ -49,13 +52,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let pool_txn = self.kernel.usage()?.transaction_id;
         // Settling the intent moves only the transaction id, so one listing serves throughout.
         let pool_ids = self.kernel.thin_ids()?;
-        self.settle_intent(pool_txn, &pool_ids, &mut report)?;
+        let being_made = self.settle_intent(pool_txn, &pool_ids, &mut report)?;
         self.unmount_growth_mounts(&mut report)?;
         self.index().used_ids.extend(pool_ids.iter().copied());
         self.flag_missing(&pool_ids, &mut report)?;
         self.roll_back_creating(&mut report)?;
         self.finish_removing(&mut report)?;
-        self.delete_orphans(&pool_ids, &mut report)?;
+        self.settle_unowned(&pool_ids, being_made, &mut report)?;
         self.drop_stale_mounts(&mut report)?;
         self.remove_stale_mount_points(&mut report)?;
         self.adopt_active_and_mounted(&mut report)?;
@@ -73,14 +76,20 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Settle the message that was in flight, using the pool's transaction id (and, when that
-    /// cannot tell, whether the message's effect is in the pool).
+    /// cannot tell, whether the message's effect is in the pool). Returns the thin id the
+    /// message was making, if it was a create or a snapshot: the one unowned device start-up
+    /// may prove it made.
     fn settle_intent(
         &self,
         pool_txn: u64,
         pool_ids: &BTreeSet<ThinId>,
         report: &mut ReconcileReport,
-    ) -> Result<()> {
+    ) -> Result<Option<ThinId>> {
         let mut txn = self.txn();
+        let being_made = txn.pending.as_ref().and_then(|intent| match intent.op {
+            PoolOp::CreateThin { id } | PoolOp::Snapshot { id, .. } => Some(id),
+            PoolOp::Delete { .. } => None,
+        });
         let Some(intent) = txn.pending.clone() else {
             if pool_txn != txn.transaction_id {
                 report.transaction = Some(format!(
@@ -90,7 +99,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 txn.transaction_id = pool_txn;
                 self.store.put_txn(&txn)?;
             }
-            return Ok(());
+            return Ok(None);
         };
         let new = intent.new_transaction_id;
         let old = new.saturating_sub(1);
@@ -127,7 +136,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         txn.pending = None;
         self.store.put_txn(&txn)?;
         report.transaction = Some(settled);
-        Ok(())
+        Ok(being_made)
     }
 
     fn flag_missing(
@@ -180,21 +189,29 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
-    fn delete_orphans(
+    /// Thin devices no record owns. Start-up deletes one only when the intent in flight
+    /// proves it was this thinstack making it; any other is kept, because it may be a layer
+    /// whose record was moved aside, damaged, or restored from an older copy.
+    fn settle_unowned(
         &self,
         pool_ids: &BTreeSet<ThinId>,
+        being_made: Option<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
         let owned: BTreeSet<ThinId> = self.index().layers.values().map(|l| l.thin_id).collect();
         for &id in pool_ids.difference(&owned) {
+            if being_made != Some(id) {
+                tracing::warn!(thin_id = %id, "kept a thin device no record owns: it may be a layer whose record is missing; `thinstack pool doctor` lists it, `--adopt` names it");
+                report.unowned_kept.push(id);
+                continue;
+            }
             match self.remove_thin_device(None, id) {
                 Ok(()) => {
-                    tracing::warn!(thin_id = %id, "deleted a thin device no record owned");
-                    self.index().used_ids.remove(&id);
+                    tracing::warn!(thin_id = %id, "deleted a thin device a crash left half made");
                     report.orphans_deleted.push(id);
                 }
                 Err(e) if e.kind() == ErrorKind::Busy => {
-                    tracing::error!(thin_id = %id, error = %e, "a thin device no record owns is in use; left alone");
+                    tracing::error!(thin_id = %id, error = %e, "a half-made thin device is in use; left alone");
                 }
                 Err(e) => return Err(e),
             }

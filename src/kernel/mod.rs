@@ -16,6 +16,7 @@ pub mod mount_target;
 pub mod mounts;
 pub mod real;
 pub mod sim;
+pub mod superblock;
 pub mod thin_tools;
 
 use std::collections::BTreeSet;
@@ -116,6 +117,8 @@ pub trait FsKernel {
     fn is_mounted(&self, target: &Path) -> Result<bool>;
     /// Where the block device at `device` is mounted: each target, and whether read-only.
     fn mounts_of(&self, device: &Path) -> Result<Vec<(PathBuf, bool)>>;
+    /// The filesystem on `device` (type, size, UUID), if it holds one thinstack makes.
+    fn probe(&self, device: &Path) -> Result<Option<superblock::Found>>;
 }
 
 /// Used and total bytes of one of the pool's areas.

@@ -267,6 +267,10 @@ impl FsKernel for RealFs {
         crate::kernel::mounts::is_mounted(target)
     }
 
+    fn probe(&self, device: &Path) -> Result<Option<crate::kernel::superblock::Found>> {
+        crate::kernel::superblock::probe(device)
+    }
+
     fn mounts_of(&self, device: &Path) -> Result<Vec<(PathBuf, bool)>> {
         let number = blockdev::block_device(device)?;
         Ok(crate::kernel::mounts::of_device(number)?

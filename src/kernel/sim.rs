@@ -46,6 +46,8 @@ pub enum SimOp {
 #[derive(Debug, Clone)]
 struct SimThin {
     mapped: u64,
+    /// The filesystem mkfs made (a snapshot shares its origin's), as a probe finds it.
+    fs: Option<crate::kernel::superblock::Found>,
 }
 
 #[derive(Debug, Clone)]
@@ -229,7 +231,13 @@ impl PoolKernel for Sim {
                 "the pool is out of metadata space",
             ));
         }
-        state.thins.insert(id, SimThin { mapped: 0 });
+        state.thins.insert(
+            id,
+            SimThin {
+                mapped: 0,
+                fs: None,
+            },
+        );
         Ok(())
     }
 
@@ -246,7 +254,8 @@ impl PoolKernel for Sim {
             ));
         }
         // Shared blocks are not counted twice: the snapshot maps nothing new of its own.
-        state.thins.insert(new, SimThin { mapped: 0 });
+        let fs = state.thins[&origin].fs.clone();
+        state.thins.insert(new, SimThin { mapped: 0, fs });
         Ok(())
     }
 
@@ -372,9 +381,19 @@ impl FsKernel for Sim {
         let id = Sim::id_of_node(device)?;
         let mut state = self.state();
         let written = state.mkfs_bytes;
+        let size = state
+            .active
+            .get(&id)
+            .map_or(ByteSize::from_bytes(0), |a| a.size);
+        let uuid = format!("sim-{fs}-uuid-{id}");
         let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
         thin.mapped += written;
-        Ok(format!("sim-{fs}-uuid-{id}"))
+        thin.fs = Some(crate::kernel::superblock::Found {
+            fs,
+            size,
+            uuid: uuid.clone(),
+        });
+        Ok(uuid)
     }
 
     fn mount(
@@ -428,15 +447,35 @@ impl FsKernel for Sim {
         }
     }
 
-    fn grow(&self, _fs: FsType, _device: &Path, mount_point: &Path) -> Result<()> {
+    fn grow(&self, _fs: FsType, device: &Path, mount_point: &Path) -> Result<()> {
         self.enter(SimOp::Grow)?;
-        if !self.state().mounts.contains_key(mount_point) {
+        let id = Sim::id_of_node(device)?;
+        let mut state = self.state();
+        if !state.mounts.contains_key(mount_point) {
             return Err(Error::invalid(format!(
                 "{} is not mounted",
                 mount_point.display()
             )));
         }
+        let size = state.active.get(&id).map(|a| a.size);
+        if let (Some(size), Some(found)) =
+            (size, state.thins.get_mut(&id).and_then(|t| t.fs.as_mut()))
+        {
+            found.size = size;
+        }
         Ok(())
+    }
+
+    fn probe(&self, device: &Path) -> Result<Option<crate::kernel::superblock::Found>> {
+        let id = Sim::id_of_node(device)?;
+        let state = self.state();
+        if !state.active.contains_key(&id) {
+            return Err(Error::not_found(format!(
+                "{}: no such device",
+                device.display()
+            )));
+        }
+        Ok(state.thins.get(&id).and_then(|t| t.fs.clone()))
     }
 
     fn is_mounted(&self, target: &Path) -> Result<bool> {
