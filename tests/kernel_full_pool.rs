@@ -300,6 +300,22 @@ fn metadata_full_and_recover(fs: &str) {
     let text = d.cli(&["pool", "status"]).stdout;
     assert!(text.contains("read-only"), "{text}");
 
+    // thinstackd starts again on the read-only pool: reads and status are served, writes are
+    // refused saying why and what to do, and the fix (extend) can be reached.
+    assert_eq!(d.stop(), 0, "{}", d.log_text());
+    d.spawn();
+    assert_eq!(
+        d.json(&["pool", "status"])["health"]["metadata_guard"],
+        true
+    );
+    assert_eq!(d.json(&["layer", "inspect", "base"])["state"], "ready");
+    let refused = d.cli(&["layer", "create", "more", "--parent", "base"]);
+    assert_eq!(refused.code, 6, "{refused:?}");
+    assert!(
+        refused.stderr.contains("pool extend --metadata"),
+        "{refused:?}"
+    );
+
     let extended = d.cli(&["pool", "extend", "--metadata", "16M"]);
     assert_eq!(extended.code, 0, "{extended:?}");
     let status = d.json(&["pool", "status"]);

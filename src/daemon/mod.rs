@@ -99,9 +99,7 @@ impl Daemon {
     /// `None` when nothing changed (or the pool's table is not thinstack's).
     pub fn guard_metadata(&self) -> Result<Option<bool>> {
         self.engine.exclusive_pool(|kernel| {
-            let metadata = kernel.usage()?.metadata;
-            let low_water = (metadata.total.bytes() / 4).min(4 << 20);
-            let nearly_full = metadata.available.bytes() < low_water;
+            let nearly_full = crate::pool::metadata_nearly_full(&kernel.usage()?.metadata);
             let changed = kernel.pool().set_read_only(kernel.dm(), nearly_full)?;
             Ok(changed.then_some(nearly_full))
         })

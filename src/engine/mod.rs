@@ -257,6 +257,9 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
     locks: LayerLocks,
     /// Held from checking that a containerd key is free until a record owns it.
     snapshot_claims: Mutex<()>,
+    /// A start on a read-only pool found an intent it could not settle: no pool message
+    /// until a restart settles it.
+    intent_left_at_start: std::sync::atomic::AtomicBool,
 }
 
 /// The records in memory.
@@ -407,6 +410,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             txn: Mutex::new(txn),
             locks: LayerLocks::default(),
             snapshot_claims: Mutex::new(()),
+            intent_left_at_start: std::sync::atomic::AtomicBool::new(false),
         };
         let report = engine.reconcile()?;
         Ok((engine, report))
@@ -638,7 +642,20 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Send one pool message under the transaction protocol: intent, message, transaction id,
     /// record. A message that fails changes nothing in the pool; the intent is withdrawn.
     fn pool_step(&self, layer: Option<&LayerName>, op: PoolOp) -> Result<()> {
+        self.ensure_writable("change the pool")?;
         let mut txn = self.txn();
+        if self
+            .intent_left_at_start
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            // A start on a read-only pool could not settle it; a new intent would hide it.
+            return Err(Error::new(
+                ErrorKind::Inconsistent,
+                "a pool change a crash cut short is still unsettled (the pool was read-only when \
+                 thinstackd started); restart thinstackd now that the pool is writable: the start \
+                 settles it",
+            ));
+        }
         let old = txn.transaction_id;
         let new = old + 1;
         txn.pending = Some(Intent {
@@ -700,6 +717,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         // Both names at once: two creates that name each other as parent would otherwise each
         // hold one and wait for the other for ever.
+        self.ensure_writable(&format!("create layer {name:?}"))?;
         let (_guard, parent_guard) = match &parent_name {
             Some(parent) => {
                 let (guard, parent_guard) = self.locks.lock_both(&name, parent);
@@ -805,6 +823,32 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             filesystem,
             bare_root: false,
         })
+    }
+
+    /// Refuse `what` while the pool is read-only (it would need new blocks or a pool message),
+    /// saying why and what to do. Reads, status and growth go on.
+    fn ensure_writable(&self, what: &str) -> Result<()> {
+        let health = self.kernel.usage()?.health;
+        if !health.read_only {
+            return Ok(());
+        }
+        let (kind, why, fix) = if health.metadata_guard {
+            (
+                ErrorKind::NoSpace,
+                "thinstack made it read-only because its metadata is nearly full (running out would fail the pool for good)",
+                "grow the metadata with `thinstack pool extend --metadata SIZE`; the pool is writable again at once",
+            )
+        } else {
+            (
+                ErrorKind::Kernel,
+                "the kernel made it read-only after a metadata error or running out of metadata",
+                "stop what uses the pool and thinstackd, check the metadata with thin_check (repair with thin_repair), then start thinstackd again",
+            )
+        };
+        Err(Error::new(
+            kind,
+            format!("cannot {what}: the pool is read-only, because {why}; {fix}"),
+        ))
     }
 
     /// Refuse when free data or free metadata is below `min_free_space`.
@@ -1045,6 +1089,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.ready_record(&name)?;
         let read_only = read_only || record.committed;
+        if !read_only {
+            self.ensure_writable(&format!(
+                "mount layer {name:?} read-write (mount it read-only meanwhile)"
+            ))?;
+        }
         let target = match target {
             Some(path) => self.mount_policy().check(path)?,
             None => {
@@ -1214,6 +1263,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn remove(&self, name: &str) -> Result<Removal> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.record(&name)?;
+        self.ensure_writable(&format!("remove layer {name:?}"))?;
         let children = self.live_children(&name);
         if !children.is_empty() {
             return Err(Error::new(
@@ -1369,6 +1419,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Retry every deferred removal once; returns the layers removed now.
     pub fn process_deferred(&self) -> Result<Vec<LayerName>> {
+        // A read-only pool deletes nothing; they wait until it is writable.
+        if self.kernel.usage()?.health.read_only {
+            return Ok(Vec::new());
+        }
         let deferred = self
             .index()
             .names_where(|l| l.deferred && l.state == LayerState::Removing);
@@ -1393,6 +1447,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn resize(&self, name: &str, size: ByteSize) -> Result<Layer> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.ready_record(&name)?;
+        self.ensure_writable(&format!("resize layer {name:?}"))?;
         if record.committed {
             return Err(Error::invalid(format!(
                 "layer {name:?} is committed; it cannot change"

@@ -37,6 +37,10 @@ pub struct ReconcileReport {
     /// Layers the kernel had active or mounted without their record saying so (a crash
     /// between the kernel step and the record): the records now say so.
     pub adopted: Vec<String>,
+    /// Layers a crash left half made or half removed, left as they are because the pool was
+    /// read-only (settling them needs pool messages); the first start on a writable pool
+    /// settles them.
+    pub awaiting_writable: Vec<LayerName>,
 }
 
 impl ReconcileReport {
@@ -49,15 +53,26 @@ impl ReconcileReport {
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub(super) fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        let pool_txn = self.kernel.usage()?.transaction_id;
+        let usage = self.kernel.usage()?;
+        let pool_txn = usage.transaction_id;
+        // A read-only pool takes no messages: what needs them waits for a writable start.
+        let writable = !usage.health.read_only;
         // Settling the intent moves only the transaction id, so one listing serves throughout.
         let pool_ids = self.kernel.thin_ids()?;
-        let being_made = self.settle_intent(pool_txn, &pool_ids, &mut report)?;
+        let being_made = if writable {
+            self.settle_intent(pool_txn, &pool_ids, &mut report)?
+        } else {
+            None
+        };
         self.unmount_growth_mounts(&mut report)?;
         self.index().used_ids.extend(pool_ids.iter().copied());
         self.flag_missing(&pool_ids, &mut report)?;
-        self.roll_back_creating(&mut report)?;
-        self.finish_removing(&mut report)?;
+        if writable {
+            self.roll_back_creating(&mut report)?;
+            self.finish_removing(&mut report)?;
+        } else {
+            self.leave_until_writable(&mut report);
+        }
         self.settle_unowned(&pool_ids, being_made, &mut report)?;
         self.drop_stale_mounts(&mut report)?;
         self.remove_stale_mount_points(&mut report)?;
@@ -167,6 +182,18 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     fn names_in_state(&self, state: LayerState) -> Vec<LayerName> {
         self.index().names_where(|l| l.state == state)
+    }
+
+    fn leave_until_writable(&self, report: &mut ReconcileReport) {
+        let mut waiting = self.names_in_state(LayerState::Creating);
+        waiting.extend(self.names_in_state(LayerState::Removing));
+        let intent_left = self.txn().pending.is_some();
+        self.intent_left_at_start
+            .store(intent_left, std::sync::atomic::Ordering::SeqCst);
+        if !waiting.is_empty() || intent_left {
+            tracing::error!(layers = ?waiting, "the pool is read-only: what a crash left half done is settled at the first start on a writable pool");
+        }
+        report.awaiting_writable = waiting;
     }
 
     fn roll_back_creating(&self, report: &mut ReconcileReport) -> Result<()> {

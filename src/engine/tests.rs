@@ -1171,3 +1171,46 @@ fn a_thin_device_whose_record_is_lost_is_adopted_as_a_layer_again() {
     assert_eq!(err.kind(), ErrorKind::Inconsistent, "{err}");
     assert!(err.to_string().contains("both claim thin device"), "{err}");
 }
+
+#[test]
+fn a_read_only_pool_serves_reads_and_refuses_writes_saying_how_to_lift_it() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("a")).unwrap();
+    engine.commit("a").unwrap();
+    // A create cut short: its record says creating, its device half made.
+    crate::crash::arm("pool_step.message_sent");
+    let cut = catch_unwind(AssertUnwindSafe(|| engine.create(&child("cut", "a"))));
+    crate::crash::disarm();
+    assert!(cut.is_err(), "the crash point was reached");
+    drop(engine);
+
+    f.sim.set_read_only(true);
+    let (engine, report) = f.open();
+    assert_eq!(report.awaiting_writable, [LayerName::new("cut").unwrap()]);
+    for (what, refused) in [
+        ("create", engine.create(&child("b", "a")).map(drop)),
+        ("remove", engine.remove("a").map(drop)),
+        ("resize", engine.resize("a", ByteSize::gib(2)).map(drop)),
+    ] {
+        let err = refused.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::NoSpace, "{what}: {err}");
+        assert!(
+            err.to_string().contains("pool extend --metadata"),
+            "{what}: {err}"
+        );
+    }
+    // Reads go on: inspect, list, status, a read-only mount.
+    assert_eq!(engine.list(&BTreeMap::new()).unwrap().len(), 2);
+    assert!(engine.status().unwrap().health.metadata_guard);
+    engine.mount("a", None, true).unwrap();
+    engine.unmount("a", None).unwrap();
+    assert!(engine.process_deferred().unwrap().is_empty());
+    drop(engine);
+
+    f.sim.set_read_only(false);
+    let (engine, report) = f.open();
+    assert_eq!(report.rolled_back, [LayerName::new("cut").unwrap()]);
+    engine.create(&child("b", "a")).unwrap();
+    assert_consistent(&f, engine);
+}

@@ -158,8 +158,13 @@ pub struct Health {
     pub failed: bool,
     /// The metadata is flagged for `thin_check`.
     pub needs_check: bool,
-    /// The pool fell back to read-only (metadata trouble).
+    /// The pool is read-only: thinstack's metadata guard (see `metadata_guard`), or the
+    /// kernel's fall-back after metadata trouble.
     pub read_only: bool,
+    /// thinstack made the pool read-only because its metadata is nearly full; growing the
+    /// metadata (`pool extend --metadata`) makes it writable again.
+    #[serde(default)]
+    pub metadata_guard: bool,
     /// The data area is full.
     pub out_of_space: bool,
     /// What writes meet when the data is full ("error" or "queue"); none when failed.

@@ -72,6 +72,8 @@ struct SimState {
     metadata_per_thin: u64,
     /// Bytes written by mkfs, taken from the pool.
     mkfs_bytes: u64,
+    /// Read-only, as thinstack's metadata guard makes a pool: pool messages are refused.
+    read_only: bool,
     /// Failures to inject: operation -> calls to let pass before failing once.
     failures: BTreeMap<SimOp, (usize, ErrorKind)>,
     calls: BTreeMap<SimOp, usize>,
@@ -105,6 +107,22 @@ impl Sim {
 
     fn state(&self) -> MutexGuard<'_, SimState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Make the pool read-only (as the metadata guard does), or writable again.
+    pub fn set_read_only(&self, read_only: bool) {
+        self.state().read_only = read_only;
+    }
+
+    /// The kernel refuses pool messages while a pool is read-only.
+    fn refuse_if_read_only(state: &SimState) -> Result<()> {
+        if state.read_only {
+            return Err(Error::new(
+                ErrorKind::Kernel,
+                "the pool is read-only: pool messages are refused",
+            ));
+        }
+        Ok(())
     }
 
     /// Make the call of `op` after `after` more successful calls fail once with `kind`.
@@ -209,7 +227,8 @@ impl PoolKernel for Sim {
             health: Health {
                 failed: false,
                 needs_check: false,
-                read_only: false,
+                read_only: state.read_only,
+                metadata_guard: state.read_only,
                 out_of_space: data_used >= state.data_total,
                 when_full: Some(crate::config::WhenFull::Error),
             },
@@ -219,6 +238,7 @@ impl PoolKernel for Sim {
     fn create_thin(&self, id: ThinId) -> Result<()> {
         self.enter(SimOp::CreateThin)?;
         let mut state = self.state();
+        Sim::refuse_if_read_only(&state)?;
         if state.thins.contains_key(&id) {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
@@ -244,6 +264,7 @@ impl PoolKernel for Sim {
     fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
         self.enter(SimOp::Snapshot)?;
         let mut state = self.state();
+        Sim::refuse_if_read_only(&state)?;
         if !state.thins.contains_key(&origin) {
             return Err(no_thin(origin));
         }
@@ -262,6 +283,7 @@ impl PoolKernel for Sim {
     fn delete_thin(&self, id: ThinId) -> Result<()> {
         self.enter(SimOp::Delete)?;
         let mut state = self.state();
+        Sim::refuse_if_read_only(&state)?;
         if !state.thins.contains_key(&id) {
             return Err(no_thin(id));
         }
@@ -278,6 +300,7 @@ impl PoolKernel for Sim {
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
         self.enter(SimOp::SetTransactionId)?;
         let mut state = self.state();
+        Sim::refuse_if_read_only(&state)?;
         if state.transaction_id != old {
             return Err(Error::invalid(format!(
                 "set_transaction_id {old} {new}: the pool's transaction id is {}",

@@ -42,6 +42,14 @@ const LOW_WATER_BLOCKS: u64 = 32768;
 /// The thin-pool feature that makes the pool read-only.
 const READ_ONLY: &str = "read_only";
 
+/// Whether metadata is below the kernel's own low-water mark for it (less than 4 MiB, or a
+/// quarter of it, free): running out would fail the pool for good, so thinstack makes a pool
+/// read-only there (the metadata guard) and writable again above it.
+pub fn metadata_nearly_full(metadata: &Space) -> bool {
+    let low_water = (metadata.total.bytes() / 4).min(4 << 20);
+    metadata.available.bytes() < low_water
+}
+
 /// How a reload of the pool's own table (growth, the no-space policy, the metadata guard) is
 /// announced to udev: without a cookie, and not waited for. A reload keeps the device's name,
 /// number and `/dev/mapper` link, and thinstack reads nothing udev makes for it, so the wait
@@ -218,8 +226,13 @@ impl Pool {
                     self.block_size,
                     wanted,
                 );
+                // The owned table has no read_only feature: a guarded pool stays guarded.
+                let guarded = self.is_read_only(dm)?;
                 dm.reload(&self.dm_name, &table, POOL_RELOAD_UDEV)
                     .map_err(|e| e.context(format!("setting pool.when_full on {}", self.name)))?;
+                if guarded {
+                    self.set_read_only(dm, true)?;
+                }
             }
         }
         tracing::info!(pool = %self.name, from = live.as_str(), to = wanted.as_str(), "pool no-space policy changed");
@@ -305,10 +318,13 @@ impl Pool {
         }
         let problem = match dm.pool_status(&self.dm_name)? {
             ThinPoolStatus::Working(status) if status.needs_check => "still flagged needs_check",
+            // A read-only pool still serves reads, status and growth (which is how its
+            // metadata guard is lifted): thinstack starts on it and refuses only writes.
             ThinPoolStatus::Working(status)
                 if status.summary == ThinPoolStatusSummary::ReadOnly =>
             {
-                "read-only (the kernel met a metadata error or ran out of metadata space)"
+                self.lift_metadata_guard_if_room(dm)?;
+                return Ok(());
             }
             ThinPoolStatus::Working(_) => return Ok(()),
             ThinPoolStatus::Error | ThinPoolStatus::Fail => "failed",
@@ -324,6 +340,22 @@ impl Pool {
                 self.metadata_node.display()
             ),
         ))
+    }
+
+    /// At start, a pool thinstack made read-only whose metadata has room again (grown while
+    /// thinstackd was down, say) is made writable; one still nearly full, or made read-only by
+    /// the kernel, stays read-only, and thinstack serves what does not write.
+    fn lift_metadata_guard_if_room(&self, dm: &Dm) -> Result<()> {
+        let status = self.status(dm)?;
+        if status.health.metadata_guard && !metadata_nearly_full(&status.metadata) {
+            self.set_read_only(dm, false)?;
+            tracing::warn!(pool = %self.name, metadata = %status.metadata.describe(), "the pool's metadata has room again: the pool is writable");
+        } else if status.health.metadata_guard {
+            tracing::error!(pool = %self.name, metadata = %status.metadata.describe(), "the pool is read-only because its metadata is nearly full; thinstackd serves reads; `thinstack pool extend --metadata SIZE` makes it writable");
+        } else {
+            tracing::error!(pool = %self.name, "the kernel made the pool read-only (a metadata error, or metadata ran out); thinstackd serves reads; stop what uses the pool, check its metadata with `thin_check {}`, then start again", self.metadata_node.display());
+        }
+        Ok(())
     }
 
     /// Check the metadata of a pool flagged `needs_check` while the pool is inactive, and
@@ -533,6 +565,7 @@ impl Pool {
                 failed: false,
                 needs_check: working.needs_check,
                 read_only: working.summary == ThinPoolStatusSummary::ReadOnly,
+                metadata_guard: self.is_read_only(dm)?,
                 out_of_space: working.summary == ThinPoolStatusSummary::OutOfSpace,
                 when_full: Some(when_full_of(working.no_space_policy)),
             },
@@ -892,6 +925,7 @@ impl PoolStatus {
                 failed: true,
                 needs_check: true,
                 read_only: true,
+                metadata_guard: false,
                 out_of_space: false,
                 when_full: None,
             },
