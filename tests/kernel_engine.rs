@@ -434,3 +434,33 @@ fn kernel_engine_reactivates_after_a_reboot() {
     drop(engine);
     teardown_and_check(&t);
 }
+
+/// Every walk over parents and children is a loop: a chain 2,000 layers deep is removed
+/// recursively in one call (a recursive walk is what blew the stack at 20,000 in the sim).
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_engine_a_chain_2000_deep_is_removed_recursively() {
+    const DEPTH: usize = 2000;
+    let _dm = require_dm_thin();
+    let t = TestPool::new("deep", "[layers]\nbase_size = \"64M\"\n");
+    let (engine, _) = open_engine(&t);
+    let started = std::time::Instant::now();
+    engine.create(&layer("d0", None)).unwrap();
+    for n in 1..DEPTH {
+        let (name, parent) = (format!("d{n}"), format!("d{}", n - 1));
+        engine.create(&layer(&name, Some(&parent))).unwrap();
+    }
+    let made = started.elapsed();
+    let removed = engine.remove_recursive("d0").unwrap();
+    assert_eq!(removed.len(), DEPTH);
+    assert!(removed.iter().all(|(_, r)| *r == Removal::Removed));
+    eprintln!(
+        "a chain of {DEPTH}: made in {:.1}s, removed in {:.1}s",
+        made.as_secs_f64(),
+        (started.elapsed() - made).as_secs_f64()
+    );
+    assert!(engine.list(&BTreeMap::new()).unwrap().is_empty());
+    assert!(engine.kernel().thin_ids().unwrap().is_empty());
+    drop(engine);
+    teardown_and_check(&t);
+}

@@ -1297,8 +1297,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn remove_recursive(&self, name: &str) -> Result<Vec<(LayerName, Removal)>> {
         let root = LayerName::new(name)?;
         self.record(&root)?;
-        let mut order = Vec::new();
-        self.descendants_post_order(&root, &mut order);
+        let order = self.descendants_post_order(&root);
         let mut done = Vec::new();
         for layer in order {
             let removal = self.remove(layer.as_str())?;
@@ -1350,11 +1349,26 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.store.clear()
     }
 
-    fn descendants_post_order(&self, name: &LayerName, out: &mut Vec<LayerName>) {
-        for child in self.children_of(name) {
-            self.descendants_post_order(&child, out);
+    /// `name` and every layer below it, each after all of its descendants (so children are
+    /// removed before their parents). A loop, not recursion: a chain tens of thousands deep
+    /// needs no deeper stack, and a cycle damaged records might make is walked once.
+    fn descendants_post_order(&self, name: &LayerName) -> Vec<LayerName> {
+        let mut order = Vec::new();
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![(name.clone(), false)];
+        while let Some((layer, children_done)) = stack.pop() {
+            if children_done {
+                order.push(layer);
+                continue;
+            }
+            if !seen.insert(layer.clone()) {
+                continue;
+            }
+            let children = self.children_of(&layer);
+            stack.push((layer, true));
+            stack.extend(children.into_iter().rev().map(|child| (child, false)));
         }
-        out.push(name.clone());
+        order
     }
 
     /// Finish removing a layer in state `removing`; `wait` retries a busy device briefly.

@@ -20,6 +20,21 @@ impl Fixture {
         Fixture::with_sim(Sim::default())
     }
 
+    /// Records on tmpfs where there is one: for tests of thousands of operations, whose time
+    /// would otherwise go to fsync.
+    fn on_tmpfs() -> Self {
+        let shm = Path::new("/dev/shm");
+        let dir = if shm.is_dir() {
+            tempfile::tempdir_in(shm)
+        } else {
+            tempfile::tempdir()
+        };
+        Fixture {
+            sim: Sim::default(),
+            dir: dir.unwrap(),
+        }
+    }
+
     fn with_sim(sim: Sim) -> Self {
         Fixture {
             sim,
@@ -1213,4 +1228,26 @@ fn a_read_only_pool_serves_reads_and_refuses_writes_saying_how_to_lift_it() {
     assert_eq!(report.rolled_back, [LayerName::new("cut").unwrap()]);
     engine.create(&child("b", "a")).unwrap();
     assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_chain_20000_deep_is_removed_recursively() {
+    let f = Fixture::on_tmpfs();
+    let engine = f.engine();
+    engine.create(&base("c0")).unwrap();
+    const DEPTH: usize = 20_000;
+    for n in 1..DEPTH {
+        engine
+            .create(&child(&format!("c{n}"), &format!("c{}", n - 1)))
+            .unwrap();
+    }
+    let removed = engine.remove_recursive("c0").unwrap();
+    assert_eq!(removed.len(), DEPTH);
+    assert_eq!(
+        removed[0].0.as_str(),
+        format!("c{}", DEPTH - 1),
+        "deepest first"
+    );
+    assert!(engine.list(&BTreeMap::new()).unwrap().is_empty());
+    assert!(f.sim.thin_ids_now().is_empty());
 }
