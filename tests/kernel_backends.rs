@@ -153,6 +153,38 @@ fn direct_lvm_from_a_blank_disk_survives_vgchange_and_restarts_and_is_destroyed_
     layers_intact(&d);
     assert!(d.log_text().contains("activated the LVM thin pool"));
 
+    // The pool's own devices are never added, with or without force: a layer's device (also
+    // through a symbolic link), the pool device, the disk under it.
+    let layer_device = d
+        .cli(&["layer", "activate", "base"])
+        .stdout
+        .trim()
+        .to_string();
+    let link = scratch.path().join("innocent-looking");
+    std::os::unix::fs::symlink(&layer_device, &link).unwrap();
+    let pool_device = d.json(&["pool", "status"])["pool"]["device"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for own in [
+        layer_device.as_str(),
+        link.to_str().unwrap(),
+        pool_device.as_str(),
+        disk.name().as_str(),
+    ] {
+        let refused = d.cli(&["pool", "add-device", own, "--force"]);
+        assert_eq!(refused.code, 8, "{own}: {refused:?}");
+        assert!(
+            refused.stderr.contains("never adds the pool's own devices"),
+            "{own}: {refused:?}"
+        );
+    }
+    assert_eq!(
+        d.json(&["layer", "deactivate", "base"])["done"],
+        "deactivated"
+    );
+    layers_intact(&d);
+
     // A second disk grows the volume group.
     let added = d.json(&["pool", "add-device", &second.name()]);
     assert!(added["volume_group_free"].is_string(), "{added}");

@@ -116,10 +116,41 @@ impl Daemon {
                 ),
             ));
         };
+        // Resolved once: every check and every write below is on this same device, whatever
+        // a symbolic link named by the caller points to meanwhile.
+        let device = std::fs::canonicalize(device)
+            .map_err(|e| Error::io(format!("resolving device {}", device.display()), e))?;
+        let device = device.as_path();
+        self.refuse_pool_member(device)?;
         self.engine.exclusive_pool(|_| {
             lvm::add_device(&self.config, backing, device, force)?;
             Ok(lvm::volume_group(backing)?.free())
         })
+    }
+
+    /// Refuse, with or without `force`, a device of this pool's own stack: the pool device,
+    /// what it is built on (its volumes and their disks) and what is built on it (its thin
+    /// devices), or a disk with a partition among them.
+    fn refuse_pool_member(&self, device: &Path) -> Result<()> {
+        let pool = self.engine.kernel().pool();
+        let number = crate::kernel::blockdev::block_device(device)?;
+        let stack = crate::kernel::blockdev::stack_of(pool.device());
+        let member = crate::kernel::blockdev::with_partitions(number)
+            .into_iter()
+            .find(|n| stack.contains(n));
+        match member {
+            None => Ok(()),
+            Some(member) => Err(Error::new(
+                ErrorKind::Permission,
+                format!(
+                    "{} ({member}) is part of pool {} (its device, a volume or disk under it, or \
+                     a layer's device on it); thinstack never adds the pool's own devices, with \
+                     or without force: choose another disk",
+                    device.display(),
+                    pool.name()
+                ),
+            )),
+        }
     }
 
     /// One automatic extension of an LVM pool, planned from fresh figures with pool messages

@@ -284,6 +284,11 @@ fn list_layers(daemon: &Daemon, call: &Call) -> Result<Reply> {
 fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: CreateRequest = body(call)?;
+    if let Some(parent) = &request.parent {
+        if daemon.engine.inspect(parent).is_ok() {
+            not_containerds_layer(daemon, parent, "given children")?;
+        }
+    }
     let create = CreateLayer {
         name: request.name.clone(),
         parent: request.parent.clone(),
@@ -352,16 +357,20 @@ fn commit_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     ok(daemon.engine.commit(name(call))?)
 }
 
-/// containerd's snapshots change only through containerd, whose records would otherwise name
-/// snapshots that are gone or changed.
+/// containerd's snapshots change, activate and take children only through containerd, whose
+/// records would otherwise name snapshots that are gone or changed, or miss a user of a
+/// device it removes. Reading them (inspect, usage, a read-only mount) stays open.
 fn not_containerds(daemon: &Daemon, call: &Call, what: &str) -> Result<()> {
-    match daemon.engine.inspect(name(call))?.snapshot {
+    not_containerds_layer(daemon, name(call), what)
+}
+
+fn not_containerds_layer(daemon: &Daemon, layer: &str, what: &str) -> Result<()> {
+    match daemon.engine.inspect(layer)?.snapshot {
         None => Ok(()),
         Some(snapshot) => Err(Error::new(
-            ErrorKind::Busy,
+            ErrorKind::Permission,
             format!(
-                "layer {:?} is containerd's snapshot {:?} in namespace {:?}; it is {what} through containerd (ctr snapshots), not here",
-                name(call),
+                "layer {layer:?} is containerd's snapshot {:?} in namespace {:?}; it is {what} through containerd (ctr snapshots), not here",
                 snapshot.key,
                 snapshot.namespace
             ),
@@ -381,6 +390,7 @@ fn layer_usage(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn activate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
+    not_containerds(daemon, call, "activated")?;
     let device = daemon.engine.activate(name(call))?;
     ok(DeviceResponse {
         name: LayerName::new(name(call))?,
@@ -405,6 +415,9 @@ fn done(call: &Call, what: &str) -> Result<Reply> {
 fn mount_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: MountRequest = body(call)?;
+    if !request.readonly {
+        not_containerds(daemon, call, "mounted read-write")?;
+    }
     let mount_point =
         daemon
             .engine

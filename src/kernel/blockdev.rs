@@ -238,6 +238,38 @@ fn partitions_of(device: Device) -> Vec<String> {
         .collect()
 }
 
+/// `device` and every block device stacked with it: what it is built on (`slaves`, down to
+/// the disks) and what is built on it (`holders`, up to the thin devices of a pool), as
+/// `major:minor` numbers. A pool's whole stack, for refusing to touch any of it.
+pub fn stack_of(device: Device) -> std::collections::BTreeSet<String> {
+    let mut stack = std::collections::BTreeSet::new();
+    let mut todo = vec![format!("{}:{}", device.major, device.minor)];
+    while let Some(number) = todo.pop() {
+        if !stack.insert(number.clone()) {
+            continue;
+        }
+        for link in ["slaves", "holders"] {
+            let dir = format!("/sys/dev/block/{number}/{link}");
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if let Ok(dev) = std::fs::read_to_string(entry.path().join("dev")) {
+                    todo.push(dev.trim().to_string());
+                }
+            }
+        }
+    }
+    stack
+}
+
+/// `device` and its partitions, as `major:minor` numbers.
+pub fn with_partitions(device: Device) -> Vec<String> {
+    let mut all = partitions_of(device);
+    all.push(format!("{}:{}", device.major, device.minor));
+    all
+}
+
 /// Whether the kernel holds the block device at `path` (a mount, device-mapper, md): an
 /// exclusive open fails then.
 pub fn is_held(path: &Path) -> Result<bool> {
