@@ -47,6 +47,8 @@ pub enum Leftover {
     StaleMountPoint,
     /// A loop device bound to a deleted file.
     DeletedLoopFile,
+    /// A layer whose settling at start failed: its operations are refused until repaired.
+    DegradedLayer,
 }
 
 /// Where a finding stands.
@@ -162,6 +164,7 @@ pub fn examine(engine: &Engine<RealPool, RealFs>, how: Repair) -> Result<DoctorR
     dm_devices(engine, &mut report)?;
     thin_devices(engine, how.delete_unowned, &mut report)?;
     missing_thin_devices(engine, &mut report);
+    degraded_layers(engine, &mut report);
     deleted_loop_files(engine, &mut report)?;
     tracing::info!(
         repair,
@@ -328,6 +331,19 @@ fn thin_devices(
         }
     }
     Ok(())
+}
+
+/// Layers whose settling at start failed; repair tries the step again.
+fn degraded_layers(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) {
+    for (layer, reason) in engine.degraded_layers() {
+        let detail = format!(
+            "layer {:?} is degraded ({reason}); its operations are refused; repair tries the failed step again",
+            layer.as_str()
+        );
+        report.repairable(Leftover::DegradedLayer, layer.as_str(), detail, || {
+            engine.repair_degraded(&layer)
+        });
+    }
 }
 
 fn missing_thin_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) {

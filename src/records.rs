@@ -185,6 +185,18 @@ pub struct LayerRecord {
     /// The containerd snapshot this layer is, when containerd made it (`[containerd]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRecord>,
+    /// A resize to this size is under way: written before the device grows, so a crash
+    /// leaves a device no larger than the record allows; `size` takes it only once the
+    /// kernel and the filesystem accepted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resizing_to: Option<ByteSize>,
+}
+
+impl LayerRecord {
+    /// The size to activate the device at: a resize under way may have grown it already.
+    pub fn device_size(&self) -> ByteSize {
+        self.resizing_to.map_or(self.size, |to| to.max(self.size))
+    }
 }
 
 /// What kind of containerd snapshot a layer is.
@@ -484,6 +496,7 @@ mod tests {
             deferred: false,
             missing: false,
             snapshot: None,
+            resizing_to: None,
         };
         store.put_layer(&record).unwrap();
         fs::write(dir.path().join("layers/stray.json.tmp"), b"x").unwrap();

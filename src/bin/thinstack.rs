@@ -594,6 +594,9 @@ fn state_word(layer: &Layer) -> String {
         .ok()
         .and_then(|v| v.as_str().map(String::from))
         .unwrap_or_default();
+    if let Some(reason) = &layer.degraded {
+        return format!("degraded: {reason}");
+    }
     match (layer.missing, layer.deferred_removal, layer.committed) {
         (true, _, _) => "missing".into(),
         (_, true, _) => "removal deferred".into(),

@@ -66,6 +66,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 deferred: false,
                 missing: false,
                 snapshot: None,
+                resizing_to: None,
             };
             self.put(record.clone())?;
             Ok(record)

@@ -14,6 +14,7 @@
 //!   thin device is gone, and re-activates layers that were active before a reboot.
 
 mod adopt;
+mod degraded;
 mod leftovers;
 mod locks;
 mod mount_policy;
@@ -154,6 +155,10 @@ pub struct Layer {
     /// The containerd snapshot this layer is, if containerd made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRecord>,
+    /// Why the layer is degraded: its settling at start failed, so its operations are refused
+    /// until `pool doctor --repair` (or a restart) settles it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 impl Layer {
@@ -274,6 +279,8 @@ struct Index {
     /// not being removed (a removed key is free again at once, even while its device waits
     /// for deferred removal).
     snapshot_keys: BTreeMap<(String, String), LayerName>,
+    /// Layers whose settling at start failed, with why: refused until repaired.
+    degraded: BTreeMap<LayerName, String>,
 }
 
 impl Index {
@@ -312,6 +319,7 @@ impl Index {
     }
 
     fn remove(&mut self, name: &LayerName) {
+        self.degraded.remove(name);
         let Some(record) = self.layers.remove(name) else {
             return;
         };
@@ -472,6 +480,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// A layer that is usable (ready, its thin device present).
     fn ready_record(&self, name: &LayerName) -> Result<LayerRecord> {
+        self.ensure_not_degraded(name)?;
         usable(self.record(name)?)
     }
 
@@ -498,6 +507,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn view(&self, record: LayerRecord) -> Result<Layer> {
         let device = self.kernel.active_node(record.thin_id)?;
         let children = self.children_of(&record.name);
+        let degraded = self.index().degraded.get(&record.name).cloned();
         Ok(Layer {
             name: record.name,
             thin_id: record.thin_id,
@@ -515,6 +525,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             missing: record.missing,
             children,
             snapshot: record.snapshot,
+            degraded,
         })
     }
 
@@ -590,7 +601,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         if let Some(node) = self.kernel.active_node(id)? {
             return f(&node);
         }
-        let node = self.kernel.activate(id, record.size, true)?;
+        let node = self.kernel.activate(id, record.device_size(), true)?;
         let done = f(&node);
         self.kernel.deactivate(id)?;
         done
@@ -753,6 +764,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             deferred: false,
             missing: false,
             snapshot,
+            resizing_to: None,
         };
         if let Err(e) = self.put_claiming(record.clone()) {
             self.index().used_ids.remove(&id);
@@ -981,7 +993,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Make a layer read-only for good. Refused while it is mounted read-write.
     pub fn commit(&self, name: &str) -> Result<Layer> {
-        let (name, _guard) = self.lock_layer(name)?;
+        let (name, _guard) = self.lock_healthy(name)?;
         let record = self.ready_record(&name)?;
         if record.committed {
             return self.view(record);
@@ -998,7 +1010,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // An active device is re-made read-only, so nothing can write it after the commit.
         if self.kernel.active_node(record.thin_id)?.is_some() {
             self.deactivate_with_retries(record.thin_id)?;
-            self.kernel.activate(record.thin_id, record.size, true)?;
+            self.kernel
+                .activate(record.thin_id, record.device_size(), true)?;
             crash::point("commit.reactivated");
         }
         let mut committed = record;
@@ -1011,7 +1024,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// The layer's block device, activating it when needed (read-only when committed).
     pub fn activate(&self, name: &str) -> Result<PathBuf> {
-        let (name, _guard) = self.lock_layer(name)?;
+        let (name, _guard) = self.lock_healthy(name)?;
         let record = self.ready_record(&name)?;
         self.keep_active(record)
     }
@@ -1034,14 +1047,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             Some(node) => Ok(node),
             None => self
                 .kernel
-                .activate(record.thin_id, record.size, record.committed),
+                .activate(record.thin_id, record.device_size(), record.committed),
         }
     }
 
     /// Deactivate a layer's device. Refused while thinstack has it mounted; `Busy` when
     /// another user holds it after a few retries.
     pub fn deactivate(&self, name: &str) -> Result<()> {
-        let (name, _guard) = self.lock_layer(name)?;
+        let (name, _guard) = self.lock_healthy(name)?;
         let record = self.ready_record(&name)?;
         if let Some(target) = record.mounts.keys().next() {
             return Err(Error::new(
@@ -1086,7 +1099,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// mount table is asked before a record is trusted: a recorded mount that is gone (unmounted
     /// by hand) is mounted again, not merely counted.
     pub fn mount(&self, name: &str, target: Option<&Path>, read_only: bool) -> Result<PathBuf> {
-        let (name, _guard) = self.lock_layer(name)?;
+        let (name, _guard) = self.lock_healthy(name)?;
         let record = self.ready_record(&name)?;
         let read_only = read_only || record.committed;
         if !read_only {
@@ -1205,7 +1218,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// user unmounts. The device stays active. A recorded mount that the kernel no longer has
     /// is dropped from the record; one that something else now covers is refused.
     pub fn unmount(&self, name: &str, target: Option<&Path>) -> Result<()> {
-        let (name, _guard) = self.lock_layer(name)?;
+        let (name, _guard) = self.lock_healthy(name)?;
         let record = self.record(&name)?;
         let had = record.mounts.len();
         let record = self.drop_gone_mounts(record)?;
@@ -1261,7 +1274,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// A device that stays busy after brief retries is removed later, when released
     /// ([`Removal::Deferred`]).
     pub fn remove(&self, name: &str) -> Result<Removal> {
-        let (name, _guard) = self.lock_layer(name)?;
+        let (name, _guard) = self.lock_healthy(name)?;
         let record = self.record(&name)?;
         self.ensure_writable(&format!("remove layer {name:?}"))?;
         let children = self.live_children(&name);
@@ -1459,7 +1472,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Grow a layer's device and filesystem to `size`; smaller is refused, equal grows the
     /// filesystem only (finishing a resize a crash interrupted).
     pub fn resize(&self, name: &str, size: ByteSize) -> Result<Layer> {
-        let (name, _guard) = self.lock_layer(name)?;
+        let (name, _guard) = self.lock_healthy(name)?;
         let record = self.ready_record(&name)?;
         self.ensure_writable(&format!("resize layer {name:?}"))?;
         if record.committed {
@@ -1473,11 +1486,34 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 record.size
             )));
         }
-        // The record first: a device larger than its filesystem is harmless, the reverse not.
-        let mut grown = record.clone();
+        if !record.mounts.is_empty() && record.mounts.values().all(|m| m.read_only) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("layer {name:?} is mounted read-only; unmount it to grow its filesystem"),
+            ));
+        }
+        // The intent first: after a crash the device may be activated at the larger size (a
+        // device larger than its filesystem is harmless, the reverse not), and reconcile
+        // settles the size by what the filesystem became.
+        let mut resizing = record.clone();
+        resizing.resizing_to = Some(size);
+        self.put(resizing.clone())?;
+        crash::point("resize.recorded");
+        // Not accepted: the record keeps its size, and its intent, which the next start
+        // settles by what the filesystem became (it may have grown part way).
+        self.grow_device_and_filesystem(&record, size)
+            .map_err(|e| e.context(format!("resizing layer {:?} to {size}", name.as_str())))?;
+        let mut grown = resizing;
+        grown.resizing_to = None;
         grown.size = size;
         self.put(grown.clone())?;
-        crash::point("resize.recorded");
+        tracing::info!(layer = %name, size = %size, "layer resized");
+        self.view(grown)
+    }
+
+    /// Grow `record`'s device to `size`, then its filesystem (where it is mounted read-write,
+    /// or at a private place when unmounted); an inactive device is deactivated again.
+    fn grow_device_and_filesystem(&self, record: &LayerRecord, size: ByteSize) -> Result<()> {
         let id = record.thin_id;
         let node = match self.kernel.active_node(id)? {
             Some(node) => {
@@ -1496,7 +1532,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!(
-                        "layer {name:?} is mounted read-only; unmount it to grow its filesystem"
+                        "layer {:?} is mounted read-only; unmount it to grow its filesystem",
+                        record.name.as_str()
                     ),
                 ))
             }
@@ -1505,8 +1542,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         if !record.active && record.mounts.is_empty() {
             self.deactivate_with_retries(id)?;
         }
-        tracing::info!(layer = %name, size = %size, "layer resized");
-        self.view(grown)
+        Ok(())
     }
 }
 

@@ -37,6 +37,8 @@ pub struct ReconcileReport {
     /// Layers the kernel had active or mounted without their record saying so (a crash
     /// between the kernel step and the record): the records now say so.
     pub adopted: Vec<String>,
+    /// Layers a resize was under way on: the size their filesystem reached, now recorded.
+    pub resizes_settled: Vec<String>,
     /// Layers a crash left half made or half removed, left as they are because the pool was
     /// read-only (settling them needs pool messages); the first start on a writable pool
     /// settles them.
@@ -74,6 +76,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.leave_until_writable(&mut report);
         }
         self.settle_unowned(&pool_ids, being_made, &mut report)?;
+        self.settle_resizes(&mut report)?;
         self.drop_stale_mounts(&mut report)?;
         self.remove_stale_mount_points(&mut report)?;
         self.adopt_active_and_mounted(&mut report)?;
@@ -184,6 +187,43 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.index().names_where(|l| l.state == state)
     }
 
+    /// A resize a crash or a failure cut short: the record takes the new size if the
+    /// filesystem grew past the old one (the device must hold it), or keeps its size if not.
+    fn settle_resizes(&self, report: &mut ReconcileReport) -> Result<()> {
+        let resizing: Vec<_> = self
+            .usable_records()
+            .into_iter()
+            .filter(|l| l.resizing_to.is_some())
+            .collect();
+        for record in resizing {
+            self.settle_or_degrade(&record.name, "settling an interrupted resize", || {
+                let size = self.settle_resize(&record)?;
+                report
+                    .resizes_settled
+                    .push(format!("{}: {size}", record.name));
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn settle_resize(&self, record: &LayerRecord) -> Result<crate::units::ByteSize> {
+        let grew = self.with_device(record, |node| {
+            Ok(self
+                .fs
+                .probe(node)?
+                .is_some_and(|found| found.size > record.size))
+        })?;
+        let mut settled = record.clone();
+        if grew {
+            settled.size = record.device_size();
+        }
+        settled.resizing_to = None;
+        self.put(settled.clone())?;
+        tracing::warn!(layer = %record.name, size = %settled.size, "settled a resize that was cut short");
+        Ok(settled.size)
+    }
+
     fn leave_until_writable(&self, report: &mut ReconcileReport) {
         let mut waiting = self.names_in_state(LayerState::Creating);
         waiting.extend(self.names_in_state(LayerState::Removing));
@@ -199,8 +239,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn roll_back_creating(&self, report: &mut ReconcileReport) -> Result<()> {
         let creating = self.names_in_state(LayerState::Creating);
         for name in creating {
-            self.undo_create(&name)?;
-            report.rolled_back.push(name);
+            self.settle_or_degrade(&name, "rolling back its half-made create", || {
+                self.undo_create(&name)?;
+                report.rolled_back.push(name.clone());
+                Ok(())
+            });
         }
         Ok(())
     }
@@ -208,10 +251,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn finish_removing(&self, report: &mut ReconcileReport) -> Result<()> {
         let removing = self.names_in_state(LayerState::Removing);
         for name in removing {
-            match self.finish_removal(self.record(&name)?, false)? {
-                Removal::Removed => report.finished_removals.push(name),
-                Removal::Deferred => report.still_deferred.push(name),
-            }
+            self.settle_or_degrade(&name, "finishing its removal", || {
+                match self.finish_removal(self.record(&name)?, false)? {
+                    Removal::Removed => report.finished_removals.push(name.clone()),
+                    Removal::Deferred => report.still_deferred.push(name.clone()),
+                }
+                Ok(())
+            });
         }
         Ok(())
     }
@@ -361,21 +407,32 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn reactivate(&self, report: &mut ReconcileReport) -> Result<()> {
         let ready = self.usable_records();
         for record in ready {
-            match self.kernel.active_read_only(record.thin_id)? {
-                None if record.active => {
-                    self.kernel
-                        .activate(record.thin_id, record.size, record.committed)?;
+            self.settle_or_degrade(&record.name, "reactivating its device", || {
+                if self.settle_activation(&record)? {
                     report.reactivated.push(record.name.clone());
                 }
-                Some(read_only) if read_only != record.committed && record.mounts.is_empty() => {
-                    self.kernel.deactivate(record.thin_id)?;
-                    self.kernel
-                        .activate(record.thin_id, record.size, record.committed)?;
-                    report.reactivated.push(record.name.clone());
-                }
-                _ => {}
-            }
+                Ok(())
+            });
         }
         Ok(())
+    }
+
+    /// Make the kernel's activation of `record`'s device what the record says: active again
+    /// after a reboot, read-only when committed. Returns whether it (re)activated the device.
+    pub(super) fn settle_activation(&self, record: &LayerRecord) -> Result<bool> {
+        match self.kernel.active_read_only(record.thin_id)? {
+            None if record.active => {
+                self.kernel
+                    .activate(record.thin_id, record.size, record.committed)?;
+                Ok(true)
+            }
+            Some(read_only) if read_only != record.committed && record.mounts.is_empty() => {
+                self.kernel.deactivate(record.thin_id)?;
+                self.kernel
+                    .activate(record.thin_id, record.size, record.committed)?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 }

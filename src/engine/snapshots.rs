@@ -332,6 +332,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             deferred: false,
             missing: false,
             snapshot: Some(committed),
+            resizing_to: None,
         };
         if let Err(e) = self.put_claiming(record.clone()) {
             self.index().used_ids.remove(&id);

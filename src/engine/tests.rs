@@ -1251,3 +1251,66 @@ fn a_chain_20000_deep_is_removed_recursively() {
     assert!(engine.list(&BTreeMap::new()).unwrap().is_empty());
     assert!(f.sim.thin_ids_now().is_empty());
 }
+
+#[test]
+fn a_layer_whose_reactivation_fails_at_start_is_degraded_and_the_others_are_served() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    for name in ["a", "b"] {
+        engine.create(&base(name)).unwrap();
+        engine.activate(name).unwrap();
+    }
+    drop(engine);
+    f.sim.reboot();
+    // The first reactivation (layer a, in name order) fails.
+    f.sim.fail_at(SimOp::Activate, 0, ErrorKind::Kernel);
+    let (engine, report) = f.open();
+    assert_eq!(report.reactivated, [LayerName::new("b").unwrap()]);
+    let a = engine.inspect("a").unwrap();
+    let reason = a.degraded.clone().expect("a is degraded");
+    assert!(reason.contains("reactivating its device"), "{reason}");
+    assert_eq!(engine.degraded_layers().len(), 1);
+    for refused in [
+        engine.mount("a", None, false).map(drop),
+        engine.activate("a").map(drop),
+        engine.remove("a").map(drop),
+        engine.create(&child("kid", "a")).map(drop),
+    ] {
+        let err = refused.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Inconsistent, "{err}");
+        assert!(err.to_string().contains("degraded"), "{err}");
+    }
+    // Every other layer is served.
+    engine.mount("b", None, false).unwrap();
+    engine.unmount("b", None).unwrap();
+    // Repaired, it is whole again.
+    engine.repair_degraded(&a.name).unwrap();
+    assert!(engine.inspect("a").unwrap().degraded.is_none());
+    assert!(engine.inspect("a").unwrap().device.is_some(), "reactivated");
+    engine.mount("a", None, false).unwrap();
+}
+
+#[test]
+fn a_resize_records_its_size_only_once_the_kernel_and_the_filesystem_took_it() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("a")).unwrap();
+    f.sim.fail_at(SimOp::Grow, 0, ErrorKind::NoSpace);
+    let err = engine.resize("a", ByteSize::gib(2)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoSpace, "{err}");
+    assert_eq!(
+        engine.inspect("a").unwrap().size,
+        ByteSize::gib(1),
+        "not taken"
+    );
+    drop(engine);
+    // The next start settles the intent by the filesystem: it did not grow.
+    let (engine, report) = f.open();
+    assert_eq!(report.resizes_settled, ["a: 1G"]);
+    assert_eq!(engine.inspect("a").unwrap().size, ByteSize::gib(1));
+    assert_eq!(
+        engine.resize("a", ByteSize::gib(2)).unwrap().size,
+        ByteSize::gib(2)
+    );
+    assert_consistent(&f, engine);
+}
