@@ -1,76 +1,124 @@
 //! Crash points: named places inside multi-step operations where a test build can make the
 //! process die, to prove that the next open reconciles whatever was left half done.
 //!
-//! Compiled only for unit tests and with the `crash-points` feature; in a normal build
-//! [`point`] is an empty inline function. Two ways to arm a point:
-//! - the environment variable `THINSTACK_CRASH_AT=<point>` makes the process abort there, as
-//!   `kill -9` would (no destructors, no cleanup), for kernel tests that run a child process
-//!   (`THINSTACK_CRASH_TRACE=<file>` appends every point passed to the file, to learn which
-//!   points an operation reaches);
-//! - [`arm`] makes the current process panic there, for unit tests that then re-open the
-//!   engine on the same records and the same simulated kernel.
+//! A point is a [`Point`], so a name that is not a point does not compile. Compiled in only for
+//! unit tests and with the `crash-points` feature; in a normal build [`point`] is an empty
+//! inline function. Two ways to arm a point:
+//! - the environment variable `THINSTACK_CRASH_AT=<point>` (or `<point>#<n>` for its n-th pass
+//!   in the process) makes the process abort there, as `kill -9` would (no destructors, no
+//!   cleanup), for kernel tests that run a child process; `THINSTACK_CRASH_TRACE=<file>`
+//!   appends every point passed to the file, to learn which points an operation reaches;
+//! - [`arm`] makes the current thread panic there with the message `crash point <name>` (and
+//!   [`is_crash`] tells that panic from any other), for unit tests that then re-open the engine
+//!   on the same records and the same simulated kernel.
 
-/// Every crash point, in the order an operation reaches them.
-pub const POINTS: &[&str] = &[
-    "create.record_written",
-    "pool_step.intent_written",
-    "pool_step.message_sent",
-    "pool_step.transaction_set",
-    "create.activated",
-    "create.formatted",
-    "create.grown",
-    "create.done",
-    "commit.reactivated",
-    "commit.done",
-    "snapshot_commit.in_place",
-    "snapshot_commit.record_written",
-    "snapshot_commit.snapshotted",
-    "remove.marked",
-    "remove.deactivated",
-    "remove.discarded",
-    "remove.deleted",
-    "resize.recorded",
-    "resize.reloaded",
-    "resize.grown",
-    "lvm.record_written",
-    "lvm.pvs_created",
-    "lvm.vg_created",
-    "lvm.data_lv_created",
-    "lvm.metadata_lv_created",
-    "lvm.converted",
-    "lvm.profile_attached",
-    "devices.record_written",
-    "devices.prepared",
-    "devices.activated",
-];
+/// Declares [`Point`] with each point's name, in the order an operation reaches them.
+macro_rules! points {
+    ($($variant:ident => $name:literal,)*) => {
+        /// A crash point.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum Point {
+            $(
+                #[doc = $name]
+                $variant,
+            )*
+        }
+
+        impl Point {
+            /// Every crash point, in the order an operation reaches them.
+            pub const ALL: &'static [Point] = &[$(Point::$variant,)*];
+
+            /// The point's name, as `THINSTACK_CRASH_AT` and traces spell it.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Point::$variant => $name,)*
+                }
+            }
+
+            /// The point named `name`.
+            pub fn named(name: &str) -> Option<Point> {
+                Point::ALL.iter().copied().find(|p| p.name() == name)
+            }
+        }
+    };
+}
+
+points! {
+    CreateRecordWritten => "create.record_written",
+    PoolStepIntentWritten => "pool_step.intent_written",
+    PoolStepMessageSent => "pool_step.message_sent",
+    PoolStepTransactionSet => "pool_step.transaction_set",
+    CreateActivated => "create.activated",
+    CreateFormatted => "create.formatted",
+    CreateGrown => "create.grown",
+    CreateDone => "create.done",
+    CommitReactivated => "commit.reactivated",
+    CommitDone => "commit.done",
+    SnapshotCommitInPlace => "snapshot_commit.in_place",
+    SnapshotCommitRecordWritten => "snapshot_commit.record_written",
+    SnapshotCommitSnapshotted => "snapshot_commit.snapshotted",
+    RemoveMarked => "remove.marked",
+    RemoveDeactivated => "remove.deactivated",
+    RemoveDiscarded => "remove.discarded",
+    RemoveDeleted => "remove.deleted",
+    ResizeRecorded => "resize.recorded",
+    ResizeReloaded => "resize.reloaded",
+    ResizeGrown => "resize.grown",
+    LvmRecordWritten => "lvm.record_written",
+    LvmPvsCreated => "lvm.pvs_created",
+    LvmVgCreated => "lvm.vg_created",
+    LvmDataLvCreated => "lvm.data_lv_created",
+    LvmMetadataLvCreated => "lvm.metadata_lv_created",
+    LvmConverted => "lvm.converted",
+    LvmProfileAttached => "lvm.profile_attached",
+    DevicesRecordWritten => "devices.record_written",
+    DevicesPrepared => "devices.prepared",
+    DevicesActivated => "devices.activated",
+}
+
+impl std::fmt::Display for Point {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Die here if this point is armed (test builds only).
 #[inline]
-pub fn point(name: &'static str) {
+pub fn point(point: Point) {
     #[cfg(any(test, feature = "crash-points"))]
-    armed::check(name);
+    armed::check(point);
     #[cfg(not(any(test, feature = "crash-points")))]
-    let _ = name;
+    let _ = point;
 }
 
 #[cfg(any(test, feature = "crash-points"))]
-pub use armed::{arm, disarm};
+pub use armed::{arm, arm_nth, disarm, is_crash};
 
 #[cfg(any(test, feature = "crash-points"))]
 mod armed {
     use std::cell::RefCell;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::Point;
 
     thread_local! {
-        static ARMED: RefCell<Option<String>> = const { RefCell::new(None) };
+        /// The armed point and how many more passes to let by before panicking.
+        static ARMED: RefCell<Option<(Point, u32)>> = const { RefCell::new(None) };
     }
 
+    /// Passes of each point in this process, for `THINSTACK_CRASH_AT=<point>#<n>`.
+    static PASSES: Mutex<BTreeMap<Point, u32>> = Mutex::new(BTreeMap::new());
+
     /// Make this thread panic when it reaches `point` (once).
-    pub fn arm(point: &str) {
-        assert!(
-            super::POINTS.contains(&point),
-            "unknown crash point {point}"
-        );
-        ARMED.with(|a| *a.borrow_mut() = Some(point.to_string()));
+    pub fn arm(point: Point) {
+        arm_nth(point, 1);
+    }
+
+    /// Make this thread panic at the `nth` pass (1-based) of `point`.
+    pub fn arm_nth(point: Point, nth: u32) {
+        assert!(nth >= 1, "passes count from 1");
+        ARMED.with(|a| *a.borrow_mut() = Some((point, nth - 1)));
     }
 
     /// Disarm this thread's point.
@@ -78,33 +126,93 @@ mod armed {
         ARMED.with(|a| *a.borrow_mut() = None);
     }
 
-    pub(super) fn check(name: &str) {
+    /// Whether a caught panic is the crash of an armed point (not some other failure).
+    pub fn is_crash(payload: &(dyn std::any::Any + Send), point: Point) -> bool {
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied());
+        text == Some(crash_message(point).as_str())
+    }
+
+    fn crash_message(point: Point) -> String {
+        format!("crash point {}", point.name())
+    }
+
+    /// `<point>` or `<point>#<n>`: the point and the pass (1-based) to die at.
+    fn wanted() -> Option<(String, u32)> {
+        let text = std::env::var("THINSTACK_CRASH_AT").ok()?;
+        Some(match text.split_once('#') {
+            Some((name, nth)) => (name.to_string(), nth.parse().unwrap_or(1)),
+            None => (text, 1),
+        })
+    }
+
+    pub(super) fn check(point: Point) {
+        let name = point.name();
+        let pass = {
+            let mut passes = PASSES.lock().unwrap_or_else(|e| e.into_inner());
+            let count = passes.entry(point).or_insert(0);
+            *count += 1;
+            *count
+        };
         if let Some(path) = std::env::var_os("THINSTACK_CRASH_TRACE") {
             use std::io::Write;
             let traced = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
-                .and_then(|mut file| writeln!(file, "{name}"));
+                .and_then(|mut file| writeln!(file, "{name}#{pass}"));
             if let Err(e) = traced {
                 eprintln!("thinstack: cannot trace crash point {name}: {e}");
             }
         }
-        if std::env::var("THINSTACK_CRASH_AT").is_ok_and(|p| p == name) {
-            eprintln!("thinstack: crash point {name} reached: aborting as if killed");
+        if wanted().is_some_and(|(wanted, nth)| wanted == name && nth == pass) {
+            eprintln!("thinstack: crash point {name}#{pass} reached: aborting as if killed");
             std::process::abort();
         }
         let hit = ARMED.with(|a| {
             let mut armed = a.borrow_mut();
-            if armed.as_deref() == Some(name) {
-                *armed = None;
-                true
-            } else {
-                false
+            match armed.as_mut() {
+                Some((armed_point, 0)) if *armed_point == point => {
+                    *armed = None;
+                    true
+                }
+                Some((armed_point, left)) if *armed_point == point => {
+                    *left -= 1;
+                    false
+                }
+                _ => false,
             }
         });
         if hit {
-            panic!("crash point {name}");
+            panic!("{}", crash_message(point));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_point_has_a_distinct_name_that_finds_it() {
+        let mut names = std::collections::BTreeSet::new();
+        for point in Point::ALL {
+            assert!(names.insert(point.name()), "{point} named twice");
+            assert_eq!(Point::named(point.name()), Some(*point));
+        }
+        assert_eq!(Point::named("no.such_point"), None);
+    }
+
+    #[test]
+    fn an_armed_point_panics_at_its_nth_pass_only() {
+        arm_nth(Point::RemoveDeleted, 2);
+        point(Point::RemoveDeleted);
+        point(Point::RemoveMarked);
+        let caught = std::panic::catch_unwind(|| point(Point::RemoveDeleted)).unwrap_err();
+        assert!(is_crash(caught.as_ref(), Point::RemoveDeleted));
+        assert!(!is_crash(caught.as_ref(), Point::RemoveMarked));
+        point(Point::RemoveDeleted); // disarmed after it fired
     }
 }

@@ -675,7 +675,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             layer: layer.cloned(),
         });
         self.store.put_txn(&txn)?;
-        crash::point("pool_step.intent_written");
+        crash::point(crash::Point::PoolStepIntentWritten);
         let sent = match &op {
             PoolOp::CreateThin { id } => self.kernel.create_thin(*id),
             PoolOp::Snapshot { origin, id } => self.kernel.snapshot(*origin, *id),
@@ -688,9 +688,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             return Err(err);
         }
-        crash::point("pool_step.message_sent");
+        crash::point(crash::Point::PoolStepMessageSent);
         self.kernel.set_transaction_id(old, new)?;
-        crash::point("pool_step.transaction_set");
+        crash::point(crash::Point::PoolStepTransactionSet);
         txn.transaction_id = new;
         txn.pending = None;
         self.store.put_txn(&txn)
@@ -770,14 +770,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.index().used_ids.remove(&id);
             return Err(e);
         }
-        crash::point("create.record_written");
+        crash::point(crash::Point::CreateRecordWritten);
         match self.build_layer(&plan, id, parent_guard) {
             Ok(fs_uuid) => {
                 let mut record = record;
                 record.fs_uuid = fs_uuid;
                 record.state = LayerState::Ready;
                 self.put(record.clone())?;
-                crash::point("create.done");
+                crash::point(crash::Point::CreateDone);
                 tracing::info!(layer = %plan.name, thin_id = %id, parent = ?plan.parent.as_ref().map(|p| p.name.as_str()), size = %plan.size, "layer created");
                 self.view(record)
             }
@@ -905,11 +905,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         match &plan.parent {
             None => {
                 let node = self.kernel.activate(id, plan.size, false)?;
-                crash::point("create.activated");
+                crash::point(crash::Point::CreateActivated);
                 let fs_uuid = self
                     .fs
                     .mkfs(plan.filesystem, &node, &self.settings.mkfs_args)?;
-                crash::point("create.formatted");
+                crash::point(crash::Point::CreateFormatted);
                 if plan.bare_root {
                     self.with_private_mount(id, &node, plan.filesystem, false, |root| {
                         crate::kernel::fs::make_bare_root(root)
@@ -920,9 +920,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             Some(parent) if plan.size > parent.size => {
                 let node = self.kernel.activate(id, plan.size, false)?;
-                crash::point("create.activated");
+                crash::point(crash::Point::CreateActivated);
                 self.grow_filesystem(id, &node, plan.filesystem)?;
-                crash::point("create.grown");
+                crash::point(crash::Point::CreateGrown);
                 self.kernel.deactivate(id)?;
                 Ok(parent.fs_uuid.clone())
             }
@@ -1012,12 +1012,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.deactivate_with_retries(record.thin_id)?;
             self.kernel
                 .activate(record.thin_id, record.device_size(), true)?;
-            crash::point("commit.reactivated");
+            crash::point(crash::Point::CommitReactivated);
         }
         let mut committed = record;
         committed.committed = true;
         self.put(committed.clone())?;
-        crash::point("commit.done");
+        crash::point(crash::Point::CommitDone);
         tracing::info!(layer = %committed.name, "layer committed");
         self.view(committed)
     }
@@ -1301,7 +1301,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         removing.state = LayerState::Removing;
         removing.active = false;
         self.put(removing.clone())?;
-        crash::point("remove.marked");
+        crash::point(crash::Point::RemoveMarked);
         self.finish_removal(removing, true)
     }
 
@@ -1408,14 +1408,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                     }
                     other => other?,
                 }
-                crash::point("remove.deactivated");
+                crash::point(crash::Point::RemoveDeactivated);
             }
             if self.settings.discard_on_remove {
                 self.discard(id, record.size)?;
-                crash::point("remove.discarded");
+                crash::point(crash::Point::RemoveDiscarded);
             }
             self.delete_thin(Some(&name), id)?;
-            crash::point("remove.deleted");
+            crash::point(crash::Point::RemoveDeleted);
         }
         self.remove_default_mount_point(&name);
         self.drop_record(&name)?;
@@ -1498,7 +1498,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let mut resizing = record.clone();
         resizing.resizing_to = Some(size);
         self.put(resizing.clone())?;
-        crash::point("resize.recorded");
+        crash::point(crash::Point::ResizeRecorded);
         // Not accepted: the record keeps its size, and its intent, which the next start
         // settles by what the filesystem became (it may have grown part way).
         self.grow_device_and_filesystem(&record, size)
@@ -1522,7 +1522,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             None => self.kernel.activate(id, size, false)?,
         };
-        crash::point("resize.reloaded");
+        crash::point(crash::Point::ResizeReloaded);
         match record.mounts.iter().find(|(_, m)| !m.read_only) {
             Some((target, _)) => self.fs.grow(record.filesystem, &node, target)?,
             None if record.mounts.is_empty() => {
@@ -1538,7 +1538,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 ))
             }
         }
-        crash::point("resize.grown");
+        crash::point(crash::Point::ResizeGrown);
         if !record.active && record.mounts.is_empty() {
             self.deactivate_with_retries(id)?;
         }

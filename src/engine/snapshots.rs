@@ -296,7 +296,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             layer.created_ns = committed.updated_ns;
             layer.snapshot = Some(committed);
             self.put_claiming(layer.clone())?;
-            crash::point("snapshot_commit.in_place");
+            crash::point(crash::Point::SnapshotCommitInPlace);
             tracing::info!(layer = %layer.name, namespace, key, name, "snapshot committed");
             return Ok(());
         }
@@ -338,7 +338,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.index().used_ids.remove(&id);
             return Err(e);
         }
-        crash::point("snapshot_commit.record_written");
+        crash::point(crash::Point::SnapshotCommitRecordWritten);
         let snapped = self.pool_step(
             Some(&name),
             PoolOp::Snapshot {
@@ -355,7 +355,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let mut ready = record;
         ready.state = LayerState::Ready;
         self.put(ready)?;
-        crash::point("snapshot_commit.snapshotted");
+        crash::point(crash::Point::SnapshotCommitSnapshotted);
         let mut removing = active;
         removing.state = LayerState::Removing;
         removing.active = false;

@@ -47,7 +47,7 @@ pub(super) fn open(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Resu
         data_length,
         Backing::Devices(backing),
     )?;
-    crash::point("devices.activated");
+    crash::point(crash::Point::DevicesActivated);
     if !complete {
         record::save_complete(config, config.block_size())?;
     }
@@ -60,11 +60,11 @@ fn prepare(config: &Config, data: &Path, metadata: &Path) -> Result<()> {
     let data_signatures = blockdev::check_unused(data, force)?;
     let metadata_signatures = blockdev::check_unused(metadata, force)?;
     record::save_started(config, config.block_size())?;
-    crash::point("devices.record_written");
+    crash::point(crash::Point::DevicesRecordWritten);
     blockdev::wipe(data, &data_signatures)?;
     blockdev::wipe(metadata, &metadata_signatures)?;
     blockdev::zero_start(metadata, METADATA_HEADER)?;
-    crash::point("devices.prepared");
+    crash::point(crash::Point::DevicesPrepared);
     tracing::info!(data = %data.display(), metadata = %metadata.display(), "devices prepared for a new pool");
     Ok(())
 }

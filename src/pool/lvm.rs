@@ -171,19 +171,19 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     }
     if !resuming {
         record::save_started(config, config.block_size())?;
-        crash::point("lvm.record_written");
+        crash::point(crash::Point::LvmRecordWritten);
     }
     for (device, signatures) in &fresh {
         blockdev::wipe(device, signatures)?;
         backing.lvm.run_with_paths(&["pvcreate", "-y"], &[device])?;
     }
-    crash::point("lvm.pvs_created");
+    crash::point(crash::Point::LvmPvsCreated);
     let vg = match existing_vg {
         Some(vg) => vg,
         None => {
             everywhere.run_with_paths(&["vgcreate", "--addtag", "thinstack", vg_name], &devices)?;
             tracing::info!(volume_group = %vg_name, devices = ?devices, "volume group created");
-            crash::point("lvm.vg_created");
+            crash::point(crash::Point::LvmVgCreated);
             backing.lvm.volume_group(vg_name)?.ok_or_else(|| {
                 Error::inconsistent(format!("volume group {vg_name} vanished after vgcreate"))
             })?
@@ -191,7 +191,7 @@ fn create(config: &Config, backing: &LvmBacking, resuming: bool) -> Result<()> {
     };
     make_thin_pool(settings, backing, &vg)?;
     attach_profile(config, backing)?;
-    crash::point("lvm.profile_attached");
+    crash::point(crash::Point::LvmProfileAttached);
     record::save_complete(config, config.block_size())
 }
 
@@ -206,8 +206,12 @@ fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) 
     }
     let (data, metadata) = extents_for(settings, vg)?;
     for (name, extents, point) in [
-        (lv.as_str(), data, "lvm.data_lv_created"),
-        (meta_lv.as_str(), metadata, "lvm.metadata_lv_created"),
+        (lv.as_str(), data, crash::Point::LvmDataLvCreated),
+        (
+            meta_lv.as_str(),
+            metadata,
+            crash::Point::LvmMetadataLvCreated,
+        ),
     ] {
         if has(name).is_none() {
             backing.lvm.run(&[
@@ -237,7 +241,7 @@ fn make_thin_pool(settings: &LvmConfig, backing: &LvmBacking, vg: &VolumeGroup) 
         "--poolmetadata",
         &format!("{}/{meta_lv}", vg.name),
     ])?;
-    crash::point("lvm.converted");
+    crash::point(crash::Point::LvmConverted);
     tracing::info!(pool = %backing.path(), chunk_size = %settings.chunk_size.size(), "LVM thin pool created");
     Ok(())
 }
