@@ -72,7 +72,7 @@ fn run_operation(engine: &mut RealEngine, operation: &str) {
         "remove" => drop(engine.remove("work").unwrap()),
         "remove_active" => {
             engine.activate("work").unwrap();
-            drop(engine.remove("work").unwrap());
+            engine.remove("work").unwrap();
         }
         "resize" => drop(engine.resize("work", ByteSize::mib(640)).unwrap()),
         "snapshot_commit" => commit_snapshot(engine),
