@@ -94,14 +94,20 @@ impl Daemon {
     /// Keep the metadata from running out, which fails a pool for good (the kernel cannot
     /// even record that it needs a check): while it is nearly full, the pool is made
     /// read-only, and writable again once there is room. "Nearly full" is the kernel's own
-    /// low-water mark for metadata: less than 4 MiB or a quarter of it free. Returns
+    /// low-water mark for metadata: less than 4 MiB or a quarter of it free; "room" is twice
+    /// that, so a pool at the mark does not flap. Returns
     /// `Some(true)` when the pool was made read-only now, `Some(false)` when made writable,
     /// `None` when nothing changed (or the pool's table is not thinstack's).
     pub fn guard_metadata(&self) -> Result<Option<bool>> {
         self.engine.exclusive_pool(|kernel| {
-            let nearly_full = crate::pool::metadata_nearly_full(&kernel.usage()?.metadata);
-            let changed = kernel.pool().set_read_only(kernel.dm(), nearly_full)?;
-            Ok(changed.then_some(nearly_full))
+            let metadata = kernel.usage()?.metadata;
+            let read_only = if kernel.pool().is_read_only(kernel.dm())? {
+                !crate::pool::metadata_has_room(&metadata)
+            } else {
+                crate::pool::metadata_nearly_full(&metadata)
+            };
+            let changed = kernel.pool().set_read_only(kernel.dm(), read_only)?;
+            Ok(changed.then_some(read_only))
         })
     }
 

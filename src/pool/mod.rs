@@ -46,8 +46,17 @@ const READ_ONLY: &str = "read_only";
 /// quarter of it, free): running out would fail the pool for good, so thinstack makes a pool
 /// read-only there (the metadata guard) and writable again above it.
 pub fn metadata_nearly_full(metadata: &Space) -> bool {
-    let low_water = (metadata.total.bytes() / 4).min(4 << 20);
-    metadata.available.bytes() < low_water
+    metadata.available.bytes() < metadata_low_water(metadata)
+}
+
+/// Whether a pool the guard made read-only may be writable again: twice the low-water mark
+/// free, so a pool hovering at the mark (a few blocks freed, a few taken) does not flap.
+pub fn metadata_has_room(metadata: &Space) -> bool {
+    metadata.available.bytes() >= 2 * metadata_low_water(metadata)
+}
+
+fn metadata_low_water(metadata: &Space) -> u64 {
+    (metadata.total.bytes() / 4).min(4 << 20)
 }
 
 /// How a reload of the pool's own table (growth, the no-space policy, the metadata guard) is
@@ -347,7 +356,7 @@ impl Pool {
     /// the kernel, stays read-only, and thinstack serves what does not write.
     fn lift_metadata_guard_if_room(&self, dm: &Dm) -> Result<()> {
         let status = self.status(dm)?;
-        if status.health.metadata_guard && !metadata_nearly_full(&status.metadata) {
+        if status.health.metadata_guard && metadata_has_room(&status.metadata) {
             self.set_read_only(dm, false)?;
             tracing::warn!(pool = %self.name, metadata = %status.metadata.describe(), "the pool's metadata has room again: the pool is writable");
         } else if status.health.metadata_guard {
