@@ -24,6 +24,7 @@ use common::{open_engine_with, require_dm_thin, teardown_and_check};
 use serde_json::{json, Value};
 use thinstack::client::{Client, ClientError};
 use thinstack::kernel::{loopdev, PoolKernel};
+use thinstack::ErrorKind;
 
 const CLIENTS: usize = 3;
 const BASES: [&str; 2] = ["base-ext4", "base-xfs"];
@@ -63,7 +64,7 @@ struct Known {
     content: Option<Vec<u8>>,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone, Copy)]
 struct Tally {
     creates: u64,
     writes: u64,
@@ -140,14 +141,25 @@ fn set(model: &Model, name: &str, update: impl FnOnce(&mut Known)) {
 /// Ok(()) to go on; Err(()) when the daemon is gone.
 type Step = Result<(), ()>;
 
-fn settle(result: Result<Value, ClientError>, tally: &Mutex<Tally>) -> Result<bool, ()> {
+/// An answer: done (true), refused with one of the kinds the operation can rightly meet
+/// (false), or cut by the kill (Err). Any other refusal fails the soak, naming it.
+fn settle(
+    result: Result<Value, ClientError>,
+    tally: &Mutex<Tally>,
+    what: &str,
+    allowed: &[ErrorKind],
+) -> Result<bool, ()> {
     match result {
         Ok(_) => Ok(true),
         Err(e) if cut(&e) => Err(()),
-        Err(_) => {
+        Err(e) if e.kind().is_some_and(|kind| allowed.contains(&kind)) => {
             tally.lock().unwrap().refusals += 1;
             Ok(false)
         }
+        Err(e) => panic!(
+            "{what}: refused with {:?}, which it should never meet: {e}",
+            e.kind()
+        ),
     }
 }
 
@@ -163,7 +175,13 @@ fn create(
         k.parent = Some(parent.clone());
     });
     let request = json!({"name": name, "parent": parent});
-    match settle(api.post("/v1/layers", &request), tally) {
+    let what = format!("create {name} --parent {parent}");
+    match settle(
+        api.post("/v1/layers", &request),
+        tally,
+        &what,
+        &[ErrorKind::NoSpace, ErrorKind::AlreadyExists],
+    ) {
         Ok(true) => {
             set(model, &name, |k| {
                 k.exists = true;
@@ -188,10 +206,12 @@ fn write(api: &mut Client, model: &Model, tally: &Mutex<Tally>, name: &str, rng:
             set(model, name, |k| k.uncertain = true);
             return Err(());
         }
-        Err(_) => {
+        // Mounted read-only elsewhere (a cut commit's mount), or the pool full.
+        Err(e) if matches!(e.kind(), Some(ErrorKind::Busy | ErrorKind::NoSpace)) => {
             tally.lock().unwrap().refusals += 1;
             return Ok(());
         }
+        Err(e) => panic!("mount {name} for a write: refused with {:?}: {e}", e.kind()),
     };
     let len = 4096 * (1 + rng.below(32)) as usize;
     let bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
@@ -217,9 +237,12 @@ fn write(api: &mut Client, model: &Model, tally: &Mutex<Tally>, name: &str, rng:
 
 fn commit(api: &mut Client, model: &Model, tally: &Mutex<Tally>, name: &str) -> Step {
     set(model, name, |k| k.uncertain = true);
+    // Busy: mounted (a cut write's mount).
     match settle(
         api.post(&format!("/v1/layers/{name}/commit"), &json!(null)),
         tally,
+        &format!("commit {name}"),
+        &[ErrorKind::Busy],
     ) {
         Ok(done) => {
             set(model, name, |k| {
@@ -236,13 +259,20 @@ fn commit(api: &mut Client, model: &Model, tally: &Mutex<Tally>, name: &str) -> 
 /// Unmount the layer wherever thinstack has it mounted (a kill can leave a write's mount), so
 /// its removal is not deferred.
 fn unmount_all(api: &mut Client, name: &str) -> Step {
-    let layer: Value = api.get(&format!("/v1/layers/{name}")).map_err(|_| ())?;
+    let layer: Value = match api.get(&format!("/v1/layers/{name}")) {
+        Ok(layer) => layer,
+        Err(e) if cut(&e) => return Err(()),
+        Err(e) => panic!("inspect {name} before its removal: {e}"),
+    };
     // A mount has as many users as mounts two cut writes left: each needs its unmount.
     for (target, mount) in layer["mounts"].as_object().unwrap() {
         let request = json!({ "target": target });
         for _ in 0..mount["refs"].as_u64().unwrap_or(1) {
-            api.post::<Value>(&format!("/v1/layers/{name}/unmount"), &request)
-                .map_err(|_| ())?;
+            match api.post::<Value>(&format!("/v1/layers/{name}/unmount"), &request) {
+                Ok(_) => {}
+                Err(e) if cut(&e) => return Err(()),
+                Err(e) => panic!("unmount {name} at {target} before its removal: {e}"),
+            }
         }
     }
     Ok(())
@@ -251,7 +281,13 @@ fn unmount_all(api: &mut Client, name: &str) -> Step {
 fn remove(api: &mut Client, model: &Model, tally: &Mutex<Tally>, name: &str) -> Step {
     set(model, name, |k| k.uncertain = true);
     unmount_all(api, name)?;
-    match settle(api.delete(&format!("/v1/layers/{name}")), tally) {
+    // Busy: it has children.
+    match settle(
+        api.delete(&format!("/v1/layers/{name}")),
+        tally,
+        &format!("remove {name}"),
+        &[ErrorKind::Busy],
+    ) {
         Ok(true) => {
             set(model, name, |k| {
                 k.exists = false;
@@ -274,8 +310,15 @@ fn activation(api: &mut Client, tally: &Mutex<Tally>, name: &str, on: bool) -> S
         "/v1/layers/{name}/{}",
         if on { "activate" } else { "deactivate" }
     );
-    settle(api.post(&path, &json!(null)), tally)?;
-    tally.lock().unwrap().activations += 1;
+    // Busy: a deactivation of a mounted layer.
+    if settle(
+        api.post(&path, &json!(null)),
+        tally,
+        &path,
+        &[ErrorKind::Busy],
+    )? {
+        tally.lock().unwrap().activations += 1;
+    }
     Ok(())
 }
 
@@ -288,8 +331,19 @@ fn thin_ls_ids(d: &TestDaemon) -> BTreeSet<u64> {
     common::thin_ls_ids(&pool, &metadata)
 }
 
+/// What one check after a restart found of the layers clients were told about.
+#[derive(Default)]
+struct Checked {
+    /// Layers told to exist, found.
+    present: usize,
+    /// Layers told to exist, not found.
+    lost: usize,
+    /// Layers told removed, found again.
+    back: usize,
+}
+
 /// Every check made after a restart; settles the uncertain layers from what is there.
-fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) {
+fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) -> Checked {
     let layers: Vec<Value> = d.json(&["layer", "list"]).as_array().unwrap().clone();
     let by_name: BTreeMap<String, &Value> = layers
         .iter()
@@ -354,7 +408,9 @@ fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) {
         .filter(|f| f["status"] != "not_ours")
         .collect();
     assert!(ours.is_empty(), "round {round}: {doctor}");
-    // Nothing a client was told is lost or back.
+    // Nothing a client was told is lost or back: counted, then required to be none.
+    let mut checked = Checked::default();
+    let mut wrong = Vec::new();
     let mut model = model.lock().unwrap();
     model.retain(|name, known| {
         let present = by_name.contains_key(name);
@@ -367,16 +423,37 @@ fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) {
             }
             return present;
         }
-        assert!(
-            !known.exists || present,
-            "round {round}: layer {name} was created but is gone"
-        );
-        assert!(
-            !known.removed || !present,
-            "round {round}: layer {name} was removed but is back"
-        );
+        if known.exists && present {
+            checked.present += 1;
+        }
+        if known.exists && !present {
+            checked.lost += 1;
+            wrong.push(format!("{name} was created but is gone"));
+        }
+        if known.removed && present {
+            checked.back += 1;
+            wrong.push(format!("{name} was removed but is back"));
+        }
         present
     });
+    assert!(wrong.is_empty(), "round {round}: {wrong:?}");
+    checked
+}
+
+/// Each operation a round must have done before the kill, so no round passes on too little.
+const ROUND_MINIMUM: u64 = 1;
+
+/// Whether the round (since `start`) did at least [`ROUND_MINIMUM`] of each operation.
+fn round_did_enough(now: Tally, start: Tally) -> bool {
+    [
+        now.creates - start.creates,
+        now.writes - start.writes,
+        now.commits - start.commits,
+        now.removes - start.removes,
+        now.activations - start.activations,
+    ]
+    .iter()
+    .all(|&n| n >= ROUND_MINIMUM)
 }
 
 /// Turns a hang into a failure that says where things stood: when no round step is reached
@@ -463,10 +540,19 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(8);
+    // A new seed each run unless one is given; printed, so a failure can be replayed.
     let seed: u64 = std::env::var("THINSTACK_SOAK_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0x5eed);
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    eprintln!(
+        "soak: seed {seed} (replay: THINSTACK_SOAK_SEED={seed} scripts/soak {rounds} {seed})"
+    );
     let mut d = TestDaemon::start("soak", "[layers]\nbase_size = \"64M\"\n");
     let model: Model = Arc::default();
     for (base, fs) in BASES.iter().zip(["ext4", "xfs"]) {
@@ -483,8 +569,10 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
     let step = Arc::new(Mutex::new((Instant::now(), "start".to_string())));
     let mark = |what: String| *step.lock().unwrap() = (Instant::now(), what);
     watchdog(step.clone(), d.log.clone(), Duration::from_secs(240));
+    let (mut present_checked, mut lost, mut back) = (0, 0, 0);
     for round in 0..rounds {
         mark(format!("round {round}: clients running"));
+        let at_start = *tally.lock().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
@@ -493,7 +581,13 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
                 std::thread::spawn(move || client_round(socket, client, seed, model, tally, stop))
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(300 + rng.below(2700)));
+        // The kill comes at a random moment once the round did some of everything.
+        common::wait_until(
+            &format!("round {round} to do {ROUND_MINIMUM} of each operation"),
+            || round_did_enough(*tally.lock().unwrap(), at_start),
+            || d.log_text(),
+        );
+        std::thread::sleep(Duration::from_millis(rng.below(2700)));
         stop.store(true, Ordering::SeqCst);
         mark(format!("round {round}: killing thinstackd"));
         d.kill9();
@@ -506,7 +600,10 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
             client.join().unwrap();
         }
         mark(format!("round {round}: checking"));
-        check_after_restart(&d, &model, round);
+        let checked = check_after_restart(&d, &model, round);
+        present_checked += checked.present;
+        lost += checked.lost;
+        back += checked.back;
         eprintln!(
             "soak: round {round} done at {:.0} s",
             started.elapsed().as_secs_f64()
@@ -539,7 +636,7 @@ fn kernel_soak_kill_9_at_random_under_load_loses_nothing() {
     teardown_and_check(&d.pool);
     let t = tally.lock().unwrap();
     eprintln!(
-        "soak: {rounds} kills survived in {:.0} s; {} operations ({} creates, {} writes, {} commits, {} removes, {} activations/deactivations, {} refused); {} bytes written, {bytes} bytes in {layers} layers read back equal; {kept} layers kept; 0 lost",
+        "soak (seed {seed}): {rounds} kills survived in {:.0} s; {} operations ({} creates, {} writes, {} commits, {} removes, {} activations/deactivations, {} refused); {} bytes written, {bytes} bytes in {layers} layers read back equal; {kept} layers kept; {present_checked} times a layer was found after a kill, {lost} lost, {back} back",
         started.elapsed().as_secs_f64(),
         t.creates + t.writes + t.commits + t.removes + t.activations + t.refusals,
         t.creates, t.writes, t.commits, t.removes, t.activations, t.refusals, t.bytes_written
