@@ -41,7 +41,7 @@ fn parse_args() -> Result<Args, String> {
         layers: 20,
         activate: true,
         udev: Udev::Wait,
-        size: ByteSize::gib(1),
+        size: ByteSize::mib(512),
         csv: PathBuf::new(),
         label: String::new(),
     };

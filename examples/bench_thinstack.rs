@@ -134,6 +134,11 @@ impl Bench {
             }
         }
 
+        // What `ctr snapshots prepare` + `commit` does per layer, through the CLI: make the
+        // device and activate it (prepare), then commit it and deactivate it (commit).
+        let costs = self.cli_chain_like_ctr(&thinstack, "k")?;
+        self.record(&cli, "create+activate+commit+deactivate", &costs);
+
         // activate + mount + unmount + deactivate of each committed layer.
         let costs = each(n, "a", |name| {
             self.api_activate(name)?;
@@ -182,6 +187,27 @@ impl Bench {
         })
     }
 
+    /// A chain through the command `bin` doing per layer what `ctr snapshots prepare` and
+    /// `commit` do: create on the committed previous layer, activate, commit, deactivate.
+    fn cli_chain_like_ctr(&mut self, bin: &Path, prefix: &str) -> Result<Vec<f64>, String> {
+        self.chain_base(prefix, "commit")?;
+        chain(self.args.layers, prefix, |parent, name| {
+            self.cli_with(bin, &["layer", "create", name, "--parent", parent])?;
+            self.cli_with(bin, &["layer", "activate", name])?;
+            self.cli_with(bin, &["layer", "commit", name])?;
+            self.cli_with(bin, &["layer", "deactivate", name])
+        })
+    }
+
+    /// One untimed create, commit and remove: a daemon just started has its code and its
+    /// caches cold (under emulation, its code is translated at first use), unlike one that
+    /// has been running.
+    fn warm_up(&mut self) -> Result<(), String> {
+        self.api_create("warm-up", None)?;
+        self.api_commit("warm-up")?;
+        self.api_remove("warm-up").map(drop)
+    }
+
     fn chain_base(&mut self, prefix: &str, then: &str) -> Result<(), String> {
         let base = format!("{prefix}-0");
         self.api_create(&base, None)?;
@@ -212,6 +238,7 @@ impl Bench {
                 let layers = self.layer_count()?;
                 self.stop_daemon()?;
                 let ready = self.start_daemon()?;
+                self.warm_up()?;
                 eprintln!("bench_thinstack: start-up with {layers} layers: {ready:.0} ms");
                 self.rows.push(format!(
                     "thinstack,start-up (re-open + reconcile),{layers},{ready:.3}"
@@ -314,7 +341,8 @@ impl Bench {
         let request = CreateRequest {
             name: name.into(),
             parent: parent.map(Into::into),
-            size: parent.is_none().then(|| thinstack::units::ByteSize::gib(1)),
+            // Bases take the configured layers.base_size: the same size every other tool's
+            // layers have in the run (scripts/bench).
             ..CreateRequest::default()
         };
         let _: Value = self
