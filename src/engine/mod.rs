@@ -265,6 +265,9 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
     /// A start on a read-only pool found an intent it could not settle: no pool message
     /// until a restart settles it.
     intent_left_at_start: std::sync::atomic::AtomicBool,
+    /// A start on a read-only pool could not list its thin ids: they are read (and reserved)
+    /// before the first change once it is writable.
+    ids_unread: std::sync::atomic::AtomicBool,
 }
 
 /// The records in memory.
@@ -419,6 +422,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             locks: LayerLocks::default(),
             snapshot_claims: Mutex::new(()),
             intent_left_at_start: std::sync::atomic::AtomicBool::new(false),
+            ids_unread: std::sync::atomic::AtomicBool::new(false),
         };
         let report = engine.reconcile()?;
         Ok((engine, report))
@@ -654,19 +658,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// record. A message that fails changes nothing in the pool; the intent is withdrawn.
     fn pool_step(&self, layer: Option<&LayerName>, op: PoolOp) -> Result<()> {
         self.ensure_writable("change the pool")?;
+        // (ensure_writable also refuses while an intent left at start is unsettled.)
         let mut txn = self.txn();
-        if self
-            .intent_left_at_start
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            // A start on a read-only pool could not settle it; a new intent would hide it.
-            return Err(Error::new(
-                ErrorKind::Inconsistent,
-                "a pool change a crash cut short is still unsettled (the pool was read-only when \
-                 thinstackd started); restart thinstackd now that the pool is writable: the start \
-                 settles it",
-            ));
-        }
         let old = txn.transaction_id;
         let new = old + 1;
         txn.pending = Some(Intent {
@@ -842,7 +835,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn ensure_writable(&self, what: &str) -> Result<()> {
         let health = self.kernel.usage()?.health;
         if !health.read_only {
-            return Ok(());
+            self.refuse_while_intent_unsettled()?;
+            return self.read_ids_if_unread();
         }
         let (kind, why, fix) = if health.metadata_guard {
             (
@@ -861,6 +855,42 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             kind,
             format!("cannot {what}: the pool is read-only, because {why}; {fix}"),
         ))
+    }
+
+    /// A start on a read-only pool could not settle the intent a crash left; a new intent
+    /// would hide it, so no pool change goes ahead of it.
+    fn refuse_while_intent_unsettled(&self) -> Result<()> {
+        if !self
+            .intent_left_at_start
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Inconsistent,
+            "a pool change a crash cut short is still unsettled (the pool was read-only when \
+             thinstackd started); restart thinstackd now that the pool is writable: the start \
+             settles it",
+        ))
+    }
+
+    /// After a start on a read-only pool: reserve the pool's thin ids before any change, so
+    /// no create is handed one that a device no record owns has.
+    fn read_ids_if_unread(&self) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.ids_unread.swap(false, Ordering::SeqCst) {
+            return Ok(());
+        }
+        match self.kernel.thin_ids() {
+            Ok(ids) => {
+                self.index().used_ids.extend(ids);
+                Ok(())
+            }
+            Err(e) => {
+                self.ids_unread.store(true, Ordering::SeqCst);
+                Err(e)
+            }
+        }
     }
 
     /// Refuse when free data or free metadata is below `min_free_space`.

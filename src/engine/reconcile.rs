@@ -59,23 +59,25 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let pool_txn = usage.transaction_id;
         // A read-only pool takes no messages: what needs them waits for a writable start.
         let writable = !usage.health.read_only;
-        // Settling the intent moves only the transaction id, so one listing serves throughout.
-        let pool_ids = self.kernel.thin_ids()?;
-        let being_made = if writable {
-            self.settle_intent(pool_txn, &pool_ids, &mut report)?
-        } else {
-            None
-        };
-        self.unmount_growth_mounts(&mut report)?;
-        self.index().used_ids.extend(pool_ids.iter().copied());
-        self.flag_missing(&pool_ids, &mut report)?;
         if writable {
+            // Settling the intent moves only the transaction id, so one listing serves
+            // throughout.
+            let pool_ids = self.kernel.thin_ids()?;
+            let being_made = self.settle_intent(pool_txn, &pool_ids, &mut report)?;
+            self.unmount_growth_mounts(&mut report)?;
+            self.index().used_ids.extend(pool_ids.iter().copied());
+            self.flag_missing(&pool_ids, &mut report)?;
             self.roll_back_creating(&mut report)?;
             self.finish_removing(&mut report)?;
+            self.settle_unowned(&pool_ids, being_made, &mut report)?;
         } else {
+            // The pool's thin ids are read through a metadata snapshot, a message a read-only
+            // pool refuses: they are read when it is writable again, before the first change.
+            self.ids_unread
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            self.unmount_growth_mounts(&mut report)?;
             self.leave_until_writable(&mut report);
         }
-        self.settle_unowned(&pool_ids, being_made, &mut report)?;
         self.settle_resizes(&mut report)?;
         self.drop_stale_mounts(&mut report)?;
         self.remove_stale_mount_points(&mut report)?;

@@ -1269,9 +1269,14 @@ fn a_read_only_pool_serves_reads_and_refuses_writes_saying_how_to_lift_it() {
     engine.mount("a", None, true).unwrap();
     engine.unmount("a", None).unwrap();
     assert!(engine.process_deferred().unwrap().is_empty());
+    // Writable again without a restart: the cut create's intent is still unsettled, so no
+    // pool change goes ahead of it; a restart settles it.
+    f.sim.set_read_only(false);
+    let err = engine.create(&child("b", "a")).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Inconsistent, "{err}");
+    assert!(err.to_string().contains("restart thinstackd"), "{err}");
     drop(engine);
 
-    f.sim.set_read_only(false);
     let (engine, report) = f.open();
     assert_eq!(report.rolled_back, [LayerName::new("cut").unwrap()]);
     engine.create(&child("b", "a")).unwrap();

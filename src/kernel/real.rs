@@ -151,15 +151,6 @@ impl PoolKernel for RealPool {
 /// let tools read live metadata).
 pub fn thin_ids_of(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
     let name = pool.dm_name();
-    if pool.status(dm)?.health.read_only {
-        // A read-only pool takes no messages (so no metadata snapshot) and writes no
-        // metadata either, so its live metadata reads as consistently as a snapshot.
-        let output = cmd::run(
-            Program::ThinDump,
-            ["--skip-mappings".as_ref(), pool.metadata_node().as_os_str()],
-        )?;
-        return parse_dump_ids(&String::from_utf8_lossy(&output.stdout));
-    }
     dm.message(name, "reserve_metadata_snap")?;
     let dumped = cmd::run(
         Program::ThinDump,
