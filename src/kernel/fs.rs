@@ -238,15 +238,27 @@ pub fn unmount(target: &Path, device: &Path) -> Result<()> {
     }
 }
 
-/// Refuse unless the top mount at `target` is `device`'s filesystem. The directory is closed
-/// again before the unmount (an open one would keep the mount busy).
+/// Refuse unless the top mount at `target` is `device`'s filesystem. The directories leading
+/// to it are opened without following a link; the mounted filesystem itself is not opened (a
+/// shut-down xfs answers EIO to everything, and must still unmount), the mount table says
+/// what is mounted there.
 fn ensure_mount_of(target: &Path, device: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let wanted = std::fs::metadata(device)
         .map_err(|e| Error::io(format!("reading {}", device.display()), e))?
         .rdev();
-    let opened = MountTarget::open(target)?;
-    if opened.device()? == wanted && opened.is_mount_root()? {
+    if let Some(parent) = target.parent() {
+        MountTarget::open(parent)?;
+    }
+    let top = crate::kernel::mounts::table()?
+        .into_iter()
+        .filter(|mount| mount.target == target)
+        .last();
+    let ours = top.is_some_and(|mount| {
+        u64::from(mount.device.major) == nix::sys::stat::major(wanted)
+            && u64::from(mount.device.minor) == nix::sys::stat::minor(wanted)
+    });
+    if ours {
         return Ok(());
     }
     Err(Error::new(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag, AT_FDCWD};
-use nix::sys::stat::{fstat, Mode};
+use nix::sys::stat::Mode;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -61,32 +61,6 @@ impl MountTarget {
             ));
         }
         Ok(())
-    }
-
-    /// The device of the filesystem this directory is on.
-    pub fn device(&self) -> Result<u64> {
-        fstat(&self.fd).map(|st| st.st_dev).map_err(|errno| {
-            Error::io(
-                format!("reading {}", self.path.display()),
-                std::io::Error::from(errno),
-            )
-        })
-    }
-
-    /// Whether this directory is the root of the mount it is on: its parent (`..`, resolved
-    /// by the kernel across the mount) lies on another device or is another directory.
-    pub fn is_mount_root(&self) -> Result<bool> {
-        let here = fstat(&self.fd).map_err(|errno| self.io_error(errno))?;
-        let parent = nix::sys::stat::fstatat(&self.fd, "..", nix::fcntl::AtFlags::empty())
-            .map_err(|errno| self.io_error(errno))?;
-        Ok(here.st_dev != parent.st_dev || here.st_ino == parent.st_ino)
-    }
-
-    fn io_error(&self, errno: Errno) -> Error {
-        Error::io(
-            format!("reading {}", self.path.display()),
-            std::io::Error::from(errno),
-        )
     }
 }
 
@@ -142,7 +116,6 @@ mod tests {
         }
         let target = MountTarget::open(&real.join("inner")).unwrap();
         target.ensure_empty().unwrap();
-        assert!(!target.is_mount_root().unwrap());
     }
 
     #[test]
