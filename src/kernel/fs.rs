@@ -250,10 +250,11 @@ fn ensure_mount_of(target: &Path, device: &Path) -> Result<()> {
     if let Some(parent) = target.parent() {
         MountTarget::open(parent)?;
     }
+    // Mounted later, listed later: the last entry for the target is the one on top.
     let top = crate::kernel::mounts::table()?
         .into_iter()
-        .filter(|mount| mount.target == target)
-        .last();
+        .rev()
+        .find(|mount| mount.target == target);
     let ours = top.is_some_and(|mount| {
         u64::from(mount.device.major) == nix::sys::stat::major(wanted)
             && u64::from(mount.device.minor) == nix::sys::stat::minor(wanted)
