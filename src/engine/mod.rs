@@ -657,8 +657,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Send one pool message under the transaction protocol: intent, message, transaction id,
     /// record. A message that fails changes nothing in the pool; the intent is withdrawn.
     fn pool_step(&self, layer: Option<&LayerName>, op: PoolOp) -> Result<()> {
-        self.ensure_writable("change the pool")?;
-        // (ensure_writable also refuses while an intent left at start is unsettled.)
+        // The operations asked ensure_writable before their first change; a status read per
+        // message again was the costliest part of a create. A pool made read-only since
+        // refuses the message itself. What a start left unsettled is checked again here.
+        self.refuse_while_intent_unsettled()?;
         let mut txn = self.txn();
         let old = txn.transaction_id;
         let new = old + 1;

@@ -313,6 +313,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     ) -> Result<()> {
         let name = self.fresh_snapshot_name();
         let _new_guard = self.locks.lock(&name);
+        self.ensure_writable("commit by a snapshot")?;
         self.check_space()?;
         let id = self.allocate_id()?;
         let record = LayerRecord {

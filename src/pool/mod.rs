@@ -574,7 +574,9 @@ impl Pool {
                 failed: false,
                 needs_check: working.needs_check,
                 read_only: working.summary == ThinPoolStatusSummary::ReadOnly,
-                metadata_guard: self.is_read_only(dm)?,
+                // Only a read-only pool can be guarded: the table is read only then.
+                metadata_guard: working.summary == ThinPoolStatusSummary::ReadOnly
+                    && self.is_read_only(dm)?,
                 out_of_space: working.summary == ThinPoolStatusSummary::OutOfSpace,
                 when_full: Some(when_full_of(working.no_space_policy)),
             },
