@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use devicemapper::ThinPoolStatus;
+use devicemapper::{ThinPoolStatus, ThinPoolStatusSummary};
 
 use super::record::{self, PoolRecord};
 use super::{Backing, DevicesBacking, Pool};
@@ -123,7 +123,7 @@ pub(super) fn adopt(config: &Config, dm: &Dm, record: Option<PoolRecord>) -> Res
         Backing::Existing,
         false,
     )?;
-    // A failed or read-only pool is reported as such before anything is asked of it.
+    // A failed pool is reported as such before anything is asked of it.
     pool.ensure_usable(dm)?;
     if record.is_none() {
         ensure_empty(&pool, dm, config)?;
@@ -145,6 +145,19 @@ fn ensure_empty(pool: &Pool, dm: &Dm, config: &Config) -> Result<()> {
             ))
         }
     };
+    if status.summary == ThinPoolStatusSummary::ReadOnly {
+        // Its thin ids are read through a metadata snapshot, a message a read-only pool
+        // refuses: its emptiness cannot be shown, and nothing could be made in it.
+        return Err(Error::new(
+            ErrorKind::Kernel,
+            format!(
+                "thin pool {} is read-only, so thinstack cannot check that it is empty before \
+                 adopting it; make it writable (reload its table without read_only, or repair \
+                 its metadata), then start thinstackd again",
+                pool.dm_name()
+            ),
+        ));
+    }
     let thin_ids = crate::kernel::real::thin_ids_of(dm, pool)?;
     let used = *status.usage.used_data;
     if status.transaction_id == 0 && used == 0 && thin_ids.is_empty() {

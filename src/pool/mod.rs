@@ -574,8 +574,10 @@ impl Pool {
                 failed: false,
                 needs_check: working.needs_check,
                 read_only: working.summary == ThinPoolStatusSummary::ReadOnly,
-                // Only a read-only pool can be guarded: the table is read only then.
+                // Only a read-only pool whose table is thinstack's can be guarded (the table
+                // is read only then); an adopted or LVM pool's read_only is its owner's.
                 metadata_guard: working.summary == ThinPoolStatusSummary::ReadOnly
+                    && !matches!(self.backing, Backing::Lvm(_) | Backing::Existing)
                     && self.is_read_only(dm)?,
                 out_of_space: working.summary == ThinPoolStatusSummary::OutOfSpace,
                 when_full: Some(when_full_of(working.no_space_policy)),
