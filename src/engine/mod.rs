@@ -723,7 +723,6 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         // Both names at once: two creates that name each other as parent would otherwise each
         // hold one and wait for the other for ever.
-        self.ensure_writable(&format!("create layer {name:?}"))?;
         let (_guard, parent_guard) = match &parent_name {
             Some(parent) => {
                 let (guard, parent_guard) = self.locks.lock_both(&name, parent);
@@ -733,7 +732,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         };
         let mut plan = self.plan_create(name, request)?;
         plan.bare_root = snapshot.is_some();
-        self.check_space()?;
+        let usage = self.ensure_writable(&format!("create layer {:?}", plan.name.as_str()))?;
+        self.check_space(&usage)?;
         let id = self.allocate_id()?;
         let record = LayerRecord {
             format: RECORD_FORMAT,
@@ -834,11 +834,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Refuse `what` while the pool is read-only (it would need new blocks or a pool message),
     /// saying why and what to do. Reads, status and growth go on.
-    fn ensure_writable(&self, what: &str) -> Result<()> {
-        let health = self.kernel.usage()?.health;
+    /// Returns the pool's usage, read for the check, so a caller needs no second status read.
+    fn ensure_writable(&self, what: &str) -> Result<PoolUsage> {
+        let usage = self.kernel.usage()?;
+        let health = usage.health;
         if !health.read_only {
             self.refuse_while_intent_unsettled()?;
-            return self.read_ids_if_unread();
+            self.read_ids_if_unread()?;
+            return Ok(usage);
         }
         let (kind, why, fix) = if health.metadata_guard {
             (
@@ -896,8 +899,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Refuse when free data or free metadata is below `min_free_space`.
-    fn check_space(&self) -> Result<()> {
-        let usage = self.kernel.usage()?;
+    fn check_space(&self, usage: &PoolUsage) -> Result<()> {
         let min = self.settings.min_free_space;
         for (what, space) in [("data", &usage.data), ("metadata", &usage.metadata)] {
             let required = min.of(space.total.bytes());
@@ -1064,7 +1066,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// The node of `record`'s device, activated if needed and recorded as active (so a
     /// reboot brings it back). The caller holds the layer's lock.
     fn keep_active(&self, record: LayerRecord) -> Result<PathBuf> {
-        let node = self.ensure_active(&record)?;
+        let (node, _) = self.ensure_active(&record)?;
         if !record.active {
             let mut active = record;
             active.active = true;
@@ -1073,13 +1075,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(node)
     }
 
-    /// The node of the layer's device, activating it (read-only when committed) if needed.
-    fn ensure_active(&self, record: &LayerRecord) -> Result<PathBuf> {
+    /// The node of the layer's device, activating it (read-only when committed) if needed;
+    /// and whether it was activated now.
+    fn ensure_active(&self, record: &LayerRecord) -> Result<(PathBuf, bool)> {
         match self.kernel.active_node(record.thin_id)? {
-            Some(node) => Ok(node),
+            Some(node) => Ok((node, false)),
             None => self
                 .kernel
-                .activate(record.thin_id, record.device_size(), record.committed),
+                .activate(record.thin_id, record.device_size(), record.committed)
+                .map(|node| (node, true)),
         }
     }
 
@@ -1174,8 +1178,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 format!("{} has something else mounted on it", target.display()),
             ));
         }
-        let was_active = self.kernel.active_node(updated.thin_id)?.is_some();
-        let node = self.ensure_active(&updated)?;
+        let (node, activated_now) = self.ensure_active(&updated)?;
         let mounted = self.fs.mount(
             &node,
             &target,
@@ -1185,7 +1188,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         );
         if let Err(e) = mounted {
             // A refused target changes nothing: not even the device's activation.
-            if !was_active {
+            if activated_now {
                 let _ = self.kernel.deactivate(updated.thin_id);
             }
             return Err(e);

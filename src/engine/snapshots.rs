@@ -313,8 +313,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     ) -> Result<()> {
         let name = self.fresh_snapshot_name();
         let _new_guard = self.locks.lock(&name);
-        self.ensure_writable("commit by a snapshot")?;
-        self.check_space()?;
+        let usage = self.ensure_writable("commit by a snapshot")?;
+        self.check_space(&usage)?;
         let id = self.allocate_id()?;
         let record = LayerRecord {
             format: RECORD_FORMAT,
