@@ -12,6 +12,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{open_pool, require_dm_thin, TestPool};
 use thinstack::kernel::dm::{Dm, Udev};
@@ -26,12 +27,18 @@ fn id(n: u32) -> ThinId {
     ThinId::new(n).unwrap()
 }
 
+/// The other tests of this file need udev running; the one that holds udev's queue back takes
+/// this exclusively, so it never stalls them (a `udevadm settle` would time out).
+static UDEV_QUEUE: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// These tests are about a running udev: without one they prove nothing, so they fail.
-fn require_udev() {
+/// Returns a shared hold on [`UDEV_QUEUE`] for the test to keep.
+fn require_udev() -> std::sync::RwLockReadGuard<'static, ()> {
     assert!(
         Path::new("/run/udev/control").exists(),
         "these tests need a running udev (systemd-udevd); the VM of scripts/vm-test has one"
     );
+    UDEV_QUEUE.read().unwrap_or_else(|e| e.into_inner())
 }
 
 fn settle() {
@@ -58,7 +65,7 @@ fn write_and_close(node: &Path) {
 #[ignore = "needs root and dm-thin: run with scripts/vm-test"]
 fn layer_devices_need_no_udev_wait_and_are_never_busy_on_removal() {
     let dm = require_dm_thin().with_layer_udev(Udev::NoWait);
-    require_udev();
+    let _udev = require_udev();
     let mut t = TestPool::new("udev-race", "");
     let pool = open_pool(&t, &dm);
     let size = ByteSize::mib(64);
@@ -123,7 +130,7 @@ fn layer_devices_need_no_udev_wait_and_are_never_busy_on_removal() {
 #[ignore = "needs root and dm-thin: run with scripts/vm-test"]
 fn with_udev_sync_the_mapper_link_exists_when_activation_returns() {
     let dm = require_dm_thin().with_layer_udev(Udev::WaitPrivate);
-    require_udev();
+    let _udev = require_udev();
     let t = TestPool::new("udev-sync", "");
     let pool = open_pool(&t, &dm);
     let size = ByteSize::mib(64);
@@ -183,6 +190,73 @@ fn a_held_layer_device_is_reported_busy_without_waiting() {
     drop(holder);
     pool.deactivate_thin(&dm, id(1)).unwrap();
     teardown(&dm, pool);
+}
+
+/// udev's work is held back (its event queue stopped, as a busy or stuck udev would hold it)
+/// while the pool grows and is made read-only and writable again: every reload of the pool's
+/// own table must finish without udev, or the engine's pool lock is held behind udev (issue
+/// 16). Waiting for udev here blocks until the queue restarts, so the call misses its deadline.
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn reloads_of_the_pool_table_do_not_wait_for_udev() {
+    let dm = require_dm_thin();
+    drop(require_udev());
+    let _alone = UDEV_QUEUE.write().unwrap_or_else(|e| e.into_inner());
+    let t = TestPool::new("udev-pool-reload", "");
+    let pool = open_pool(&t, &dm);
+    let grown = ByteSize::from_bytes(pool.status(&dm).unwrap().data.total.bytes() + (64 << 20));
+    let done = AtomicBool::new(false);
+    let (took, (sizes, guarded, lifted)) = std::thread::scope(|scope| {
+        // Dropped before the scope joins the thread, also when the wait panics, so a reload
+        // blocked on udev is let go and the test fails instead of hanging.
+        let held = UdevHeld::new();
+        let reloads = scope.spawn(|| {
+            let sizes = pool.extend(&dm, Some(grown), None);
+            let guarded = pool.set_read_only(&dm, true);
+            let lifted = pool.set_read_only(&dm, false);
+            done.store(true, Ordering::SeqCst);
+            (sizes, guarded, lifted)
+        });
+        let took = common::wait_until(
+            "the pool's reloads, with udev's queue stopped",
+            || done.load(Ordering::SeqCst),
+            || "the reloads are still waiting (for udev?)".to_string(),
+        );
+        drop(held);
+        (took, reloads.join().unwrap())
+    });
+    eprintln!("three reloads with udev held took {took:?}");
+    assert_eq!(sizes.unwrap().0, grown);
+    assert!(guarded.unwrap(), "the read-only guard changed nothing");
+    assert!(lifted.unwrap(), "lifting the guard changed nothing");
+    assert_eq!(pool.status(&dm).unwrap().data.total, grown);
+    settle();
+    teardown(&dm, pool);
+}
+
+/// udev's event queue stopped until dropped (also when a test panics).
+struct UdevHeld;
+
+impl UdevHeld {
+    fn new() -> UdevHeld {
+        settle();
+        udevadm_control("--stop-exec-queue");
+        UdevHeld
+    }
+}
+
+impl Drop for UdevHeld {
+    fn drop(&mut self) {
+        udevadm_control("--start-exec-queue");
+    }
+}
+
+fn udevadm_control(arg: &str) {
+    let status = Command::new("udevadm")
+        .args(["control", arg])
+        .status()
+        .expect("udevadm control");
+    assert!(status.success(), "udevadm control {arg} failed");
 }
 
 fn udev_properties(node: &Path) -> String {
