@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use thinstack::engine::{CreateLayer, Engine, Settings};
 use thinstack::kernel::dm::Dm;
-use thinstack::kernel::real::{RealFs, RealPool};
+use thinstack::kernel::real::RealFs;
+use thinstack::pool::RealPool;
 use thinstack::{Config, Error, Pool, Result};
 
 struct Args {
@@ -102,7 +103,7 @@ fn run(args: &Args) -> Result<()> {
         return Ok(());
     }
     let (engine, report) = Engine::open(
-        RealPool::new(dm, pool),
+        RealPool::new(dm, pool, config.clone()),
         RealFs,
         Settings::from_config(&config),
     )?;
@@ -183,8 +184,9 @@ fn run(args: &Args) -> Result<()> {
     for name in ["app", "base"] {
         engine.remove(name)?;
     }
-    let (kernel, _) = engine.into_kernels();
-    let (dm, pool) = kernel.into_parts();
+    drop(engine);
+    let dm = Dm::open()?;
+    let pool = Pool::open(&config, &dm)?;
     let metadata = pool
         .loop_backing()
         .expect("the demo uses the loop backend")

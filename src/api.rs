@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::Removal;
 use crate::error::{Error, ErrorKind};
-use crate::kernel::fs::FsType;
 use crate::names::{LayerName, ThinId};
 use crate::units::ByteSize;
+use crate::vocab::FsType;
 
 /// Every route starts with this.
 pub const API_PREFIX: &str = "/v1";

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernel::fs::FsType;
 use crate::names::PoolName;
 use crate::units::{ByteSize, Percent, Timeout};
+use crate::vocab::FsType;
+use crate::vocab::WhenFull;
 
 /// Where the daemon looks for its configuration when none is named.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/thinstack/thinstack.toml";
@@ -194,33 +195,6 @@ pub struct PoolConfig {
     pub existing: ExistingConfig,
     /// `[pool.devices]`
     pub devices: DevicesConfig,
-}
-
-/// `pool.when_full`: the thin pool's no-space policy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum WhenFull {
-    /// `queue` while thinstackd extends the pool by itself (loop and lvm backends with
-    /// `autoextend_threshold` below 100%), so writes wait for the extension; `error` otherwise.
-    #[default]
-    Auto,
-    /// Writes that need a new block fail at once (ENOSPC, seen by writers as ENOSPC or EIO):
-    /// nothing hangs (the pool's `error_if_no_space`).
-    Error,
-    /// Such writes wait until the pool is extended, or until the kernel's `no_space_timeout`
-    /// (dm-thin-pool module parameter, 60 s by default) passes, then fail.
-    Queue,
-}
-
-impl WhenFull {
-    /// The policy's name, as in the config.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WhenFull::Auto => "auto",
-            WhenFull::Error => "error",
-            WhenFull::Queue => "queue",
-        }
-    }
 }
 
 /// `pool.backend`

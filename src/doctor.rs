@@ -13,21 +13,11 @@
 //! thinstack's prefix that belong to another pool, and loop devices bound to deleted files
 //! outside the state directory, are reported and left alone.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use devicemapper::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, StalePoint};
 use crate::error::{ErrorKind, Result};
-use crate::kernel::dm::Udev;
-use crate::kernel::real::{RealFs, RealPool};
-use crate::kernel::{blockdev, loopdev, mounts, PoolKernel};
-use crate::names::{parse_thin_dm_name, ThinId};
-
-/// The prefix every thinstack layout version's dm names share.
-const FAMILY_PREFIX: &str = "thinstack-";
+use crate::kernel::{FsKernel, PoolKernel};
 
 /// What kind of leftover a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,7 +141,10 @@ impl From<&crate::api::DoctorRequest> for Repair {
 }
 
 /// Examine the host and the records for leftovers; with `repair`, clean what is safe to.
-pub fn examine(engine: &Engine<RealPool, RealFs>, how: Repair) -> Result<DoctorReport> {
+pub fn examine<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
+    how: Repair,
+) -> Result<DoctorReport> {
     let repair = how.repair;
     let mut report = DoctorReport {
         repair,
@@ -175,7 +168,10 @@ pub fn examine(engine: &Engine<RealPool, RealFs>, how: Repair) -> Result<DoctorR
     Ok(report)
 }
 
-fn stale_mount_records(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+fn stale_mount_records<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
+    report: &mut DoctorReport,
+) -> Result<()> {
     for (layer, target) in engine.stale_mount_records(report.repair)? {
         let detail = format!(
             "layer {:?} is recorded as mounted at {}, but nothing is mounted there; repair drops the record",
@@ -194,9 +190,12 @@ fn stale_mount_records(engine: &Engine<RealPool, RealFs>, report: &mut DoctorRep
 }
 
 /// Mounts of this pool's active thin devices, found in the mount table by device number.
-fn unrecorded_mounts(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
-    let thin_devices = active_thin_devices(engine)?;
-    for mount in mounts::table()? {
+fn unrecorded_mounts<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
+    report: &mut DoctorReport,
+) -> Result<()> {
+    let thin_devices = engine.kernel().thin_device_numbers()?;
+    for mount in engine.fs().mount_table()? {
         let Some(&id) = thin_devices.get(&mount.device) else {
             continue;
         };
@@ -225,19 +224,10 @@ fn unrecorded_mounts(engine: &Engine<RealPool, RealFs>, report: &mut DoctorRepor
     Ok(())
 }
 
-fn active_thin_devices(engine: &Engine<RealPool, RealFs>) -> Result<HashMap<Device, ThinId>> {
-    let kernel = engine.kernel();
-    let pool_name = kernel.pool().name();
-    let mut devices = HashMap::new();
-    for id in kernel.active_ids()? {
-        if let Some(info) = kernel.dm().try_info(&pool_name.thin_dm_name(id))? {
-            devices.insert(info.device(), id);
-        }
-    }
-    Ok(devices)
-}
-
-fn stale_mount_points(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+fn stale_mount_points<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
+    report: &mut DoctorReport,
+) -> Result<()> {
     for point in engine.stale_mount_points()? {
         let (path, detail) = match &point {
             StalePoint::Directory(path) => (
@@ -262,18 +252,17 @@ fn stale_mount_points(engine: &Engine<RealPool, RealFs>, report: &mut DoctorRepo
     Ok(())
 }
 
-fn dm_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+fn dm_devices<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
+    report: &mut DoctorReport,
+) -> Result<()> {
     let kernel = engine.kernel();
-    let (dm, pool) = (kernel.dm(), kernel.pool());
-    for name in dm.list_with_prefix(FAMILY_PREFIX)? {
-        if name.as_ref() == pool.dm_name() {
-            continue;
-        }
-        let text = name.to_string();
-        let Some(id) = parse_thin_dm_name(pool.name(), &name) else {
+    let pool = kernel.details().name;
+    for device in kernel.dm_devices()? {
+        let text = device.name.clone();
+        let Some(id) = device.thin else {
             let detail = format!(
-                "{text} has thinstack's prefix but is not a device of pool {}; left alone (the thinstackd of its pool cleans it, or `dmsetup remove {text}`)",
-                pool.name()
+                "{text} has thinstack's prefix but is not a device of pool {pool}; left alone (the thinstackd of its pool cleans it, or `dmsetup remove {text}`)",
             );
             report.note(Leftover::DmDevice, text, detail, Status::NotOurs);
             continue;
@@ -281,13 +270,10 @@ fn dm_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> R
         if engine.layer_of(id).is_some() {
             continue;
         }
-        let Some(info) = dm.try_info(&name)? else {
-            continue; // gone meanwhile
-        };
-        if info.open_count() > 0 {
+        if device.open_count > 0 {
             let detail = format!(
                 "{text} is the device of thin device {id}, which no record owns, and is held open {} time(s) (mounted, or used by a process); release it and run again",
-                info.open_count()
+                device.open_count
             );
             report.note(Leftover::DmDevice, text, detail, Status::InUse);
             continue;
@@ -296,7 +282,7 @@ fn dm_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> R
             "{text} is the device of thin device {id}, which no record owns; repair removes the device"
         );
         report.repairable(Leftover::DmDevice, &text, detail, || {
-            dm.remove_device(&name, Udev::Wait)
+            kernel.remove_dm_device(&device.name)
         });
     }
     Ok(())
@@ -304,8 +290,8 @@ fn dm_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> R
 
 /// Thin devices no record owns may be layers whose records were moved aside or lost: kept,
 /// and left to the operator (adopt, or delete on their word), never deleted by `--repair`.
-fn thin_devices(
-    engine: &Engine<RealPool, RealFs>,
+fn thin_devices<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
     delete: bool,
     report: &mut DoctorReport,
 ) -> Result<()> {
@@ -320,7 +306,7 @@ fn thin_devices(
              record was moved aside or lost, or another tool's; put the record back and restart, \
              or `thinstack pool doctor --adopt {id} NAME` to make it a layer again, or \
              `--repair --delete-unowned` to delete it",
-            engine.kernel().pool().name()
+            engine.kernel().details().name
         );
         if delete {
             report.repairable(Leftover::ThinDevice, id, detail, || {
@@ -334,7 +320,7 @@ fn thin_devices(
 }
 
 /// Layers whose settling at start failed; repair tries the step again.
-fn degraded_layers(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) {
+fn degraded_layers<K: PoolKernel, F: FsKernel>(engine: &Engine<K, F>, report: &mut DoctorReport) {
     for (layer, reason) in engine.degraded_layers() {
         let detail = format!(
             "layer {:?} is degraded ({reason}); its operations are refused; repair tries the failed step again",
@@ -346,7 +332,10 @@ fn degraded_layers(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport)
     }
 }
 
-fn missing_thin_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) {
+fn missing_thin_devices<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
+    report: &mut DoctorReport,
+) {
     for layer in engine.missing_layers() {
         let detail = format!(
             "layer {:?} has a record but its thin device is gone from the pool, so its data is lost; `thinstack remove {}` drops the record",
@@ -362,12 +351,12 @@ fn missing_thin_devices(engine: &Engine<RealPool, RealFs>, report: &mut DoctorRe
     }
 }
 
-fn deleted_loop_files(engine: &Engine<RealPool, RealFs>, report: &mut DoctorReport) -> Result<()> {
+fn deleted_loop_files<K: PoolKernel, F: FsKernel>(
+    engine: &Engine<K, F>,
+    report: &mut DoctorReport,
+) -> Result<()> {
     let state_dir = engine.state_dir();
-    for binding in loopdev::bindings()? {
-        if !binding.deleted {
-            continue;
-        }
+    for binding in engine.kernel().deleted_loop_files()? {
         let device = binding.device.display().to_string();
         let file = binding.file.display();
         if !binding.file.starts_with(state_dir) {
@@ -378,7 +367,7 @@ fn deleted_loop_files(engine: &Engine<RealPool, RealFs>, report: &mut DoctorRepo
             report.note(Leftover::DeletedLoopFile, device, detail, Status::NotOurs);
             continue;
         }
-        if blockdev::is_held(&binding.device)? {
+        if binding.held {
             let detail = format!(
                 "{device} is bound to {file}, which was deleted, and is in use (its data lives only in the device now); copy it out before detaching it"
             );
@@ -389,7 +378,7 @@ fn deleted_loop_files(engine: &Engine<RealPool, RealFs>, report: &mut DoctorRepo
             "{device} is bound to {file}, which was deleted, and unused; repair detaches it"
         );
         report.repairable(Leftover::DeletedLoopFile, &device, detail, || {
-            loopdev::detach(Path::new(&binding.device))
+            engine.kernel().detach_loop(&binding.device)
         });
     }
     Ok(())

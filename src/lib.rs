@@ -28,6 +28,7 @@ pub mod names;
 pub mod pool;
 pub mod records;
 pub mod units;
+pub mod vocab;
 
 pub use config::Config;
 pub use error::{Error, ErrorKind, Result};

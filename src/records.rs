@@ -15,9 +15,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernel::fs::FsType;
 use crate::names::{LayerName, ThinId};
 use crate::units::ByteSize;
+use crate::vocab::FsType;
 
 const TEMP_EXTENSION: &str = "tmp";
 

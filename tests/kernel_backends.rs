@@ -773,7 +773,7 @@ fn a_pool_flagged_needs_check_is_checked_and_cleared_before_use() {
     let status = pool.status(&dm).unwrap();
     assert!(!status.health.needs_check, "still flagged: {status:?}");
     assert!(!status.health.read_only, "{status:?}");
-    let ids = thinstack::kernel::real::thin_ids_of(&dm, &pool).unwrap();
+    let ids = thinstack::pool::thin_ids_of(&dm, &pool).unwrap();
     assert!(
         ids.contains(&thinstack::names::ThinId::new(3).unwrap()),
         "{ids:?}"

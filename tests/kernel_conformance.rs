@@ -5,7 +5,8 @@ mod common;
 use common::{open_pool, require_dm_thin, TestPool};
 use thinstack::kernel::conformance::check_rules;
 use thinstack::kernel::dm::Dm;
-use thinstack::kernel::real::{RealFs, RealPool};
+use thinstack::kernel::real::RealFs;
+use thinstack::pool::RealPool;
 
 /// Verify that the real kernel follows every rule the Sim enforces.
 #[test]
@@ -13,6 +14,6 @@ use thinstack::kernel::real::{RealFs, RealPool};
 fn kernel_follows_the_rules_the_sim_models() {
     let dm = require_dm_thin();
     let t = TestPool::new("rules", "");
-    let pool = RealPool::new(Dm::open().unwrap(), open_pool(&t, &dm));
+    let pool = RealPool::new(Dm::open().unwrap(), open_pool(&t, &dm), t.config.clone());
     check_rules(&pool, &RealFs, 100, &t.mount_point("rules"));
 }

@@ -19,10 +19,10 @@ use common::{
 use thinstack::config::Config;
 use thinstack::crash::Point;
 use thinstack::engine::{CreateLayer, NewSnapshot, SnapshotRoot};
-use thinstack::kernel::fs::FsType;
 use thinstack::kernel::PoolKernel;
 use thinstack::records::SnapshotKind;
 use thinstack::units::ByteSize;
+use thinstack::vocab::FsType;
 
 /// Set in the child: "<operation>\t<config file>".
 const CHILD_ENV: &str = "THINSTACK_CRASH_CHILD";

@@ -8,9 +8,9 @@ use std::path::Path;
 
 use common::{open_engine, require_dm_thin, teardown_and_check, TestPool};
 use thinstack::engine::{CreateLayer, Removal};
-use thinstack::kernel::fs::FsType;
 use thinstack::kernel::PoolKernel;
 use thinstack::units::ByteSize;
+use thinstack::vocab::FsType;
 use thinstack::ErrorKind;
 
 fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
@@ -139,15 +139,7 @@ fn lifecycle(fs_type: FsType) {
     for name in ["kid", "big", "base"] {
         assert_eq!(engine.remove(name).unwrap(), Removal::Removed, "{name}");
     }
-    assert!(
-        engine
-            .kernel()
-            .pool()
-            .status(engine.kernel().dm())
-            .unwrap()
-            .transaction_id
-            > Some(0)
-    );
+    assert!(engine.kernel().usage().unwrap().transaction_id > 0);
     drop(engine);
     let (engine, report) = open_engine(&t);
     assert!(report.is_clean(), "{report:?}");

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::daemon::TestDaemon;
 use common::require_dm_thin;
-use thinstack::config::WhenFull;
+use thinstack::vocab::WhenFull;
 
 const KEEP: &str = "kept on the committed base layer";
 

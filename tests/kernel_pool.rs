@@ -8,9 +8,10 @@ use std::path::Path;
 
 use common::{open_pool, require_dm_thin, thin_check, TestPool};
 use thinstack::kernel::dm::Udev;
-use thinstack::kernel::fs::{mkfs, FsType};
+use thinstack::kernel::fs::mkfs;
 use thinstack::names::ThinId;
 use thinstack::units::ByteSize;
+use thinstack::vocab::FsType;
 use thinstack::{ErrorKind, Pool};
 
 fn id(n: u32) -> ThinId {

@@ -16,9 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::{open_pool, require_dm_thin, TestPool};
 use thinstack::kernel::dm::{Dm, Udev};
-use thinstack::kernel::fs::{mkfs, FsType};
+use thinstack::kernel::fs::mkfs;
 use thinstack::names::ThinId;
 use thinstack::units::ByteSize;
+use thinstack::vocab::FsType;
 use thinstack::{ErrorKind, Pool};
 
 const ROUNDS: u32 = 40;

@@ -18,10 +18,10 @@ use thinstack::api::{
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
 use thinstack::doctor::{DoctorReport, Status as DoctorStatus};
 use thinstack::engine::{Layer, Removal, Status};
-use thinstack::kernel::fs::FsType;
+use thinstack::kernel::thin_tools::CheckReport;
 use thinstack::names::{ThinId, THIN_ID_MAX};
-use thinstack::pool::CheckReport;
 use thinstack::units::ByteSize;
+use thinstack::vocab::FsType;
 use thinstack::ErrorKind;
 
 /// Thin-provisioned block layers: talk to thinstackd.

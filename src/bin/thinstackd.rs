@@ -24,6 +24,14 @@ struct Args {
     /// inactive), print what was found, and exit: 0 clean, 1 damaged or not checkable.
     #[arg(long, conflicts_with = "check_config")]
     check_pool: bool,
+
+    /// Run over an in-memory kernel instead of device-mapper: the same daemon, engine and API,
+    /// as an ordinary user, without root or dm-thin, for developing and testing scripts that
+    /// drive thinstack. The sim's pool and devices live in memory and are gone when thinstackd
+    /// stops (records in the state directory stay, so use a fresh state directory per run);
+    /// a mounted layer's target directory holds its files.
+    #[arg(long, conflicts_with = "check_pool")]
+    sim: bool,
 }
 
 fn main() -> ExitCode {
@@ -43,7 +51,12 @@ fn main() -> ExitCode {
     if args.check_pool {
         return check_pool(&config);
     }
-    match thinstack::daemon::run(config) {
+    let kernel = if args.sim {
+        thinstack::daemon::KernelChoice::Sim
+    } else {
+        thinstack::daemon::KernelChoice::Real
+    };
+    match thinstack::daemon::run(config, kernel) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!(kind = %err.kind(), "{err}");

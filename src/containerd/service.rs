@@ -366,9 +366,9 @@ mod tests {
     use super::api::snapshots_server::Snapshots;
     use super::*;
     use crate::engine::Settings;
-    use crate::kernel::fs::FsType;
     use crate::kernel::sim::Sim;
     use crate::units::{ByteSize, Percent};
+    use crate::vocab::FsType;
     use tokio_stream::StreamExt;
     use tonic::Code;
 

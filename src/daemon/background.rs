@@ -2,7 +2,6 @@
 //! at 80% and 90%), and growing a loop or LVM pool before it fills (an LVM pool only where
 //! dmeventd does not run: then LVM's own monitoring does it).
 
-use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -10,9 +9,10 @@ use std::time::Duration;
 
 use super::Daemon;
 use crate::config::LoopConfig;
-use crate::kernel::{loopdev, PoolUsage, Space};
-use crate::pool::{lvm, Backing, LoopBacking};
+use crate::kernel::{PoolUsage, Room};
+use crate::pool::lvm;
 use crate::units::ByteSize;
+use crate::vocab::Space;
 
 /// Shares of use at which a warning is logged (once per crossing).
 const WARN_AT: [f64; 2] = [80.0, 90.0];
@@ -82,13 +82,17 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
     };
     warn_on_crossing("data", &usage.data, &mut levels.data);
     warn_on_crossing("metadata", &usage.metadata, &mut levels.metadata);
-    match daemon.engine.kernel().pool().backing() {
-        Backing::Loop(files) => {
-            autoextend_loop(daemon, &daemon.config.pool.loop_files, files, &usage)
-        }
-        Backing::Lvm(_) => autoextend_lvm(daemon, &usage, levels),
+    match daemon.engine.kernel().room() {
+        Ok(Room::Files { data, metadata }) => autoextend_files(
+            daemon,
+            &daemon.config.pool.loop_files,
+            (data, metadata),
+            &usage,
+        ),
+        Ok(Room::Volumes(_)) => autoextend_lvm(daemon, &usage, levels),
         // Other pools are sized by whoever made them (or by hand, `thinstack pool extend`).
-        Backing::Devices(_) | Backing::Existing => {}
+        Ok(Room::Fixed) => {}
+        Err(e) => tracing::error!(error = %e, "cannot read how far the pool can grow"),
     }
     guard_metadata(daemon, &usage);
 }
@@ -117,19 +121,23 @@ fn warn_on_crossing(area: &str, space: &Space, level: &mut usize) {
     *level = now;
 }
 
-/// Grow the loop files by `autoextend_percent` when use crosses `autoextend_threshold`, up to
-/// the configured maximum.
-fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, backing: &LoopBacking, usage: &PoolUsage) {
+/// Grow the pool's files (`files`: their data and metadata sizes now) by `autoextend_percent`
+/// when use crosses `autoextend_threshold`, up to the configured maximum.
+fn autoextend_files(
+    daemon: &Daemon,
+    config: &LoopConfig,
+    files: (ByteSize, ByteSize),
+    usage: &PoolUsage,
+) {
     let threshold = f64::from(config.autoextend_threshold.value());
     if threshold >= 100.0 {
         return;
     }
     // Growth is reckoned from the files: the pool's data total is whole blocks of its file.
-    let grow = |space: &Space, file: &Path, max: ByteSize| -> Option<ByteSize> {
+    let grow = |space: &Space, current: ByteSize, max: ByteSize| -> Option<ByteSize> {
         if space.percent_used() < threshold {
             return None;
         }
-        let current = loopdev::file_size(file).ok()?;
         if current >= max {
             return None;
         }
@@ -138,12 +146,8 @@ fn autoextend_loop(daemon: &Daemon, config: &LoopConfig, backing: &LoopBacking, 
             (current.bytes() + step).min(max.bytes()),
         ))
     };
-    let data = grow(&usage.data, &backing.data_file, config.data_size_max);
-    let metadata = grow(
-        &usage.metadata,
-        &backing.metadata_file,
-        config.metadata_size_max.size(),
-    );
+    let data = grow(&usage.data, files.0, config.data_size_max);
+    let metadata = grow(&usage.metadata, files.1, config.metadata_size_max.size());
     if data.is_none() && metadata.is_none() {
         return;
     }
@@ -174,7 +178,7 @@ fn autoextend_lvm(daemon: &Daemon, usage: &PoolUsage, levels: &mut Levels) {
     }
     if over {
         levels.rounds_over += 1;
-        if crate::kernel::lvm::dmeventd_running() && levels.rounds_over < DMEVENTD_GRACE_ROUNDS {
+        if daemon.engine.kernel().monitored() && levels.rounds_over < DMEVENTD_GRACE_ROUNDS {
             return;
         }
     }

@@ -26,17 +26,35 @@ use std::sync::Arc;
 use crate::config::{Backend, Config};
 use crate::containerd::{EngineHolder, SnapshotService};
 use crate::engine::{Engine, Settings, SnapshotRoot};
-use crate::error::{Error, ErrorKind, Result};
-use crate::kernel::dm::Dm;
-use crate::kernel::real::{RealFs, RealPool};
-use crate::kernel::PoolKernel;
-use crate::pool::{lvm, Backing, CheckReport, Pool};
+use crate::error::{Error, Result};
+use crate::kernel::real::RealFs;
+use crate::kernel::sim::Sim;
+use crate::kernel::thin_tools::CheckReport;
+use crate::kernel::{FsKernel, PoolKernel, Room};
+use crate::pool::{lvm, RealPool};
 use crate::records::StateLock;
 use crate::units::ByteSize;
 
+/// The pool the daemon runs on: the real kernel's, or the sim's.
+pub type HostPool = Box<dyn PoolKernel + Send + Sync>;
+/// The filesystems the daemon runs on: the real kernel's, or the sim's.
+pub type HostFs = Box<dyn FsKernel + Send + Sync>;
+/// The daemon's engine.
+pub type DaemonEngine = Engine<HostPool, HostFs>;
+
+/// Which kernel the daemon runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelChoice {
+    /// device-mapper, loop devices, mkfs and mount(2): needs root and dm-thin.
+    Real,
+    /// The in-memory kernel ([`Sim`]): no root, no device-mapper. Its pool and devices live
+    /// in memory and go with the process; the records in the state directory stay.
+    Sim,
+}
+
 /// The running daemon's state, shared by request handlers and background work.
 pub struct Daemon {
-    engine: Engine<RealPool, RealFs>,
+    engine: DaemonEngine,
     config: Config,
     /// Set once the pool is destroyed: nothing more is served, and the daemon stops.
     destroyed: AtomicBool,
@@ -45,14 +63,18 @@ pub struct Daemon {
 
 impl Daemon {
     /// Lock the state directory, open (or create) the pool, and reconcile records with it.
-    pub fn open(config: Config) -> Result<Daemon> {
+    pub fn open(config: Config, kernel: KernelChoice) -> Result<Daemon> {
         let state_dir = config.state_dir.path();
         let lock = StateLock::acquire(state_dir)?;
-        let dm = Dm::open()?.with_layer_udev(config.layers.udev());
-        let pool = Pool::open(&config, &dm)?;
-        let kernel = RealPool::new(dm, pool);
+        let (pool, fs): (HostPool, HostFs) = match kernel {
+            KernelChoice::Real => (Box::new(RealPool::open(&config)?), Box::new(RealFs)),
+            KernelChoice::Sim => {
+                let sim = Sim::default();
+                (Box::new(sim.clone()), Box::new(sim))
+            }
+        };
         let settings = Settings::from_config(&config);
-        let (engine, report) = Engine::open_locked(kernel, RealFs, settings, lock)?;
+        let (engine, report) = Engine::open_locked(pool, fs, settings, lock)?;
         if !report.is_clean() {
             tracing::warn!(?report, "records were reconciled with the pool at start-up");
         }
@@ -65,7 +87,7 @@ impl Daemon {
     }
 
     /// The layer engine.
-    pub fn engine(&self) -> &Engine<RealPool, RealFs> {
+    pub fn engine(&self) -> &DaemonEngine {
         &self.engine
     }
 
@@ -83,7 +105,7 @@ impl Daemon {
         }
         let sizes = self
             .engine
-            .exclusive_pool(|kernel| kernel.pool().extend(kernel.dm(), data, metadata))?;
+            .exclusive_pool(|kernel| kernel.extend(data, metadata))?;
         // Grown metadata lifts the guard at once, not at the watcher's next round.
         if self.guard_metadata()? == Some(false) {
             tracing::warn!("the pool's metadata has room again: the pool is writable");
@@ -101,87 +123,43 @@ impl Daemon {
     pub fn guard_metadata(&self) -> Result<Option<bool>> {
         self.engine.exclusive_pool(|kernel| {
             let metadata = kernel.usage()?.metadata;
-            let read_only = if kernel.pool().is_read_only(kernel.dm())? {
+            let read_only = if kernel.read_only_guard()? {
                 !crate::pool::metadata_has_room(&metadata)
             } else {
                 crate::pool::metadata_nearly_full(&metadata)
             };
-            let changed = kernel.pool().set_read_only(kernel.dm(), read_only)?;
+            let changed = kernel.set_read_only_guard(read_only)?;
             Ok(changed.then_some(read_only))
         })
     }
 
     /// Add a disk to a direct-LVM pool's volume group (after the safety checks).
     pub fn add_device(&self, device: &Path, force: bool) -> Result<ByteSize> {
-        let Backing::Lvm(backing) = self.engine.kernel().pool().backing() else {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "only an lvm pool takes more disks; this pool's backend is {}",
-                    self.config.pool.backend
-                ),
-            ));
-        };
-        // Resolved once: every check and every write below is on this same device, whatever
-        // a symbolic link named by the caller points to meanwhile.
-        let device = std::fs::canonicalize(device)
-            .map_err(|e| Error::io(format!("resolving device {}", device.display()), e))?;
-        let device = device.as_path();
-        self.refuse_pool_member(device)?;
-        self.engine.exclusive_pool(|_| {
-            lvm::add_device(&self.config, backing, device, force)?;
-            Ok(lvm::volume_group(backing)?.free())
-        })
-    }
-
-    /// Refuse, with or without `force`, a device of this pool's own stack: the pool device,
-    /// what it is built on (its volumes and their disks) and what is built on it (its thin
-    /// devices), or a disk with a partition among them.
-    fn refuse_pool_member(&self, device: &Path) -> Result<()> {
-        let pool = self.engine.kernel().pool();
-        let number = crate::kernel::blockdev::block_device(device)?;
-        let stack = crate::kernel::blockdev::stack_of(pool.device());
-        let member = crate::kernel::blockdev::with_partitions(number)
-            .into_iter()
-            .find(|n| stack.contains(n));
-        match member {
-            None => Ok(()),
-            Some(member) => Err(Error::new(
-                ErrorKind::Permission,
-                format!(
-                    "{} ({member}) is part of pool {} (its device, a volume or disk under it, or \
-                     a layer's device on it); thinstack never adds the pool's own devices, with \
-                     or without force: choose another disk",
-                    device.display(),
-                    pool.name()
-                ),
-            )),
-        }
+        self.engine
+            .exclusive_pool(|kernel| kernel.add_device(device, force))
     }
 
     /// One automatic extension of an LVM pool, planned from fresh figures with pool messages
     /// held off: what was added, and the volume group; `None` when nothing could be added.
     pub fn autoextend_lvm(&self) -> Result<Option<(lvm::Growth, String)>> {
-        let Backing::Lvm(backing) = self.engine.kernel().pool().backing() else {
-            return Ok(None);
-        };
         self.engine.exclusive_pool(|kernel| {
-            let vg = lvm::volume_group(backing)?;
+            let Room::Volumes(vg) = kernel.room()? else {
+                return Ok(None);
+            };
             let usage = kernel.usage()?;
             let growth = lvm::plan_growth(&usage.data, &usage.metadata, &vg, &self.config.pool.lvm);
             if growth == lvm::Growth::default() {
                 return Ok(None);
             }
             tracing::info!(volume_group = %vg.name, free = %vg.free(), data_extents = growth.data, metadata_extents = growth.metadata, "extending the pool's volumes");
-            lvm::grow(backing, growth, vg.extent_size)?;
+            kernel.grow_volumes(growth.data, growth.metadata)?;
             Ok(Some((growth, vg.name)))
         })
     }
 
     /// Check the pool's metadata through a metadata snapshot.
     pub fn check(&self) -> Result<CheckReport> {
-        self.engine
-            .exclusive_pool(|kernel| kernel.pool().check_metadata(kernel.dm()))
+        self.engine.exclusive_pool(|kernel| kernel.check_metadata())
     }
 
     /// Remove every layer (only when `force`, if there are any), then what thinstack made for
@@ -190,15 +168,8 @@ impl Daemon {
         // From here on new requests are refused, so no layer is made while the pool goes.
         self.destroyed.store(true, Ordering::SeqCst);
         let destroyed = self.engine.remove_all(force).and_then(|removed| {
-            self.engine.exclusive_pool(|kernel| {
-                let pool = kernel.pool();
-                if matches!(pool.backing(), Backing::Existing) {
-                    // Leave an adopted pool as it was found: empty, transaction id 0.
-                    let now = kernel.usage()?.transaction_id;
-                    kernel.set_transaction_id(now, 0)?;
-                }
-                pool.destroy(kernel.dm(), &self.config).map(|()| removed)
-            })
+            self.engine
+                .exclusive_pool(|kernel| kernel.destroy().map(|()| removed))
         });
         let removed = destroyed.inspect_err(|_| self.destroyed.store(false, Ordering::SeqCst))?;
         self.engine.forget_pool()?;
@@ -237,9 +208,9 @@ impl Daemon {
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
-pub fn run(config: Config) -> Result<()> {
+pub fn run(config: Config, kernel: KernelChoice) -> Result<()> {
     let socket_path = config.socket.path().to_path_buf();
-    let daemon = Arc::new(Daemon::open(config)?);
+    let daemon = Arc::new(Daemon::open(config, kernel)?);
     let status = daemon.engine.status()?;
     tracing::info!(
         pool = %status.pool.name,
@@ -329,9 +300,9 @@ fn serve_containerd(
 }
 
 impl EngineHolder for Daemon {
-    type Pool = RealPool;
-    type Fs = RealFs;
-    fn engine(&self) -> &Engine<RealPool, RealFs> {
+    type Pool = HostPool;
+    type Fs = HostFs;
+    fn engine(&self) -> &DaemonEngine {
         &self.engine
     }
 }

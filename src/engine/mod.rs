@@ -28,17 +28,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, MountOption, WhenFull};
+use crate::config::{Config, MountOption};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
-use crate::kernel::fs::FsType;
-use crate::kernel::{FsKernel, Health, PoolDetails, PoolKernel, PoolUsage, Space};
+use crate::kernel::{FsKernel, PoolDetails, PoolKernel, PoolUsage};
 use crate::names::{LayerName, ThinId, THIN_ID_MAX};
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
     SnapshotKind, SnapshotRecord, StateLock, TxnRecord, RECORD_FORMAT,
 };
 use crate::units::{ByteSize, Percent};
+use crate::vocab::FsType;
+use crate::vocab::{Health, Space, WhenFull};
 
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
@@ -433,9 +434,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         &self.kernel
     }
 
-    /// Give back the kernels (to tear the pool down).
-    pub fn into_kernels(self) -> (K, F) {
-        (self.kernel, self.fs)
+    /// The filesystem kernel.
+    pub fn fs(&self) -> &F {
+        &self.fs
     }
 
     /// The state directory (records, default mount points).

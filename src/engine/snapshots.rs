@@ -21,13 +21,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{check_labels, now_ns, usable, CreateLayer, Engine, Index, LayerGuard};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
-use crate::kernel::fs::FsType;
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::LayerName;
 use crate::records::{
     LayerRecord, LayerState, PoolOp, SnapshotKind, SnapshotRecord, RECORD_FORMAT,
 };
 use crate::units::ByteSize;
+use crate::vocab::FsType;
 
 /// containerd's limit on one label: key and value together.
 const LABEL_PAIR_MAX: usize = 4096;

@@ -7,10 +7,10 @@
 use std::path::Path;
 
 use crate::error::ErrorKind;
-use crate::kernel::fs::FsType;
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::ThinId;
 use crate::units::ByteSize;
+use crate::vocab::FsType;
 
 fn expect_kind<T: std::fmt::Debug>(what: &str, result: crate::Result<T>, kind: ErrorKind) {
     match result {

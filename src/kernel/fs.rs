@@ -1,40 +1,13 @@
 //! Filesystems on thin devices: mkfs, mount, unmount, grow.
 
-use std::fmt;
 use std::path::Path;
 
 use nix::mount::{MntFlags, MsFlags};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::mount_target::MountTarget;
-
-/// A filesystem thinstack can make on a layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FsType {
-    /// ext4
-    Ext4,
-    /// xfs
-    Xfs,
-}
-
-impl FsType {
-    /// The kernel's filesystem type name.
-    pub fn name(self) -> &'static str {
-        match self {
-            FsType::Ext4 => "ext4",
-            FsType::Xfs => "xfs",
-        }
-    }
-}
-
-impl fmt::Display for FsType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use crate::vocab::FsType;
 
 /// The arguments thinstack itself passes to mkfs, before the user's.
 ///

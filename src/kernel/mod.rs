@@ -6,6 +6,7 @@
 //! the Sim models is also exercised on the real kernel by the kernel tests.
 
 pub mod blockdev;
+mod boxed;
 pub mod cmd;
 pub mod conformance;
 pub mod dm;
@@ -19,15 +20,18 @@ pub mod sim;
 pub mod superblock;
 pub mod thin_tools;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+use devicemapper::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::kernel::fs::FsType;
+use crate::kernel::thin_tools::CheckReport;
 use crate::names::ThinId;
 use crate::units::ByteSize;
+use crate::vocab::FsType;
+use crate::vocab::{Health, Space};
 
 /// Space and health of a pool, as the engine needs them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +97,53 @@ pub trait PoolKernel {
     fn mapped(&self, id: ThinId) -> Result<ByteSize>;
     /// Discard every block of an active thin device (gives loop-file space back to the host).
     fn discard(&self, id: ThinId) -> Result<()>;
+
+    // ----- administration: what the daemon, its watcher and the doctor ask of a pool -----
+
+    /// What the pool can grow into by itself, for the watcher's automatic extension.
+    fn room(&self) -> Result<Room>;
+    /// Grow the data to `data` and the metadata to `metadata` bytes (each when given and
+    /// larger than now; smaller is refused); returns the sizes after. A pool over raw devices
+    /// takes up its devices' current size; an adopted pool is `Unsupported`.
+    fn extend(
+        &self,
+        data: Option<ByteSize>,
+        metadata: Option<ByteSize>,
+    ) -> Result<(ByteSize, ByteSize)>;
+    /// Take `data` and `metadata` extents from the volume group of a pool on volumes
+    /// ([`Room::Volumes`]); `Unsupported` for any other pool.
+    fn grow_volumes(&self, data: u64, metadata: u64) -> Result<()>;
+    /// Whether thinstack's read-only guard is on (see [`PoolKernel::set_read_only_guard`]).
+    fn read_only_guard(&self) -> Result<bool>;
+    /// Make the pool read-only (writes needing a new block fail at once, the metadata is not
+    /// touched), or writable again. Returns whether anything changed; a pool whose table is
+    /// not thinstack's own is left as it is.
+    fn set_read_only_guard(&self, on: bool) -> Result<bool>;
+    /// Check the metadata while the pool is in use (through a metadata snapshot). Damage is
+    /// a report, not an error.
+    fn check_metadata(&self) -> Result<CheckReport>;
+    /// Add a disk to the pool's volume group, after the safety checks; returns the group's
+    /// free bytes. `Unsupported` unless the pool is on volumes; `Permission` for a device of
+    /// the pool's own stack.
+    fn add_device(&self, device: &Path, force: bool) -> Result<ByteSize>;
+    /// Whether LVM's own monitoring (dmeventd) extends this pool, so thinstack waits for it.
+    fn monitored(&self) -> bool;
+    /// Remove what thinstack made for the pool (an adopted pool is left as it was found: its
+    /// transaction id back to 0), and its record. Its thin devices must be gone.
+    fn destroy(&self) -> Result<()>;
+
+    // ----- leftovers, for the doctor -----
+
+    /// The device numbers of this pool's active thin devices, to find their mounts.
+    fn thin_device_numbers(&self) -> Result<HashMap<Device, ThinId>>;
+    /// Device-mapper devices with thinstack's prefix other than the pool itself.
+    fn dm_devices(&self) -> Result<Vec<DmDevice>>;
+    /// Remove one of [`PoolKernel::dm_devices`] (the doctor checked it is unowned and unused).
+    fn remove_dm_device(&self, name: &str) -> Result<()>;
+    /// Loop devices bound to deleted files, anywhere on the host.
+    fn deleted_loop_files(&self) -> Result<Vec<DeletedLoopFile>>;
+    /// Detach a loop device.
+    fn detach_loop(&self, device: &Path) -> Result<()>;
 }
 
 /// The filesystem operations the engine needs.
@@ -119,88 +170,44 @@ pub trait FsKernel {
     fn mounts_of(&self, device: &Path) -> Result<Vec<(PathBuf, bool)>>;
     /// The filesystem on `device` (type, size, UUID), if it holds one thinstack makes.
     fn probe(&self, device: &Path) -> Result<Option<superblock::Found>>;
+    /// Every mount on the host.
+    fn mount_table(&self) -> Result<Vec<mounts::Mount>>;
 }
 
-/// Used and total bytes of one of the pool's areas.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Space {
-    /// Bytes in use.
-    pub used: ByteSize,
-    /// Bytes in all.
-    pub total: ByteSize,
-    /// Bytes free.
-    pub available: ByteSize,
+/// What a pool can grow into by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Room {
+    /// Files whose sizes are these now; [`PoolKernel::extend`] grows them.
+    Files {
+        /// The data file's size.
+        data: ByteSize,
+        /// The metadata file's size.
+        metadata: ByteSize,
+    },
+    /// Volumes; [`PoolKernel::grow_volumes`] takes extents from this group.
+    Volumes(lvm::VolumeGroup),
+    /// Sized by whoever made it, or by hand (raw devices, an adopted pool).
+    Fixed,
 }
 
-impl Space {
-    /// Space from used and total bytes.
-    pub fn new(used: u64, total: u64) -> Space {
-        Space {
-            used: ByteSize::from_bytes(used),
-            total: ByteSize::from_bytes(total),
-            available: ByteSize::from_bytes(total.saturating_sub(used)),
-        }
-    }
-
-    /// Share in use, 0 to 100.
-    pub fn percent_used(&self) -> f64 {
-        if self.total.bytes() == 0 {
-            return 100.0;
-        }
-        self.used.bytes() as f64 * 100.0 / self.total.bytes() as f64
-    }
+/// A device-mapper device named with thinstack's prefix that is not the pool itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DmDevice {
+    /// Its name.
+    pub name: String,
+    /// The thin device of this pool it is named after; `None` when it is not this pool's.
+    pub thin: Option<ThinId>,
+    /// How many times it is held open (mounted, or used by a process).
+    pub open_count: u32,
 }
 
-/// The pool's health as the kernel reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Health {
-    /// The kernel reports the pool failed; no status can be read.
-    pub failed: bool,
-    /// The metadata is flagged for `thin_check`.
-    pub needs_check: bool,
-    /// The pool is read-only: thinstack's metadata guard (see `metadata_guard`), or the
-    /// kernel's fall-back after metadata trouble.
-    pub read_only: bool,
-    /// thinstack made the pool read-only because its metadata is nearly full; growing the
-    /// metadata (`pool extend --metadata`) makes it writable again.
-    #[serde(default)]
-    pub metadata_guard: bool,
-    /// The data area is full.
-    pub out_of_space: bool,
-    /// What writes meet when the data is full ("error" or "queue"); none when failed.
-    pub when_full: Option<crate::config::WhenFull>,
-}
-
-impl Space {
-    /// "1.2G used of 100.0G (1.2%), 98.8G available"
-    pub fn describe(&self) -> String {
-        format!(
-            "{} used of {} ({:.1}%), {} available",
-            self.used.human(),
-            self.total.human(),
-            self.percent_used(),
-            self.available.human()
-        )
-    }
-}
-
-impl Health {
-    /// "ok", or the flags that are set ("needs_check, read-only").
-    pub fn describe(&self) -> String {
-        let flags: Vec<&str> = [
-            (self.failed, "FAILED"),
-            (self.needs_check, "needs_check"),
-            (self.read_only, "read-only"),
-            (self.out_of_space, "out of data space"),
-        ]
-        .iter()
-        .filter(|(on, _)| *on)
-        .map(|(_, name)| *name)
-        .collect();
-        if flags.is_empty() {
-            "ok".to_string()
-        } else {
-            flags.join(", ")
-        }
-    }
+/// A loop device bound to a deleted file (the device then holds the file's only copy).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeletedLoopFile {
+    /// The loop device.
+    pub device: PathBuf,
+    /// The deleted file, as the kernel names it.
+    pub file: PathBuf,
+    /// Whether something holds the device.
+    pub held: bool,
 }

@@ -6,15 +6,22 @@
 //! `Busy`; the transaction id only moves from its current value; activating an active device is
 //! `AlreadyExists`; deactivating a mounted or held device is `Busy`; data and metadata run out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::kernel::fs::FsType;
-use crate::kernel::{FsKernel, Health, PoolKernel, PoolUsage, Space};
+use devicemapper::Device;
+
+use crate::kernel::thin_tools::CheckReport;
+use crate::kernel::{DeletedLoopFile, DmDevice, FsKernel, PoolKernel, PoolUsage, Room};
 use crate::names::ThinId;
 use crate::units::ByteSize;
+use crate::vocab::FsType;
+use crate::vocab::{Health, Space};
+
+/// The names the sim's thin devices have, as the doctor lists them.
+const SIM_DM_PREFIX: &str = "thinstack-sim-thin-";
 
 /// The operations failure injection can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -185,6 +192,18 @@ impl Sim {
         Ok(())
     }
 
+    /// The device number a sim thin device has (device-mapper's usual major).
+    fn device_number(id: ThinId) -> Device {
+        Device {
+            major: 253,
+            minor: id.value(),
+        }
+    }
+
+    fn dm_name(id: ThinId) -> String {
+        format!("{SIM_DM_PREFIX}{id}")
+    }
+
     fn node(id: ThinId) -> PathBuf {
         PathBuf::from(format!("/dev/sim/thin-{id}"))
     }
@@ -235,7 +254,7 @@ impl PoolKernel for Sim {
                 read_only: state.read_only,
                 metadata_guard: state.read_only,
                 out_of_space: data_used >= state.data_total,
-                when_full: Some(crate::config::WhenFull::Error),
+                when_full: Some(crate::vocab::WhenFull::Error),
             },
         })
     }
@@ -404,6 +423,132 @@ impl PoolKernel for Sim {
         }
         Ok(())
     }
+
+    fn room(&self) -> Result<Room> {
+        let state = self.state();
+        Ok(Room::Files {
+            data: ByteSize::from_bytes(state.data_total),
+            metadata: ByteSize::from_bytes(state.metadata_total),
+        })
+    }
+
+    fn extend(
+        &self,
+        data: Option<ByteSize>,
+        metadata: Option<ByteSize>,
+    ) -> Result<(ByteSize, ByteSize)> {
+        let mut state = self.state();
+        let grown = |now: u64, wanted: Option<ByteSize>, area: &str| match wanted {
+            Some(size) if size.bytes() < now => Err(Error::invalid(format!(
+                "the pool's {area} is {} already; it cannot shrink to {size}",
+                ByteSize::from_bytes(now)
+            ))),
+            Some(size) => Ok(size.bytes()),
+            None => Ok(now),
+        };
+        let data = grown(state.data_total, data, "data")?;
+        let metadata = grown(state.metadata_total, metadata, "metadata")?;
+        state.data_total = data;
+        state.metadata_total = metadata;
+        Ok((ByteSize::from_bytes(data), ByteSize::from_bytes(metadata)))
+    }
+
+    fn grow_volumes(&self, _data: u64, _metadata: u64) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "the sim pool is not on LVM volumes",
+        ))
+    }
+
+    fn read_only_guard(&self) -> Result<bool> {
+        Ok(self.state().read_only)
+    }
+
+    fn set_read_only_guard(&self, on: bool) -> Result<bool> {
+        let mut state = self.state();
+        let changed = state.read_only != on;
+        state.read_only = on;
+        Ok(changed)
+    }
+
+    fn check_metadata(&self) -> Result<CheckReport> {
+        Ok(CheckReport {
+            clean: true,
+            checked: "the sim pool's metadata (in memory)".to_string(),
+            findings: "no damage found".to_string(),
+        })
+    }
+
+    fn add_device(&self, device: &Path, _force: bool) -> Result<ByteSize> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "only an lvm pool takes more disks ({}); this pool's backend is sim",
+                device.display()
+            ),
+        ))
+    }
+
+    fn monitored(&self) -> bool {
+        false
+    }
+
+    fn destroy(&self) -> Result<()> {
+        let mut state = self.state();
+        if !state.active.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                "the sim pool still has active thin devices; deactivate them first",
+            ));
+        }
+        state.thins.clear();
+        state.mapped_total = 0;
+        state.transaction_id = 0;
+        Ok(())
+    }
+
+    fn thin_device_numbers(&self) -> Result<HashMap<Device, ThinId>> {
+        Ok(self
+            .state()
+            .active
+            .keys()
+            .map(|&id| (Sim::device_number(id), id))
+            .collect())
+    }
+
+    fn dm_devices(&self) -> Result<Vec<DmDevice>> {
+        let state = self.state();
+        Ok(state
+            .active
+            .keys()
+            .map(|&id| DmDevice {
+                name: Sim::dm_name(id),
+                thin: Some(id),
+                open_count: u32::from(state.held.contains(&id))
+                    + state.mounts.values().filter(|(m, _)| *m == id).count() as u32,
+            })
+            .collect())
+    }
+
+    fn remove_dm_device(&self, name: &str) -> Result<()> {
+        let id = name
+            .strip_prefix(SIM_DM_PREFIX)
+            .and_then(|n| n.parse::<u32>().ok())
+            .ok_or_else(|| Error::not_found(format!("{name}: no such sim device")))
+            .and_then(ThinId::new)?;
+        self.deactivate(id)
+    }
+
+    fn deleted_loop_files(&self) -> Result<Vec<DeletedLoopFile>> {
+        Ok(Vec::new())
+    }
+
+    fn detach_loop(&self, device: &Path) -> Result<()> {
+        Err(Error::not_found(format!(
+            "{}: the sim has no loop devices",
+            device.display()
+        )))
+    }
 }
 
 impl FsKernel for Sim {
@@ -512,6 +657,19 @@ impl FsKernel for Sim {
 
     fn is_mounted(&self, target: &Path) -> Result<bool> {
         Ok(self.state().mounts.contains_key(target))
+    }
+
+    fn mount_table(&self) -> Result<Vec<crate::kernel::mounts::Mount>> {
+        Ok(self
+            .state()
+            .mounts
+            .iter()
+            .map(|(target, &(id, read_only))| crate::kernel::mounts::Mount {
+                device: Sim::device_number(id),
+                target: target.clone(),
+                read_only,
+            })
+            .collect())
     }
 
     fn mounts_of(&self, device: &Path) -> Result<Vec<(PathBuf, bool)>> {

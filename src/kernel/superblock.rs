@@ -6,8 +6,8 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::kernel::fs::FsType;
 use crate::units::ByteSize;
+use crate::vocab::FsType;
 
 /// A filesystem found on a device.
 #[derive(Debug, Clone, PartialEq, Eq)]

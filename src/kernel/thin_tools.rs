@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::loopdev;
 
@@ -53,4 +55,35 @@ pub fn check_and_clear(metadata: &Path) -> Result<()> {
 /// Check the metadata snapshot an active pool holds (`reserve_metadata_snap` first).
 pub fn check_snapshot(metadata: &Path) -> Result<()> {
     cmd::run(Program::ThinCheck, ["-m".as_ref(), metadata.as_os_str()]).map(|_| ())
+}
+
+/// What `thin_check` said about the pool's metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckReport {
+    /// No damage was found.
+    pub clean: bool,
+    /// What was checked: the device, and whether through a metadata snapshot.
+    pub checked: String,
+    /// thin_check's findings (its last lines when it found damage).
+    pub findings: String,
+}
+
+impl CheckReport {
+    /// The report of a thin_check run: damage it found is a report, not an error; any other
+    /// failure (thin_check missing, the device unreadable) is.
+    pub fn of(checked: String, result: Result<()>) -> Result<CheckReport> {
+        match result {
+            Ok(()) => Ok(CheckReport {
+                clean: true,
+                checked,
+                findings: "no damage found".to_string(),
+            }),
+            Err(e) if e.kind() == ErrorKind::Command => Ok(CheckReport {
+                clean: false,
+                checked,
+                findings: e.to_string(),
+            }),
+            Err(e) => Err(e),
+        }
+    }
 }

@@ -158,7 +158,7 @@ fn ensure_empty(pool: &Pool, dm: &Dm, config: &Config) -> Result<()> {
             ),
         ));
     }
-    let thin_ids = crate::kernel::real::thin_ids_of(dm, pool)?;
+    let thin_ids = super::real::thin_ids_of(dm, pool)?;
     let used = *status.usage.used_data;
     if status.transaction_id == 0 && used == 0 && thin_ids.is_empty() {
         return Ok(());

@@ -17,14 +17,14 @@ use devicemapper::DmNameBuf;
 
 use super::record::{self, PoolRecord};
 use super::{Backing, LvmBacking, Pool};
-use crate::config::{Config, LvmConfig, WhenFull};
+use crate::config::{Config, LvmConfig};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::kernel::dm::Dm;
 use crate::kernel::lvm::{self, Lvm, VolumeGroup};
-use crate::kernel::Space;
 use crate::units::ByteSize;
+use crate::vocab::{Space, WhenFull};
 
 /// Where LVM looks for profiles (`config/profile_dir`).
 const PROFILE_DIR: &str = "/etc/lvm/profile";

@@ -14,6 +14,7 @@
 pub mod devices;
 pub mod loop_files;
 pub mod lvm;
+mod real;
 pub mod record;
 
 use std::path::{Path, PathBuf};
@@ -24,16 +25,19 @@ use devicemapper::{
 };
 use serde::Serialize;
 
-use crate::config::{Backend, Config, WhenFull};
+use crate::config::{Backend, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::kernel::dm::{self, Dm, Udev};
 use crate::kernel::thin_tools;
-pub use crate::kernel::{Health, Space};
+use crate::kernel::thin_tools::CheckReport;
 use crate::names::{parse_thin_dm_name, PoolName, ThinId};
 use crate::units::{ByteSize, DataBlocks, MetaBlocks, Sectors};
+use crate::vocab::WhenFull;
+pub use crate::vocab::{Health, Space};
 
 pub use loop_files::{loop_files, LoopBacking};
+pub use real::{thin_ids_of, RealPool};
 
 /// The low-water mark Docker and containerd use (32768 blocks = 2 GiB at 64 KiB), capped at a
 /// tenth of a small pool so the event that drives extension fires before the pool is full.
@@ -114,26 +118,6 @@ pub struct Pool {
     created: bool,
 }
 
-impl CheckReport {
-    /// The report of a thin_check run: damage it found is a report, not an error; any other
-    /// failure (thin_check missing, the device unreadable) is.
-    fn of(checked: String, result: Result<()>) -> Result<CheckReport> {
-        match result {
-            Ok(()) => Ok(CheckReport {
-                clean: true,
-                checked,
-                findings: "no damage found".to_string(),
-            }),
-            Err(e) if e.kind() == ErrorKind::Command => Ok(CheckReport {
-                clean: false,
-                checked,
-                findings: e.to_string(),
-            }),
-            Err(e) => Err(e),
-        }
-    }
-}
-
 /// An active thin device: its dm name and a node to open it by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveThin {
@@ -141,17 +125,6 @@ pub struct ActiveThin {
     pub dm_name: DmNameBuf,
     /// `/dev/dm-N`, made by the kernel itself, so it exists as soon as the device does.
     pub node: PathBuf,
-}
-
-/// What `thin_check` said about the pool's metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
-pub struct CheckReport {
-    /// No damage was found.
-    pub clean: bool,
-    /// What was checked: the device, and whether through a metadata snapshot.
-    pub checked: String,
-    /// thin_check's findings (its last lines when it found damage).
-    pub findings: String,
 }
 
 impl Pool {

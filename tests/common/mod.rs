@@ -121,7 +121,13 @@ impl TestPool {
     }
 
     /// Mount and remember, so cleanup unmounts even when the test fails midway.
-    pub fn mount(&mut self, device: &Path, target: &Path, fs_type: fs::FsType, read_only: bool) {
+    pub fn mount(
+        &mut self,
+        device: &Path,
+        target: &Path,
+        fs_type: thinstack::vocab::FsType,
+        read_only: bool,
+    ) {
         fs::mount(device, target, fs_type, read_only, &[]).expect("mount");
         self.mounts.push(target.to_path_buf());
     }
@@ -224,7 +230,7 @@ pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
 
 /// The engine on the real kernel.
 pub type RealEngine =
-    thinstack::engine::Engine<thinstack::kernel::real::RealPool, thinstack::kernel::real::RealFs>;
+    thinstack::engine::Engine<thinstack::pool::RealPool, thinstack::kernel::real::RealFs>;
 
 /// An engine on the test's pool, on the real kernel.
 pub fn open_engine(test: &TestPool) -> (RealEngine, thinstack::engine::ReconcileReport) {
@@ -235,7 +241,7 @@ pub fn open_engine(test: &TestPool) -> (RealEngine, thinstack::engine::Reconcile
 pub fn open_engine_with(config: &Config) -> (RealEngine, thinstack::engine::ReconcileReport) {
     let dm = Dm::open().expect("device-mapper");
     let pool = Pool::open(config, &dm).expect("open pool");
-    let kernel = thinstack::kernel::real::RealPool::new(dm, pool);
+    let kernel = thinstack::pool::RealPool::new(dm, pool, config.clone());
     thinstack::engine::Engine::open(
         kernel,
         thinstack::kernel::real::RealFs,
