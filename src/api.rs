@@ -255,3 +255,12 @@ pub fn status_of(kind: ErrorKind) -> u16 {
         _ => 500,
     }
 }
+
+impl From<&DoctorRequest> for crate::doctor::Repair {
+    fn from(request: &DoctorRequest) -> crate::doctor::Repair {
+        crate::doctor::Repair {
+            repair: request.repair,
+            delete_unowned: request.repair && request.delete_unowned,
+        }
+    }
+}

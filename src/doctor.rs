@@ -131,15 +131,6 @@ pub struct Repair {
     pub delete_unowned: bool,
 }
 
-impl From<&crate::api::DoctorRequest> for Repair {
-    fn from(request: &crate::api::DoctorRequest) -> Repair {
-        Repair {
-            repair: request.repair,
-            delete_unowned: request.repair && request.delete_unowned,
-        }
-    }
-}
-
 /// Examine the host and the records for leftovers; with `repair`, clean what is safe to.
 pub fn examine<K: PoolKernel, F: FsKernel>(
     engine: &Engine<K, F>,

@@ -1,5 +1,5 @@
 //! Filesystems on the real kernel, behind the engine's [`FsKernel`]: mkfs, mount(2), the mount
-//! table. (The real pool behind [`crate::kernel::PoolKernel`] is [`crate::pool::RealPool`].)
+//! table. (The real pool behind [`crate::kernel::PoolKernel`] is in the pool module, above.)
 
 use std::path::{Path, PathBuf};
 
