@@ -69,7 +69,9 @@ impl Daemon {
         let (pool, fs): (HostPool, HostFs) = match kernel {
             KernelChoice::Real => (Box::new(RealPool::open(&config)?), Box::new(RealFs)),
             KernelChoice::Sim => {
-                let sim = Sim::default();
+                let files = &config.pool.loop_files;
+                let sim = Sim::with_files(files.data_size, files.metadata_size.size())
+                    .named(config.pool.name.as_str());
                 (Box::new(sim.clone()), Box::new(sim))
             }
         };

@@ -17,6 +17,7 @@ pub mod mount_target;
 pub mod mounts;
 pub mod real;
 pub mod sim;
+mod sim_files;
 pub mod superblock;
 pub mod thin_tools;
 

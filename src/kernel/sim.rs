@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, ErrorKind, Result};
 use devicemapper::Device;
 
+use crate::kernel::sim_files::{self, Tree};
 use crate::kernel::thin_tools::CheckReport;
 use crate::kernel::{DeletedLoopFile, DmDevice, FsKernel, PoolKernel, PoolUsage, Room};
 use crate::names::ThinId;
@@ -53,6 +54,8 @@ pub enum SimOp {
 #[derive(Debug, Clone)]
 struct SimThin {
     mapped: u64,
+    /// Its files, when the sim keeps files ([`Sim::with_files`]).
+    files: Tree,
     /// The filesystem mkfs made (a snapshot shares its origin's), as a probe finds it.
     fs: Option<crate::kernel::superblock::Found>,
 }
@@ -84,6 +87,10 @@ struct SimState {
     mapped_total: u64,
     /// Read-only, as thinstack's metadata guard makes a pool: pool messages are refused.
     read_only: bool,
+    /// Mounts hold the layers' files ([`Sim::with_files`]).
+    files: bool,
+    /// The pool's name.
+    name: String,
     /// Failures to inject: operation -> calls to let pass before failing once.
     failures: BTreeMap<SimOp, (usize, ErrorKind)>,
     calls: BTreeMap<SimOp, usize>,
@@ -109,6 +116,7 @@ impl Sim {
                 data_total: data.bytes(),
                 metadata_total: metadata.bytes(),
                 metadata_per_thin: 4096,
+                name: "sim".to_string(),
                 mkfs_bytes: 4 << 20,
                 ..SimState::default()
             })),
@@ -117,6 +125,30 @@ impl Sim {
 
     fn state(&self) -> MutexGuard<'_, SimState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A pool of `data` and `metadata` bytes whose mounts hold files: a mount fills its target
+    /// directory with the layer's files, an unmount takes them back, a snapshot copies them
+    /// (`thinstackd --sim`).
+    pub fn with_files(data: ByteSize, metadata: ByteSize) -> Self {
+        let sim = Sim::new(data, metadata);
+        sim.state().files = true;
+        sim
+    }
+
+    /// Give the pool a name (as `pool.name` does).
+    pub fn named(self, name: &str) -> Self {
+        self.state().name = name.to_string();
+        self
+    }
+
+    /// Where thin `id` is mounted read-write, if it is.
+    fn writable_mount_of(state: &SimState, id: ThinId) -> Option<PathBuf> {
+        state
+            .mounts
+            .iter()
+            .find(|(_, &(mounted, read_only))| mounted == id && !read_only)
+            .map(|(target, _)| target.clone())
     }
 
     /// Make the pool read-only (as the metadata guard does), or writable again.
@@ -177,6 +209,25 @@ impl Sim {
         self.state().mounts.keys().cloned().collect()
     }
 
+    /// At an unmount: a read-write mount's files become the layer's (the bytes they grew by
+    /// are mapped), and the target is emptied.
+    fn take_files_back(
+        state: &mut SimState,
+        id: ThinId,
+        target: &Path,
+        read_only: bool,
+    ) -> Result<()> {
+        if !read_only {
+            let files = Tree::read(target)?;
+            let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
+            let grew = files.bytes().saturating_sub(thin.files.bytes());
+            thin.files = files;
+            thin.mapped += grew;
+            state.mapped_total += grew;
+        }
+        sim_files::clear(target)
+    }
+
     /// Count a call of `op` and fail it when an injected failure is due.
     fn enter(&self, op: SimOp) -> Result<()> {
         let mut state = self.state();
@@ -232,11 +283,11 @@ fn no_thin(id: ThinId) -> Error {
 impl PoolKernel for Sim {
     fn details(&self) -> crate::kernel::PoolDetails {
         crate::kernel::PoolDetails {
-            name: "sim".to_string(),
+            name: self.state().name.clone(),
             device: "/dev/mapper/sim-pool".to_string(),
             backend: "sim".to_string(),
             block_size: ByteSize::from_bytes(64 << 10),
-            data_source: "memory".to_string(),
+            data_source: "memory (thinstackd --sim: gone when it stops)".to_string(),
             metadata_source: "memory".to_string(),
         }
     }
@@ -279,6 +330,7 @@ impl PoolKernel for Sim {
             id,
             SimThin {
                 mapped: 0,
+                files: Tree::default(),
                 fs: None,
             },
         );
@@ -298,9 +350,26 @@ impl PoolKernel for Sim {
                 format!("thin device {new} exists already"),
             ));
         }
+        // A mounted origin's files are in its mount: the snapshot takes what was written, as
+        // the kernel's does once the origin's filesystem is frozen.
+        if state.files {
+            if let Some(target) = Sim::writable_mount_of(&state, origin) {
+                let files = Tree::read(&target)?;
+                if let Some(thin) = state.thins.get_mut(&origin) {
+                    thin.files = files;
+                }
+            }
+        }
         // Shared blocks are not counted twice: the snapshot maps nothing new of its own.
-        let fs = state.thins[&origin].fs.clone();
-        state.thins.insert(new, SimThin { mapped: 0, fs });
+        let SimThin { fs, files, .. } = state.thins[&origin].clone();
+        state.thins.insert(
+            new,
+            SimThin {
+                mapped: 0,
+                files,
+                fs,
+            },
+        );
         Ok(())
     }
 
@@ -564,6 +633,7 @@ impl FsKernel for Sim {
         let uuid = format!("sim-{fs}-uuid-{id}");
         let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
         thin.mapped += written;
+        thin.files = Tree::default();
         thin.fs = Some(crate::kernel::superblock::Found {
             fs,
             size,
@@ -600,6 +670,14 @@ impl FsKernel for Sim {
                 format!("{} is a mount point already", target.display()),
             ));
         }
+        if state.files {
+            sim_files::check_target(target)?;
+            let files = state.thins.get(&id).ok_or_else(|| no_thin(id))?.files.clone();
+            if let Err(e) = files.write(target) {
+                let _ = sim_files::clear(target);
+                return Err(e);
+            }
+        }
         state.mounts.insert(target.to_path_buf(), (id, read_only));
         Ok(())
     }
@@ -608,8 +686,11 @@ impl FsKernel for Sim {
         self.enter(SimOp::Unmount)?;
         let id = Sim::id_of_node(device)?;
         let mut state = self.state();
-        match state.mounts.get(target) {
-            Some((mounted, _)) if *mounted == id => {
+        match state.mounts.get(target).copied() {
+            Some((mounted, read_only)) if mounted == id => {
+                if state.files {
+                    Sim::take_files_back(&mut state, id, target, read_only)?;
+                }
                 state.mounts.remove(target);
                 Ok(())
             }

@@ -1,0 +1,183 @@
+//! A sim layer's files, kept in memory (`thinstackd --sim`): what a mount puts in its target
+//! directory and an unmount takes back, so a script that writes a file into a mounted layer
+//! and reads it from a child sees what it would see on the real kernel.
+//!
+//! Regular files, directories and symbolic links, with their permission bits; nothing else
+//! (the sim has no device nodes, sockets or fifos to keep).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// One entry of a tree, by its path relative to the tree's root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    Directory { mode: u32 },
+    File { mode: u32, data: Arc<Vec<u8>> },
+    Link(PathBuf),
+}
+
+/// A layer's files. Cloning shares the file contents (a snapshot copies no data).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tree(BTreeMap<PathBuf, Entry>);
+
+impl Tree {
+    /// Bytes in its regular files.
+    pub fn bytes(&self) -> u64 {
+        self.0
+            .values()
+            .map(|entry| match entry {
+                Entry::File { data, .. } => data.len() as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Read what `dir` holds (not `dir` itself).
+    pub fn read(dir: &Path) -> Result<Tree> {
+        let mut tree = Tree::default();
+        read_into(dir, Path::new(""), &mut tree)?;
+        Ok(tree)
+    }
+
+    /// Write the tree into the empty directory `dir`. Parents come before their children
+    /// (the map is ordered by path).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        for (relative, entry) in &self.0 {
+            let path = dir.join(relative);
+            let written = match entry {
+                Entry::Directory { mode } => std::fs::create_dir(&path)
+                    .and_then(|()| std::fs::set_permissions(&path, mode_of(*mode))),
+                Entry::File { mode, data } => std::fs::write(&path, data.as_slice())
+                    .and_then(|()| std::fs::set_permissions(&path, mode_of(*mode))),
+                Entry::Link(to) => symlink(to, &path),
+            };
+            written.map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        }
+        Ok(())
+    }
+}
+
+fn mode_of(mode: u32) -> std::fs::Permissions {
+    std::fs::Permissions::from_mode(mode & 0o7777)
+}
+
+fn read_into(dir: &Path, relative: &Path, tree: &mut Tree) -> Result<()> {
+    let entries = std::fs::read_dir(dir.join(relative))
+        .map_err(|e| Error::io(format!("reading {}", dir.join(relative).display()), e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        let path = entry.path();
+        let name = relative.join(entry.file_name());
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let mode = meta.permissions().mode();
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            tree.0.insert(name.clone(), Entry::Directory { mode });
+            read_into(dir, &name, tree)?;
+        } else if kind.is_file() {
+            let data = std::fs::read(&path)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            tree.0.insert(
+                name,
+                Entry::File {
+                    mode,
+                    data: Arc::new(data),
+                },
+            );
+        } else if kind.is_symlink() {
+            let to = std::fs::read_link(&path)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            tree.0.insert(name, Entry::Link(to));
+        } else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!(
+                    "{} is neither a file, a directory nor a symbolic link; the sim keeps only those",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Empty `dir` (it stays).
+pub fn clear(dir: &Path) -> Result<()> {
+    let entries =
+        std::fs::read_dir(dir).map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+    for entry in entries {
+        let path = entry
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?
+            .path();
+        let meta = std::fs::symlink_metadata(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let removed = if meta.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// Refuse a target that is not an empty directory reached without a symbolic link at its
+/// end, as the real kernel seam does.
+pub fn check_target(target: &Path) -> Result<()> {
+    let meta = std::fs::symlink_metadata(target)
+        .map_err(|e| Error::io(format!("opening mount target {}", target.display()), e))?;
+    if !meta.is_dir() {
+        return Err(Error::new(
+            ErrorKind::Permission,
+            format!(
+                "mount target {} is not a directory (a symbolic link, or a file)",
+                target.display()
+            ),
+        ));
+    }
+    let mut entries = std::fs::read_dir(target)
+        .map_err(|e| Error::io(format!("reading {}", target.display()), e))?;
+    if entries.next().is_some() {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "mount target {} is not empty; a layer is mounted only on an empty directory",
+                target.display()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tree_is_read_back_as_written() {
+        let from = tempfile::tempdir().unwrap();
+        std::fs::create_dir(from.path().join("etc")).unwrap();
+        std::fs::write(from.path().join("etc/hello"), "hi").unwrap();
+        std::fs::set_permissions(from.path().join("etc/hello"), mode_of(0o600)).unwrap();
+        symlink("etc/hello", from.path().join("link")).unwrap();
+        let tree = Tree::read(from.path()).unwrap();
+        assert_eq!(tree.bytes(), 2);
+
+        let to = tempfile::tempdir().unwrap();
+        check_target(to.path()).unwrap();
+        tree.write(to.path()).unwrap();
+        assert_eq!(std::fs::read_to_string(to.path().join("link")).unwrap(), "hi");
+        assert_eq!(Tree::read(to.path()).unwrap(), tree);
+        assert_eq!(
+            check_target(to.path()).unwrap_err().kind(),
+            ErrorKind::Busy
+        );
+        clear(to.path()).unwrap();
+        assert_eq!(Tree::read(to.path()).unwrap(), Tree::default());
+    }
+}
