@@ -252,7 +252,7 @@ pub fn status_of(kind: ErrorKind) -> u16 {
         ErrorKind::Permission => 403,
         ErrorKind::NoSpace => 507,
         ErrorKind::Invalid => 400,
-        _ => 500,
+        ErrorKind::Inconsistent | ErrorKind::Kernel | ErrorKind::Command | ErrorKind::Io => 500,
     }
 }
 

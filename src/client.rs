@@ -45,6 +45,27 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// The `thinstack` command's exit code for a failure of `kind` (`None`: the daemon was
+/// unreachable). Stable: scripts branch on it (README, "Exit codes").
+pub fn exit_code_of(kind: Option<ErrorKind>) -> u8 {
+    match kind {
+        None => 7,
+        Some(ErrorKind::NotFound) => 3,
+        Some(ErrorKind::AlreadyExists) => 4,
+        Some(ErrorKind::Busy) => 5,
+        Some(ErrorKind::NoSpace) => 6,
+        Some(ErrorKind::Permission) => 8,
+        Some(
+            ErrorKind::Invalid
+            | ErrorKind::Unsupported
+            | ErrorKind::Inconsistent
+            | ErrorKind::Kernel
+            | ErrorKind::Command
+            | ErrorKind::Io,
+        ) => 1,
+    }
+}
+
 impl ClientError {
     /// The error's kind, for exit codes; `None` when the daemon was unreachable.
     pub fn kind(&self) -> Option<ErrorKind> {

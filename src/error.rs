@@ -38,6 +38,23 @@ pub enum ErrorKind {
     Io,
 }
 
+impl ErrorKind {
+    /// Every kind, for the tables that map each one (HTTP status, gRPC code, exit code).
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::Busy,
+        ErrorKind::NoSpace,
+        ErrorKind::Invalid,
+        ErrorKind::Unsupported,
+        ErrorKind::Permission,
+        ErrorKind::Inconsistent,
+        ErrorKind::Kernel,
+        ErrorKind::Command,
+        ErrorKind::Io,
+    ];
+}
+
 impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = serde_json::to_value(self)

@@ -266,15 +266,7 @@ fn main() -> ExitCode {
 }
 
 fn exit_code(e: &ClientError) -> u8 {
-    match e.kind() {
-        None => 7,
-        Some(ErrorKind::NotFound) => 3,
-        Some(ErrorKind::AlreadyExists) => 4,
-        Some(ErrorKind::Busy) => 5,
-        Some(ErrorKind::NoSpace) => 6,
-        Some(ErrorKind::Permission) => 8,
-        Some(_) => 1,
-    }
+    thinstack::client::exit_code_of(e.kind())
 }
 
 fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError> {

@@ -672,7 +672,12 @@ impl FsKernel for Sim {
         }
         if state.files {
             sim_files::check_target(target)?;
-            let files = state.thins.get(&id).ok_or_else(|| no_thin(id))?.files.clone();
+            let files = state
+                .thins
+                .get(&id)
+                .ok_or_else(|| no_thin(id))?
+                .files
+                .clone();
             if let Err(e) = files.write(target) {
                 let _ = sim_files::clear(target);
                 return Err(e);

@@ -171,12 +171,12 @@ mod tests {
         let to = tempfile::tempdir().unwrap();
         check_target(to.path()).unwrap();
         tree.write(to.path()).unwrap();
-        assert_eq!(std::fs::read_to_string(to.path().join("link")).unwrap(), "hi");
-        assert_eq!(Tree::read(to.path()).unwrap(), tree);
         assert_eq!(
-            check_target(to.path()).unwrap_err().kind(),
-            ErrorKind::Busy
+            std::fs::read_to_string(to.path().join("link")).unwrap(),
+            "hi"
         );
+        assert_eq!(Tree::read(to.path()).unwrap(), tree);
+        assert_eq!(check_target(to.path()).unwrap_err().kind(), ErrorKind::Busy);
         clear(to.path()).unwrap();
         assert_eq!(Tree::read(to.path()).unwrap(), Tree::default());
     }
