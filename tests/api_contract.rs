@@ -1,0 +1,456 @@
+//! The API's contract, without root (issue 17): every route of `openapi.json`, driven over a
+//! real Unix socket against `thinstackd --sim`, and every response, errors included, validated
+//! against the schema the document gives for its status.
+//!
+//! Two routes cannot succeed on the sim, and are held to their error responses here: adding a
+//! disk needs an LVM pool, and adopting needs a thin device no record owns (the kernel tests
+//! drive both to success).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const OPENAPI: &str = include_str!("../src/daemon/openapi.json");
+
+/// Routes that cannot succeed on the sim (see the module's comment).
+const NO_SUCCESS_ON_THE_SIM: &[(&str, &str)] =
+    &[("POST", "/v1/pool/add-device"), ("POST", "/v1/pool/adopt")];
+
+/// `thinstackd --sim` in a state directory of its own.
+struct SimDaemon {
+    child: Child,
+    socket: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl SimDaemon {
+    fn start() -> SimDaemon {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        let config = dir.path().join("thinstack.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {:?}\nsocket = {:?}\n[layers]\nbase_size = \"64M\"\nmount_roots = [{:?}]\n",
+                dir.path().join("state"),
+                socket,
+                dir.path().join("roots"),
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir(dir.path().join("roots")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_thinstackd"))
+            .arg("--sim")
+            .arg("--config")
+            .arg(&config)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("thinstackd --sim");
+        let mut daemon = SimDaemon { child, socket, dir };
+        let started = Instant::now();
+        while daemon.try_request("GET", "/v1/version", None).is_none() {
+            if let Some(status) = daemon.child.try_wait().unwrap() {
+                panic!("thinstackd --sim exited at start: {status}");
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "thinstackd --sim did not answer in 120 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon
+    }
+
+    fn try_request(&self, method: &str, path: &str, body: Option<&Value>) -> Option<Reply> {
+        let mut stream = UnixStream::connect(&self.socket).ok()?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: thinstack\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).ok()?;
+        stream.write_all(body.as_bytes()).ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).ok()?;
+        Some(Reply::parse(&raw))
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
+        self.try_request(method, path, body)
+            .unwrap_or_else(|| panic!("{method} {path}: no answer from thinstackd --sim"))
+    }
+}
+
+impl Drop for SimDaemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP answer: its status and its body (JSON, or `Null` when empty).
+struct Reply {
+    status: u16,
+    body: Value,
+    text: String,
+}
+
+impl Reply {
+    fn parse(raw: &[u8]) -> Reply {
+        let text = String::from_utf8_lossy(raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP head");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status line");
+        let chunked = head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked");
+        let body = if chunked {
+            unchunk(body)
+        } else {
+            body.to_string()
+        };
+        let value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("a body that is not JSON ({e}): {body}"))
+        };
+        Reply {
+            status,
+            body: value,
+            text: body,
+        }
+    }
+}
+
+fn unchunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n").expect("a chunk size");
+        let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = &after[size + 2..];
+    }
+}
+
+/// The document, and what the test exercised of it.
+struct Contract {
+    document: Value,
+    /// (method, path template) → statuses seen.
+    seen: BTreeMap<(String, String), BTreeSet<u16>>,
+}
+
+impl Contract {
+    fn new() -> Contract {
+        Contract {
+            document: serde_json::from_str(OPENAPI).unwrap(),
+            seen: BTreeMap::new(),
+        }
+    }
+
+    /// Every (method, path template) the document describes.
+    fn operations(&self) -> BTreeSet<(String, String)> {
+        let mut all = BTreeSet::new();
+        for (path, item) in self.document["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                if ["get", "post", "put", "patch", "delete"].contains(&method.as_str()) {
+                    all.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        all
+    }
+
+    /// Send `request` ("METHOD /path?query") and check the answer: its status must be
+    /// `expected`, and its body must match the schema the document gives for that status (or
+    /// its default) on the route the path falls under.
+    fn call(
+        &mut self,
+        daemon: &SimDaemon,
+        request: &str,
+        body: Option<Value>,
+        expected: u16,
+    ) -> Value {
+        let (method, actual) = request.split_once(' ').unwrap();
+        let template = self.template_of(actual);
+        let reply = daemon.request(method, actual, body.as_ref());
+        assert_eq!(
+            reply.status, expected,
+            "{request}: status {} (wanted {expected}): {}",
+            reply.status, reply.text
+        );
+        self.validate(method, &template, &reply);
+        self.seen
+            .entry((method.to_string(), template))
+            .or_default()
+            .insert(reply.status);
+        reply.body
+    }
+
+    /// The document's path template `actual` falls under (`/v1/layers/a/mount` under
+    /// `/v1/layers/{name}/mount`); a template without parameters goes first.
+    fn template_of(&self, actual: &str) -> String {
+        let path = actual.split('?').next().unwrap();
+        let segments: Vec<&str> = path.split('/').collect();
+        let mut matching: Vec<&String> = self.document["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|template| {
+                let parts: Vec<&str> = template.split('/').collect();
+                parts.len() == segments.len()
+                    && parts
+                        .iter()
+                        .zip(&segments)
+                        .all(|(t, s)| t == s || t.starts_with('{'))
+            })
+            .collect();
+        matching.sort_by_key(|template| template.contains('{'));
+        matching
+            .first()
+            .unwrap_or_else(|| panic!("{path} is under no path of openapi.json"))
+            .to_string()
+    }
+
+    fn validate(&self, method: &str, template: &str, reply: &Reply) {
+        let operation = &self.document["paths"][template][method.to_lowercase()];
+        assert!(
+            operation.is_object(),
+            "{method} {template} is not in openapi.json"
+        );
+        let responses = &operation["responses"];
+        let mut response = &responses[reply.status.to_string()];
+        if response.is_null() {
+            response = &responses["default"];
+        }
+        assert!(
+            !response.is_null(),
+            "{method} {template}: status {} is not documented, and there is no default",
+            reply.status
+        );
+        if let Some(reference) = response["$ref"].as_str() {
+            response = self.resolve(reference);
+        }
+        let schema = &response["content"]["application/json"]["schema"];
+        if schema.is_null() {
+            assert!(
+                reply.body.is_null(),
+                "{method} {template} {}: a body where the document has none: {}",
+                reply.status,
+                reply.text
+            );
+            return;
+        }
+        let mut full = schema.clone();
+        let object = full.as_object_mut().unwrap();
+        object.insert(
+            "$schema".into(),
+            json!("https://json-schema.org/draft/2020-12/schema"),
+        );
+        object.insert("components".into(), self.document["components"].clone());
+        let validator = jsonschema::validator_for(&full).unwrap_or_else(|e| {
+            panic!("{method} {template}: the document's schema does not compile: {e}")
+        });
+        let errors: Vec<String> = validator
+            .iter_errors(&reply.body)
+            .map(|e| format!("{e} (at {})", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {template} {}: the body does not match the document:\n{}\nbody: {}",
+            reply.status,
+            errors.join("\n"),
+            reply.text
+        );
+    }
+
+    fn resolve(&self, reference: &str) -> &Value {
+        let path = reference.strip_prefix("#/").expect("a local reference");
+        path.split('/')
+            .fold(&self.document, |value, key| &value[key])
+    }
+}
+
+#[test]
+fn every_route_answers_as_the_document_says() {
+    let daemon = SimDaemon::start();
+    let mut c = Contract::new();
+    let d = &daemon;
+    let none = || None;
+    let empty = || Some(json!({}));
+
+    // The document and the daemon.
+    c.call(d, "GET /v1/openapi.json", none(), 200);
+    c.call(d, "GET /v1/version", none(), 200);
+    let status = c.call(d, "GET /v1/pool", none(), 200);
+    assert_eq!(status["pool"]["backend"], "sim", "{status}");
+
+    // Layers: made, found, refused.
+    let base = json!({"name": "base", "labels": {"role": "base"}});
+    c.call(d, "POST /v1/layers", Some(base.clone()), 201);
+    c.call(d, "POST /v1/layers", Some(base.clone()), 409);
+    let again = json!({"name": "base", "labels": {"role": "base"}, "exists_ok": true});
+    c.call(d, "POST /v1/layers", Some(again), 200);
+    c.call(d, "POST /v1/layers", Some(json!({"name": "../x"})), 400);
+    c.call(
+        d,
+        "POST /v1/layers",
+        Some(json!({"name": "x", "parent": "nope"})),
+        404,
+    );
+    c.call(
+        d,
+        "POST /v1/layers",
+        Some(json!({"name": "x", "size": "12Q"})),
+        400,
+    );
+    c.call(d, "GET /v1/layers", none(), 200);
+    c.call(d, "GET /v1/layers?label=role%3Dbase", none(), 200);
+    c.call(d, "GET /v1/layers?label=nolabel", none(), 400);
+    c.call(d, "GET /v1/layers/base", none(), 200);
+    c.call(d, "GET /v1/layers/nope", none(), 404);
+
+    // Mounts: the default place, a mount root, and places no client may use.
+    let mounted = c.call(d, "POST /v1/layers/base/mount", empty(), 200);
+    let point = PathBuf::from(mounted["mount_point"].as_str().unwrap());
+    std::fs::write(point.join("hello"), "from base").unwrap();
+    c.call(d, "POST /v1/layers/base/unmount", empty(), 200);
+    c.call(d, "POST /v1/layers/base/unmount", empty(), 400);
+    let outside = Some(json!({"target": "/etc"}));
+    c.call(d, "POST /v1/layers/base/mount", outside, 403);
+    c.call(d, "POST /v1/layers/nope/mount", empty(), 404);
+    c.call(
+        d,
+        "POST /v1/layers/base/mount",
+        Some(json!({"bogus": 1})),
+        400,
+    );
+
+    // Commit, children, usage, activation, resize.
+    c.call(d, "POST /v1/layers/base/commit", none(), 200);
+    c.call(d, "POST /v1/layers/nope/commit", none(), 404);
+    let kid = json!({"name": "kid", "parent": "base"});
+    c.call(d, "POST /v1/layers", Some(kid), 201);
+    let target = d.dir.path().join("roots/kid");
+    std::fs::create_dir(&target).unwrap();
+    let at_target = || Some(json!({ "target": target }));
+    c.call(d, "POST /v1/layers/kid/mount", at_target(), 200);
+    let seen = std::fs::read_to_string(target.join("hello")).unwrap();
+    assert_eq!(
+        seen, "from base",
+        "the child does not hold its parent's file"
+    );
+    c.call(d, "POST /v1/layers/kid/unmount", at_target(), 200);
+    c.call(d, "GET /v1/layers/kid/usage", none(), 200);
+    c.call(d, "GET /v1/layers/nope/usage", none(), 404);
+    c.call(d, "POST /v1/layers/kid/activate", none(), 200);
+    c.call(d, "POST /v1/layers/nope/activate", none(), 404);
+    c.call(d, "POST /v1/layers/kid/deactivate", none(), 200);
+    c.call(d, "POST /v1/layers/nope/deactivate", none(), 404);
+    c.call(
+        d,
+        "POST /v1/layers/kid/resize",
+        Some(json!({"size": "128M"})),
+        200,
+    );
+    c.call(
+        d,
+        "POST /v1/layers/kid/resize",
+        Some(json!({"size": "1M"})),
+        400,
+    );
+    c.call(
+        d,
+        "POST /v1/layers/base/resize",
+        Some(json!({"size": "1G"})),
+        400,
+    );
+
+    // The pool.
+    c.call(
+        d,
+        "POST /v1/pool/extend",
+        Some(json!({"data": "200G"})),
+        200,
+    );
+    c.call(d, "POST /v1/pool/extend", empty(), 400);
+    c.call(d, "POST /v1/pool/extend", Some(json!({"data": "1G"})), 400);
+    let null = Some(json!({"device": "/dev/null"}));
+    c.call(d, "POST /v1/pool/add-device", null, 409);
+    c.call(d, "POST /v1/pool/add-device", empty(), 400);
+    c.call(d, "POST /v1/pool/check", none(), 200);
+    c.call(d, "POST /v1/pool/doctor", empty(), 200);
+    c.call(
+        d,
+        "POST /v1/pool/doctor",
+        Some(json!({"repair": true})),
+        200,
+    );
+    c.call(
+        d,
+        "POST /v1/pool/doctor",
+        Some(json!({"repair": "yes"})),
+        400,
+    );
+    let unknown = Some(json!({"thin_id": 99, "name": "x"}));
+    c.call(d, "POST /v1/pool/adopt", unknown, 404);
+    let owned = Some(json!({"thin_id": 1, "name": "x"}));
+    c.call(d, "POST /v1/pool/adopt", owned, 409);
+
+    // Removal, then the pool goes.
+    c.call(d, "DELETE /v1/layers/base", none(), 409);
+    c.call(d, "DELETE /v1/layers/kid", none(), 200);
+    c.call(d, "DELETE /v1/layers/nope", none(), 404);
+    c.call(
+        d,
+        "POST /v1/pool/destroy",
+        Some(json!({"force": false})),
+        409,
+    );
+    c.call(
+        d,
+        "POST /v1/pool/destroy",
+        Some(json!({"force": true})),
+        200,
+    );
+
+    // Every route was driven: to success (but the two the sim cannot do), and to an error
+    // wherever a client can send something wrong.
+    let mut missing = Vec::new();
+    for (method, path) in c.operations() {
+        let statuses = c.seen.get(&(method.clone(), path.clone()));
+        let success = statuses.is_some_and(|s| s.iter().any(|code| *code < 300));
+        let error = statuses.is_some_and(|s| s.iter().any(|code| *code >= 400));
+        let inputs = path.contains('{') || method != "GET" || path == "/v1/layers";
+        if !success && !NO_SUCCESS_ON_THE_SIM.contains(&(method.as_str(), path.as_str())) {
+            missing.push(format!("{method} {path}: no success"));
+        }
+        if inputs && !error && !path.ends_with("/check") {
+            missing.push(format!("{method} {path}: no error"));
+        }
+    }
+    assert!(missing.is_empty(), "not driven:\n{}", missing.join("\n"));
+}
+
+/// The checker itself: a body that breaks its schema fails the check.
+#[test]
+#[should_panic(expected = "does not match the document")]
+fn a_body_off_its_schema_fails_the_check() {
+    let c = Contract::new();
+    let reply = Reply::parse(b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n{\"api\": true}");
+    c.validate("GET", "/v1/version", &reply);
+}
