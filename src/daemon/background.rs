@@ -203,3 +203,146 @@ pub(super) fn level_after(percent_used: u64, level: usize) -> usize {
     warn_on_crossing("data", &space, &mut level);
     level
 }
+
+/// The watcher's policies over the sim: growth of a pool on files, and the metadata guard.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::daemon::KernelChoice;
+    use crate::engine::CreateLayer;
+    use crate::kernel::{PoolKernel, Room};
+
+    fn sim_daemon(dir: &std::path::Path, extra: &str) -> Daemon {
+        let text = format!("state_dir = {:?}\n{extra}", dir.join("state"));
+        let config = Config::parse(&text, "test config").unwrap();
+        Daemon::open(config, KernelChoice::Sim).unwrap()
+    }
+
+    /// The sizes of the sim pool's "files".
+    fn files(daemon: &Daemon) -> (ByteSize, ByteSize) {
+        match daemon.engine.kernel().room().unwrap() {
+            Room::Files { data, metadata } => (data, metadata),
+            other => panic!("the sim pool grows as files do, not {other:?}"),
+        }
+    }
+
+    fn create(daemon: &Daemon, name: &str, parent: Option<&str>) {
+        daemon
+            .engine
+            .create(&CreateLayer {
+                name: name.into(),
+                parent: parent.map(Into::into),
+                ..CreateLayer::default()
+            })
+            .unwrap();
+    }
+
+    /// Write `mib` MiB into a new file of layer `name` (mapped at its unmount).
+    fn write(daemon: &Daemon, name: &str, file: &str, mib: usize) {
+        let target = daemon.engine.mount(name, None, false).unwrap();
+        std::fs::write(target.join(file), vec![7u8; mib << 20]).unwrap();
+        daemon.engine.unmount(name, None).unwrap();
+    }
+
+    const GROWING: &str = "[layers]\nbase_size = \"1G\"\n[pool.loop]\ndata_size = \"64M\"\nautoextend_threshold = \"50%\"\nautoextend_percent = \"50%\"\ndata_size_max = \"100M\"\n";
+
+    #[test]
+    fn a_pool_over_its_threshold_grows_by_its_step_until_its_maximum() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = sim_daemon(dir.path(), GROWING);
+        let mut levels = Levels::default();
+        create(&daemon, "base", None);
+        watch_once(&daemon, &mut levels);
+        assert_eq!(
+            files(&daemon).0,
+            ByteSize::mib(64),
+            "grew below its threshold"
+        );
+
+        // 4 MiB of filesystem and 30 MiB of files: 53% of 64 MiB.
+        write(&daemon, "base", "a", 30);
+        watch_once(&daemon, &mut levels);
+        assert_eq!(files(&daemon).0, ByteSize::mib(96), "50% more than 64 MiB");
+        watch_once(&daemon, &mut levels);
+        assert_eq!(
+            files(&daemon).0,
+            ByteSize::mib(96),
+            "35% of 96 MiB: no growth"
+        );
+
+        // 64 MiB of 96: over again, but the step stops at the maximum.
+        write(&daemon, "base", "b", 30);
+        watch_once(&daemon, &mut levels);
+        assert_eq!(
+            files(&daemon).0,
+            ByteSize::mib(100),
+            "capped at data_size_max"
+        );
+        watch_once(&daemon, &mut levels);
+        assert_eq!(files(&daemon).0, ByteSize::mib(100));
+    }
+
+    #[test]
+    fn a_threshold_of_100_percent_never_grows_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let never = GROWING.replace(
+            "\"50%\"\nautoextend_percent",
+            "\"100%\"\nautoextend_percent",
+        );
+        let daemon = sim_daemon(dir.path(), &never);
+        create(&daemon, "base", None);
+        write(&daemon, "base", "a", 50);
+        watch_once(&daemon, &mut Levels::default());
+        assert_eq!(files(&daemon).0, ByteSize::mib(64));
+    }
+
+    /// 2 MiB of metadata, 4 KiB a thin device: "nearly full" is less than 512 KiB free (a
+    /// quarter), "room" twice that, 1 MiB.
+    #[test]
+    fn nearly_full_metadata_makes_the_pool_read_only_until_it_has_room_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "[pool.loop]\nmetadata_size = \"2M\"\nautoextend_threshold = \"100%\"\n";
+        let daemon = sim_daemon(dir.path(), text);
+        let mut levels = Levels::default();
+        create(&daemon, "base", None);
+        daemon.engine.commit("base").unwrap();
+        for n in 0..380 {
+            create(&daemon, &format!("c{n}"), Some("base"));
+        }
+        watch_once(&daemon, &mut levels);
+        assert!(
+            !daemon.engine.kernel().read_only_guard().unwrap(),
+            "381 of 512: not yet"
+        );
+
+        for n in 380..390 {
+            create(&daemon, &format!("c{n}"), Some("base"));
+        }
+        watch_once(&daemon, &mut levels);
+        assert!(
+            daemon.engine.kernel().read_only_guard().unwrap(),
+            "391 of 512: guarded"
+        );
+        let refused = daemon.engine.create(&CreateLayer {
+            name: "more".into(),
+            parent: Some("base".into()),
+            ..CreateLayer::default()
+        });
+        assert!(refused.is_err(), "a create on a guarded pool went through");
+
+        // At 3 MiB the mark is 768 KiB; 1.47 MiB free is under twice that, so the guard
+        // stays (no flapping at the mark). At 8 MiB there is room.
+        daemon.extend(None, Some(ByteSize::mib(3))).unwrap();
+        assert!(
+            daemon.engine.kernel().read_only_guard().unwrap(),
+            "flapped off at the mark"
+        );
+        daemon.extend(None, Some(ByteSize::mib(8))).unwrap();
+        assert!(
+            !daemon.engine.kernel().read_only_guard().unwrap(),
+            "room again, still guarded"
+        );
+        create(&daemon, "more", Some("base"));
+    }
+}
