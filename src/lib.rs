@@ -4,13 +4,49 @@
 //! and thin snapshots of it, one per layer. This crate is the library the daemon `thinstackd`
 //! and the client `thinstack` are built on.
 //!
-//! Usage, as the kernel tests do it:
-//! 1. Load a [`Config`] (absent file = defaults): [`Config::load`].
-//! 2. Open device-mapper: [`kernel::dm::Dm::open`].
-//! 3. Create or re-open the pool: [`Pool::open`].
-//! 4. Make thin devices and snapshots: [`Pool::create_thin`], [`Pool::snapshot`],
-//!    [`Pool::activate_thin`]; filesystems with [`kernel::fs`].
-//! 5. Read [`Pool::status`]; [`Pool::teardown`] deactivates and detaches, keeping the files.
+//! The layers, from the top (each module uses only those below it; `tests/layering.rs` holds
+//! the crate to that):
+//! - [`daemon`] and [`client`]: the HTTP API on a Unix socket and its client; [`containerd`],
+//!   containerd's snapshot service;
+//! - [`api`]: the API's wire types; [`doctor`]: leftovers and their repair; [`audit`];
+//! - [`engine::Engine`]: layers with crash-safe records, over the kernel seam; [`pool`]: the
+//!   real dm-thin pool behind that seam ([`pool::RealPool`]);
+//! - [`records`] and [`config`];
+//! - [`kernel`]: the seam ([`kernel::PoolKernel`], [`kernel::FsKernel`]), the real kernel's
+//!   pieces, and [`kernel::sim::Sim`], an in-memory kernel with the same rules;
+//! - [`error`], [`names`], [`units`], [`vocab`] and [`crash`].
+//!
+//! The engine over the sim, as the unit tests (and `thinstackd --sim`) run it, without root:
+//!
+//! ```
+//! use thinstack::engine::{CreateLayer, Engine, Settings};
+//! use thinstack::kernel::sim::Sim;
+//! use thinstack::Config;
+//!
+//! # fn main() -> thinstack::Result<()> {
+//! let dir = tempfile::tempdir().unwrap();
+//! let config = Config::parse(&format!("state_dir = {:?}", dir.path()), "example")?;
+//! let sim = Sim::default();
+//! let (engine, _report) = Engine::open(sim.clone(), sim, Settings::from_config(&config))?;
+//!
+//! engine.create(&CreateLayer { name: "base".into(), ..CreateLayer::default() })?;
+//! engine.commit("base")?;
+//! let app = CreateLayer {
+//!     name: "app".into(),
+//!     parent: Some("base".into()),
+//!     ..CreateLayer::default()
+//! };
+//! engine.create(&app)?;
+//!
+//! let layers = engine.list(&Default::default())?;
+//! assert_eq!(layers.len(), 2);
+//! assert_eq!(engine.inspect("app")?.parent.unwrap().as_str(), "base");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! On the real kernel, the engine's pool is [`pool::RealPool::open`] and its filesystems
+//! [`kernel::real::RealFs`] (root, and a kernel with dm-thin).
 #![warn(missing_docs)]
 
 pub mod api;

@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use devicemapper::{DmName, DmNameBuf, DmUuidBuf, ThinDevId};
+use devicemapper::{DmName, DmNameBuf, DmUuidBuf};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::error::{Error, Result};
@@ -210,11 +210,6 @@ impl ThinId {
     /// The id as a number.
     pub fn value(self) -> u32 {
         self.0
-    }
-
-    /// The devicemapper crate's id type.
-    pub fn dm(self) -> ThinDevId {
-        ThinDevId::new_u64(u64::from(self.0)).expect("checked to 24 bits")
     }
 }
 
