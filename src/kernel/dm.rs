@@ -501,18 +501,18 @@ pub fn thin_pool_table(
     low_water_mark: DataBlocks,
     error_if_no_space: bool,
 ) -> Vec<TableLine> {
-    use devicemapper::TargetParams;
     let mut features = vec!["skip_block_zeroing".to_string()];
     if error_if_no_space {
         features.push(ERROR_IF_NO_SPACE.to_string());
     }
     let params = ThinPoolTargetParams::new(metadata, data, block_size, low_water_mark, features);
-    vec![(
-        0,
-        *data_length,
-        THIN_POOL_TARGET.to_string(),
-        params.param_str(),
-    )]
+    thin_pool_line(data_length, params)
+}
+
+/// A thin-pool table of one line, `length` long, with `params`.
+pub fn thin_pool_line(length: Sectors, params: ThinPoolTargetParams) -> Vec<TableLine> {
+    use devicemapper::TargetParams;
+    vec![(0, *length, THIN_POOL_TARGET.to_string(), params.param_str())]
 }
 
 /// The table of thin device `id` of `pool`, `length` long.

@@ -601,10 +601,7 @@ impl Pool {
         }
         let params = pool_params(dm, &self.dm_name)?;
         let (length, low_water) = match data_blocks {
-            Some(blocks) => (
-                Sectors(blocks * *self.block_size),
-                DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1)),
-            ),
+            Some(blocks) => (Sectors(blocks * *self.block_size), low_water_mark(blocks)),
             None => (self.table_length(dm)?, params.low_water_mark),
         };
         let features = features_without_read_only(&params);
@@ -626,9 +623,8 @@ impl Pool {
         params: &devicemapper::ThinPoolTargetParams,
         length: Sectors,
         low_water: DataBlocks,
-        mut features: Vec<String>,
+        features: Vec<String>,
     ) -> Result<()> {
-        features.sort();
         let params = devicemapper::ThinPoolTargetParams::new(
             params.metadata_dev,
             params.data_dev,
@@ -636,12 +632,7 @@ impl Pool {
             low_water,
             features,
         );
-        let table = vec![(
-            0,
-            *length,
-            dm::THIN_POOL_TARGET.to_string(),
-            devicemapper::TargetParams::param_str(&params),
-        )];
+        let table = dm::thin_pool_line(length, params);
         dm.reload(&self.dm_name, &table, POOL_RELOAD_UDEV)
     }
 
@@ -808,9 +799,15 @@ fn owned_table(
         data,
         Sectors(blocks * *block_size),
         block_size,
-        DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1)),
+        low_water_mark(blocks),
         when_full == WhenFull::Error,
     )
+}
+
+/// The low-water mark of a pool of `blocks` data blocks: a tenth of it, at most
+/// [`LOW_WATER_BLOCKS`], at least one block.
+fn low_water_mark(blocks: u64) -> DataBlocks {
+    DataBlocks(LOW_WATER_BLOCKS.min(blocks / 10).max(1))
 }
 
 /// A pool table's feature arguments, without thinstack's read-only guard.
