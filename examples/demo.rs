@@ -173,7 +173,16 @@ fn run(args: &Args) -> Result<()> {
     println!("    app maps {}", engine.usage("app")?.human());
 
     step("pool status");
-    print!("{}", engine.status()?);
+    let status = engine.status()?;
+    println!(
+        "    pool {} ({}): data {}, metadata {}, health {}, {} layers",
+        status.pool.name,
+        status.pool.backend,
+        status.data.describe(),
+        status.metadata.describe(),
+        status.health.describe(),
+        status.layers
+    );
 
     if args.keep {
         step("keeping the pool and its layers (--keep)");

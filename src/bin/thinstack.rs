@@ -11,14 +11,12 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use serde_json::Value;
 use thinstack::api::{
-    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CreateRequest, DestroyRequest,
-    DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse,
-    MountRequest, MountResponse, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
+    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CheckResponse, CreateRequest,
+    DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoctorResponse, DoneResponse,
+    ExtendRequest, ExtendResponse, FindingStatus, Layer, MountRequest, MountResponse, PoolStatus,
+    Removal, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
-use thinstack::doctor::{DoctorReport, Status as DoctorStatus};
-use thinstack::engine::{Layer, Removal, Status};
-use thinstack::kernel::thin_tools::CheckReport;
 use thinstack::names::{ThinId, THIN_ID_MAX};
 use thinstack::units::ByteSize;
 use thinstack::vocab::FsType;
@@ -272,8 +270,8 @@ fn exit_code(e: &ClientError) -> u8 {
 fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError> {
     match command {
         PoolCommand::Status => {
-            let status: Status = client.get("/v1/pool")?;
-            Ok(output(&status, status.to_string()))
+            let status: PoolStatus = client.get("/v1/pool")?;
+            Ok(output(&status, status_text(&status)))
         }
         PoolCommand::Extend { data, metadata } => {
             let sizes: ExtendResponse =
@@ -295,7 +293,7 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
             Ok(output(&added, text))
         }
         PoolCommand::Check => {
-            let report: CheckReport = client.post("/v1/pool/check", &Value::Null)?;
+            let report: CheckResponse = client.post("/v1/pool/check", &Value::Null)?;
             if !report.clean {
                 return Err(ClientError::Api {
                     status: 200,
@@ -346,7 +344,7 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
                 repair,
                 delete_unowned,
             };
-            let report: DoctorReport = client.post("/v1/pool/doctor", &request)?;
+            let report: DoctorResponse = client.post("/v1/pool/doctor", &request)?;
             let mut out = output(&report, doctor_text(&report));
             out.status = u8::from(report.needs_attention());
             Ok(out)
@@ -363,7 +361,74 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
     }
 }
 
-fn doctor_text(report: &DoctorReport) -> String {
+/// `pool status`: aligned "Label  value" lines, in the spirit of `docker info`.
+fn status_text(status: &PoolStatus) -> String {
+    let space = |area: &thinstack::api::Space| {
+        let percent = if area.total.bytes() == 0 {
+            100.0
+        } else {
+            area.used.bytes() as f64 * 100.0 / area.total.bytes() as f64
+        };
+        format!(
+            "{} used of {} ({percent:.1}%), {} available",
+            area.used.human(),
+            area.total.human(),
+            area.available.human()
+        )
+    };
+    let health = &status.health;
+    let flags: Vec<&str> = [
+        (health.failed, "FAILED"),
+        (health.needs_check, "needs_check"),
+        (health.read_only, "read-only"),
+        (health.out_of_space, "out of data space"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, name)| *name)
+    .collect();
+    let rows = [
+        ("Pool name", status.pool.name.clone()),
+        ("Pool device", status.pool.device.clone()),
+        ("Backend", status.pool.backend.clone()),
+        ("Pool block size", status.pool.block_size.to_string()),
+        ("Base device size", status.base_size.to_string()),
+        ("Backing filesystem", status.filesystem.to_string()),
+        ("Data", status.pool.data_source.clone()),
+        ("Metadata", status.pool.metadata_source.clone()),
+        ("Data space", space(&status.data)),
+        ("Metadata space", space(&status.metadata)),
+        ("Minimum free space", status.min_free_space.to_string()),
+        ("Transaction id", status.transaction_id.to_string()),
+        (
+            "Health",
+            if flags.is_empty() {
+                "ok".to_string()
+            } else {
+                flags.join(", ")
+            },
+        ),
+        (
+            "When full",
+            match health.when_full {
+                Some(thinstack::api::WhenFull::Error) => "error (writes fail at once)".to_string(),
+                Some(thinstack::api::WhenFull::Queue) => {
+                    "queue (writes wait for an extension)".to_string()
+                }
+                None => "unknown".to_string(),
+            },
+        ),
+        ("Layers", status.layers.to_string()),
+        ("Deferred deletions", status.deferred_deletions.to_string()),
+        ("Discard on remove", status.discard_on_remove.to_string()),
+    ];
+    let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
+    rows.iter()
+        .map(|(label, value)| format!("{label:<width$}  {value}\n"))
+        .collect()
+}
+
+fn doctor_text(report: &DoctorResponse) -> String {
     if report.findings.is_empty() {
         return "Nothing left over: the records and the host agree.".to_string();
     }
@@ -377,7 +442,7 @@ fn doctor_text(report: &DoctorReport) -> String {
         && report
             .findings
             .iter()
-            .any(|f| f.status == DoctorStatus::Repairable)
+            .any(|f| f.status == FindingStatus::Repairable)
     {
         text.push_str("Run `thinstack pool doctor --repair` to clean what is repairable.\n");
     }
@@ -651,4 +716,40 @@ fn describe_layer(layer: &Layer) -> String {
 fn format_created(ns: u64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
     humantime::format_rfc3339_seconds(time).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_status_is_aligned_lines_with_every_label() {
+        let status: PoolStatus = serde_json::from_value(serde_json::json!({
+            "pool": {"name": "p", "device": "/dev/mapper/p", "backend": "loop",
+                     "block_size": "64K", "data_source": "d", "metadata_source": "m"},
+            "base_size": "10G", "filesystem": "ext4",
+            "data": {"used": "1G", "total": "100G", "available": "99G"},
+            "metadata": {"used": "1M", "total": "1G", "available": "1023M"},
+            "min_free_space": "10%", "transaction_id": 3,
+            "health": {"failed": false, "needs_check": false, "read_only": false,
+                       "metadata_guard": false, "out_of_space": false, "when_full": "error"},
+            "layers": 2, "deferred_deletions": 0, "discard_on_remove": true
+        }))
+        .unwrap();
+        let text = status_text(&status);
+        for line in [
+            "Pool name           p",
+            "Backend             loop",
+            "Data space          1.0G used of 100.0G (1.0%), 99.0G available",
+            "Transaction id      3",
+            "Health              ok",
+            "When full           error (writes fail at once)",
+            "Layers              2",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from:\n{text}"
+            );
+        }
+    }
 }

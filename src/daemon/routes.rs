@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::Daemon;
+use crate::api;
 use crate::api::{
     AddDeviceRequest, AddDeviceResponse, AdoptRequest, CreateRequest, DestroyRequest,
     DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse,
@@ -214,7 +215,7 @@ fn version(_: &Daemon, call: &Call) -> Result<Reply> {
 
 fn pool_status(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    ok(daemon.engine.status()?)
+    ok(api::PoolStatus::from(daemon.engine.status()?))
 }
 
 fn pool_extend(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -236,7 +237,7 @@ fn pool_add_device(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn pool_check(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    ok(daemon.check()?)
+    ok(api::CheckResponse::from(daemon.check()?))
 }
 
 fn pool_doctor(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -247,17 +248,15 @@ fn pool_doctor(daemon: &Daemon, call: &Call) -> Result<Reply> {
             "delete_unowned deletes thin devices only in a repair run; send repair: true too",
         ));
     }
-    ok(crate::doctor::examine(
-        daemon.engine(),
-        crate::doctor::Repair::from(&request),
-    )?)
+    let report = crate::doctor::examine(daemon.engine(), crate::doctor::Repair::from(&request))?;
+    ok(api::DoctorResponse::from(report))
 }
 
 fn pool_adopt(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: AdoptRequest = body(call)?;
     let layer = daemon.engine().adopt(request.thin_id, &request.name)?;
-    json(201, layer)
+    json(201, api::Layer::from(layer))
 }
 
 fn pool_destroy(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -278,7 +277,13 @@ fn list_layers(daemon: &Daemon, call: &Call) -> Result<Reply> {
         })?;
         labels.insert(key.to_string(), value.to_string());
     }
-    ok(daemon.engine.list(&labels)?)
+    let layers: Vec<api::Layer> = daemon
+        .engine
+        .list(&labels)?
+        .into_iter()
+        .map(Into::into)
+        .collect();
+    ok(layers)
 }
 
 fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -297,7 +302,7 @@ fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
         labels: request.labels.clone(),
     };
     match daemon.engine.create(&create) {
-        Ok(layer) => json(201, layer),
+        Ok(layer) => json(201, api::Layer::from(layer)),
         Err(e) if e.kind() == ErrorKind::AlreadyExists && request.exists_ok => {
             let existing = daemon.engine.inspect(&request.name)?;
             let same_parent =
@@ -313,7 +318,7 @@ fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
                     ),
                 ));
             }
-            ok(existing)
+            ok(api::Layer::from(existing))
         }
         Err(e) => Err(e),
     }
@@ -321,7 +326,7 @@ fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn inspect_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    ok(daemon.engine.inspect(name(call))?)
+    ok(api::Layer::from(daemon.engine.inspect(name(call))?))
 }
 
 fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -346,7 +351,10 @@ fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     ok(RemoveResponse {
         removed: removed
             .into_iter()
-            .map(|(name, result)| RemovedLayer { name, result })
+            .map(|(name, result)| RemovedLayer {
+                name,
+                result: result.into(),
+            })
             .collect(),
     })
 }
@@ -354,7 +362,7 @@ fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 fn commit_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     not_containerds(daemon, call, "committed")?;
-    ok(daemon.engine.commit(name(call))?)
+    ok(api::Layer::from(daemon.engine.commit(name(call))?))
 }
 
 /// containerd's snapshots change, activate and take children only through containerd, whose
@@ -441,5 +449,7 @@ fn resize_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: ResizeRequest = body(call)?;
     not_containerds(daemon, call, "resized")?;
-    ok(daemon.engine.resize(name(call), request.size)?)
+    ok(api::Layer::from(
+        daemon.engine.resize(name(call), request.size)?,
+    ))
 }

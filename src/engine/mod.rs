@@ -39,7 +39,7 @@ use crate::records::{
 };
 use crate::units::{ByteSize, Percent};
 use crate::vocab::FsType;
-use crate::vocab::{Health, Space, WhenFull};
+use crate::vocab::{Health, Space};
 
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
@@ -120,8 +120,8 @@ pub struct CreateLayer {
     pub labels: BTreeMap<String, String>,
 }
 
-/// A layer as callers see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A layer as callers see it (the API's wire form is `api::Layer`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layer {
     /// Name.
     pub name: LayerName,
@@ -154,11 +154,9 @@ pub struct Layer {
     /// Layers made from this one.
     pub children: Vec<LayerName>,
     /// The containerd snapshot this layer is, if containerd made it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<SnapshotRecord>,
     /// Why the layer is degraded: its settling at start failed, so its operations are refused
     /// until `pool doctor --repair` (or a restart) settles it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
 }
 
@@ -172,8 +170,9 @@ impl Layer {
     }
 }
 
-/// The pool's status with the engine's settings and counts.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The pool's status with the engine's settings and counts (the API's wire form is
+/// `api::PoolStatus`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct Status {
     /// Name, device, backend, block size, data and metadata sources.
     pub pool: PoolDetails,
@@ -197,43 +196,6 @@ pub struct Status {
     pub deferred_deletions: usize,
     /// Whether removal discards blocks first.
     pub discard_on_remove: bool,
-}
-
-impl std::fmt::Display for Status {
-    /// Aligned "Label: value" lines, in the spirit of `docker info`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let rows = [
-            ("Pool name", self.pool.name.clone()),
-            ("Pool device", self.pool.device.clone()),
-            ("Backend", self.pool.backend.clone()),
-            ("Pool block size", self.pool.block_size.to_string()),
-            ("Base device size", self.base_size.to_string()),
-            ("Backing filesystem", self.filesystem.to_string()),
-            ("Data", self.pool.data_source.clone()),
-            ("Metadata", self.pool.metadata_source.clone()),
-            ("Data space", self.data.describe()),
-            ("Metadata space", self.metadata.describe()),
-            ("Minimum free space", self.min_free_space.to_string()),
-            ("Transaction id", self.transaction_id.to_string()),
-            ("Health", self.health.describe()),
-            (
-                "When full",
-                match self.health.when_full {
-                    Some(WhenFull::Error) => "error (writes fail at once)".to_string(),
-                    Some(WhenFull::Queue) => "queue (writes wait for an extension)".to_string(),
-                    Some(WhenFull::Auto) | None => "unknown".to_string(),
-                },
-            ),
-            ("Layers", self.layers.to_string()),
-            ("Deferred deletions", self.deferred_deletions.to_string()),
-            ("Discard on remove", self.discard_on_remove.to_string()),
-        ];
-        let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
-        for (label, value) in rows {
-            writeln!(f, "{label:<width$}  {value}")?;
-        }
-        Ok(())
-    }
 }
 
 /// What a removal did.

@@ -165,22 +165,6 @@ fn status_shows_what_docker_info_showed() {
     assert_eq!(status.min_free_space.value(), 10);
     assert!(status.transaction_id >= 2);
     assert!(status.data.used.bytes() > 0);
-    let text = status.to_string();
-    for label in [
-        "Pool name",
-        "Pool block size",
-        "Base device size",
-        "Backing filesystem",
-        "Data space",
-        "Metadata space",
-        "Minimum free space",
-        "Deferred deletions",
-        "Transaction id",
-        "Health",
-    ] {
-        assert!(text.contains(label), "{label} missing from:\n{text}");
-    }
-    assert!(text.contains("Health              ok"), "{text}");
 }
 
 #[test]

@@ -8,11 +8,19 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Removal;
 use crate::error::{Error, ErrorKind};
 use crate::names::{LayerName, ThinId};
 use crate::units::ByteSize;
 use crate::vocab::FsType;
+
+mod layer;
+mod pool;
+
+pub use layer::{Layer, LayerMount, LayerState, Removal, Snapshot, SnapshotKind};
+pub use pool::{
+    CheckResponse, DoctorResponse, Finding, FindingStatus, Health, Leftover, Pool, PoolStatus,
+    Space, WhenFull,
+};
 
 /// Every route starts with this.
 pub const API_PREFIX: &str = "/v1";
