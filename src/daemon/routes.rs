@@ -15,7 +15,7 @@ use crate::api::{
     MountRequest, MountResponse, RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest,
     UsageResponse, VersionResponse,
 };
-use crate::engine::{CreateLayer, Removal};
+use crate::engine::{CreateLayer, OutsideChange, Removal};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::LayerName;
 
@@ -291,7 +291,9 @@ fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     let request: CreateRequest = body(call)?;
     if let Some(parent) = &request.parent {
         if daemon.engine.inspect(parent).is_ok() {
-            not_containerds_layer(daemon, parent, "given children")?;
+            daemon
+                .engine
+                .refuse_containerds(parent, OutsideChange::GiveChildren)?;
         }
     }
     let create = CreateLayer {
@@ -301,27 +303,10 @@ fn create_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
         filesystem: request.filesystem,
         labels: request.labels.clone(),
     };
-    match daemon.engine.create(&create) {
-        Ok(layer) => json(201, api::Layer::from(layer)),
-        Err(e) if e.kind() == ErrorKind::AlreadyExists && request.exists_ok => {
-            let existing = daemon.engine.inspect(&request.name)?;
-            let same_parent =
-                existing.parent.as_ref().map(LayerName::as_str) == request.parent.as_deref();
-            if !same_parent {
-                return Err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!(
-                        "layer {:?} exists already with parent {:?}, not {:?}",
-                        request.name,
-                        existing.parent.as_ref().map(LayerName::as_str),
-                        request.parent
-                    ),
-                ));
-            }
-            ok(api::Layer::from(existing))
-        }
-        Err(e) => Err(e),
-    }
+    let (layer, made) = daemon
+        .engine
+        .create_or_existing(&create, request.exists_ok)?;
+    json(if made { 201 } else { 200 }, api::Layer::from(layer))
 }
 
 fn inspect_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -341,7 +326,7 @@ fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
             )))
         }
     };
-    not_containerds(daemon, call, "removed")?;
+    not_containerds(daemon, call, OutsideChange::Remove)?;
     let removed: Vec<(LayerName, Removal)> = if recursive {
         daemon.engine.remove_recursive(name(call))?
     } else {
@@ -361,29 +346,13 @@ fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn commit_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    not_containerds(daemon, call, "committed")?;
+    not_containerds(daemon, call, OutsideChange::Commit)?;
     ok(api::Layer::from(daemon.engine.commit(name(call))?))
 }
 
-/// containerd's snapshots change, activate and take children only through containerd, whose
-/// records would otherwise name snapshots that are gone or changed, or miss a user of a
-/// device it removes. Reading them (inspect, usage, a read-only mount) stays open.
-fn not_containerds(daemon: &Daemon, call: &Call, what: &str) -> Result<()> {
-    not_containerds_layer(daemon, name(call), what)
-}
-
-fn not_containerds_layer(daemon: &Daemon, layer: &str, what: &str) -> Result<()> {
-    match daemon.engine.inspect(layer)?.snapshot {
-        None => Ok(()),
-        Some(snapshot) => Err(Error::new(
-            ErrorKind::Permission,
-            format!(
-                "layer {layer:?} is containerd's snapshot {:?} in namespace {:?}; it is {what} through containerd (ctr snapshots), not here",
-                snapshot.key,
-                snapshot.namespace
-            ),
-        )),
-    }
+/// The engine's rule: containerd's layers change only through containerd.
+fn not_containerds(daemon: &Daemon, call: &Call, change: OutsideChange) -> Result<()> {
+    daemon.engine.refuse_containerds(name(call), change)
 }
 
 fn layer_usage(daemon: &Daemon, call: &Call) -> Result<Reply> {
@@ -398,7 +367,7 @@ fn layer_usage(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn activate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    not_containerds(daemon, call, "activated")?;
+    not_containerds(daemon, call, OutsideChange::Activate)?;
     let device = daemon.engine.activate(name(call))?;
     ok(DeviceResponse {
         name: LayerName::new(name(call))?,
@@ -408,7 +377,7 @@ fn activate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn deactivate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    not_containerds(daemon, call, "deactivated")?;
+    not_containerds(daemon, call, OutsideChange::Deactivate)?;
     daemon.engine.deactivate(name(call))?;
     done(call, "deactivated")
 }
@@ -424,7 +393,7 @@ fn mount_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: MountRequest = body(call)?;
     if !request.readonly {
-        not_containerds(daemon, call, "mounted read-write")?;
+        not_containerds(daemon, call, OutsideChange::MountReadWrite)?;
     }
     let mount_point =
         daemon
@@ -448,7 +417,7 @@ fn unmount_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 fn resize_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: ResizeRequest = body(call)?;
-    not_containerds(daemon, call, "resized")?;
+    not_containerds(daemon, call, OutsideChange::Resize)?;
     ok(api::Layer::from(
         daemon.engine.resize(name(call), request.size)?,
     ))

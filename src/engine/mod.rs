@@ -44,7 +44,7 @@ use crate::vocab::{Health, Space};
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
 pub use reconcile::ReconcileReport;
-pub use snapshots::{NewSnapshot, SnapshotInfo, SnapshotMount, SnapshotRoot};
+pub use snapshots::{NewSnapshot, OutsideChange, SnapshotInfo, SnapshotMount, SnapshotRoot};
 
 /// Longest label key and value.
 const LABEL_KEY_MAX: usize = 256;
@@ -655,6 +655,35 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     // ----- create ----------------------------------------------------------------------------
+
+    /// Create a layer as [`Engine::create`] does, or, when `exists_ok` and a layer of that
+    /// name exists already with the same parent, take that one: the layer, and whether it was
+    /// made now. A layer of that name with another parent is `AlreadyExists` either way, so a
+    /// retried script never takes a different layer for its own.
+    pub fn create_or_existing(
+        &self,
+        request: &CreateLayer,
+        exists_ok: bool,
+    ) -> Result<(Layer, bool)> {
+        match self.create(request) {
+            Ok(layer) => Ok((layer, true)),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists && exists_ok => {
+                let existing = self.inspect(&request.name)?;
+                let parent = existing.parent.as_ref().map(LayerName::as_str);
+                if parent != request.parent.as_deref() {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "layer {:?} exists already with parent {parent:?}, not {:?}",
+                            request.name, request.parent
+                        ),
+                    ));
+                }
+                Ok((existing, false))
+            }
+            Err(e) => Err(e),
+        }
+    }
 
     /// Create a layer: a new base layer with a fresh filesystem, or a snapshot of `parent`.
     ///

@@ -87,7 +87,61 @@ pub struct NewSnapshot<'a> {
 /// Last name handed out, so two snapshots made in one nanosecond differ.
 static LAST_NAME: AtomicU64 = AtomicU64::new(0);
 
+/// What a client of thinstack's own API (not containerd) means to do to a layer; see
+/// [`Engine::refuse_containerds`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutsideChange {
+    /// Remove it.
+    Remove,
+    /// Commit it.
+    Commit,
+    /// Activate it.
+    Activate,
+    /// Deactivate it.
+    Deactivate,
+    /// Mount it read-write.
+    MountReadWrite,
+    /// Resize it.
+    Resize,
+    /// Make a child of it.
+    GiveChildren,
+}
+
+impl OutsideChange {
+    fn done(self) -> &'static str {
+        match self {
+            OutsideChange::Remove => "removed",
+            OutsideChange::Commit => "committed",
+            OutsideChange::Activate => "activated",
+            OutsideChange::Deactivate => "deactivated",
+            OutsideChange::MountReadWrite => "mounted read-write",
+            OutsideChange::Resize => "resized",
+            OutsideChange::GiveChildren => "given children",
+        }
+    }
+}
+
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
+    /// containerd's snapshots change, activate and take children only through containerd,
+    /// whose records would otherwise name snapshots that are gone or changed, or miss a user
+    /// of a device it removes: `change` of `layer` through thinstack's own API is refused
+    /// (`Permission`) when containerd made it. Reading them (inspect, usage, a read-only
+    /// mount) stays open.
+    pub fn refuse_containerds(&self, layer: &str, change: OutsideChange) -> Result<()> {
+        match self.inspect(layer)?.snapshot {
+            None => Ok(()),
+            Some(snapshot) => Err(Error::new(
+                ErrorKind::Permission,
+                format!(
+                    "layer {layer:?} is containerd's snapshot {:?} in namespace {:?}; it is {} through containerd (ctr snapshots), not here",
+                    snapshot.key,
+                    snapshot.namespace,
+                    change.done()
+                ),
+            )),
+        }
+    }
+
     /// A layer name no layer has: `ctd-` and the time in hex, later than any handed out.
     fn fresh_snapshot_name(&self) -> LayerName {
         loop {

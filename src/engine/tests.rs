@@ -1351,3 +1351,33 @@ fn a_resize_records_its_size_only_once_the_kernel_and_the_filesystem_took_it() {
     );
     assert_consistent(&f, engine);
 }
+
+#[test]
+fn an_idempotent_create_takes_the_existing_layer_only_with_the_same_parent() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    let (made, new) = engine.create_or_existing(&base("base"), true).unwrap();
+    assert!(new);
+    engine.commit("base").unwrap();
+    engine.create(&base("other")).unwrap();
+    engine.commit("other").unwrap();
+    let (kid, _) = engine
+        .create_or_existing(&child("kid", "base"), true)
+        .unwrap();
+
+    let (again, new) = engine
+        .create_or_existing(&child("kid", "base"), true)
+        .unwrap();
+    assert!(!new, "made a second kid");
+    assert_eq!(again.thin_id, kid.thin_id);
+    let elsewhere = engine
+        .create_or_existing(&child("kid", "other"), true)
+        .unwrap_err();
+    assert_eq!(elsewhere.kind(), ErrorKind::AlreadyExists, "{elsewhere}");
+    assert!(elsewhere.to_string().contains("with parent"), "{elsewhere}");
+    let strict = engine
+        .create_or_existing(&child("kid", "base"), false)
+        .unwrap_err();
+    assert_eq!(strict.kind(), ErrorKind::AlreadyExists);
+    assert_eq!(engine.inspect("base").unwrap().thin_id, made.thin_id);
+}
