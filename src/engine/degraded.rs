@@ -1,6 +1,7 @@
 //! Degraded layers: one layer whose settling at start fails (its reactivation, the roll-back
-//! of its half-made create, the end of its half-done removal) is marked with the reason, and
-//! its operations are refused until it is repaired; the engine serves every other layer.
+//! of its half-made create, the end of its half-done removal), or whose failed create could not
+//! be undone, is marked with the reason, and its operations are refused until it is repaired;
+//! the engine serves every other layer.
 //! Marks live in memory: a restart, or `pool doctor --repair`, tries the step again.
 
 use super::{Engine, LayerGuard, Removal};
@@ -19,10 +20,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         step: impl FnOnce() -> Result<()>,
     ) {
         if let Err(e) = step() {
-            let reason = format!("{what} failed at start: {e}");
-            tracing::error!(layer = %name, reason = %reason, "layer degraded: its operations are refused until `thinstack pool doctor --repair` settles it");
-            self.index().degraded.insert(name.clone(), reason);
+            self.degrade(name, format!("{what} failed at start: {e}"));
         }
+    }
+
+    /// Mark layer `name` degraded for `reason`: its operations are refused, and `pool doctor`
+    /// lists it, until a repair (or the next start) settles it.
+    pub(super) fn degrade(&self, name: &LayerName, reason: String) {
+        tracing::error!(layer = %name, reason = %reason, "layer degraded: its operations are refused until `thinstack pool doctor --repair` settles it");
+        self.index().degraded.insert(name.clone(), reason);
     }
 
     /// Check `name` and hold its lock, refusing a degraded layer.

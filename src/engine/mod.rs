@@ -770,7 +770,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             Err(err) => {
                 if let Err(undo) = self.undo_create(&plan.name) {
-                    tracing::error!(layer = %plan.name, error = %undo, "could not undo a failed create; the next open rolls it back");
+                    let reason = format!("the undo of a failed create failed: {undo}");
+                    self.degrade(&plan.name, reason);
                 }
                 Err(err.context(format!("creating layer {:?}", plan.name.as_str())))
             }
@@ -779,6 +780,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     fn plan_create(&self, name: LayerName, request: &CreateLayer) -> Result<CreatePlan> {
         if self.contains(&name) {
+            // A half-made layer whose undo failed says so, rather than "exists already".
+            self.ensure_not_degraded(&name)?;
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!("a layer named {name:?} exists already"),

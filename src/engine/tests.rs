@@ -1381,3 +1381,26 @@ fn an_idempotent_create_takes_the_existing_layer_only_with_the_same_parent() {
     assert_eq!(strict.kind(), ErrorKind::AlreadyExists);
     assert_eq!(engine.inspect("base").unwrap().thin_id, made.thin_id);
 }
+
+/// A create that fails, and whose undo fails too, leaves the layer degraded, listed with why,
+/// not silently blocking its name; the doctor's repair finishes the undo.
+#[test]
+fn a_failed_undo_of_a_create_leaves_the_layer_degraded_until_repaired() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    f.sim.fail_at(SimOp::Mkfs, 0, ErrorKind::Kernel);
+    f.sim.fail_at(SimOp::Deactivate, 0, ErrorKind::Busy);
+    engine.create(&base("base")).unwrap_err();
+    let degraded = engine.degraded_layers();
+    assert_eq!(degraded.len(), 1, "{degraded:?}");
+    assert!(degraded[0].1.contains("undo"), "{degraded:?}");
+    let refused = engine.create(&base("base")).unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::Inconsistent, "{refused}");
+    assert!(refused.to_string().contains("degraded"), "{refused}");
+
+    let name = LayerName::new("base").unwrap();
+    engine.repair_degraded(&name).unwrap();
+    assert!(engine.degraded_layers().is_empty());
+    engine.create(&base("base")).unwrap();
+    assert_consistent(&f, engine);
+}
