@@ -1,0 +1,98 @@
+//! The records in memory, indexed for the engine's queries (children, snapshot keys, ids in
+//! use, degraded layers).
+
+use super::*;
+
+/// The records in memory.
+#[derive(Default)]
+pub(super) struct Index {
+    pub(super) layers: BTreeMap<LayerName, LayerRecord>,
+    /// Thin ids in use: owned by a record, or seen in the pool at the last reconcile.
+    pub(super) used_ids: BTreeSet<ThinId>,
+    /// Parent -> children, kept with the records so no operation scans every layer.
+    pub(super) children: BTreeMap<LayerName, BTreeSet<LayerName>>,
+    /// containerd's (namespace, key) -> the layer that is that snapshot, for every snapshot
+    /// not being removed (a removed key is free again at once, even while its device waits
+    /// for deferred removal).
+    pub(super) snapshot_keys: BTreeMap<(String, String), LayerName>,
+    /// Layers whose settling at start failed, with why: refused until repaired.
+    pub(super) degraded: BTreeMap<LayerName, String>,
+}
+
+impl Index {
+    pub(super) fn children_of(&self, name: &LayerName) -> Vec<LayerName> {
+        self.children
+            .get(name)
+            .map(|c| c.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn insert(&mut self, record: LayerRecord) {
+        if let Some(old) = self.layers.get(&record.name).cloned() {
+            self.forget_snapshot_key(&old);
+        }
+        self.used_ids.insert(record.thin_id);
+        index_child(&mut self.children, &record);
+        if let Some(snapshot) = &record.snapshot {
+            if record.state != LayerState::Removing {
+                self.snapshot_keys.insert(
+                    (snapshot.namespace.clone(), snapshot.key.clone()),
+                    record.name.clone(),
+                );
+            }
+        }
+        self.layers.insert(record.name.clone(), record);
+    }
+
+    /// Free the key of snapshot `record`, if it is still this layer's.
+    pub(super) fn forget_snapshot_key(&mut self, record: &LayerRecord) {
+        if let Some(snapshot) = &record.snapshot {
+            let key = (snapshot.namespace.clone(), snapshot.key.clone());
+            if self.snapshot_keys.get(&key) == Some(&record.name) {
+                self.snapshot_keys.remove(&key);
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, name: &LayerName) {
+        self.degraded.remove(name);
+        let Some(record) = self.layers.remove(name) else {
+            return;
+        };
+        self.forget_snapshot_key(&record);
+        self.used_ids.remove(&record.thin_id);
+        if let Some(parent) = &record.parent {
+            if let Some(siblings) = self.children.get_mut(parent) {
+                siblings.remove(name);
+                if siblings.is_empty() {
+                    self.children.remove(parent);
+                }
+            }
+        }
+    }
+
+    pub(super) fn deferred_count(&self) -> usize {
+        self.layers.values().filter(|l| l.deferred).count()
+    }
+
+    pub(super) fn names_where(&self, keep: impl Fn(&LayerRecord) -> bool) -> Vec<LayerName> {
+        self.layers
+            .values()
+            .filter(|l| keep(l))
+            .map(|l| l.name.clone())
+            .collect()
+    }
+}
+
+/// Record `record` as a child of its parent in the parent -> children index.
+pub(super) fn index_child(
+    children: &mut BTreeMap<LayerName, BTreeSet<LayerName>>,
+    record: &LayerRecord,
+) {
+    if let Some(parent) = &record.parent {
+        children
+            .entry(parent.clone())
+            .or_default()
+            .insert(record.name.clone());
+    }
+}
