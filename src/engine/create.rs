@@ -101,29 +101,44 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             snapshot,
             resizing_to: None,
         };
+        let record = self
+            .create_claimed(record, crash::Point::CreateRecordWritten, |record| {
+                record.fs_uuid = self.build_layer(&plan, id, parent_guard)?;
+                Ok(())
+            })
+            .map_err(|err| err.context(format!("creating layer {:?}", plan.name.as_str())))?;
+        crash::point(crash::Point::CreateDone);
+        tracing::info!(layer = %plan.name, thin_id = %id, parent = ?plan.parent.as_ref().map(|p| p.name.as_str()), size = %plan.size, "layer created");
+        self.view(record)
+    }
+
+    /// The protocol every new layer goes through, written once: claim its record (state
+    /// `creating`, written before the pool is touched, so a crash leaves it for the next
+    /// start to roll back), pass crash point `recorded`, `make` the layer (which may fill in
+    /// the record), then mark it ready. On failure the layer is undone; when the undo fails
+    /// too, it is left degraded, with why. Returns the ready record.
+    pub(super) fn create_claimed(
+        &self,
+        record: LayerRecord,
+        recorded: crash::Point,
+        make: impl FnOnce(&mut LayerRecord) -> Result<()>,
+    ) -> Result<LayerRecord> {
+        let (name, id) = (record.name.clone(), record.thin_id);
         if let Err(e) = self.put_claiming(record.clone()) {
             self.index().used_ids.remove(&id);
             return Err(e);
         }
-        crash::point(crash::Point::CreateRecordWritten);
-        match self.build_layer(&plan, id, parent_guard) {
-            Ok(fs_uuid) => {
-                let mut record = record;
-                record.fs_uuid = fs_uuid;
-                record.state = LayerState::Ready;
-                self.put(record.clone())?;
-                crash::point(crash::Point::CreateDone);
-                tracing::info!(layer = %plan.name, thin_id = %id, parent = ?plan.parent.as_ref().map(|p| p.name.as_str()), size = %plan.size, "layer created");
-                self.view(record)
+        crash::point(recorded);
+        let mut record = record;
+        if let Err(err) = make(&mut record) {
+            if let Err(undo) = self.undo_create(&name) {
+                self.degrade(&name, format!("the undo of a failed create failed: {undo}"));
             }
-            Err(err) => {
-                if let Err(undo) = self.undo_create(&plan.name) {
-                    let reason = format!("the undo of a failed create failed: {undo}");
-                    self.degrade(&plan.name, reason);
-                }
-                Err(err.context(format!("creating layer {:?}", plan.name.as_str())))
-            }
+            return Err(err);
         }
+        record.state = LayerState::Ready;
+        self.put(record.clone())?;
+        Ok(record)
     }
 
     pub(super) fn plan_create(&self, name: LayerName, request: &CreateLayer) -> Result<CreatePlan> {

@@ -389,27 +389,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             snapshot: Some(committed),
             resizing_to: None,
         };
-        if let Err(e) = self.put_claiming(record.clone()) {
-            self.index().used_ids.remove(&id);
-            return Err(e);
-        }
-        crash::point(crash::Point::SnapshotCommitRecordWritten);
-        let snapped = self.pool_step(
-            Some(&name),
-            PoolOp::Snapshot {
-                origin: active.thin_id,
-                id,
-            },
-        );
-        if let Err(e) = snapped {
-            if let Err(undo) = self.undo_create(&name) {
-                tracing::error!(layer = %name, error = %undo, "could not undo a failed commit; the next open rolls it back");
-            }
-            return Err(e);
-        }
-        let mut ready = record;
-        ready.state = LayerState::Ready;
-        self.put(ready)?;
+        let origin = active.thin_id;
+        self.create_claimed(record, crash::Point::SnapshotCommitRecordWritten, |_| {
+            self.pool_step(Some(&name), PoolOp::Snapshot { origin, id })
+        })?;
         crash::point(crash::Point::SnapshotCommitSnapshotted);
         let mut removing = active;
         removing.state = LayerState::Removing;
