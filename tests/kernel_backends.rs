@@ -13,7 +13,7 @@ use common::daemon::TestDaemon;
 use common::disks::{lvm, lvm_ok, run_ok, volume_group_name, TestDisk, VolumeGroupGuard};
 use common::require_dm_thin;
 use serde_json::Value;
-use thinstack::kernel::dm::{self, Dm};
+use thinstack::kernel::dm::Dm;
 use thinstack::units::ByteSize;
 
 const DEACTIVATE_ON_STOP: &str = "[daemon]\ndeactivate_on_shutdown = true\n";
@@ -554,16 +554,13 @@ impl ForeignPool {
         let device =
             |disk: &TestDisk| thinstack::kernel::blockdev::block_device(&disk.path).unwrap();
         let sectors = ByteSize::mib(256).sectors();
-        let table = vec![(
-            0,
+        let line = format!(
+            "0 {} thin-pool {} {} 128 1024 {features}",
             *sectors,
-            dm::THIN_POOL_TARGET.to_string(),
-            format!(
-                "{} {} 128 1024 {features}",
-                device(&metadata),
-                device(&data)
-            ),
-        )];
+            device(&metadata),
+            device(&data)
+        );
+        let table = [line.parse::<thinstack::kernel::table::Line>().unwrap()];
         let dm_name = devicemapper::DmNameBuf::new(name.to_string()).unwrap();
         dm.create_device(
             &dm_name,
@@ -663,11 +660,14 @@ fn an_existing_empty_pool_is_adopted_and_left_as_found_and_a_used_or_read_only_o
     let name = format!("ro{}", std::process::id());
     let formatted = ForeignPool::new(scratch.path(), &name, "1 skip_block_zeroing");
     let table = dm.table(&formatted.dm_name()).unwrap();
-    let (start, length, target, params) = table[0].clone();
-    let read_only = params.replace("1 skip_block_zeroing", "2 skip_block_zeroing read_only");
+    let mut read_only = table[0].clone();
+    let thinstack::kernel::table::Target::ThinPool(params) = &mut read_only.target else {
+        panic!("not a thin pool: {}", table[0]);
+    };
+    params.feature_args.insert("read_only".to_string());
     dm.reload(
         &formatted.dm_name(),
-        &[(start, length, target, read_only)],
+        &[read_only],
         thinstack::kernel::dm::Udev::Wait,
     )
     .unwrap();

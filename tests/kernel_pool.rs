@@ -204,7 +204,9 @@ fn kernel_missing_target_and_missing_device_are_named() {
     let dm = require_dm_thin();
     let t = TestPool::new("missing", "");
     let name = t.config.pool.name.thin_dm_name(id(9));
-    let table = vec![(0, 2048, "thin-nope".to_string(), "x".to_string())];
+    let table = ["0 2048 thin-nope x"
+        .parse::<thinstack::kernel::table::Line>()
+        .unwrap()];
     let err = dm
         .create_device(&name, None, &table, false, Udev::NoWait)
         .unwrap_err();

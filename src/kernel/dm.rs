@@ -13,19 +13,15 @@ use devicemapper::{
 use nix::errno::Errno;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::table::{Line, THIN_POOL_TARGET, THIN_TARGET};
 use crate::names::ThinId;
 use crate::units::{DataBlocks, Sectors};
 
 /// The thin-pool feature that fails writes at once when the data is full.
 pub const ERROR_IF_NO_SPACE: &str = "error_if_no_space";
 
-/// The thin-pool target's name in tables and in the kernel's target list.
-pub const THIN_POOL_TARGET: &str = "thin-pool";
-/// The thin target's name.
-pub const THIN_TARGET: &str = "thin";
-
-/// One line of a device-mapper table: start, length (sectors), target type, parameters.
-pub type TableLine = (u64, u64, String, String);
+/// A status line as the devicemapper crate reads it: start, length, target type, status.
+type StatusLine = (u64, u64, String, String);
 
 /// How a device change is announced to udev, and whether the call waits for udev.
 ///
@@ -147,11 +143,12 @@ impl Dm {
         &self,
         name: &DmName,
         uuid: Option<&DmUuid>,
-        table: &[TableLine],
+        table: &[Line],
         read_only: bool,
         udev: Udev,
     ) -> Result<DeviceInfo> {
         check_target_names(table)?;
+        let raw: Vec<_> = table.iter().map(Line::raw).collect();
         let flags = if read_only {
             DmFlags::DM_READONLY
         } else {
@@ -176,7 +173,7 @@ impl Dm {
         let id = DevId::Name(name);
         let loaded = self
             .dm
-            .table_load(&id, table, DmOptions::default().set_flags(flags))
+            .table_load(&id, &raw, DmOptions::default().set_flags(flags))
             .map_err(|e| self.explain_table_error(name, table, e))
             .and_then(|_| self.resume(name, udev));
         match loaded {
@@ -194,7 +191,7 @@ impl Dm {
     fn explain_table_error(
         &self,
         name: &DmName,
-        table: &[TableLine],
+        table: &[Line],
         err: devicemapper::DmError,
     ) -> Error {
         let err = Error::dm("load table of", &name.to_string(), err);
@@ -204,7 +201,7 @@ impl Dm {
         let loaded = self.loaded_targets().unwrap_or_default();
         let missing: Vec<&str> = table
             .iter()
-            .map(|(_, _, target, _)| target.as_str())
+            .map(Line::kind)
             .filter(|target| !loaded.iter().any(|t| t == target))
             .collect();
         match missing.first() {
@@ -290,10 +287,11 @@ impl Dm {
 
     /// Load `table` into `name`'s inactive slot and make it live, with `name` suspended in
     /// between (used to grow a pool or a thin device).
-    pub fn reload(&self, name: &DmName, table: &[TableLine], udev: Udev) -> Result<()> {
+    pub fn reload(&self, name: &DmName, table: &[Line], udev: Udev) -> Result<()> {
         check_target_names(table)?;
+        let raw: Vec<_> = table.iter().map(Line::raw).collect();
         self.dm
-            .table_load(&DevId::Name(name), table, DmOptions::default())
+            .table_load(&DevId::Name(name), &raw, DmOptions::default())
             .map_err(|e| Error::dm("load table of", &name.to_string(), e))?;
         self.suspend(name)?;
         self.resume(name, udev)
@@ -311,18 +309,19 @@ impl Dm {
     }
 
     /// The live table of `name`.
-    pub fn table(&self, name: &DmName) -> Result<Vec<TableLine>> {
-        self.dm
+    pub fn table(&self, name: &DmName) -> Result<Vec<Line>> {
+        let (_, raw) = self
+            .dm
             .table_status(
                 &DevId::Name(name),
                 DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
             )
-            .map(|(_, table)| table)
-            .map_err(|e| Error::dm("read table of", &name.to_string(), e))
+            .map_err(|e| Error::dm("read table of", &name.to_string(), e))?;
+        raw.into_iter().map(Line::from_raw).collect()
     }
 
     /// The live status line(s) of `name`.
-    fn status_lines(&self, name: &DmName) -> Result<Vec<TableLine>> {
+    fn status_lines(&self, name: &DmName) -> Result<Vec<StatusLine>> {
         self.dm
             .table_status(&DevId::Name(name), DmOptions::default())
             .map(|(_, status)| status)
@@ -461,12 +460,13 @@ mod no_cookie {
 /// the terminating NUL). The devicemapper crate panics on longer names, so they are refused here.
 const TARGET_NAME_MAX: usize = 15;
 
-fn check_target_names(table: &[TableLine]) -> Result<()> {
+fn check_target_names(table: &[Line]) -> Result<()> {
     match table
         .iter()
-        .find(|(_, _, target, _)| target.len() > TARGET_NAME_MAX)
+        .map(Line::kind)
+        .find(|target| target.len() > TARGET_NAME_MAX)
     {
-        Some((_, _, target, _)) => Err(Error::invalid(format!(
+        Some(target) => Err(Error::invalid(format!(
             "device-mapper target type {target:?} is longer than {TARGET_NAME_MAX} bytes"
         ))),
         None => Ok(()),
@@ -474,7 +474,7 @@ fn check_target_names(table: &[TableLine]) -> Result<()> {
 }
 
 /// The one status line of a single-target device, checked to be of `target` type.
-fn single_line<'a>(name: &DmName, lines: &'a [TableLine], target: &str) -> Result<&'a str> {
+fn single_line<'a>(name: &DmName, lines: &'a [StatusLine], target: &str) -> Result<&'a str> {
     match lines {
         [(_, _, kind, line)] if kind == target => Ok(line),
         _ => Err(Error::inconsistent(format!(
@@ -500,31 +500,18 @@ pub fn thin_pool_table(
     block_size: Sectors,
     low_water_mark: DataBlocks,
     error_if_no_space: bool,
-) -> Vec<TableLine> {
+) -> Vec<Line> {
     let mut features = vec!["skip_block_zeroing".to_string()];
     if error_if_no_space {
         features.push(ERROR_IF_NO_SPACE.to_string());
     }
     let params = ThinPoolTargetParams::new(metadata, data, block_size, low_water_mark, features);
-    thin_pool_line(data_length, params)
-}
-
-/// A thin-pool table of one line, `length` long, with `params`.
-pub fn thin_pool_line(length: Sectors, params: ThinPoolTargetParams) -> Vec<TableLine> {
-    use devicemapper::TargetParams;
-    vec![(0, *length, THIN_POOL_TARGET.to_string(), params.param_str())]
+    vec![Line::thin_pool(data_length, params)]
 }
 
 /// The table of thin device `id` of `pool`, `length` long.
-pub fn thin_table(pool: Device, id: ThinId, length: Sectors) -> Vec<TableLine> {
-    vec![(0, *length, THIN_TARGET.to_string(), format!("{pool} {id}"))]
-}
-
-/// The thin-pool parameters in a live table line, for checking an existing pool.
-pub fn parse_thin_pool_params(params: &str) -> Result<ThinPoolTargetParams> {
-    format!("{THIN_POOL_TARGET} {params}")
-        .parse()
-        .map_err(|e| Error::dm("parse table", "thin-pool", e))
+pub fn thin_table(pool: Device, id: ThinId, length: Sectors) -> Vec<Line> {
+    vec![Line::thin(pool, id, length)]
 }
 
 /// The node of a dm device that the kernel itself creates (devtmpfs), present as soon as the
@@ -536,6 +523,7 @@ pub fn kernel_node(info: &DeviceInfo) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::table::Target;
 
     #[test]
     fn pool_table_has_block_size_low_water_mark_and_skip_zeroing() {
@@ -551,29 +539,42 @@ mod tests {
         };
         let table = table_with(false);
         assert_eq!(table.len(), 1);
-        let (start, length, target, params) = &table[0];
-        assert_eq!((*start, *length, target.as_str()), (0, 262144, "thin-pool"));
-        assert_eq!(params, "7:1 7:0 128 100 1 skip_block_zeroing");
-        let parsed = parse_thin_pool_params(params).unwrap();
+        assert_eq!(
+            table[0].to_string(),
+            "0 262144 thin-pool 7:1 7:0 128 100 1 skip_block_zeroing"
+        );
+        let Target::ThinPool(parsed) = &table[0].target else {
+            panic!("not a thin-pool line: {}", table[0]);
+        };
         assert_eq!(parsed.data_block_size, Sectors(128));
         assert_eq!(parsed.metadata_dev, Device { major: 7, minor: 1 });
 
         let table = table_with(true);
-        let parsed = parse_thin_pool_params(&table[0].3).unwrap();
-        assert!(table[0].3.contains(" 2 "), "{}", table[0].3);
+        let Target::ThinPool(parsed) = &table[0].target else {
+            panic!("not a thin-pool line: {}", table[0]);
+        };
+        assert!(table[0].to_string().contains(" 2 "), "{}", table[0]);
         assert!(parsed.feature_args.contains(ERROR_IF_NO_SPACE));
         assert!(parsed.feature_args.contains("skip_block_zeroing"));
     }
 
     #[test]
     fn overlong_target_names_are_refused_not_panicked_on() {
-        let table = vec![(0, 8, "x".repeat(16), String::new())];
+        let line = |kind: String| Line {
+            start: Sectors(0),
+            length: Sectors(8),
+            target: Target::Other {
+                kind,
+                params: String::new(),
+            },
+        };
         assert_eq!(
-            check_target_names(&table).unwrap_err().kind(),
+            check_target_names(&[line("x".repeat(16))])
+                .unwrap_err()
+                .kind(),
             ErrorKind::Invalid
         );
-        let table = vec![(0, 8, "x".repeat(15), String::new())];
-        assert!(check_target_names(&table).is_ok());
+        assert!(check_target_names(&[line("x".repeat(15))]).is_ok());
     }
 
     #[test]
@@ -586,9 +587,6 @@ mod tests {
             ThinId::new(42).unwrap(),
             Sectors(2048),
         );
-        assert_eq!(
-            table[0],
-            (0, 2048, "thin".to_string(), "253:0 42".to_string())
-        );
+        assert_eq!(table[0].to_string(), "0 2048 thin 253:0 42");
     }
 }

@@ -19,6 +19,7 @@ pub mod real;
 pub mod sim;
 mod sim_files;
 pub mod superblock;
+pub mod table;
 pub mod thin_tools;
 
 use std::collections::{BTreeSet, HashMap};

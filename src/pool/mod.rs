@@ -29,6 +29,7 @@ use crate::config::{Backend, Config};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::kernel::dm::{self, Dm, Udev};
+use crate::kernel::table::{Line, Target};
 use crate::kernel::thin_tools;
 use crate::kernel::thin_tools::CheckReport;
 use crate::names::{parse_thin_dm_name, PoolName, ThinId};
@@ -612,7 +613,10 @@ impl Pool {
     /// The pool device's length.
     fn table_length(&self, dm: &Dm) -> Result<Sectors> {
         Ok(Sectors(
-            dm.table(&self.dm_name)?.iter().map(|line| line.1).sum(),
+            dm.table(&self.dm_name)?
+                .iter()
+                .map(|line| *line.length)
+                .sum(),
         ))
     }
 
@@ -632,7 +636,7 @@ impl Pool {
             low_water,
             features,
         );
-        let table = dm::thin_pool_line(length, params);
+        let table = [Line::thin_pool(length, params)];
         dm.reload(&self.dm_name, &table, POOL_RELOAD_UDEV)
     }
 
@@ -793,7 +797,7 @@ fn owned_table(
     blocks: u64,
     block_size: Sectors,
     when_full: WhenFull,
-) -> Vec<dm::TableLine> {
+) -> Vec<Line> {
     dm::thin_pool_table(
         metadata,
         data,
@@ -832,15 +836,16 @@ fn when_full_of(policy: ThinPoolNoSpacePolicy) -> WhenFull {
 fn pool_params(dm: &Dm, name: &DmName) -> Result<devicemapper::ThinPoolTargetParams> {
     let table = dm.table(name)?;
     match table.as_slice() {
-        [(_, _, target, params)] if target == dm::THIN_POOL_TARGET => {
-            dm::parse_thin_pool_params(params)
-        }
+        [Line {
+            target: Target::ThinPool(params),
+            ..
+        }] => Ok(params.clone()),
         lines => Err(Error::invalid(format!(
             "device {name} is not a thin pool (its table has {} line(s): {}); name the thin-pool device itself (for an LVM pool with thin volumes, <vg>-<pool>-tpool)",
             lines.len(),
             lines
                 .iter()
-                .map(|(_, _, target, _)| target.as_str())
+                .map(Line::kind)
                 .collect::<Vec<_>>()
                 .join(", ")
         ))),
