@@ -89,7 +89,7 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
             (data, metadata),
             &usage,
         ),
-        Ok(Room::Volumes(_)) => autoextend_lvm(daemon, &usage, levels),
+        Ok(Room::Volumes) => autoextend_lvm(daemon, &usage, levels),
         // Other pools are sized by whoever made them (or by hand, `thinstack pool extend`).
         Ok(Room::Fixed) => {}
         Err(e) => tracing::error!(error = %e, "cannot read how far the pool can grow"),

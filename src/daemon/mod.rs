@@ -145,9 +145,10 @@ impl Daemon {
     /// held off: what was added, and the volume group; `None` when nothing could be added.
     pub fn autoextend_lvm(&self) -> Result<Option<(lvm::Growth, String)>> {
         self.engine.exclusive_pool(|kernel| {
-            let Room::Volumes(vg) = kernel.room()? else {
+            if kernel.room()? != Room::Volumes {
                 return Ok(None);
-            };
+            }
+            let vg = kernel.volume_group()?;
             let usage = kernel.usage()?;
             let growth = lvm::plan_growth(&usage.data, &usage.metadata, &vg, &self.config.pool.lvm);
             if growth == lvm::Growth::default() {

@@ -93,6 +93,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).grow_volumes(data, metadata)
     }
 
+    fn volume_group(&self) -> Result<super::lvm::VolumeGroup> {
+        (**self).volume_group()
+    }
+
     fn read_only_guard(&self) -> Result<bool> {
         (**self).read_only_guard()
     }

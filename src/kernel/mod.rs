@@ -115,6 +115,9 @@ pub trait PoolKernel {
     /// Take `data` and `metadata` extents from the volume group of a pool on volumes
     /// ([`Room::Volumes`]); `Unsupported` for any other pool.
     fn grow_volumes(&self, data: u64, metadata: u64) -> Result<()>;
+    /// The volume group of a pool on volumes (an LVM call: asked only when growth is
+    /// planned, not every watcher round); `Unsupported` for any other pool.
+    fn volume_group(&self) -> Result<lvm::VolumeGroup>;
     /// Whether thinstack's read-only guard is on (see [`PoolKernel::set_read_only_guard`]).
     fn read_only_guard(&self) -> Result<bool>;
     /// Make the pool read-only (writes needing a new block fail at once, the metadata is not
@@ -186,8 +189,9 @@ pub enum Room {
         /// The metadata file's size.
         metadata: ByteSize,
     },
-    /// Volumes; [`PoolKernel::grow_volumes`] takes extents from this group.
-    Volumes(lvm::VolumeGroup),
+    /// Volumes; [`PoolKernel::grow_volumes`] takes extents from their group
+    /// ([`PoolKernel::volume_group`]).
+    Volumes,
     /// Sized by whoever made it, or by hand (raw devices, an adopted pool).
     Fixed,
 }

@@ -529,6 +529,13 @@ impl PoolKernel for Sim {
         ))
     }
 
+    fn volume_group(&self) -> Result<crate::kernel::lvm::VolumeGroup> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            "the sim pool is not on LVM volumes",
+        ))
+    }
+
     fn read_only_guard(&self) -> Result<bool> {
         Ok(self.state().read_only)
     }

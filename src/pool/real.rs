@@ -40,6 +40,17 @@ impl RealPool {
         RealPool { dm, pool, config }
     }
 
+    /// The volumes of a pool on LVM; `Unsupported` for any other pool.
+    fn lvm_backing(&self) -> Result<&crate::pool::LvmBacking> {
+        match self.pool.backing() {
+            Backing::Lvm(backing) => Ok(backing),
+            _ => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("pool {} is not on LVM volumes", self.pool.name()),
+            )),
+        }
+    }
+
     /// Refuse, with or without `force`, a device of this pool's own stack: the pool device,
     /// what it is built on (its volumes and their disks) and what is built on it (its thin
     /// devices), or a disk with a partition among them.
@@ -175,7 +186,7 @@ impl PoolKernel for RealPool {
                 data: loopdev::file_size(&files.data_file)?,
                 metadata: loopdev::file_size(&files.metadata_file)?,
             },
-            Backing::Lvm(backing) => Room::Volumes(lvm::volume_group(backing)?),
+            Backing::Lvm(_) => Room::Volumes,
             Backing::Devices(_) | Backing::Existing => Room::Fixed,
         })
     }
@@ -189,14 +200,13 @@ impl PoolKernel for RealPool {
     }
 
     fn grow_volumes(&self, data: u64, metadata: u64) -> Result<()> {
-        let Backing::Lvm(backing) = self.pool.backing() else {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!("pool {} is not on LVM volumes", self.pool.name()),
-            ));
-        };
+        let backing = self.lvm_backing()?;
         let vg = lvm::volume_group(backing)?;
         lvm::grow(backing, lvm::Growth { data, metadata }, vg.extent_size)
+    }
+
+    fn volume_group(&self) -> Result<crate::kernel::lvm::VolumeGroup> {
+        lvm::volume_group(self.lvm_backing()?)
     }
 
     fn read_only_guard(&self) -> Result<bool> {
