@@ -10,6 +10,7 @@ use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::connections::RETRY_AFTER_SECONDS;
 use super::in_flight::InFlight;
@@ -41,6 +42,9 @@ struct Reply {
     layer: Option<String>,
     /// Close the connection after answering (the request was not read whole).
     close: bool,
+    /// The operation's place among those in flight, held until the request is audited: the
+    /// stop waits for it, so an operation whose client was cut is still audited before exit.
+    in_flight: Option<OwnedSemaphorePermit>,
 }
 
 impl Reply {
@@ -51,6 +55,7 @@ impl Reply {
             error: None,
             layer: None,
             close: false,
+            in_flight: None,
         }
     }
 
@@ -67,6 +72,7 @@ impl Reply {
             error: Some(message),
             layer: None,
             close: false,
+            in_flight: None,
         }
     }
 
@@ -137,7 +143,7 @@ async fn answer_and_audit(
     request: Request<Incoming>,
 ) -> Reply {
     let peer = context.peer;
-    let reply = answer(context, &method, &path, request).await;
+    let mut reply = answer(context, &method, &path, request).await;
     if changes_something(&method) {
         let operation = match routes::resolve(&method, &path) {
             Resolved::Route(route, _) => format!("{method} {}", route.path),
@@ -153,6 +159,8 @@ async fn answer_and_audit(
         }
         .log();
     }
+    // Only now may the stop go on: the audit line is written.
+    reply.in_flight = None;
     reply
 }
 
@@ -247,7 +255,7 @@ fn layer_named_in(body: &[u8]) -> Option<String> {
 }
 
 /// Carry out the route's operation on a blocking thread (engine operations block on ioctls
-/// and mkfs), unless the daemon is stopping.
+/// and mkfs), unless the daemon is stopping. The reply holds the operation's place in flight.
 async fn run(
     context: Context,
     method: &str,
@@ -264,8 +272,9 @@ async fn run(
         return Reply::error(503, ErrorKind::Busy, message).closing();
     };
     let daemon = context.daemon;
+    // The place in flight stays with this task, not the blocking thread: the task runs on
+    // when the client goes away, and the stop waits for it until the request is audited.
     let result = tokio::task::spawn_blocking(move || {
-        let _in_flight = in_flight;
         let call = Call {
             name: name.as_deref(),
             query,
@@ -274,6 +283,19 @@ async fn run(
         route.call(&daemon, &call)
     })
     .await;
+    let reply = reply_of(method, path, result);
+    Reply {
+        in_flight: Some(in_flight),
+        ..reply
+    }
+}
+
+/// The reply for an operation's outcome (a panic of its thread is a bug of ours).
+fn reply_of(
+    method: &str,
+    path: &str,
+    result: Result<crate::error::Result<routes::Reply>, tokio::task::JoinError>,
+) -> Reply {
     match result {
         Ok(Ok((status, value))) => {
             Reply::ok(status, serde_json::to_vec(&value).unwrap_or_default())
