@@ -10,10 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+
+mod common;
+
+use common::sim::SimDaemon;
 
 const OPENAPI: &str = include_str!("../src/daemon/openapi.json");
 
@@ -21,53 +24,31 @@ const OPENAPI: &str = include_str!("../src/daemon/openapi.json");
 const NO_SUCCESS_ON_THE_SIM: &[(&str, &str)] =
     &[("POST", "/v1/pool/add-device"), ("POST", "/v1/pool/adopt")];
 
-/// `thinstackd --sim` in a state directory of its own.
-struct SimDaemon {
-    child: Child,
-    socket: PathBuf,
-    dir: tempfile::TempDir,
+/// `thinstackd --sim`, with a mount root, answering on its API socket.
+struct Api {
+    daemon: SimDaemon,
 }
 
-impl SimDaemon {
-    fn start() -> SimDaemon {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("api.sock");
-        let config = dir.path().join("thinstack.toml");
-        std::fs::write(
-            &config,
+impl Api {
+    fn start() -> Api {
+        let daemon = SimDaemon::start(|dir| {
+            std::fs::create_dir(dir.join("roots")).unwrap();
             format!(
-                "state_dir = {:?}\nsocket = {:?}\n[layers]\nbase_size = \"64M\"\nmount_roots = [{:?}]\n",
-                dir.path().join("state"),
-                socket,
-                dir.path().join("roots"),
-            ),
-        )
-        .unwrap();
-        std::fs::create_dir(dir.path().join("roots")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_thinstackd"))
-            .arg("--sim")
-            .arg("--config")
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("thinstackd --sim");
-        let mut daemon = SimDaemon { child, socket, dir };
+                "[layers]\nbase_size = \"64M\"\nmount_roots = [{:?}]\n",
+                dir.join("roots")
+            )
+        });
+        let mut api = Api { daemon };
         let started = Instant::now();
-        while daemon.try_request("GET", "/v1/version", None).is_none() {
-            if let Some(status) = daemon.child.try_wait().unwrap() {
-                panic!("thinstackd --sim exited at start: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "thinstackd --sim did not answer in 120 s"
-            );
+        while api.try_request("GET", "/v1/version", None).is_none() {
+            api.daemon.still_starting(started, "thinstackd --sim");
             std::thread::sleep(Duration::from_millis(20));
         }
-        daemon
+        api
     }
 
     fn try_request(&self, method: &str, path: &str, body: Option<&Value>) -> Option<Reply> {
-        let mut stream = UnixStream::connect(&self.socket).ok()?;
+        let mut stream = UnixStream::connect(self.daemon.api_socket()).ok()?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         let head = format!(
             "{method} {path} HTTP/1.1\r\nHost: thinstack\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -83,16 +64,6 @@ impl SimDaemon {
     fn request(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
         self.try_request(method, path, body)
             .unwrap_or_else(|| panic!("{method} {path}: no answer from thinstackd --sim"))
-    }
-}
-
-impl Drop for SimDaemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
     }
 }
 
@@ -178,13 +149,7 @@ impl Contract {
     /// Send `request` ("METHOD /path?query") and check the answer: its status must be
     /// `expected`, and its body must match the schema the document gives for that status (or
     /// its default) on the route the path falls under.
-    fn call(
-        &mut self,
-        daemon: &SimDaemon,
-        request: &str,
-        body: Option<Value>,
-        expected: u16,
-    ) -> Value {
+    fn call(&mut self, daemon: &Api, request: &str, body: Option<Value>, expected: u16) -> Value {
         let (method, actual) = request.split_once(' ').unwrap();
         let template = self.template_of(actual);
         let reply = daemon.request(method, actual, body.as_ref());
@@ -287,7 +252,7 @@ impl Contract {
 
 #[test]
 fn every_route_answers_as_the_document_says() {
-    let daemon = SimDaemon::start();
+    let daemon = Api::start();
     let mut c = Contract::new();
     let d = &daemon;
     let none = || None;
@@ -345,7 +310,7 @@ fn every_route_answers_as_the_document_says() {
     c.call(d, "POST /v1/layers/nope/commit", none(), 404);
     let kid = json!({"name": "kid", "parent": "base"});
     c.call(d, "POST /v1/layers", Some(kid), 201);
-    let target = d.dir.path().join("roots/kid");
+    let target = d.daemon.dir().join("roots/kid");
     std::fs::create_dir(&target).unwrap();
     let at_target = || Some(json!({ "target": target }));
     c.call(d, "POST /v1/layers/kid/mount", at_target(), 200);

@@ -4,7 +4,6 @@
 //! plugin's snapshotter name).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use thinstack::containerd::proto::containerd::services::snapshots::v1 as api;
@@ -12,42 +11,28 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
 
+mod common;
+
+use common::sim::SimDaemon;
+
 const SERVICE: &str = "/containerd.services.snapshots.v1.Snapshots/";
 
 /// `thinstackd --sim` serving containerd's snapshot service on a socket of its own.
-struct SimDaemon {
-    child: Child,
+struct Snapshotter {
+    daemon: SimDaemon,
     containerd: PathBuf,
-    _dir: tempfile::TempDir,
 }
 
-impl SimDaemon {
-    fn start() -> SimDaemon {
-        let dir = tempfile::tempdir().unwrap();
-        let containerd = dir.path().join("containerd.sock");
-        let config = dir.path().join("thinstack.toml");
-        std::fs::write(
-            &config,
+impl Snapshotter {
+    fn start() -> Snapshotter {
+        let daemon = SimDaemon::start(|dir| {
             format!(
-                "state_dir = {:?}\nsocket = {:?}\n[containerd]\nenabled = true\nsocket = {:?}\nbase_size = \"64M\"\n",
-                dir.path().join("state"),
-                dir.path().join("api.sock"),
-                containerd,
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_thinstackd"))
-            .arg("--sim")
-            .arg("--config")
-            .arg(&config)
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("thinstackd --sim");
-        SimDaemon {
-            child,
-            containerd,
-            _dir: dir,
-        }
+                "[containerd]\nenabled = true\nsocket = {:?}\nbase_size = \"64M\"\n",
+                dir.join("containerd.sock")
+            )
+        });
+        let containerd = daemon.dir().join("containerd.sock");
+        Snapshotter { daemon, containerd }
     }
 
     /// A channel to the snapshot service, once its socket answers.
@@ -66,25 +51,9 @@ impl SimDaemon {
             if let Ok(channel) = endpoint.connect_with_connector(connector).await {
                 return channel;
             }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("thinstackd --sim exited at start: {status}");
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "containerd's socket did not answer in 120 s"
-            );
+            self.daemon.still_starting(started, "containerd's socket");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    }
-}
-
-impl Drop for SimDaemon {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
     }
 }
 
@@ -190,7 +159,7 @@ fn code<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_rpc_answers_with_the_code_containerd_expects() {
-    let mut daemon = SimDaemon::start();
+    let mut daemon = Snapshotter::start();
     let channel = daemon.channel().await;
     let mut c = Client {
         grpc: tonic::client::Grpc::new(channel),

@@ -9,6 +9,7 @@
 
 pub mod daemon;
 pub mod disks;
+pub mod sim;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
