@@ -358,7 +358,9 @@ fn deleted_loop_files<K: PoolKernel, F: FsKernel>(
             report.note(Leftover::DeletedLoopFile, device, detail, Status::NotOurs);
             continue;
         }
-        if binding.held {
+        // Probed only now: opening the device claims it for a moment, which another's
+        // device must never see.
+        if engine.kernel().loop_held(&binding.device)? {
             let detail = format!(
                 "{device} is bound to {file}, which was deleted, and is in use (its data lives only in the device now); copy it out before detaching it"
             );

@@ -137,6 +137,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).deleted_loop_files()
     }
 
+    fn loop_held(&self, device: &Path) -> Result<bool> {
+        (**self).loop_held(device)
+    }
+
     fn detach_loop(&self, device: &Path) -> Result<()> {
         (**self).detach_loop(device)
     }

@@ -147,6 +147,9 @@ pub trait PoolKernel {
     fn remove_dm_device(&self, name: &str) -> Result<()>;
     /// Loop devices bound to deleted files, anywhere on the host.
     fn deleted_loop_files(&self) -> Result<Vec<DeletedLoopFile>>;
+    /// Whether something holds a loop device. The probe opens it exclusively for a moment, so
+    /// it is asked only of thinstack's own devices, never of another's.
+    fn loop_held(&self, device: &Path) -> Result<bool>;
     /// Detach a loop device.
     fn detach_loop(&self, device: &Path) -> Result<()>;
 }
@@ -214,6 +217,4 @@ pub struct DeletedLoopFile {
     pub device: PathBuf,
     /// The deleted file, as the kernel names it.
     pub file: PathBuf,
-    /// Whether something holds the device.
-    pub held: bool,
 }

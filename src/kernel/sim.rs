@@ -619,12 +619,18 @@ impl PoolKernel for Sim {
         Ok(Vec::new())
     }
 
-    fn detach_loop(&self, device: &Path) -> Result<()> {
-        Err(Error::not_found(format!(
-            "{}: the sim has no loop devices",
-            device.display()
-        )))
+    fn loop_held(&self, device: &Path) -> Result<bool> {
+        Err(no_loop_device(device))
     }
+
+    fn detach_loop(&self, device: &Path) -> Result<()> {
+        Err(no_loop_device(device))
+    }
+}
+
+/// The sim's answer about any loop device: it has none.
+fn no_loop_device(device: &Path) -> Error {
+    Error::not_found(format!("{}: the sim has no loop devices", device.display()))
 }
 
 impl FsKernel for Sim {

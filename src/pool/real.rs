@@ -292,13 +292,16 @@ impl PoolKernel for RealPool {
         for binding in loopdev::bindings()? {
             if binding.deleted {
                 found.push(DeletedLoopFile {
-                    held: blockdev::is_held(&binding.device)?,
                     device: binding.device,
                     file: binding.file,
                 });
             }
         }
         Ok(found)
+    }
+
+    fn loop_held(&self, device: &Path) -> Result<bool> {
+        blockdev::is_held(device)
     }
 
     fn detach_loop(&self, device: &Path) -> Result<()> {
