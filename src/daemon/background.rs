@@ -297,6 +297,18 @@ mod tests {
         assert_eq!(files(&daemon).0, ByteSize::mib(64));
     }
 
+    /// The kernel takes at most 16 GiB of metadata: the sim daemon refuses more, as the real
+    /// one does, and changes nothing.
+    #[test]
+    fn metadata_beyond_what_the_kernel_takes_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = sim_daemon(dir.path(), "");
+        let before = files(&daemon);
+        let err = daemon.extend(None, Some(ByteSize::gib(100))).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Invalid, "{err}");
+        assert_eq!(files(&daemon), before);
+    }
+
     /// 2 MiB of metadata, 4 KiB a thin device: "nearly full" is less than 512 KiB free (a
     /// quarter), "room" twice that, 1 MiB.
     #[test]
@@ -331,18 +343,26 @@ mod tests {
         });
         assert!(refused.is_err(), "a create on a guarded pool went through");
 
-        // At 3 MiB the mark is 768 KiB; 1.47 MiB free is under twice that, so the guard
-        // stays (no flapping at the mark). At 8 MiB there is room.
-        daemon.extend(None, Some(ByteSize::mib(3))).unwrap();
+        // Growing the data alone reloads the pool's table, which lifts the guard (on the real
+        // pool too); the metadata is still nearly full, so it is guarded again at once.
+        let data = daemon.engine.kernel().usage().unwrap().data.total;
+        let more_data = ByteSize::from_bytes(data.bytes() + ByteSize::gib(1).bytes());
+        daemon.extend(Some(more_data), None).unwrap();
         assert!(
             daemon.engine.kernel().read_only_guard().unwrap(),
-            "flapped off at the mark"
+            "data growth left nearly full metadata unguarded"
         );
-        daemon.extend(None, Some(ByteSize::mib(8))).unwrap();
+        // At 3 MiB the mark is 768 KiB, and 1.47 MiB is free: writable again.
+        daemon.extend(None, Some(ByteSize::mib(3))).unwrap();
         assert!(
             !daemon.engine.kernel().read_only_guard().unwrap(),
             "room again, still guarded"
         );
         create(&daemon, "more", Some("base"));
+        watch_once(&daemon, &mut levels);
+        assert!(
+            !daemon.engine.kernel().read_only_guard().unwrap(),
+            "the watcher guarded a pool with room"
+        );
     }
 }

@@ -105,6 +105,10 @@ impl Daemon {
                 "say how large the pool should become: data, metadata, or both",
             ));
         }
+        // Checked here too, above the seam, so the sim refuses what the kernel would.
+        if let Some(size) = metadata {
+            crate::config::MetadataSize::new(size).map_err(Error::invalid)?;
+        }
         let sizes = self
             .engine
             .exclusive_pool(|kernel| kernel.extend(data, metadata))?;

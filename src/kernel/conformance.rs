@@ -140,4 +140,38 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
         !left.contains(&a) && !left.contains(&b),
         "deleted ids are gone: {left:?}"
     );
+    check_growth_lifts_the_guard(pool);
+}
+
+/// The read-only guard makes the pool read-only; a pool only grows, and growth (a reload of
+/// the pool's table) lifts the guard, so whoever grows it guards it again if it must.
+fn check_growth_lifts_the_guard(pool: &impl PoolKernel) {
+    let data = pool.usage().expect("usage").data.total;
+    assert!(
+        pool.set_read_only_guard(true).expect("guard on"),
+        "the guard changed nothing"
+    );
+    assert!(pool.read_only_guard().expect("read_only_guard"));
+    let health = pool.usage().expect("usage").health;
+    assert!(
+        health.read_only && health.metadata_guard,
+        "a guarded pool: {health:?}"
+    );
+    let step = ByteSize::mib(64).bytes();
+    expect_kind(
+        "shrinking the data",
+        pool.extend(Some(ByteSize::from_bytes(data.bytes() - step)), None),
+        ErrorKind::Invalid,
+    );
+    assert!(
+        pool.read_only_guard().expect("read_only_guard"),
+        "a refused extension lifted the guard"
+    );
+    let grown = ByteSize::from_bytes(data.bytes() + step);
+    assert_eq!(pool.extend(Some(grown), None).expect("extend").0, grown);
+    assert_eq!(pool.usage().expect("usage").data.total, grown);
+    assert!(
+        !pool.read_only_guard().expect("read_only_guard"),
+        "growth left the guard on"
+    );
 }

@@ -517,6 +517,11 @@ impl PoolKernel for Sim {
         };
         let data = grown(state.data_total, data, "data")?;
         let metadata = grown(state.metadata_total, metadata, "metadata")?;
+        // As on the real pool: growth reloads the pool's table, and the reload lifts the
+        // read-only guard (the caller guards it again if the metadata is still nearly full).
+        if data > state.data_total || metadata > state.metadata_total {
+            state.read_only = false;
+        }
         state.data_total = data;
         state.metadata_total = metadata;
         Ok((ByteSize::from_bytes(data), ByteSize::from_bytes(metadata)))
