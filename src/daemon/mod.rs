@@ -159,7 +159,7 @@ impl Daemon {
                 return Ok(None);
             }
             tracing::info!(volume_group = %vg.name, free = %vg.free(), data_extents = growth.data, metadata_extents = growth.metadata, "extending the pool's volumes");
-            kernel.grow_volumes(growth.data, growth.metadata)?;
+            kernel.grow_volumes(&vg, growth.data, growth.metadata)?;
             Ok(Some((growth, vg.name)))
         })
     }

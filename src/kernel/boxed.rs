@@ -89,8 +89,13 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).extend(data, metadata)
     }
 
-    fn grow_volumes(&self, data: u64, metadata: u64) -> Result<()> {
-        (**self).grow_volumes(data, metadata)
+    fn grow_volumes(
+        &self,
+        group: &super::lvm::VolumeGroup,
+        data: u64,
+        metadata: u64,
+    ) -> Result<()> {
+        (**self).grow_volumes(group, data, metadata)
     }
 
     fn volume_group(&self) -> Result<super::lvm::VolumeGroup> {

@@ -112,9 +112,10 @@ pub trait PoolKernel {
         data: Option<ByteSize>,
         metadata: Option<ByteSize>,
     ) -> Result<(ByteSize, ByteSize)>;
-    /// Take `data` and `metadata` extents from the volume group of a pool on volumes
-    /// ([`Room::Volumes`]); `Unsupported` for any other pool.
-    fn grow_volumes(&self, data: u64, metadata: u64) -> Result<()>;
+    /// Take `data` and `metadata` extents from `group`, the volume group of a pool on
+    /// volumes ([`Room::Volumes`]) as [`PoolKernel::volume_group`] read it when the growth was
+    /// planned; `Unsupported` for any other pool.
+    fn grow_volumes(&self, group: &lvm::VolumeGroup, data: u64, metadata: u64) -> Result<()>;
     /// The volume group of a pool on volumes (an LVM call: asked only when growth is
     /// planned, not every watcher round); `Unsupported` for any other pool.
     fn volume_group(&self) -> Result<lvm::VolumeGroup>;

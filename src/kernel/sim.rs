@@ -527,7 +527,12 @@ impl PoolKernel for Sim {
         Ok((ByteSize::from_bytes(data), ByteSize::from_bytes(metadata)))
     }
 
-    fn grow_volumes(&self, _data: u64, _metadata: u64) -> Result<()> {
+    fn grow_volumes(
+        &self,
+        _group: &crate::kernel::lvm::VolumeGroup,
+        _data: u64,
+        _metadata: u64,
+    ) -> Result<()> {
         Err(Error::new(
             ErrorKind::Unsupported,
             "the sim pool is not on LVM volumes",

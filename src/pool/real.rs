@@ -199,10 +199,14 @@ impl PoolKernel for RealPool {
         self.pool.extend(&self.dm, data, metadata)
     }
 
-    fn grow_volumes(&self, data: u64, metadata: u64) -> Result<()> {
+    fn grow_volumes(
+        &self,
+        group: &crate::kernel::lvm::VolumeGroup,
+        data: u64,
+        metadata: u64,
+    ) -> Result<()> {
         let backing = self.lvm_backing()?;
-        let vg = lvm::volume_group(backing)?;
-        lvm::grow(backing, lvm::Growth { data, metadata }, vg.extent_size)
+        lvm::grow(backing, lvm::Growth { data, metadata }, group.extent_size)
     }
 
     fn volume_group(&self) -> Result<crate::kernel::lvm::VolumeGroup> {
