@@ -694,7 +694,8 @@ impl FsKernel for Sim {
             ));
         }
         if state.files {
-            sim_files::check_target(target)?;
+            // The real seam's own checks: an empty directory, reached through no link.
+            crate::kernel::mount_target::MountTarget::open(target)?.ensure_empty()?;
             let files = state
                 .thins
                 .get(&id)

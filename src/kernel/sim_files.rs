@@ -126,37 +126,10 @@ pub fn clear(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Refuse a target that is not an empty directory reached without a symbolic link at its
-/// end, as the real kernel seam does.
-pub fn check_target(target: &Path) -> Result<()> {
-    let meta = std::fs::symlink_metadata(target)
-        .map_err(|e| Error::io(format!("opening mount target {}", target.display()), e))?;
-    if !meta.is_dir() {
-        return Err(Error::new(
-            ErrorKind::Permission,
-            format!(
-                "mount target {} is not a directory (a symbolic link, or a file)",
-                target.display()
-            ),
-        ));
-    }
-    let mut entries = std::fs::read_dir(target)
-        .map_err(|e| Error::io(format!("reading {}", target.display()), e))?;
-    if entries.next().is_some() {
-        return Err(Error::new(
-            ErrorKind::Busy,
-            format!(
-                "mount target {} is not empty; a layer is mounted only on an empty directory",
-                target.display()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernel::mount_target::MountTarget;
 
     #[test]
     fn a_tree_is_read_back_as_written() {
@@ -169,14 +142,15 @@ mod tests {
         assert_eq!(tree.bytes(), 2);
 
         let to = tempfile::tempdir().unwrap();
-        check_target(to.path()).unwrap();
+        let target = MountTarget::open(to.path()).unwrap();
+        target.ensure_empty().unwrap();
         tree.write(to.path()).unwrap();
         assert_eq!(
             std::fs::read_to_string(to.path().join("link")).unwrap(),
             "hi"
         );
         assert_eq!(Tree::read(to.path()).unwrap(), tree);
-        assert_eq!(check_target(to.path()).unwrap_err().kind(), ErrorKind::Busy);
+        assert_eq!(target.ensure_empty().unwrap_err().kind(), ErrorKind::Busy);
         clear(to.path()).unwrap();
         assert_eq!(Tree::read(to.path()).unwrap(), Tree::default());
     }
