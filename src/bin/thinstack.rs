@@ -364,17 +364,12 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
 /// `pool status`: aligned "Label  value" lines, in the spirit of `docker info`.
 fn status_text(status: &PoolStatus) -> String {
     let space = |area: &thinstack::api::Space| {
-        let percent = if area.total.bytes() == 0 {
-            100.0
-        } else {
-            area.used.bytes() as f64 * 100.0 / area.total.bytes() as f64
+        let area = thinstack::vocab::Space {
+            used: area.used,
+            total: area.total,
+            available: area.available,
         };
-        format!(
-            "{} used of {} ({percent:.1}%), {} available",
-            area.used.human(),
-            area.total.human(),
-            area.available.human()
-        )
+        area.describe()
     };
     let health = &status.health;
     let flags: Vec<&str> = [
