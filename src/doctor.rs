@@ -13,15 +13,12 @@
 //! thinstack's prefix that belong to another pool, and loop devices bound to deleted files
 //! outside the state directory, are reported and left alone.
 
-use serde::{Deserialize, Serialize};
-
 use crate::engine::{Engine, StalePoint};
 use crate::error::{ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 
 /// What kind of leftover a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Leftover {
     /// A device-mapper device with thinstack's prefix that no record owns.
     DmDevice,
@@ -42,8 +39,7 @@ pub enum Leftover {
 }
 
 /// Where a finding stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
     /// Repair (`--repair`) cleans it.
     Repairable,
@@ -60,7 +56,7 @@ pub enum Status {
 }
 
 /// One leftover.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finding {
     /// What kind of leftover.
     pub kind: Leftover,
@@ -73,7 +69,7 @@ pub struct Finding {
 }
 
 /// Everything the doctor found.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DoctorReport {
     /// Whether this run repaired what it could.
     pub repair: bool,

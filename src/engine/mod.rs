@@ -33,8 +33,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::{Config, MountOption};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};

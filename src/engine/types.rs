@@ -152,8 +152,7 @@ pub struct Status {
 }
 
 /// What a removal did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
     /// The layer and its thin device are gone.
     Removed,

@@ -26,7 +26,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use devicemapper::Device;
-use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 use crate::kernel::thin_tools::CheckReport;
@@ -49,7 +48,7 @@ pub struct PoolUsage {
 }
 
 /// What a pool is and what it sits on, for status output.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolDetails {
     /// The pool's name.
     pub name: String,

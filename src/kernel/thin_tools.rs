@@ -2,8 +2,6 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::loopdev;
@@ -58,7 +56,7 @@ pub fn check_snapshot(metadata: &Path) -> Result<()> {
 }
 
 /// What `thin_check` said about the pool's metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckReport {
     /// No damage was found.
     pub clean: bool,
