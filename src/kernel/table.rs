@@ -101,11 +101,7 @@ impl Line {
         (start, length, kind, params): (u64, u64, String, String),
     ) -> Result<Line> {
         let target = match kind.as_str() {
-            THIN_POOL_TARGET => Target::ThinPool(
-                format!("{THIN_POOL_TARGET} {params}")
-                    .parse()
-                    .map_err(|e| Error::dm("parse table", THIN_POOL_TARGET, e))?,
-            ),
+            THIN_POOL_TARGET => thin_pool_target(&params)?,
             THIN_TARGET => thin_target(&params)?,
             _ => Target::Other { kind, params },
         };
@@ -115,6 +111,24 @@ impl Line {
             target,
         })
     }
+}
+
+/// `METADATA DATA BLOCK_SIZE LOW_WATER_MARK N FEATURE...`. devicemapper's parser indexes
+/// past the end of a line that names more features than it has (it panics), so the count is
+/// checked first: a bad line is an error, whoever printed it.
+fn thin_pool_target(params: &str) -> Result<Target> {
+    let words: Vec<&str> = params.split_whitespace().collect();
+    let features = words.get(4).and_then(|n| n.parse::<usize>().ok());
+    if features.is_none_or(|n| words.len() < 5 + n) {
+        return Err(Error::invalid(format!(
+            "{params:?} is not a thin-pool target's parameters (METADATA DATA BLOCK_SIZE \
+             LOW_WATER_MARK, then the number of features and the features)"
+        )));
+    }
+    let parsed = format!("{THIN_POOL_TARGET} {params}")
+        .parse()
+        .map_err(|e| Error::dm("parse table", THIN_POOL_TARGET, e))?;
+    Ok(Target::ThinPool(parsed))
 }
 
 /// `POOL_MAJOR:POOL_MINOR ID` (a thin target may carry an external origin after; thinstack
@@ -203,5 +217,10 @@ mod tests {
         assert_eq!(linear.to_string(), "0 8 linear 8:0 2048");
         assert!("0 x thin".parse::<Line>().is_err());
         assert!("0 8 thin-pool nonsense".parse::<Line>().is_err());
+        // More features counted than given: an error, not a panic in devicemapper's parser.
+        assert!("0 8 thin-pool 7:1 7:0 128 100 5".parse::<Line>().is_err());
+        assert!("0 8 thin-pool 7:1 7:0 128 100 2 skip_block_zeroing"
+            .parse::<Line>()
+            .is_err());
     }
 }
