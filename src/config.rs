@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::error::{Error, Result};
 use crate::names::PoolName;
-use crate::units::{ByteSize, Percent, Timeout};
+use crate::units::{ByteSize, Percent, Ratio, Timeout};
 use crate::vocab::FsType;
 use crate::vocab::WhenFull;
 
@@ -114,6 +114,22 @@ pub struct DaemonConfig {
     /// At SIGTERM, how long open connections get to finish before they are cut. Operations
     /// already started always finish, however long they take.
     pub shutdown_timeout: Timeout,
+    /// An address and port (such as `127.0.0.1:9464`) where `/metrics`, and nothing else, is
+    /// served over TCP for a Prometheus scraper; none: only on the API socket.
+    #[serde(deserialize_with = "listen_address")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// An IP address and port, with an error that says how to write one.
+fn listen_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<std::net::SocketAddr>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an IP address and port; write one such as \"127.0.0.1:9464\" (or \"[::1]:9464\"), or leave the key out to serve metrics on the API socket only"
+        ))
+    })
 }
 
 /// `daemon.max_connections` bounds: at least one client; at most the file descriptors the
@@ -139,6 +155,7 @@ impl Default for DaemonConfig {
             max_connections: 256,
             request_timeout: Timeout::secs(30),
             shutdown_timeout: Timeout::secs(30),
+            metrics_listen: None,
         }
     }
 }
@@ -184,6 +201,10 @@ pub struct PoolConfig {
     pub block_size: BlockSize,
     /// Refuse new layers when free data or metadata is below this share.
     pub min_free_space: Percent,
+    /// Refuse a create or resize that would make the layers' virtual sizes, summed, more than
+    /// this many times the pool's data (its largest size where thinstack grows it); 0: no
+    /// limit.
+    pub max_overcommit: Ratio,
     /// What writes meet when the pool's data is full.
     pub when_full: WhenFull,
     /// `[pool.loop]`
@@ -388,6 +409,7 @@ impl Default for PoolConfig {
             backend: Backend::Loop,
             block_size: BlockSize(BLOCK_SIZE_MIN),
             min_free_space: Percent::new(10).expect("valid default"),
+            max_overcommit: Ratio::NONE,
             when_full: WhenFull::default(),
             loop_files: LoopConfig::default(),
             lvm: LvmConfig::default(),
@@ -787,6 +809,15 @@ impl Config {
         }
     }
 
+    /// The most data the pool may hold, where thinstack grows it by itself up to a limit (a
+    /// loop pool with autoextension: `pool.loop.data_size_max`); `None` where the pool's size
+    /// now is all it is promised (an LVM pool's volume group is shared with other volumes).
+    pub fn data_capacity(&self) -> Option<ByteSize> {
+        let files = &self.pool.loop_files;
+        (self.pool.backend == Backend::Loop && files.autoextend_threshold.value() < 100)
+            .then_some(files.data_size_max)
+    }
+
     /// The pool's block size: `pool.lvm.chunk_size` for LVM, `pool.block_size` otherwise (an
     /// existing pool keeps its own, which is read from the kernel).
     pub fn block_size(&self) -> ByteSize {
@@ -1023,6 +1054,29 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn max_overcommit_takes_a_ratio_and_metrics_listen_an_address() {
+        let config = Config::parse("[pool]\nmax_overcommit = 3\n", "t").unwrap();
+        assert_eq!(config.pool.max_overcommit.limit(), Some(3.0));
+        let config = Config::parse("[pool]\nmax_overcommit = 2.5\n", "t").unwrap();
+        assert_eq!(config.pool.max_overcommit.limit(), Some(2.5));
+        assert_eq!(Config::default().pool.max_overcommit.limit(), None);
+        for bad in ["-1", "1e9", "\"3x\"", "nan"] {
+            let err = error_of(&format!("[pool]\nmax_overcommit = {bad}\n"));
+            assert!(err.contains("pool.max_overcommit"), "{bad}: {err}");
+        }
+        let text = "[daemon]\nmetrics_listen = \"127.0.0.1:9464\"\n";
+        let config = Config::parse(text, "t").unwrap();
+        assert_eq!(
+            config.daemon.metrics_listen,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
+        let round = Config::parse(&config.to_toml(), "t").unwrap();
+        assert_eq!(round.daemon.metrics_listen, config.daemon.metrics_listen);
+        let err = error_of("[daemon]\nmetrics_listen = \"localhost\"\n");
+        assert!(err.contains("daemon.metrics_listen"), "{err}");
     }
 
     #[test]

@@ -272,6 +272,68 @@ impl serde::de::Visitor<'_> for PercentVisitor {
     }
 }
 
+/// An overcommit ratio: virtual bytes per byte of pool data, such as `3.0`; `0` means no
+/// limit. At most [`Ratio::MAX`].
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd)]
+pub struct Ratio(f64);
+
+impl Ratio {
+    /// No limit.
+    pub const NONE: Ratio = Ratio(0.0);
+    /// The largest ratio taken: a million virtual bytes per byte is no limit at all.
+    pub const MAX: f64 = 1_000_000.0;
+
+    /// A ratio; negative, infinite, NaN and values above [`Ratio::MAX`] are refused.
+    pub fn new(value: f64) -> Result<Self, String> {
+        if value.is_finite() && (0.0..=Ratio::MAX).contains(&value) {
+            Ok(Ratio(value))
+        } else {
+            Err(format!(
+                "{value} is not a ratio thinstack takes; write one from 0 (no limit) to {}, such as 3.0",
+                Ratio::MAX
+            ))
+        }
+    }
+
+    /// The ratio; 0 for no limit.
+    pub fn value(self) -> f64 {
+        self.0
+    }
+
+    /// The limit, `None` for no limit.
+    pub fn limit(self) -> Option<f64> {
+        (self.0 > 0.0).then_some(self.0)
+    }
+
+    /// `virtual_bytes` over `capacity` bytes (0 for an empty pool).
+    pub fn of(virtual_bytes: u128, capacity: u64) -> f64 {
+        if capacity == 0 {
+            return 0.0;
+        }
+        virtual_bytes as f64 / capacity as f64
+    }
+}
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl Serialize for Ratio {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_f64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Ratio {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // A float, or a whole number (`3` as well as `3.0`).
+        let value = f64::deserialize(deserializer)?;
+        Ratio::new(value).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A length of time, written with a unit (`30s`, `2m`, `1h 30m`, `500ms`) or as a bare whole
 /// number of seconds (`30`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]

@@ -18,8 +18,8 @@ mod pool;
 
 pub use layer::{Layer, LayerMount, LayerState, Removal, Snapshot, SnapshotKind};
 pub use pool::{
-    CheckResponse, DoctorResponse, Finding, FindingStatus, Health, Leftover, Pool, PoolStatus,
-    Space, WhenFull,
+    CheckResponse, DoctorResponse, Finding, FindingStatus, Health, Leftover, Overcommit, Pool,
+    PoolStatus, Space, WhenFull,
 };
 
 /// Every route starts with this.

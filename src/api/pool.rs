@@ -36,6 +36,22 @@ pub struct PoolStatus {
     pub deferred_deletions: usize,
     /// Whether removal discards blocks first.
     pub discard_on_remove: bool,
+    /// The layers' virtual sizes against the pool's data.
+    pub overcommit: Overcommit,
+}
+
+/// The layers' virtual sizes against the pool's data (`pool.max_overcommit`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overcommit {
+    /// The layers' virtual sizes, summed.
+    pub virtual_size: ByteSize,
+    /// The pool's data: the most it may hold where thinstack grows it, its size otherwise.
+    pub capacity: ByteSize,
+    /// `virtual_size / capacity`.
+    pub ratio: f64,
+    /// `pool.max_overcommit`; null when there is no limit.
+    pub limit: Option<f64>,
 }
 
 /// What a pool is and what it sits on.
@@ -210,6 +226,12 @@ impl From<engine::Status> for PoolStatus {
             layers: status.layers,
             deferred_deletions: status.deferred_deletions,
             discard_on_remove: status.discard_on_remove,
+            overcommit: Overcommit {
+                virtual_size: status.overcommit.virtual_size,
+                capacity: status.overcommit.capacity,
+                ratio: status.overcommit.ratio,
+                limit: status.overcommit.limit,
+            },
         }
     }
 }

@@ -416,11 +416,26 @@ fn status_text(status: &PoolStatus) -> String {
         ("Layers", status.layers.to_string()),
         ("Deferred deletions", status.deferred_deletions.to_string()),
         ("Discard on remove", status.discard_on_remove.to_string()),
+        ("Overcommit", overcommit_text(&status.overcommit)),
     ];
     let width = rows.iter().map(|(label, _)| label.len()).max().unwrap_or(0);
     rows.iter()
         .map(|(label, value)| format!("{label:<width$}  {value}\n"))
         .collect()
+}
+
+/// "3.00x (300.0G virtual over 100.0G of data), limit 4x"
+fn overcommit_text(overcommit: &thinstack::api::Overcommit) -> String {
+    let limit = match overcommit.limit {
+        Some(limit) => format!("limit {limit}x"),
+        None => "no limit".to_string(),
+    };
+    format!(
+        "{:.2}x ({} virtual over {} of data), {limit}",
+        overcommit.ratio,
+        overcommit.virtual_size.human(),
+        overcommit.capacity.human()
+    )
 }
 
 fn doctor_text(report: &DoctorResponse) -> String {
@@ -728,7 +743,8 @@ mod tests {
             "min_free_space": "10%", "transaction_id": 3,
             "health": {"failed": false, "needs_check": false, "read_only": false,
                        "metadata_guard": false, "out_of_space": false, "when_full": "error"},
-            "layers": 2, "deferred_deletions": 0, "discard_on_remove": true
+            "layers": 2, "deferred_deletions": 0, "discard_on_remove": true,
+            "overcommit": {"virtual_size": "20G", "capacity": "100G", "ratio": 0.2, "limit": 3.0}
         }))
         .unwrap();
         let text = status_text(&status);
@@ -740,6 +756,7 @@ mod tests {
             "Health              ok",
             "When full           error (writes fail at once)",
             "Layers              2",
+            "Overcommit          0.20x (20.0G virtual over 100.0G of data), limit 3x",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -391,6 +391,8 @@ mod tests {
             discard_on_remove: false,
             busy_retries: 1,
             busy_retry_interval: std::time::Duration::from_millis(1),
+            max_overcommit: crate::units::Ratio::NONE,
+            data_capacity: None,
         };
         let (engine, _) = Engine::open(sim.clone(), sim, settings).unwrap();
         let root = SnapshotRoot {

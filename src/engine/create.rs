@@ -72,8 +72,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         };
         let mut plan = self.plan_create(name, request)?;
         plan.bare_root = snapshot.is_some();
-        let usage = self.ensure_writable(&format!("create layer {:?}", plan.name.as_str()))?;
+        let what = format!("create layer {:?}", plan.name.as_str());
+        let usage = self.ensure_writable(&what)?;
         self.check_space(&usage)?;
+        let _virtual = self.reserve_virtual(&what, &usage, plan.size)?;
         let id = self.allocate_id()?;
         let record = LayerRecord {
             format: RECORD_FORMAT,

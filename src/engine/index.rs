@@ -17,6 +17,11 @@ pub(super) struct Index {
     pub(super) snapshot_keys: BTreeMap<(String, String), LayerName>,
     /// Layers whose settling at start failed, with why: refused until repaired.
     pub(super) degraded: BTreeMap<LayerName, String>,
+    /// The records' virtual sizes, summed (for the overcommit limit); wider than a size, as
+    /// many layers of the largest size add up past `u64`.
+    pub(super) virtual_bytes: u128,
+    /// Virtual bytes creates and resizes hold before their records count them.
+    pub(super) reserved_virtual: u128,
 }
 
 impl Index {
@@ -30,7 +35,9 @@ impl Index {
     pub(super) fn insert(&mut self, record: LayerRecord) {
         if let Some(old) = self.layers.get(&record.name).cloned() {
             self.forget_snapshot_key(&old);
+            self.virtual_bytes -= u128::from(old.device_size().bytes());
         }
+        self.virtual_bytes += u128::from(record.device_size().bytes());
         self.used_ids.insert(record.thin_id);
         index_child(&mut self.children, &record);
         if let Some(snapshot) = &record.snapshot {
@@ -60,6 +67,7 @@ impl Index {
             return;
         };
         self.forget_snapshot_key(&record);
+        self.virtual_bytes -= u128::from(record.device_size().bytes());
         self.used_ids.remove(&record.thin_id);
         if let Some(parent) = &record.parent {
             if let Some(siblings) = self.children.get_mut(parent) {

@@ -21,6 +21,7 @@ mod index;
 mod leftovers;
 mod locks;
 mod mount_policy;
+mod overcommit;
 mod reconcile;
 mod remove;
 mod resize;
@@ -42,13 +43,14 @@ use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
     SnapshotKind, SnapshotRecord, StateLock, TxnRecord, RECORD_FORMAT,
 };
-use crate::units::{ByteSize, Percent};
+use crate::units::{ByteSize, Percent, Ratio};
 use crate::vocab::FsType;
 use crate::vocab::{Health, Space};
 
 use index::Index;
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
+pub use overcommit::Overcommit;
 pub use reconcile::ReconcileReport;
 pub use snapshots::{NewSnapshot, OutsideChange, SnapshotInfo, SnapshotMount, SnapshotRoot};
 pub use types::{CreateLayer, Layer, Removal, Settings, Status};
@@ -310,6 +312,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             layers,
             deferred_deletions,
             discard_on_remove: self.settings.discard_on_remove,
+            overcommit: self.overcommit(&usage),
         })
     }
 

@@ -9,7 +9,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn resize(&self, name: &str, size: ByteSize) -> Result<Layer> {
         let (name, _guard) = self.lock_healthy(name)?;
         let record = self.ready_record(&name)?;
-        self.ensure_writable(&format!("resize layer {name:?}"))?;
+        let what = format!("resize layer {name:?}");
+        let usage = self.ensure_writable(&what)?;
         if record.committed {
             return Err(Error::invalid(format!(
                 "layer {name:?} is committed; it cannot change"
@@ -27,6 +28,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 format!("layer {name:?} is mounted read-only; unmount it to grow its filesystem"),
             ));
         }
+        let growth =
+            ByteSize::from_bytes(size.bytes().saturating_sub(record.device_size().bytes()));
+        let _virtual = self.reserve_virtual(&what, &usage, growth)?;
         // The intent first: after a crash the device may be activated at the larger size (a
         // device larger than its filesystem is harmless, the reverse not), and reconcile
         // settles the size by what the filesystem became.

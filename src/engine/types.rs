@@ -26,6 +26,10 @@ pub struct Settings {
     pub busy_retries: u32,
     /// See `busy_retries`.
     pub busy_retry_interval: Duration,
+    /// `pool.max_overcommit`.
+    pub max_overcommit: Ratio,
+    /// The most data the pool may hold where thinstack grows it ([`Config::data_capacity`]).
+    pub data_capacity: Option<ByteSize>,
 }
 
 impl Settings {
@@ -54,6 +58,8 @@ impl Settings {
             // so two more rounds make about 3 s before a busy removal is deferred.
             busy_retries: 2,
             busy_retry_interval: Duration::from_millis(100),
+            max_overcommit: config.pool.max_overcommit,
+            data_capacity: config.data_capacity(),
         }
     }
 }
@@ -149,6 +155,8 @@ pub struct Status {
     pub deferred_deletions: usize,
     /// Whether removal discards blocks first.
     pub discard_on_remove: bool,
+    /// The layers' virtual sizes against the pool's data.
+    pub overcommit: Overcommit,
 }
 
 /// What a removal did.

@@ -11,6 +11,8 @@ use super::*;
 use crate::crash::Point;
 use crate::kernel::sim::{Sim, SimOp};
 
+mod overcommit;
+
 struct Fixture {
     sim: Sim,
     dir: tempfile::TempDir,
@@ -55,6 +57,8 @@ impl Fixture {
             discard_on_remove: true,
             busy_retries: 2,
             busy_retry_interval: Duration::from_millis(1),
+            max_overcommit: crate::units::Ratio::NONE,
+            data_capacity: None,
         }
     }
 
