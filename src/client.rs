@@ -126,6 +126,16 @@ impl Client {
         self.call("DELETE", path, None)
     }
 
+    /// `GET path` of a route that answers with text (`/metrics`).
+    pub fn get_text(&mut self, path: &str) -> Result<String, ClientError> {
+        let (status, bytes) = self.exchange("GET", path, &[])?;
+        if (200..300).contains(&status) {
+            return String::from_utf8(bytes)
+                .map_err(|e| ClientError::Protocol(format!("GET {path}: {e}")));
+        }
+        Err(error_of("GET", path, status, &bytes))
+    }
+
     /// Send one request and decode the answer (or the error).
     pub fn call<T: DeserializeOwned>(
         &mut self,
@@ -138,17 +148,7 @@ impl Client {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| ClientError::Protocol(format!("{method} {path}: {e}")));
         }
-        match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => Err(ClientError::Api {
-                status,
-                kind: body.error.kind,
-                message: body.error.message,
-            }),
-            Err(_) => Err(ClientError::Protocol(format!(
-                "{method} {path}: status {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            ))),
-        }
+        Err(error_of(method, path, status, &bytes))
     }
 
     /// Status and body of one request. A kept-alive connection the daemon closed meanwhile
@@ -194,6 +194,21 @@ impl Client {
         ClientError::Protocol(format!(
             "the connection to thinstackd broke during the request ({reason}); it may or may not have been carried out: check with `thinstack layer inspect` or `layer list`"
         ))
+    }
+}
+
+/// The error a failed request's answer gives.
+fn error_of(method: &str, path: &str, status: u16, bytes: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(bytes) {
+        Ok(body) => ClientError::Api {
+            status,
+            kind: body.error.kind,
+            message: body.error.message,
+        },
+        Err(_) => ClientError::Protocol(format!(
+            "{method} {path}: status {status}: {}",
+            String::from_utf8_lossy(bytes)
+        )),
     }
 }
 

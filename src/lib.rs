@@ -9,6 +9,7 @@
 //! - [`daemon`] and [`client`]: the HTTP API on a Unix socket and its client; [`containerd`],
 //!   containerd's snapshot service;
 //! - [`api`]: the API's wire types; [`doctor`]: leftovers and their repair; [`audit`];
+//!   [`metrics`]: what the daemon serves to Prometheus;
 //! - [`engine::Engine`]: layers with crash-safe records, over the kernel seam; [`pool`]: the
 //!   real dm-thin pool behind that seam ([`pool::RealPool`]);
 //! - [`records`] and [`config`];
@@ -60,6 +61,7 @@ pub mod doctor;
 pub mod engine;
 pub mod error;
 pub mod kernel;
+pub mod metrics;
 pub mod names;
 pub mod pool;
 pub mod records;

@@ -72,6 +72,7 @@ struct Reply {
     status: u16,
     body: Value,
     text: String,
+    content_type: String,
 }
 
 impl Reply {
@@ -91,8 +92,18 @@ impl Reply {
         } else {
             body.to_string()
         };
+        let content_type = head
+            .lines()
+            .find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("content-type")
+                    .then(|| value.trim().to_string())
+            })
+            .unwrap_or_default();
         let value = if body.is_empty() {
             Value::Null
+        } else if content_type != "application/json" {
+            Value::String(body.clone())
         } else {
             serde_json::from_str(&body)
                 .unwrap_or_else(|e| panic!("a body that is not JSON ({e}): {body}"))
@@ -101,6 +112,7 @@ impl Reply {
             status,
             body: value,
             text: body,
+            content_type,
         }
     }
 }
@@ -210,7 +222,19 @@ impl Contract {
         if let Some(reference) = response["$ref"].as_str() {
             response = self.resolve(reference);
         }
-        let schema = &response["content"]["application/json"]["schema"];
+        let content = &response["content"];
+        if let Some(other) = content
+            .as_object()
+            .and_then(|types| types.keys().find(|t| *t != "application/json"))
+        {
+            assert_eq!(
+                &reply.content_type, other,
+                "{method} {template} {}: the content type the document gives",
+                reply.status
+            );
+            return;
+        }
+        let schema = &content["application/json"]["schema"];
         if schema.is_null() {
             assert!(
                 reply.body.is_null(),
@@ -261,6 +285,12 @@ fn every_route_answers_as_the_document_says() {
     // The document and the daemon.
     c.call(d, "GET /v1/openapi.json", none(), 200);
     c.call(d, "GET /v1/version", none(), 200);
+    let metrics = c.call(d, "GET /metrics", none(), 200);
+    assert!(
+        metrics.as_str().unwrap().contains("thinstack_pool_data_size_bytes "),
+        "{metrics}"
+    );
+    c.call(d, "GET /metrics?x=1", none(), 400);
     let status = c.call(d, "GET /v1/pool", none(), 200);
     assert_eq!(status["pool"]["backend"], "sim", "{status}");
 

@@ -436,7 +436,7 @@ fn kernel_daemon_background_retries_deferred_removals_and_grows_the_pool() {
         "background",
         "[pool.loop]\ndata_size = \"256M\"\nautoextend_threshold = \"50%\"\n\
          autoextend_percent = \"50%\"\ndata_size_max = \"1G\"\n\
-         [pool]\nmin_free_space = \"0%\"\n[layers]\nbase_size = \"64M\"\n\
+         [pool]\nmin_free_space = \"0%\"\nmax_overcommit = 2\n[layers]\nbase_size = \"64M\"\n\
          [daemon]\ndeactivate_on_shutdown = true\n",
     );
     // A removal deferred while someone holds the device is done once it is released.
@@ -479,6 +479,30 @@ fn kernel_daemon_background_retries_deferred_removals_and_grows_the_pool() {
     assert_eq!(total, "384M", "grown by 50% once:\n{}", d.log_text());
     let file_size = std::fs::metadata(d.pool.data_file()).unwrap().len();
     assert_eq!(file_size, 384 << 20, "the data file grew");
+
+    // The overcommit limit counts the most the pool may grow to (1G): 900M + 1200M is over 2x.
+    let refused = d.cli(&["layer", "create", "big", "--size", "1200M"]);
+    assert_eq!(refused.code, 6, "{refused:?}");
+    assert!(
+        refused.stderr.contains("pool.max_overcommit 2"),
+        "{refused:?}"
+    );
+    // The metrics a scraper reads show the extension, the pool and the refusal.
+    let metrics = d.cli(&["pool", "metrics"]);
+    assert_eq!(metrics.code, 0, "{metrics:?}");
+    let text = &metrics.stdout;
+    for line in [
+        "thinstack_pool_autoextensions_total{area=\"data\"} 1",
+        "thinstack_pool_data_size_bytes 402653184",
+        "thinstack_pool_virtual_size_bytes 943718400",
+        "thinstack_pool_overcommit_limit_ratio 2",
+        "thinstack_layers{state=\"mounted\"} 1",
+        "thinstack_pool_health{state=\"ok\"} 1",
+        "thinstack_operation_errors_total{interface=\"http\",operation=\"POST /v1/layers\",kind=\"no_space\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} missing from:\n{text}");
+    }
+    common::promtool_check_metrics(text);
     // deactivate_on_shutdown: the daemon unmounts and deactivates every layer as it stops.
     assert_eq!(d.stop(), 0, "{}", d.log_text());
     let dm = thinstack::kernel::dm::Dm::open().unwrap();

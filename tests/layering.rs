@@ -24,6 +24,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("audit", 4),
     ("doctor", 4),
     ("api", 5),
+    ("metrics", 5),
     ("client", 6),
     ("containerd", 6),
     ("daemon", 6),

@@ -60,6 +60,8 @@ enum Command {
 enum PoolCommand {
     /// Space, health and settings of the pool.
     Status,
+    /// The daemon's Prometheus metrics, as a scraper reads them (GET /metrics).
+    Metrics,
     /// Grow the pool's data and/or metadata area (a devices pool: take up its devices' size).
     Extend {
         /// New size of the data area, such as 200G.
@@ -272,6 +274,11 @@ fn pool(client: &mut Client, command: PoolCommand) -> Result<Output, ClientError
         PoolCommand::Status => {
             let status: PoolStatus = client.get("/v1/pool")?;
             Ok(output(&status, status_text(&status)))
+        }
+        PoolCommand::Metrics => {
+            let text = client.get_text("/metrics")?;
+            let text = text.trim_end().to_string();
+            Ok(output(&Value::String(text.clone()), text))
         }
         PoolCommand::Extend { data, metadata } => {
             let sizes: ExtendResponse =

@@ -16,6 +16,11 @@ pub struct Change {
 }
 
 impl Change {
+    /// The RPC's name, such as `containerd.Prepare`.
+    pub fn operation(&self) -> &'static str {
+        self.operation
+    }
+
     /// What `request` asks for; `operation` is its RPC's name, such as `containerd.Prepare`.
     pub fn begin<T>(operation: &'static str, request: &Request<T>) -> Change {
         // Set by tonic from the connection (SO_PEERCRED); absent only in unit tests.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tonic::{Code, Request, Response, Status};
 
@@ -29,6 +30,9 @@ pub trait EngineHolder: Send + Sync + 'static {
     type Fs: FsKernel;
     /// The engine.
     fn engine(&self) -> &Engine<Self::Pool, Self::Fs>;
+    /// An RPC (`Prepare`, ...) took `elapsed`, and failed with `error` if it did: for the
+    /// holder's metrics, where it keeps any.
+    fn observe(&self, _operation: &str, _elapsed: Duration, _error: Option<ErrorKind>) {}
 }
 
 impl<K, F> EngineHolder for Engine<K, F>
@@ -56,13 +60,21 @@ impl<H: EngineHolder> SnapshotService<H> {
     }
 
     /// Run `op` on the engine off the async threads (engine calls block on the kernel).
+    /// `operation` names it (`containerd.Mounts`) for the holder's metrics.
     async fn run<T: Send + 'static>(
         &self,
+        operation: &'static str,
         op: impl FnOnce(&Engine<H::Pool, H::Fs>) -> crate::error::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
         let holder = self.holder.clone();
-        tokio::task::spawn_blocking(move || op(holder.engine()))
-            .await
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let result = op(holder.engine());
+            let error = result.as_ref().err().map(Error::kind);
+            holder.observe(operation, started.elapsed(), error);
+            result
+        })
+        .await
             .map_err(|e| Status::internal(format!("the operation did not finish: {e}")))?
             .map_err(status_of)
     }
@@ -74,7 +86,7 @@ impl<H: EngineHolder> SnapshotService<H> {
         change: Change,
         op: impl FnOnce(&Engine<H::Pool, H::Fs>) -> crate::error::Result<T> + Send + 'static,
     ) -> Result<T, Status> {
-        self.run(move |engine| {
+        self.run(change.operation(), move |engine| {
             let result = op(engine);
             change.finished(&result);
             result
@@ -233,7 +245,7 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let namespace = namespace_of(&request)?;
         let key = request.into_inner().key;
         let mount = self
-            .run(move |engine| engine.snapshot_mounts(&namespace, &key))
+            .run("containerd.Mounts", move |engine| engine.snapshot_mounts(&namespace, &key))
             .await?;
         Ok(Response::new(api::MountsResponse {
             mounts: mounts_of(&mount),
@@ -278,7 +290,7 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let namespace = namespace_of(&request)?;
         let key = request.into_inner().key;
         let info = self
-            .run(move |engine| engine.snapshot_stat(&namespace, &key))
+            .run("containerd.Stat", move |engine| engine.snapshot_stat(&namespace, &key))
             .await?;
         Ok(Response::new(api::StatSnapshotResponse {
             info: Some(info_of(info)),
@@ -320,7 +332,7 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let filters =
             Filters::parse(&request.into_inner().filters).map_err(Status::invalid_argument)?;
         let infos = self
-            .run(move |engine| Ok(engine.snapshot_list(&namespace)))
+            .run("containerd.List", move |engine| Ok(engine.snapshot_list(&namespace)))
             .await?;
         let matching: Vec<api::Info> = infos
             .into_iter()
@@ -345,7 +357,7 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let namespace = namespace_of(&request)?;
         let key = request.into_inner().key;
         let (size, inodes) = self
-            .run(move |engine| engine.snapshot_usage(&namespace, &key))
+            .run("containerd.Usage", move |engine| engine.snapshot_usage(&namespace, &key))
             .await?;
         Ok(Response::new(api::UsageResponse {
             size: i64::try_from(size.bytes()).unwrap_or(i64::MAX),

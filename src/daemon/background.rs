@@ -152,8 +152,9 @@ fn autoextend_files(
         return;
     }
     match daemon.extend(data, metadata) {
-        Ok((data, metadata)) => {
-            tracing::warn!(%data, %metadata, "pool was filling up; extended it")
+        Ok((new_data, new_metadata)) => {
+            daemon.counted_autoextension(data.is_some(), metadata.is_some());
+            tracing::warn!(data = %new_data, metadata = %new_metadata, "pool was filling up; extended it")
         }
         Err(e) => tracing::error!(error = %e, "automatic pool extension failed"),
     }
@@ -184,6 +185,7 @@ fn autoextend_lvm(daemon: &Daemon, usage: &PoolUsage, levels: &mut Levels) {
     }
     match daemon.autoextend_lvm() {
         Ok(Some((growth, vg))) => {
+            daemon.counted_autoextension(growth.data > 0, growth.metadata > 0);
             tracing::warn!(volume_group = %vg, data_extents = growth.data, metadata_extents = growth.metadata, "pool was filling up; extended its volumes")
         }
         Ok(None) if over && !levels.volume_group_full => {

@@ -19,6 +19,7 @@ use super::Daemon;
 use crate::api::{status_of, ErrorBody, ErrorDetail, MAX_BODY_BYTES};
 use crate::audit::{self, Peer};
 use crate::error::{Error, ErrorKind};
+use crate::metrics::Interface;
 use crate::units::Timeout;
 
 /// What every request of one connection shares.
@@ -36,6 +37,7 @@ pub struct Context {
 struct Reply {
     status: u16,
     body: Vec<u8>,
+    content_type: &'static str,
     /// The error message, when the request failed.
     error: Option<String>,
     /// The layer the request named, in its path or (create) its body.
@@ -52,6 +54,7 @@ impl Reply {
         Reply {
             status,
             body,
+            content_type: JSON,
             error: None,
             layer: None,
             close: false,
@@ -69,6 +72,7 @@ impl Reply {
         Reply {
             status,
             body: serde_json::to_vec(&body).unwrap_or_default(),
+            content_type: JSON,
             error: Some(message),
             layer: None,
             close: false,
@@ -113,7 +117,7 @@ fn response_of(method: &str, path: &str, reply: Reply) -> Response<Full<Bytes>> 
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
     if reply.close {
         headers.insert(CONNECTION, HeaderValue::from_static("close"));
     }
@@ -130,6 +134,8 @@ fn response_of(method: &str, path: &str, reply: Reply) -> Response<Full<Bytes>> 
     }
     response
 }
+
+const JSON: &str = "application/json";
 
 /// Methods whose requests change something, and so are audited.
 fn changes_something(method: &str) -> bool {
@@ -280,7 +286,14 @@ async fn run(
             query,
             body: &body,
         };
-        route.call(&daemon, &call)
+        let started = Instant::now();
+        let result = route.call(&daemon, &call);
+        let operation = format!("{} {}", route.method, route.path);
+        let error = result.as_ref().err().map(Error::kind);
+        daemon
+            .metrics
+            .observe(Interface::Http, &operation, started.elapsed(), error);
+        result
     })
     .await;
     let reply = reply_of(method, path, result);
@@ -297,9 +310,13 @@ fn reply_of(
     result: Result<crate::error::Result<routes::Reply>, tokio::task::JoinError>,
 ) -> Reply {
     match result {
-        Ok(Ok((status, value))) => {
+        Ok(Ok((status, routes::Body::Json(value)))) => {
             Reply::ok(status, serde_json::to_vec(&value).unwrap_or_default())
         }
+        Ok(Ok((status, routes::Body::Text(content_type, text)))) => Reply {
+            content_type,
+            ..Reply::ok(status, text.into_bytes())
+        },
         Ok(Err(e)) => {
             let message = full_message(&e);
             if matches!(

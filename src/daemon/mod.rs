@@ -15,6 +15,7 @@ mod background;
 mod connections;
 mod handler;
 mod in_flight;
+mod metrics_tcp;
 pub mod routes;
 mod server;
 mod socket;
@@ -22,15 +23,17 @@ mod socket;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::config::{Backend, Config};
 use crate::containerd::{EngineHolder, SnapshotService};
 use crate::engine::{Engine, Settings, SnapshotRoot};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::real::RealFs;
 use crate::kernel::sim::Sim;
 use crate::kernel::thin_tools::CheckReport;
 use crate::kernel::{FsKernel, PoolKernel, Room};
+use crate::metrics::{Interface, Metrics};
 use crate::pool::{lvm, RealPool};
 use crate::records::StateLock;
 use crate::units::ByteSize;
@@ -56,6 +59,8 @@ pub enum KernelChoice {
 pub struct Daemon {
     engine: DaemonEngine,
     config: Config,
+    /// What `/metrics` serves.
+    metrics: Metrics,
     /// Set once the pool is destroyed: nothing more is served, and the daemon stops.
     destroyed: AtomicBool,
     stop: tokio::sync::Notify,
@@ -83,6 +88,7 @@ impl Daemon {
         Ok(Daemon {
             engine,
             config,
+            metrics: Metrics::new(),
             destroyed: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
         })
@@ -91,6 +97,21 @@ impl Daemon {
     /// The layer engine.
     pub fn engine(&self) -> &DaemonEngine {
         &self.engine
+    }
+
+    /// The watcher grew the pool's data, its metadata, or both.
+    fn counted_autoextension(&self, data: bool, metadata: bool) {
+        for (area, grown) in [("data", data), ("metadata", metadata)] {
+            if grown {
+                self.metrics.autoextended(area);
+            }
+        }
+    }
+
+    /// Every metric, read now, in Prometheus's text format.
+    pub fn render_metrics(&self) -> String {
+        self.metrics
+            .render(self.engine.status(), self.engine.layer_counts())
     }
 
     /// Grow the pool's data and metadata areas to the sizes given (a `devices` pool: to its
@@ -244,12 +265,27 @@ pub fn run(config: Config, kernel: KernelChoice) -> Result<()> {
 async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
     let listener = socket::bind(&socket_path, &daemon.config.daemon.socket_group)?;
     let (stopped, stopping) = tokio::sync::watch::channel(false);
+    let stopping_metrics = stopping.clone();
     let containerd = match serve_containerd(&daemon, stopping) {
         Ok(task) => task,
         Err(e) => {
             let _ = std::fs::remove_file(&socket_path);
             return Err(e);
         }
+    };
+    let metrics = match daemon.config.daemon.metrics_listen {
+        Some(address) => match metrics_tcp::bind(address).await {
+            Ok(listener) => {
+                tracing::info!(%address, "serving /metrics over TCP");
+                Some(tokio::spawn(metrics_tcp::serve(daemon.clone(), listener, stopping_metrics)))
+            }
+            Err(e) => {
+                let _ = stopped.send(true);
+                let _ = std::fs::remove_file(&socket_path);
+                return Err(e);
+            }
+        },
+        None => None,
     };
     let watcher = background::spawn(daemon.clone());
     notify_systemd("READY=1");
@@ -272,6 +308,9 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
             }
             Ok(Ok(())) => {}
         }
+    }
+    if let Some(task) = metrics {
+        let _ = task.await;
     }
     watcher.stop().await;
     let _ = std::fs::remove_file(&socket_path);
@@ -311,6 +350,10 @@ impl EngineHolder for Daemon {
     type Fs = HostFs;
     fn engine(&self) -> &DaemonEngine {
         &self.engine
+    }
+    fn observe(&self, operation: &str, elapsed: Duration, error: Option<ErrorKind>) {
+        self.metrics
+            .observe(Interface::Containerd, operation, elapsed, error);
     }
 }
 

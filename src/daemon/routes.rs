@@ -29,8 +29,16 @@ pub struct Call<'a> {
     pub body: &'a [u8],
 }
 
-/// A handler's answer: HTTP status and JSON body.
-pub type Reply = (u16, Value);
+/// A handler's answer: HTTP status and body.
+pub type Reply = (u16, Body);
+
+/// A handler's body: JSON (every `/v1` route), or text of a type of its own (`/metrics`).
+pub enum Body {
+    /// A JSON document.
+    Json(Value),
+    /// Text, with its `Content-Type`.
+    Text(&'static str, String),
+}
 
 type Handler = fn(&Daemon, &Call) -> Result<Reply>;
 
@@ -45,6 +53,7 @@ pub struct Route {
 
 /// Every route the daemon serves.
 pub const ROUTES: &[Route] = &[
+    route("GET", "/metrics", metrics),
     route("GET", "/v1/openapi.json", openapi),
     route("GET", "/v1/version", version),
     route("GET", "/v1/pool", pool_status),
@@ -147,7 +156,7 @@ fn ok<T: Serialize>(value: T) -> Result<Reply> {
 fn json<T: Serialize>(status: u16, value: T) -> Result<Reply> {
     let value = serde_json::to_value(value)
         .map_err(|e| Error::new(ErrorKind::Io, format!("encoding the answer: {e}")))?;
-    Ok((status, value))
+    Ok((status, Body::Json(value)))
 }
 
 /// The JSON body as `T`; an empty body is `{}`.
@@ -196,6 +205,11 @@ fn only_query(call: &Call, allowed: &[&str]) -> Result<()> {
 }
 
 // ----- handlers --------------------------------------------------------------------------
+
+fn metrics(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    Ok((200, Body::Text(crate::metrics::CONTENT_TYPE, daemon.render_metrics())))
+}
 
 fn openapi(_: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;

@@ -14,6 +14,7 @@
 //!   thin device is gone, and re-activates layers that were active before a reboot.
 
 mod activation;
+mod counts;
 mod adopt;
 mod create;
 mod degraded;
@@ -48,6 +49,7 @@ use crate::vocab::FsType;
 use crate::vocab::{Health, Space};
 
 use index::Index;
+pub use counts::LayerCounts;
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
 pub use overcommit::Overcommit;

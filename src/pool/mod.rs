@@ -70,6 +70,21 @@ fn metadata_low_water(metadata: &Space) -> u64 {
     (metadata.total.bytes() / 4).min(4 << 20)
 }
 
+/// The metadata's low-water mark: below this much free, the metadata guard makes the pool
+/// read-only.
+pub fn metadata_low_water_mark(metadata: &Space) -> ByteSize {
+    ByteSize::from_bytes(metadata_low_water(metadata))
+}
+
+/// The data low-water mark thinstack gives a pool's table of `data` in blocks of
+/// `block_size`: the kernel raises its event (which dmeventd and the watcher act on) once
+/// fewer blocks than this are free.
+pub fn data_low_water_mark(data: &Space, block_size: ByteSize) -> ByteSize {
+    let blocks = data.total.bytes() / block_size.bytes().max(1);
+    let mark = pool_table::low_water_mark(blocks).0;
+    ByteSize::from_bytes(mark.saturating_mul(block_size.bytes()))
+}
+
 /// How a reload of the pool's own table (growth, the no-space policy, the metadata guard) is
 /// announced to udev: without a cookie, and not waited for. A reload keeps the device's name,
 /// number and `/dev/mapper` link, and thinstack reads nothing udev makes for it, so the wait

@@ -267,3 +267,45 @@ pub fn teardown_and_check(test: &TestPool) {
     pool.teardown(&dm).expect("teardown");
     thin_check(&test.metadata_file());
 }
+
+/// Run promtool (Debian's `prometheus` package, which `scripts/setup` installs) with `args`
+/// and `input` on its standard input, from `dir`: what it said, or a failure that says it.
+pub fn promtool(args: &[&str], input: &str, dir: &std::path::Path) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("promtool")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package): run scripts/setup");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.status.success(),
+        "promtool {args:?} failed ({}):\n{said}",
+        output.status
+    );
+    said
+}
+
+/// `promtool check metrics` on `text`: fails the test on any problem it reports.
+pub fn promtool_check_metrics(text: &str) {
+    let said = promtool(&["check", "metrics"], text, std::path::Path::new("."));
+    assert!(
+        said.trim().is_empty(),
+        "promtool check metrics found:\n{said}\non:\n{text}"
+    );
+}
