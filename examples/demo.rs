@@ -170,7 +170,12 @@ fn run(args: &Args) -> Result<()> {
             }
         );
     }
-    println!("    app maps {}", engine.usage("app")?.human());
+    let usage = engine.usage("app")?;
+    println!(
+        "    app maps {}, {} of it its own",
+        usage.mapped.human(),
+        usage.exclusive.human()
+    );
 
     step("pool status");
     let status = engine.status()?;

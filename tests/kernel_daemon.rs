@@ -495,7 +495,7 @@ fn kernel_daemon_background_retries_deferred_removals_and_grows_the_pool() {
         "thinstack_pool_autoextensions_total{area=\"data\"} 1",
         "thinstack_pool_data_size_bytes 402653184",
         "thinstack_pool_virtual_size_bytes 943718400",
-        "thinstack_pool_overcommit_limit_ratio 2",
+        "thinstack_pool_overcommit_limit_ratio 2.0",
         "thinstack_layers{state=\"mounted\"} 1",
         "thinstack_pool_health{state=\"ok\"} 1",
         "thinstack_operation_errors_total{interface=\"http\",operation=\"POST /v1/layers\",kind=\"no_space\"} 1",
@@ -517,4 +517,75 @@ fn kernel_daemon_background_retries_deferred_removals_and_grows_the_pool() {
     assert!(common::mounts_under(std::path::Path::new(&mnt)).is_empty());
     let names = check_agreement(&d);
     assert_eq!(names, BTreeSet::from(["fill".to_string()]));
+}
+
+/// Write `mib` MiB of `byte` into `device` from `offset_mib` on, and flush it to the pool.
+fn write_device(device: &str, offset_mib: u64, mib: u64, byte: u8) {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(device)
+        .unwrap();
+    file.seek(SeekFrom::Start(offset_mib << 20)).unwrap();
+    let chunk = vec![byte; 1 << 20];
+    for _ in 0..mib {
+        file.write_all(&chunk).unwrap();
+    }
+    file.sync_all().unwrap();
+}
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_daemon_usage_counts_what_a_child_holds_alone() {
+    let _dm = require_dm_thin();
+    let d = TestDaemon::start("usage", "[layers]\nbase_size = \"1G\"\n");
+    const MIB: i64 = 1 << 20;
+    let block = 64 * 1024;
+    let bytes = |usage: &Value, field: &str| usage[format!("{field}_bytes")].as_i64().unwrap();
+    // Raw writes where ext4's mkfs wrote nothing (block group 4 of a 1G filesystem holds no
+    // backup superblock, group 5's is at its start), so the figures are exactly the data.
+    d.json(&["layer", "create", "base"]);
+    let formatted = bytes(&d.json(&["layer", "usage", "base"]), "mapped");
+    let device = d.cli(&["layer", "activate", "base"]).stdout.trim().to_string();
+    write_device(&device, 512, 100, 0xaa);
+    d.json(&["layer", "deactivate", "base"]);
+    d.json(&["layer", "commit", "base"]);
+    let base = d.json(&["layer", "usage", "base"]);
+    assert_eq!(bytes(&base, "mapped"), formatted + 100 * MIB, "{base}");
+    assert_eq!(bytes(&base, "exclusive"), bytes(&base, "mapped"), "{base}");
+
+    // The child rewrites 10M of the base's data and adds 10M of its own.
+    d.json(&["layer", "create", "app", "--parent", "base"]);
+    let device = d.cli(&["layer", "activate", "app"]).stdout.trim().to_string();
+    write_device(&device, 512, 10, 0xbb);
+    write_device(&device, 700, 10, 0xcc);
+    let app = d.json(&["layer", "usage", "app"]);
+    let exclusive = bytes(&app, "exclusive");
+    assert!(
+        (exclusive - 20 * MIB).abs() <= block,
+        "exclusive {exclusive}, not 20M within a block: {app}"
+    );
+    assert_eq!(bytes(&app, "mapped"), formatted + 110 * MIB, "{app}");
+    assert_eq!(
+        bytes(&app, "shared"),
+        bytes(&app, "mapped") - exclusive,
+        "{app}"
+    );
+    let base = d.json(&["layer", "usage", "base"]);
+    assert_eq!(bytes(&base, "exclusive"), 10 * MIB, "{base}");
+
+    // `layer list --usage` reads the same figures for every layer at once.
+    let listed = d.json(&["layer", "list", "--usage"]);
+    let listed_app = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "app")
+        .unwrap();
+    assert_eq!(listed_app["usage"], app);
+    let table = d.cli(&["layer", "list", "--usage"]).stdout;
+    assert!(table.contains("EXCLUSIVE") && table.contains("20.0M"), "{table}");
+    eprintln!(
+        "usage figures: formatted {formatted} B; app {app}; base {base}"
+    );
 }

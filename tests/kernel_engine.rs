@@ -116,7 +116,7 @@ fn lifecycle(fs_type: FsType) {
     let err = engine.resize("big", ByteSize::mib(320)).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
 
-    assert!(engine.usage("kid").unwrap().bytes() > 0);
+    assert!(engine.usage("kid").unwrap().mapped.bytes() > 0);
     let status = engine.status().unwrap();
     assert_eq!(status.pool.name, t.config.pool.name.as_str());
     assert_eq!(status.pool.block_size, ByteSize::from_bytes(64 << 10));

@@ -53,6 +53,9 @@ pub struct Layer {
     /// Why the layer is degraded (its operations are refused until repaired).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// What it maps and holds alone, where asked for (`GET /v1/layers?usage=true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<super::UsageResponse>,
 }
 
 /// A layer's life-cycle state.
@@ -143,6 +146,7 @@ impl From<engine::Layer> for Layer {
             children: layer.children,
             snapshot: layer.snapshot.map(Into::into),
             degraded: layer.degraded,
+            usage: None,
         }
     }
 }

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorKind};
+use crate::kernel::ThinUsage;
 use crate::names::{LayerName, ThinId};
 use crate::units::ByteSize;
 use crate::vocab::FsType;
@@ -174,10 +175,34 @@ pub struct MountResponse {
 pub struct UsageResponse {
     /// The layer.
     pub name: LayerName,
-    /// Pool data the layer maps (own and shared with its parents).
+    /// Pool data the layer maps (its own and what it shares with its parents and children).
     pub mapped: ByteSize,
     /// The same in bytes.
     pub mapped_bytes: u64,
+    /// Pool data no other layer maps: what removing it gives back.
+    pub exclusive: ByteSize,
+    /// The same in bytes.
+    pub exclusive_bytes: u64,
+    /// Pool data it shares with another layer (`mapped - exclusive`).
+    pub shared: ByteSize,
+    /// The same in bytes.
+    pub shared_bytes: u64,
+}
+
+impl UsageResponse {
+    /// `name`'s usage.
+    pub fn of(name: LayerName, usage: ThinUsage) -> UsageResponse {
+        let shared = usage.shared();
+        UsageResponse {
+            name,
+            mapped: usage.mapped,
+            mapped_bytes: usage.mapped.bytes(),
+            exclusive: usage.exclusive,
+            exclusive_bytes: usage.exclusive.bytes(),
+            shared,
+            shared_bytes: shared.bytes(),
+        }
+    }
 }
 
 /// One layer a removal handled.

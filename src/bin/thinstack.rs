@@ -139,13 +139,16 @@ enum LayerCommand {
         /// Only layers with this label; repeat for several.
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Also what each layer maps, holds alone (what removing it gives back) and shares.
+        #[arg(long)]
+        usage: bool,
     },
     /// Everything about one layer.
     Inspect {
         /// The layer.
         name: String,
     },
-    /// Pool data the layer maps.
+    /// Pool data the layer maps, holds alone (what removing it gives back) and shares.
     Usage {
         /// The layer.
         name: String,
@@ -510,17 +513,20 @@ fn layer(client: &mut Client, command: LayerCommand) -> Result<Output, ClientErr
             let text = format!("Committed layer {}; it is read-only now.", layer.name);
             Ok(output(&layer, text))
         }
-        LayerCommand::List { labels } => {
-            let query: String = form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(labels.iter().map(|(k, v)| ("label", format!("{k}={v}"))))
-                .finish();
+        LayerCommand::List { labels, usage } => {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.extend_pairs(labels.iter().map(|(k, v)| ("label", format!("{k}={v}"))));
+            if usage {
+                query.append_pair("usage", "true");
+            }
+            let query = query.finish();
             let path = if query.is_empty() {
                 "/v1/layers".to_string()
             } else {
                 format!("/v1/layers?{query}")
             };
             let layers: Vec<Layer> = client.get(&path)?;
-            let text = layer_table(&layers);
+            let text = layer_table(&layers, usage);
             Ok(output(&layers, text))
         }
         LayerCommand::Inspect { name } => {
@@ -531,10 +537,14 @@ fn layer(client: &mut Client, command: LayerCommand) -> Result<Output, ClientErr
         LayerCommand::Usage { name } => {
             let usage: UsageResponse = client.get(&layer_path(&name, "usage"))?;
             let text = format!(
-                "Layer {} maps {} of pool data ({} bytes).",
+                "Layer {} maps {} of pool data ({} bytes): {} its own ({} bytes, what removing it gives back), {} shared with other layers ({} bytes).",
                 usage.name,
                 usage.mapped.human(),
-                usage.mapped_bytes
+                usage.mapped_bytes,
+                usage.exclusive.human(),
+                usage.exclusive_bytes,
+                usage.shared.human(),
+                usage.shared_bytes
             );
             Ok(output(&usage, text))
         }
@@ -608,26 +618,27 @@ fn absolute(path: PathBuf) -> Result<PathBuf, ClientError> {
 }
 
 /// Aligned columns, in the spirit of `docker ps`.
-fn layer_table(layers: &[Layer]) -> String {
+/// The layers as a table; `usage` adds what each maps, holds alone and shares.
+fn layer_table(layers: &[Layer], usage: bool) -> String {
     if layers.is_empty() {
         return "No layers.".to_string();
     }
-    let mut rows = vec![[
-        "NAME",
-        "PARENT",
-        "SIZE",
-        "FS",
-        "STATE",
-        "DEVICE",
-        "MOUNTED AT",
-        "LABELS",
-    ]
-    .map(String::from)];
+    let usage_columns = |cells: [String; 3]| if usage { cells.to_vec() } else { Vec::new() };
+    let mut header: Vec<String> = ["NAME", "PARENT", "SIZE"].map(String::from).to_vec();
+    header.extend(usage_columns(["MAPPED", "EXCLUSIVE", "SHARED"].map(String::from)));
+    header.extend(["FS", "STATE", "DEVICE", "MOUNTED AT", "LABELS"].map(String::from));
+    let mut rows = vec![header];
     for layer in layers {
-        rows.push([
+        let sizes = layer.usage.as_ref().map_or(["-".into(), "-".into(), "-".into()], |u| {
+            [u.mapped.human(), u.exclusive.human(), u.shared.human()]
+        });
+        let mut row = vec![
             layer.name.to_string(),
             layer.parent.as_ref().map_or("-".into(), |p| p.to_string()),
             layer.size.to_string(),
+        ];
+        row.extend(usage_columns(sizes));
+        row.extend([
             layer.filesystem.to_string(),
             state_word(layer),
             layer
@@ -637,6 +648,7 @@ fn layer_table(layers: &[Layer]) -> String {
             join_or_dash(layer.mounts.keys().map(|p| p.display().to_string())),
             join_or_dash(layer.labels.iter().map(|(k, v)| format!("{k}={v}"))),
         ]);
+        rows.push(row);
     }
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))

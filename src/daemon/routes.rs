@@ -181,6 +181,18 @@ fn body<T: DeserializeOwned>(call: &Call) -> Result<T> {
     })
 }
 
+/// A yes-or-no query parameter: absent is false; `key`, `key=true` and `key=false`.
+fn flag(call: &Call, key: &str) -> Result<bool> {
+    match call.query.iter().find(|(k, _)| k == key) {
+        None => Ok(false),
+        Some((_, v)) if v == "true" || v.is_empty() => Ok(true),
+        Some((_, v)) if v == "false" => Ok(false),
+        Some((_, v)) => Err(Error::invalid(format!(
+            "{key}={v:?}: write {key}=true or {key}=false"
+        ))),
+    }
+}
+
 fn name<'c>(call: &'c Call) -> &'c str {
     call.name.unwrap_or_default()
 }
@@ -281,7 +293,8 @@ fn pool_destroy(daemon: &Daemon, call: &Call) -> Result<Reply> {
 }
 
 fn list_layers(daemon: &Daemon, call: &Call) -> Result<Reply> {
-    only_query(call, &["label"])?;
+    only_query(call, &["label", "usage"])?;
+    let with_usage = flag(call, "usage")?;
     let mut labels = BTreeMap::new();
     for (_, pair) in call.query.iter().filter(|(k, _)| k == "label") {
         let (key, value) = pair.split_once('=').ok_or_else(|| {
@@ -291,11 +304,23 @@ fn list_layers(daemon: &Daemon, call: &Call) -> Result<Reply> {
         })?;
         labels.insert(key.to_string(), value.to_string());
     }
+    let mut usage = if with_usage {
+        daemon.engine.usage_all(&labels)?
+    } else {
+        BTreeMap::new()
+    };
     let layers: Vec<api::Layer> = daemon
         .engine
         .list(&labels)?
         .into_iter()
-        .map(Into::into)
+        .map(|layer| {
+            let usage = usage.remove(&layer.name);
+            let name = layer.name.clone();
+            api::Layer {
+                usage: usage.map(|u| UsageResponse::of(name, u)),
+                ..layer.into()
+            }
+        })
         .collect();
     ok(layers)
 }
@@ -330,16 +355,7 @@ fn inspect_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
 
 fn remove_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &["recursive"])?;
-    let recursive = match call.query.iter().find(|(k, _)| k == "recursive") {
-        None => false,
-        Some((_, v)) if v == "true" || v.is_empty() => true,
-        Some((_, v)) if v == "false" => false,
-        Some((_, v)) => {
-            return Err(Error::invalid(format!(
-                "recursive={v:?}: write recursive=true or recursive=false"
-            )))
-        }
-    };
+    let recursive = flag(call, "recursive")?;
     not_containerds(daemon, call, OutsideChange::Remove)?;
     let removed: Vec<(LayerName, Removal)> = if recursive {
         daemon.engine.remove_recursive(name(call))?
@@ -371,12 +387,8 @@ fn not_containerds(daemon: &Daemon, call: &Call, change: OutsideChange) -> Resul
 
 fn layer_usage(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    let mapped = daemon.engine.usage(name(call))?;
-    ok(UsageResponse {
-        name: LayerName::new(name(call))?,
-        mapped,
-        mapped_bytes: mapped.bytes(),
-    })
+    let usage = daemon.engine.usage(name(call))?;
+    ok(UsageResponse::of(LayerName::new(name(call))?, usage))
 }
 
 fn activate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {

@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::{Config, MountOption};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
-use crate::kernel::{FsKernel, PoolDetails, PoolKernel, PoolUsage};
+use crate::kernel::{FsKernel, PoolDetails, PoolKernel, PoolUsage, ThinUsage};
 use crate::names::{LayerName, ThinId, THIN_ID_MAX};
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
@@ -324,10 +324,34 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Bytes of pool data the layer maps (its own and those shared with its parents).
-    pub fn usage(&self, name: &str) -> Result<ByteSize> {
+    pub fn usage(&self, name: &str) -> Result<ThinUsage> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.ready_record(&name)?;
-        self.with_device(&record, |_| self.kernel.mapped(record.thin_id))
+        let usage = self.thin_usage()?;
+        usage_of(&usage, &record)
+    }
+
+    /// What every ready layer carrying every label in `labels` maps, and holds alone: one
+    /// read of the pool's metadata for all of them.
+    pub fn usage_all(
+        &self,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<BTreeMap<LayerName, ThinUsage>> {
+        let usage = self.thin_usage()?;
+        let index = self.index();
+        index
+            .layers
+            .values()
+            .filter(|l| l.state == LayerState::Ready && !l.missing)
+            .filter(|l| labels.iter().all(|(k, v)| l.labels.get(k) == Some(v)))
+            .map(|record| Ok((record.name.clone(), usage_of(&usage, record)?)))
+            .collect()
+    }
+
+    /// Every thin device's usage, read with pool messages held off (the real pool reads it
+    /// through the one metadata snapshot a pool may hold).
+    fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>> {
+        self.exclusive_pool(|kernel| kernel.thin_usage())
     }
 
     /// Run `f` on the node of `record`'s device: the active one, or one activated read-only
@@ -346,6 +370,17 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.kernel.deactivate(id)?;
         done
     }
+}
+
+/// `record`'s entry in the pool's `usage`.
+pub(super) fn usage_of(usage: &BTreeMap<ThinId, ThinUsage>, record: &LayerRecord) -> Result<ThinUsage> {
+    usage.get(&record.thin_id).copied().ok_or_else(|| {
+        Error::inconsistent(format!(
+            "layer {:?}: its thin device {} is not in the pool; see thinstack pool doctor",
+            record.name.as_str(),
+            record.thin_id
+        ))
+    })
 }
 
 struct CreatePlan {

@@ -487,12 +487,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             .collect()
     }
 
-    /// Bytes the snapshot's device has mapped, and inodes its filesystem uses (read where it
-    /// is mounted, or from a private read-only mount).
+    /// Bytes the snapshot holds alone (blocks no other device shares: what removing it gives
+    /// back, the size containerd's `Usage` means), and inodes its filesystem uses (read where
+    /// it is mounted, or from a private read-only mount).
     pub fn snapshot_usage(&self, namespace: &str, key: &str) -> Result<(ByteSize, u64)> {
         let (record, _guard) = self.lock_snapshot(namespace, key)?;
+        let exclusive = super::usage_of(&self.thin_usage()?, &record)?.exclusive;
         self.with_device(&record, |node| {
-            let mapped = self.kernel.mapped(record.thin_id)?;
             let inodes = match self.fs.mounts_of(node)?.first() {
                 Some((target, _)) => crate::kernel::fs::inodes_used(target)?,
                 None => self.with_private_mount(
@@ -503,7 +504,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                     crate::kernel::fs::inodes_used,
                 )?,
             };
-            Ok((mapped, inodes))
+            Ok((exclusive, inodes))
         })
     }
 }

@@ -1,14 +1,14 @@
 //! The seam's traits for boxed kernels, so the daemon holds either kernel (the real one, or
 //! the sim of `thinstackd --sim`) behind one type.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use devicemapper::Device;
 
 use super::{
     mounts, superblock, DeletedLoopFile, DmDevice, FsKernel, PoolDetails, PoolKernel, PoolUsage,
-    Room,
+    Room, ThinUsage,
 };
 use crate::error::Result;
 use crate::kernel::thin_tools::CheckReport;
@@ -75,6 +75,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
 
     fn discard(&self, id: ThinId) -> Result<()> {
         (**self).discard(id)
+    }
+
+    fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>> {
+        (**self).thin_usage()
     }
 
     fn room(&self) -> Result<Room> {

@@ -33,6 +33,8 @@ pub enum Program {
     ThinCheck,
     /// `thin_dump` (thin-provisioning-tools)
     ThinDump,
+    /// `thin_ls` (thin-provisioning-tools)
+    ThinLs,
     /// `blkid` (util-linux)
     Blkid,
     /// `wipefs` (util-linux)
@@ -51,6 +53,7 @@ impl Program {
             Program::XfsGrowfs => "xfs_growfs",
             Program::ThinCheck => "thin_check",
             Program::ThinDump => "thin_dump",
+            Program::ThinLs => "thin_ls",
             Program::Blkid => "blkid",
             Program::Wipefs => "wipefs",
             Program::Lvm => "lvm",
@@ -62,7 +65,7 @@ impl Program {
         match self {
             Program::MkfsExt4 | Program::Resize2fs => "e2fsprogs",
             Program::MkfsXfs | Program::XfsGrowfs => "xfsprogs",
-            Program::ThinCheck | Program::ThinDump => "thin-provisioning-tools",
+            Program::ThinCheck | Program::ThinDump | Program::ThinLs => "thin-provisioning-tools",
             Program::Blkid | Program::Wipefs => "util-linux",
             Program::Lvm => "lvm2",
         }

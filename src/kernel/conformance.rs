@@ -100,6 +100,16 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
         ErrorKind::Permission,
     );
     pool.deactivate(b).expect("deactivate the snapshot");
+    let usage = pool.thin_usage().expect("thin_usage");
+    assert!(
+        usage[&b].mapped.bytes() > 0,
+        "a snapshot maps its origin's blocks: {usage:?}"
+    );
+    assert_eq!(
+        usage[&b].exclusive.bytes(),
+        0,
+        "a snapshot never written holds nothing alone: {usage:?}"
+    );
     fs.unmount(mount_point, &node).expect("unmount");
     assert!(!fs.is_mounted(mount_point).expect("is_mounted"));
     assert!(fs.mounts_of(&node).expect("mounts_of").is_empty());

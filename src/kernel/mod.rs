@@ -22,7 +22,7 @@ pub mod superblock;
 pub mod table;
 pub mod thin_tools;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use devicemapper::Device;
@@ -45,6 +45,22 @@ pub struct PoolUsage {
     pub metadata: Space,
     /// Health flags.
     pub health: Health,
+}
+
+/// The pool data one thin device maps, and how much of it no other thin device shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThinUsage {
+    /// Bytes it maps (blocks it shares with snapshots included).
+    pub mapped: ByteSize,
+    /// Bytes that no other thin device maps: what deleting it gives back to the pool.
+    pub exclusive: ByteSize,
+}
+
+impl ThinUsage {
+    /// Bytes it maps that another thin device maps too.
+    pub fn shared(&self) -> ByteSize {
+        ByteSize::from_bytes(self.mapped.bytes().saturating_sub(self.exclusive.bytes()))
+    }
 }
 
 /// What a pool is and what it sits on, for status output.
@@ -98,6 +114,10 @@ pub trait PoolKernel {
     fn mapped(&self, id: ThinId) -> Result<ByteSize>;
     /// Discard every block of an active thin device (gives loop-file space back to the host).
     fn discard(&self, id: ThinId) -> Result<()>;
+    /// What every thin device in the pool maps, and how much of it is its own, read at one
+    /// moment (active or not; the real pool reads it through a metadata snapshot, which a
+    /// read-only pool refuses).
+    fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>>;
 
     // ----- administration: what the daemon, its watcher and the doctor ask of a pool -----
 

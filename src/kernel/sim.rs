@@ -15,7 +15,9 @@ use devicemapper::Device;
 
 use crate::kernel::sim_files::{self, Tree};
 use crate::kernel::thin_tools::CheckReport;
-use crate::kernel::{DeletedLoopFile, DmDevice, FsKernel, PoolKernel, PoolUsage, Room};
+use crate::kernel::{
+    DeletedLoopFile, DmDevice, FsKernel, PoolKernel, PoolUsage, Room, ThinUsage,
+};
 use crate::names::ThinId;
 use crate::units::ByteSize;
 use crate::vocab::FsType;
@@ -51,10 +53,17 @@ pub enum SimOp {
     Grow,
 }
 
-#[derive(Debug, Clone)]
+/// Pool data a thin device maps outside its files (what mkfs wrote, what a test wrote): one
+/// allocation, shared with the snapshots made since (a clone of the `Arc`), and given back
+/// to the pool when the last device holding it lets it go.
+type Chunk = Arc<u64>;
+
+#[derive(Debug, Clone, Default)]
 struct SimThin {
-    mapped: u64,
-    /// Its files, when the sim keeps files ([`Sim::with_files`]).
+    /// Its data outside its files.
+    chunks: Vec<Chunk>,
+    /// Its files, when the sim keeps files ([`Sim::with_files`]): each file's contents are
+    /// an allocation of their own, shared as chunks are.
     files: Tree,
     /// The filesystem mkfs made (a snapshot shares its origin's), as a probe finds it.
     fs: Option<crate::kernel::superblock::Found>,
@@ -82,7 +91,7 @@ struct SimState {
     metadata_per_thin: u64,
     /// Bytes written by mkfs, taken from the pool.
     mkfs_bytes: u64,
-    /// The sum of every thin's `mapped`, kept as it changes (usage is asked on every
+    /// Bytes of every chunk and file content some thin maps, each once, kept as they change
     /// operation, and summing thousands of thins each time made deep-chain tests quadratic).
     mapped_total: u64,
     /// Read-only, as thinstack's metadata guard makes a pool: pool messages are refused.
@@ -185,9 +194,11 @@ impl Sim {
     /// Add `bytes` of written data to thin `id` (as a writer inside a mount would).
     pub fn write(&self, id: ThinId, bytes: u64) {
         let mut state = self.state();
-        if let Some(thin) = state.thins.get_mut(&id) {
-            thin.mapped += bytes;
-            state.mapped_total += bytes;
+        if state.thins.contains_key(&id) {
+            let chunk = Sim::allocate(&mut state, bytes);
+            if let Some(thin) = state.thins.get_mut(&id) {
+                thin.chunks.push(chunk);
+            }
         }
     }
 
@@ -209,8 +220,8 @@ impl Sim {
         self.state().mounts.keys().cloned().collect()
     }
 
-    /// At an unmount: a read-write mount's files become the layer's (the bytes they grew by
-    /// are mapped), and the target is emptied.
+    /// At an unmount: a read-write mount's files become the layer's, and the target is
+    /// emptied.
     fn take_files_back(
         state: &mut SimState,
         id: ThinId,
@@ -218,14 +229,51 @@ impl Sim {
         read_only: bool,
     ) -> Result<()> {
         if !read_only {
-            let files = Tree::read(target)?;
-            let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
-            let grew = files.bytes().saturating_sub(thin.files.bytes());
-            thin.files = files;
-            thin.mapped += grew;
-            state.mapped_total += grew;
+            Sim::take_files(state, id, Tree::read(target)?)?;
         }
         sim_files::clear(target)
+    }
+
+    /// `files` become thin `id`'s: contents unchanged since its last files stay what they
+    /// were (shared with snapshots), new or rewritten ones are new allocations, and what the
+    /// old files held alone goes back to the pool.
+    fn take_files(state: &mut SimState, id: ThinId, mut files: Tree) -> Result<()> {
+        let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
+        let old = std::mem::take(&mut thin.files);
+        files.share_unchanged(&old);
+        let kept: std::collections::HashSet<*const Vec<u8>> =
+            old.contents().map(Arc::as_ptr).collect();
+        let added: u64 = files
+            .contents()
+            .filter(|data| !kept.contains(&Arc::as_ptr(data)))
+            .map(|data| data.len() as u64)
+            .sum();
+        thin.files = files;
+        state.mapped_total += added;
+        Sim::let_go(state, Vec::new(), old);
+        Ok(())
+    }
+
+    /// A new chunk of `bytes`, taken from the pool.
+    fn allocate(state: &mut SimState, bytes: u64) -> Chunk {
+        state.mapped_total += bytes;
+        Arc::new(bytes)
+    }
+
+    /// Let go of a thin device's `chunks` and `files`: what no other device holds goes back
+    /// to the pool.
+    fn let_go(state: &mut SimState, chunks: Vec<Chunk>, files: Tree) {
+        let chunks_freed: u64 = chunks
+            .iter()
+            .filter(|chunk| Arc::strong_count(chunk) == 1)
+            .map(|chunk| **chunk)
+            .sum();
+        let files_freed: u64 = files
+            .contents()
+            .filter(|data| Arc::strong_count(data) == 1)
+            .map(|data| data.len() as u64)
+            .sum();
+        state.mapped_total -= chunks_freed + files_freed;
     }
 
     /// Count a call of `op` and fail it when an injected failure is due.
@@ -273,6 +321,26 @@ impl Sim {
 
     fn data_used(state: &SimState) -> u64 {
         state.mapped_total
+    }
+}
+
+impl SimThin {
+    /// Bytes it maps: its chunks and its files, shared or not.
+    fn mapped(&self) -> u64 {
+        self.chunks.iter().map(|chunk| **chunk).sum::<u64>() + self.files.bytes()
+    }
+
+    /// Its allocations, each with its size, by address (what identifies an allocation).
+    fn allocations(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        let chunks = self
+            .chunks
+            .iter()
+            .map(|chunk| (Arc::as_ptr(chunk) as usize, **chunk));
+        let files = self
+            .files
+            .contents()
+            .map(|data| (Arc::as_ptr(data) as usize, data.len() as u64));
+        chunks.chain(files)
     }
 }
 
@@ -326,14 +394,7 @@ impl PoolKernel for Sim {
                 "the pool is out of metadata space",
             ));
         }
-        state.thins.insert(
-            id,
-            SimThin {
-                mapped: 0,
-                files: Tree::default(),
-                fs: None,
-            },
-        );
+        state.thins.insert(id, SimThin::default());
         Ok(())
     }
 
@@ -354,22 +415,12 @@ impl PoolKernel for Sim {
         // the kernel's does once the origin's filesystem is frozen.
         if state.files {
             if let Some(target) = Sim::writable_mount_of(&state, origin) {
-                let files = Tree::read(&target)?;
-                if let Some(thin) = state.thins.get_mut(&origin) {
-                    thin.files = files;
-                }
+                Sim::take_files(&mut state, origin, Tree::read(&target)?)?;
             }
         }
-        // Shared blocks are not counted twice: the snapshot maps nothing new of its own.
-        let SimThin { fs, files, .. } = state.thins[&origin].clone();
-        state.thins.insert(
-            new,
-            SimThin {
-                mapped: 0,
-                files,
-                fs,
-            },
-        );
+        // The snapshot shares every chunk and file of its origin: nothing new is taken.
+        let copy = state.thins[&origin].clone();
+        state.thins.insert(new, copy);
         Ok(())
     }
 
@@ -387,7 +438,7 @@ impl PoolKernel for Sim {
             ));
         }
         if let Some(thin) = state.thins.remove(&id) {
-            state.mapped_total -= thin.mapped;
+            Sim::let_go(&mut state, thin.chunks, thin.files);
         }
         Ok(())
     }
@@ -475,8 +526,34 @@ impl PoolKernel for Sim {
             )));
         }
         Ok(ByteSize::from_bytes(
-            state.thins.get(&id).map_or(0, |t| t.mapped),
+            state.thins.get(&id).map_or(0, SimThin::mapped),
         ))
+    }
+
+    fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>> {
+        let state = self.state();
+        let mut holders: HashMap<usize, u32> = HashMap::new();
+        for thin in state.thins.values() {
+            for (allocation, _) in thin.allocations() {
+                *holders.entry(allocation).or_default() += 1;
+            }
+        }
+        Ok(state
+            .thins
+            .iter()
+            .map(|(&id, thin)| {
+                let exclusive = thin
+                    .allocations()
+                    .filter(|(allocation, _)| holders[allocation] == 1)
+                    .map(|(_, bytes)| bytes)
+                    .sum();
+                let usage = ThinUsage {
+                    mapped: ByteSize::from_bytes(thin.mapped()),
+                    exclusive: ByteSize::from_bytes(exclusive),
+                };
+                (id, usage)
+            })
+            .collect())
     }
 
     fn discard(&self, id: ThinId) -> Result<()> {
@@ -487,8 +564,9 @@ impl PoolKernel for Sim {
             )));
         }
         if let Some(thin) = state.thins.get_mut(&id) {
-            let freed = std::mem::take(&mut thin.mapped);
-            state.mapped_total -= freed;
+            let chunks = std::mem::take(&mut thin.chunks);
+            let files = std::mem::take(&mut thin.files);
+            Sim::let_go(&mut state, chunks, files);
         }
         Ok(())
     }
@@ -655,14 +733,19 @@ impl FsKernel for Sim {
             .map_or(ByteSize::from_bytes(0), |a| a.size);
         let uuid = format!("sim-{fs}-uuid-{id}");
         let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
-        thin.mapped += written;
-        thin.files = Tree::default();
+        // A new filesystem: what the device held before is gone.
+        let chunks = std::mem::take(&mut thin.chunks);
+        let files = std::mem::take(&mut thin.files);
         thin.fs = Some(crate::kernel::superblock::Found {
             fs,
             size,
             uuid: uuid.clone(),
         });
-        state.mapped_total += written;
+        Sim::let_go(&mut state, chunks, files);
+        let chunk = Sim::allocate(&mut state, written);
+        if let Some(thin) = state.thins.get_mut(&id) {
+            thin.chunks.push(chunk);
+        }
         Ok(uuid)
     }
 

@@ -36,6 +36,29 @@ impl Tree {
             .sum()
     }
 
+    /// Each regular file's contents: one allocation of pool data, shared with the trees this
+    /// one was copied to (a snapshot's) until either rewrites the file.
+    pub fn contents(&self) -> impl Iterator<Item = &Arc<Vec<u8>>> {
+        self.0.values().filter_map(|entry| match entry {
+            Entry::File { data, .. } => Some(data),
+            _ => None,
+        })
+    }
+
+    /// Where a file has the same path and contents in `old`, take `old`'s contents, so data
+    /// shared with a snapshot stays shared until it is rewritten (as unchanged blocks do).
+    pub fn share_unchanged(&mut self, old: &Tree) {
+        for (path, entry) in &mut self.0 {
+            if let (Entry::File { data, .. }, Some(Entry::File { data: before, .. })) =
+                (entry, old.0.get(path))
+            {
+                if data == before {
+                    *data = before.clone();
+                }
+            }
+        }
+    }
+
     /// Read what `dir` holds (not `dir` itself).
     pub fn read(dir: &Path) -> Result<Tree> {
         let mut tree = Tree::default();

@@ -1,7 +1,7 @@
 //! The real pool behind the kernel seam ([`PoolKernel`]): a [`Pool`] over device-mapper, with
 //! everything the daemon, its watcher and the doctor ask of it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use devicemapper::Device;
@@ -11,7 +11,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::dm::{self, Dm, Udev};
 use crate::kernel::thin_tools::CheckReport;
-use crate::kernel::{blockdev, loopdev, DeletedLoopFile, DmDevice, PoolKernel, PoolUsage, Room};
+use crate::kernel::{
+    blockdev, loopdev, DeletedLoopFile, DmDevice, PoolKernel, PoolUsage, Room, ThinUsage,
+};
 use crate::names::{parse_thin_dm_name, ThinId};
 use crate::pool::{lvm, Backing, Pool};
 use crate::units::ByteSize;
@@ -169,6 +171,10 @@ impl PoolKernel for RealPool {
 
     fn mapped(&self, id: ThinId) -> Result<ByteSize> {
         self.pool.thin_mapped(&self.dm, id)
+    }
+
+    fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>> {
+        thin_usage_of(&self.dm, &self.pool)
     }
 
     fn discard(&self, id: ThinId) -> Result<()> {
@@ -332,6 +338,57 @@ pub fn thin_ids_of(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
     parse_dump_ids(&String::from_utf8_lossy(&output.stdout))
 }
 
+/// What every thin device in `pool` maps and holds alone, read with `thin_ls` through a
+/// metadata snapshot (as cAdvisor reads per-container usage from a devicemapper pool).
+pub fn thin_usage_of(dm: &Dm, pool: &Pool) -> Result<BTreeMap<ThinId, ThinUsage>> {
+    let name = pool.dm_name();
+    dm.message(name, "reserve_metadata_snap").map_err(|e| {
+        e.context("reserving a metadata snapshot to count the layers' exclusive blocks (a read-only pool refuses it: extend its metadata first, thinstack pool extend --metadata SIZE)")
+    })?;
+    let listed = cmd::run(
+        Program::ThinLs,
+        [
+            "-m".as_ref(),
+            "--no-headers".as_ref(),
+            "-o".as_ref(),
+            "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS".as_ref(),
+            pool.metadata_node().as_os_str(),
+        ],
+    );
+    let released = dm.message(name, "release_metadata_snap");
+    let output = listed?;
+    released?;
+    let block_size = ByteSize::from_sectors(pool.block_size());
+    parse_thin_ls(&String::from_utf8_lossy(&output.stdout), block_size)
+}
+
+/// `thin_ls -o DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS --no-headers` lines, in blocks of
+/// `block_size`.
+fn parse_thin_ls(text: &str, block_size: ByteSize) -> Result<BTreeMap<ThinId, ThinUsage>> {
+    let bad = |line: &str| Error::inconsistent(format!("thin_ls printed a line thinstack cannot read: {line:?}"));
+    let mut usage = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let fields: Vec<u64> = line
+            .split_whitespace()
+            .map(|f| f.parse::<u64>())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| bad(line))?;
+        let [id, mapped, exclusive] = fields[..] else {
+            return Err(bad(line));
+        };
+        let id = ThinId::new(u32::try_from(id).map_err(|_| bad(line))?)?;
+        let bytes = |blocks: u64| ByteSize::from_bytes(blocks.saturating_mul(block_size.bytes()));
+        usage.insert(
+            id,
+            ThinUsage {
+                mapped: bytes(mapped),
+                exclusive: bytes(exclusive),
+            },
+        );
+    }
+    Ok(usage)
+}
+
 /// Thin ids in `thin_dump` XML: `<device dev_id="N" ...>`.
 fn parse_dump_ids(xml: &str) -> Result<BTreeSet<ThinId>> {
     xml.split("<device ")
@@ -391,6 +448,19 @@ fn sources(backing: &Backing, metadata_node: &Path) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thin_ls_lines_are_read_in_blocks() {
+        let text = "1 100 20\n16777215 110 20\n\n";
+        let usage = parse_thin_ls(text, ByteSize::from_bytes(65536)).unwrap();
+        let second = usage[&ThinId::new(16777215).unwrap()];
+        assert_eq!(second.mapped, ByteSize::from_bytes(65536 * 110));
+        assert_eq!(second.exclusive, ByteSize::from_bytes(65536 * 20));
+        assert_eq!(second.shared(), ByteSize::from_bytes(65536 * 90));
+        for bad in ["1 2", "x 1 2", "1 2 3 4", "16777216 1 1", "-1 1 1"] {
+            assert!(parse_thin_ls(bad, ByteSize::from_bytes(65536)).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn thin_dump_ids_are_read() {
