@@ -206,7 +206,9 @@ impl Metrics {
 
     /// thinstackd grew the pool's `area` (`data` or `metadata`) by itself.
     pub fn autoextended(&self, area: &'static str) {
-        self.autoextensions.get_or_create(&AreaLabels { area }).inc();
+        self.autoextensions
+            .get_or_create(&AreaLabels { area })
+            .inc();
     }
 
     /// Every metric in the text format, with the pool's figures from `status` and the

@@ -287,7 +287,10 @@ fn every_route_answers_as_the_document_says() {
     c.call(d, "GET /v1/version", none(), 200);
     let metrics = c.call(d, "GET /metrics", none(), 200);
     assert!(
-        metrics.as_str().unwrap().contains("thinstack_pool_data_size_bytes "),
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("thinstack_pool_data_size_bytes "),
         "{metrics}"
     );
     c.call(d, "GET /metrics?x=1", none(), 400);
@@ -316,6 +319,12 @@ fn every_route_answers_as_the_document_says() {
     c.call(d, "GET /v1/layers", none(), 200);
     c.call(d, "GET /v1/layers?label=role%3Dbase", none(), 200);
     c.call(d, "GET /v1/layers?label=nolabel", none(), 400);
+    let with_usage = c.call(d, "GET /v1/layers?usage=true", none(), 200);
+    assert!(
+        with_usage[0]["usage"]["exclusive_bytes"].is_u64(),
+        "{with_usage}"
+    );
+    c.call(d, "GET /v1/layers?usage=maybe", none(), 400);
     c.call(d, "GET /v1/layers/base", none(), 200);
     c.call(d, "GET /v1/layers/nope", none(), 404);
 
@@ -405,6 +414,17 @@ fn every_route_answers_as_the_document_says() {
     c.call(d, "POST /v1/pool/adopt", unknown, 404);
     let owned = Some(json!({"thin_id": 1, "name": "x"}));
     c.call(d, "POST /v1/pool/adopt", owned, 409);
+
+    // Prune: a dry run, then one that finds nothing unused with that label; bad filters.
+    let dry = Some(json!({"dry_run": true}));
+    let listed = c.call(d, "POST /v1/pool/prune", dry, 200);
+    assert_eq!(listed["dry_run"], true, "{listed}");
+    let none_such = Some(json!({"labels": {"no": "such"}, "older_than": "1h"}));
+    let pruned = c.call(d, "POST /v1/pool/prune", none_such, 200);
+    assert_eq!(pruned["removed"], json!([]), "{pruned}");
+    let bad_age = Some(json!({"older_than": "soon"}));
+    c.call(d, "POST /v1/pool/prune", bad_age, 400);
+    c.call(d, "POST /v1/pool/prune", Some(json!({"all": true})), 400);
 
     // Removal, then the pool goes.
     c.call(d, "DELETE /v1/layers/base", none(), 409);

@@ -542,12 +542,17 @@ fn kernel_daemon_usage_counts_what_a_child_holds_alone() {
     const MIB: i64 = 1 << 20;
     let block = 64 * 1024;
     let bytes = |usage: &Value, field: &str| usage[format!("{field}_bytes")].as_i64().unwrap();
-    // Raw writes where ext4's mkfs wrote nothing (block group 4 of a 1G filesystem holds no
-    // backup superblock, group 5's is at its start), so the figures are exactly the data.
+    // Raw writes where ext4's mkfs wrote nothing, so the figures are exactly the data: block
+    // groups 2 (256M-384M) and 6 (768M-896M) of a 1G filesystem hold no backup superblock, its
+    // inode tables sit in group 0 (flex_bg) and its journal in the middle (512M).
     d.json(&["layer", "create", "base"]);
     let formatted = bytes(&d.json(&["layer", "usage", "base"]), "mapped");
-    let device = d.cli(&["layer", "activate", "base"]).stdout.trim().to_string();
-    write_device(&device, 512, 100, 0xaa);
+    let device = d
+        .cli(&["layer", "activate", "base"])
+        .stdout
+        .trim()
+        .to_string();
+    write_device(&device, 260, 100, 0xaa);
     d.json(&["layer", "deactivate", "base"]);
     d.json(&["layer", "commit", "base"]);
     let base = d.json(&["layer", "usage", "base"]);
@@ -556,9 +561,13 @@ fn kernel_daemon_usage_counts_what_a_child_holds_alone() {
 
     // The child rewrites 10M of the base's data and adds 10M of its own.
     d.json(&["layer", "create", "app", "--parent", "base"]);
-    let device = d.cli(&["layer", "activate", "app"]).stdout.trim().to_string();
-    write_device(&device, 512, 10, 0xbb);
-    write_device(&device, 700, 10, 0xcc);
+    let device = d
+        .cli(&["layer", "activate", "app"])
+        .stdout
+        .trim()
+        .to_string();
+    write_device(&device, 260, 10, 0xbb);
+    write_device(&device, 780, 10, 0xcc);
     let app = d.json(&["layer", "usage", "app"]);
     let exclusive = bytes(&app, "exclusive");
     assert!(
@@ -584,8 +593,28 @@ fn kernel_daemon_usage_counts_what_a_child_holds_alone() {
         .unwrap();
     assert_eq!(listed_app["usage"], app);
     let table = d.cli(&["layer", "list", "--usage"]).stdout;
-    assert!(table.contains("EXCLUSIVE") && table.contains("20.0M"), "{table}");
-    eprintln!(
-        "usage figures: formatted {formatted} B; app {app}; base {base}"
+    assert!(
+        table.contains("EXCLUSIVE") && table.contains("20.0M"),
+        "{table}"
     );
+    eprintln!("usage figures: formatted {formatted} B; app {app}; base {base}");
+
+    // Prune takes nothing in use; once the child is released, the child and then its parent.
+    let dry = d.json(&["layer", "prune", "--dry-run"]);
+    assert_eq!(dry["removed"].as_array().unwrap().len(), 0, "{dry}");
+    d.json(&["layer", "deactivate", "app"]);
+    let dry = d.json(&["layer", "prune", "--dry-run"]);
+    let order: Vec<&str> = dry["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["app", "base"], "{dry}");
+    assert_eq!(d.json(&["layer", "list"]).as_array().unwrap().len(), 2);
+    let pruned = d.json(&["layer", "prune"]);
+    let given_back = pruned["given_back_bytes"].as_i64().unwrap();
+    assert!(given_back >= 120 * MIB, "{pruned}");
+    assert_eq!(d.json(&["layer", "list"]).as_array().unwrap().len(), 0);
+    eprintln!("prune gave back {given_back} B: {pruned}");
 }

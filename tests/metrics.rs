@@ -33,10 +33,7 @@ fn start(port: u16) -> (SimDaemon, Client) {
     });
     let mut client = Client::new(&daemon.api_socket());
     let started = Instant::now();
-    while client
-        .get::<serde_json::Value>("/v1/version")
-        .is_err()
-    {
+    while client.get::<serde_json::Value>("/v1/version").is_err() {
         daemon.still_starting(started, "thinstackd --sim");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -73,7 +70,12 @@ fn scrape_tcp(port: u16) -> (String, String) {
 fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
     let port = free_port();
     let (_daemon, mut client) = start(port);
-    post(&mut client, "/v1/layers", serde_json::json!({"name": "base"})).unwrap();
+    post(
+        &mut client,
+        "/v1/layers",
+        serde_json::json!({"name": "base"}),
+    )
+    .unwrap();
     post(&mut client, "/v1/layers/base/commit", serde_json::json!({})).unwrap();
     post(
         &mut client,
@@ -81,8 +83,18 @@ fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
         serde_json::json!({"name": "app", "parent": "base"}),
     )
     .unwrap();
-    post(&mut client, "/v1/layers/app/activate", serde_json::json!({})).unwrap();
-    let taken = post(&mut client, "/v1/layers", serde_json::json!({"name": "app"})).unwrap_err();
+    post(
+        &mut client,
+        "/v1/layers/app/activate",
+        serde_json::json!({}),
+    )
+    .unwrap();
+    let taken = post(
+        &mut client,
+        "/v1/layers",
+        serde_json::json!({"name": "app"}),
+    )
+    .unwrap_err();
     assert_eq!(taken.kind(), Some(ErrorKind::AlreadyExists));
     // 8G + 8G of 10G: a third 8G layer would make 2.4 of the limit 3, a fourth 3.2.
     post(
@@ -102,7 +114,10 @@ fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
     let text = client.get_text("/metrics").unwrap();
     let gib = (1u64 << 30) as f64;
     assert_eq!(sample(&text, "thinstack_pool_data_size_bytes"), 10.0 * gib);
-    assert_eq!(sample(&text, "thinstack_pool_virtual_size_bytes"), 24.0 * gib);
+    assert_eq!(
+        sample(&text, "thinstack_pool_virtual_size_bytes"),
+        24.0 * gib
+    );
     assert!((sample(&text, "thinstack_pool_overcommit_ratio") - 2.4).abs() < 1e-9);
     assert_eq!(sample(&text, "thinstack_pool_overcommit_limit_ratio"), 3.0);
     assert_eq!(sample(&text, "thinstack_pool_block_size_bytes"), 65536.0);
@@ -112,7 +127,10 @@ fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
     assert!(sample(&text, "thinstack_pool_metadata_low_water_mark_bytes") > 0.0);
     assert!(sample(&text, "thinstack_pool_transaction_id") >= 3.0);
     assert_eq!(sample(&text, r#"thinstack_pool_health{state="ok"}"#), 1.0);
-    assert_eq!(sample(&text, r#"thinstack_pool_health{state="read_only"}"#), 0.0);
+    assert_eq!(
+        sample(&text, r#"thinstack_pool_health{state="read_only"}"#),
+        0.0
+    );
     assert_eq!(sample(&text, r#"thinstack_layers{state="ready"}"#), 3.0);
     assert_eq!(sample(&text, r#"thinstack_layers{state="committed"}"#), 1.0);
     assert_eq!(sample(&text, r#"thinstack_layers{state="active"}"#), 1.0);

@@ -8,10 +8,11 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::engine;
 use crate::error::{Error, ErrorKind};
 use crate::kernel::ThinUsage;
 use crate::names::{LayerName, ThinId};
-use crate::units::ByteSize;
+use crate::units::{ByteSize, Timeout};
 use crate::vocab::FsType;
 
 mod layer;
@@ -201,6 +202,78 @@ impl UsageResponse {
             exclusive_bytes: usage.exclusive.bytes(),
             shared,
             shared_bytes: shared.bytes(),
+        }
+    }
+}
+
+/// `POST /v1/pool/prune`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    /// Only layers carrying every one of these labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Only layers made at least this long ago (`24h`, `7d`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub older_than: Option<Timeout>,
+    /// List what would go; remove nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Answer to `POST /v1/pool/prune`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneResponse {
+    /// Nothing was removed: `removed` is what a real run would remove.
+    pub dry_run: bool,
+    /// The layers removed (or that would be), in order.
+    pub removed: Vec<PrunedLayer>,
+    /// Layers that matched but were in use by their turn, and were kept.
+    pub kept_in_use: Vec<LayerName>,
+    /// Pool data given back (0 in a dry run: see each layer's `exclusive`).
+    pub given_back: ByteSize,
+    /// The same in bytes.
+    pub given_back_bytes: u64,
+}
+
+/// One layer a prune removed, or would remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrunedLayer {
+    /// The layer.
+    pub name: LayerName,
+    /// Pool data it held alone when the prune began.
+    pub exclusive: ByteSize,
+    /// The same in bytes.
+    pub exclusive_bytes: u64,
+    /// Removed now, or deferred until its device is released; absent in a dry run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Removal>,
+}
+
+impl PruneResponse {
+    /// The wire form of a prune's report.
+    pub fn of(report: engine::PruneReport, dry_run: bool) -> PruneResponse {
+        let given_back = ByteSize::from_bytes(
+            report
+                .data_used_before
+                .bytes()
+                .saturating_sub(report.data_used_after.bytes()),
+        );
+        PruneResponse {
+            dry_run,
+            removed: report
+                .removed
+                .into_iter()
+                .map(|pruned| PrunedLayer {
+                    name: pruned.name,
+                    exclusive: pruned.exclusive,
+                    exclusive_bytes: pruned.exclusive.bytes(),
+                    result: pruned.removal.map(Into::into),
+                })
+                .collect(),
+            kept_in_use: report.kept_in_use,
+            given_back,
+            given_back_bytes: given_back.bytes(),
         }
     }
 }

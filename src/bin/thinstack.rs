@@ -14,11 +14,12 @@ use thinstack::api::{
     AddDeviceRequest, AddDeviceResponse, AdoptRequest, CheckResponse, CreateRequest,
     DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoctorResponse, DoneResponse,
     ExtendRequest, ExtendResponse, FindingStatus, Layer, MountRequest, MountResponse, PoolStatus,
-    Removal, RemoveResponse, ResizeRequest, UnmountRequest, UsageResponse,
+    PruneRequest, PruneResponse, Removal, RemoveResponse, ResizeRequest, UnmountRequest,
+    UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
 use thinstack::names::{ThinId, THIN_ID_MAX};
-use thinstack::units::ByteSize;
+use thinstack::units::{ByteSize, Timeout};
 use thinstack::vocab::FsType;
 use thinstack::ErrorKind;
 
@@ -197,6 +198,20 @@ enum LayerCommand {
         /// Remove the layers made from it first.
         #[arg(long)]
         recursive: bool,
+    },
+    /// Remove the layers nobody uses (not mounted, not active, no children left, not
+    /// containerd's), oldest first and children before parents; print what went and the pool
+    /// data given back.
+    Prune {
+        /// Only layers with this label; repeat for several.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Only layers made at least this long ago, such as 24h or 7d.
+        #[arg(long, value_name = "DURATION")]
+        older_than: Option<Timeout>,
+        /// List what would go; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -605,7 +620,54 @@ fn layer(client: &mut Client, command: LayerCommand) -> Result<Output, ClientErr
                 .join("\n");
             Ok(output(&removed, text))
         }
+        LayerCommand::Prune {
+            labels,
+            older_than,
+            dry_run,
+        } => {
+            let request = PruneRequest {
+                labels: labels.into_iter().collect(),
+                older_than,
+                dry_run,
+            };
+            let pruned: PruneResponse = client.post("/v1/pool/prune", &request)?;
+            let text = prune_text(&pruned);
+            Ok(output(&pruned, text))
+        }
     }
+}
+
+/// One line per layer, then what came back.
+fn prune_text(pruned: &PruneResponse) -> String {
+    if pruned.removed.is_empty() {
+        return "Nothing to prune: every matching layer is in use or has children.".to_string();
+    }
+    let mut lines: Vec<String> = pruned
+        .removed
+        .iter()
+        .map(|layer| {
+            let own = layer.exclusive.human();
+            match layer.result {
+                None => format!("Would remove layer {} ({own} of its own).", layer.name),
+                Some(Removal::Removed) => {
+                    format!("Removed layer {} ({own} of its own).", layer.name)
+                }
+                Some(Removal::Deferred) => format!(
+                    "Layer {} is in use; it will be removed as soon as it is released.",
+                    layer.name
+                ),
+            }
+        })
+        .collect();
+    for name in &pruned.kept_in_use {
+        lines.push(format!("Kept layer {name}: it came into use meanwhile."));
+    }
+    lines.push(if pruned.dry_run {
+        "Dry run: nothing was removed.".to_string()
+    } else {
+        format!("Gave back {} of pool data.", pruned.given_back.human())
+    });
+    lines.join("\n")
 }
 
 /// The daemon resolves paths in its own working directory; make a relative one absolute here.
@@ -625,13 +687,18 @@ fn layer_table(layers: &[Layer], usage: bool) -> String {
     }
     let usage_columns = |cells: [String; 3]| if usage { cells.to_vec() } else { Vec::new() };
     let mut header: Vec<String> = ["NAME", "PARENT", "SIZE"].map(String::from).to_vec();
-    header.extend(usage_columns(["MAPPED", "EXCLUSIVE", "SHARED"].map(String::from)));
+    header.extend(usage_columns(
+        ["MAPPED", "EXCLUSIVE", "SHARED"].map(String::from),
+    ));
     header.extend(["FS", "STATE", "DEVICE", "MOUNTED AT", "LABELS"].map(String::from));
     let mut rows = vec![header];
     for layer in layers {
-        let sizes = layer.usage.as_ref().map_or(["-".into(), "-".into(), "-".into()], |u| {
-            [u.mapped.human(), u.exclusive.human(), u.shared.human()]
-        });
+        let sizes = layer
+            .usage
+            .as_ref()
+            .map_or(["-".into(), "-".into(), "-".into()], |u| {
+                [u.mapped.human(), u.exclusive.human(), u.shared.human()]
+            });
         let mut row = vec![
             layer.name.to_string(),
             layer.parent.as_ref().map_or("-".into(), |p| p.to_string()),

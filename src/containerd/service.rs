@@ -75,8 +75,8 @@ impl<H: EngineHolder> SnapshotService<H> {
             result
         })
         .await
-            .map_err(|e| Status::internal(format!("the operation did not finish: {e}")))?
-            .map_err(status_of)
+        .map_err(|e| Status::internal(format!("the operation did not finish: {e}")))?
+        .map_err(status_of)
     }
 
     /// [`SnapshotService::run`] for an operation that changes something: audited when it
@@ -245,7 +245,9 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let namespace = namespace_of(&request)?;
         let key = request.into_inner().key;
         let mount = self
-            .run("containerd.Mounts", move |engine| engine.snapshot_mounts(&namespace, &key))
+            .run("containerd.Mounts", move |engine| {
+                engine.snapshot_mounts(&namespace, &key)
+            })
             .await?;
         Ok(Response::new(api::MountsResponse {
             mounts: mounts_of(&mount),
@@ -290,7 +292,9 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let namespace = namespace_of(&request)?;
         let key = request.into_inner().key;
         let info = self
-            .run("containerd.Stat", move |engine| engine.snapshot_stat(&namespace, &key))
+            .run("containerd.Stat", move |engine| {
+                engine.snapshot_stat(&namespace, &key)
+            })
             .await?;
         Ok(Response::new(api::StatSnapshotResponse {
             info: Some(info_of(info)),
@@ -332,7 +336,9 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let filters =
             Filters::parse(&request.into_inner().filters).map_err(Status::invalid_argument)?;
         let infos = self
-            .run("containerd.List", move |engine| Ok(engine.snapshot_list(&namespace)))
+            .run("containerd.List", move |engine| {
+                Ok(engine.snapshot_list(&namespace))
+            })
             .await?;
         let matching: Vec<api::Info> = infos
             .into_iter()
@@ -357,7 +363,9 @@ impl<H: EngineHolder> api::snapshots_server::Snapshots for SnapshotService<H> {
         let namespace = namespace_of(&request)?;
         let key = request.into_inner().key;
         let (size, inodes) = self
-            .run("containerd.Usage", move |engine| engine.snapshot_usage(&namespace, &key))
+            .run("containerd.Usage", move |engine| {
+                engine.snapshot_usage(&namespace, &key)
+            })
             .await?;
         Ok(Response::new(api::UsageResponse {
             size: i64::try_from(size.bytes()).unwrap_or(i64::MAX),

@@ -37,7 +37,11 @@ pub async fn bind(address: SocketAddr) -> Result<TcpListener> {
 }
 
 /// Serve `/metrics` on `listener` until `stopping` turns true.
-pub async fn serve(daemon: Arc<Daemon>, listener: TcpListener, mut stopping: watch::Receiver<bool>) {
+pub async fn serve(
+    daemon: Arc<Daemon>,
+    listener: TcpListener,
+    mut stopping: watch::Receiver<bool>,
+) {
     let timeout = daemon.config.daemon.request_timeout.duration();
     loop {
         let stream = tokio::select! {

@@ -277,7 +277,11 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
         Some(address) => match metrics_tcp::bind(address).await {
             Ok(listener) => {
                 tracing::info!(%address, "serving /metrics over TCP");
-                Some(tokio::spawn(metrics_tcp::serve(daemon.clone(), listener, stopping_metrics)))
+                Some(tokio::spawn(metrics_tcp::serve(
+                    daemon.clone(),
+                    listener,
+                    stopping_metrics,
+                )))
             }
             Err(e) => {
                 let _ = stopped.send(true);

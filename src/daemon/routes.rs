@@ -12,12 +12,13 @@ use crate::api;
 use crate::api::{
     AddDeviceRequest, AddDeviceResponse, AdoptRequest, CreateRequest, DestroyRequest,
     DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse,
-    MountRequest, MountResponse, RemoveResponse, RemovedLayer, ResizeRequest, UnmountRequest,
-    UsageResponse, VersionResponse,
+    MountRequest, MountResponse, PruneRequest, PruneResponse, RemoveResponse, RemovedLayer,
+    ResizeRequest, UnmountRequest, UsageResponse, VersionResponse,
 };
-use crate::engine::{CreateLayer, OutsideChange, Removal};
+use crate::engine::{CreateLayer, OutsideChange, PruneFilter, Removal};
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::LayerName;
+use crate::units::Timeout;
 
 /// What a handler gets from a request.
 pub struct Call<'a> {
@@ -63,6 +64,7 @@ pub const ROUTES: &[Route] = &[
     route("POST", "/v1/pool/doctor", pool_doctor),
     route("POST", "/v1/pool/adopt", pool_adopt),
     route("POST", "/v1/pool/destroy", pool_destroy),
+    route("POST", "/v1/pool/prune", pool_prune),
     route("GET", "/v1/layers", list_layers),
     route("POST", "/v1/layers", create_layer),
     route("GET", "/v1/layers/{name}", inspect_layer),
@@ -220,7 +222,10 @@ fn only_query(call: &Call, allowed: &[&str]) -> Result<()> {
 
 fn metrics(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
-    Ok((200, Body::Text(crate::metrics::CONTENT_TYPE, daemon.render_metrics())))
+    Ok((
+        200,
+        Body::Text(crate::metrics::CONTENT_TYPE, daemon.render_metrics()),
+    ))
 }
 
 fn openapi(_: &Daemon, call: &Call) -> Result<Reply> {
@@ -290,6 +295,17 @@ fn pool_destroy(daemon: &Daemon, call: &Call) -> Result<Reply> {
     let request: DestroyRequest = body(call)?;
     let layers_removed = daemon.destroy(request.force)?;
     ok(DestroyResponse { layers_removed })
+}
+
+fn pool_prune(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: PruneRequest = body(call)?;
+    let filter = PruneFilter {
+        labels: request.labels,
+        older_than: request.older_than.map(Timeout::duration),
+    };
+    let report = daemon.engine.prune(&filter, request.dry_run)?;
+    ok(PruneResponse::of(report, request.dry_run))
 }
 
 fn list_layers(daemon: &Daemon, call: &Call) -> Result<Reply> {

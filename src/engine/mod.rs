@@ -14,8 +14,8 @@
 //!   thin device is gone, and re-activates layers that were active before a reboot.
 
 mod activation;
-mod counts;
 mod adopt;
+mod counts;
 mod create;
 mod degraded;
 mod index;
@@ -23,6 +23,7 @@ mod leftovers;
 mod locks;
 mod mount_policy;
 mod overcommit;
+mod prune;
 mod reconcile;
 mod remove;
 mod resize;
@@ -48,11 +49,12 @@ use crate::units::{ByteSize, Percent, Ratio};
 use crate::vocab::FsType;
 use crate::vocab::{Health, Space};
 
-use index::Index;
 pub use counts::LayerCounts;
+use index::Index;
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
 pub use overcommit::Overcommit;
+pub use prune::{PruneFilter, PruneReport, Pruned};
 pub use reconcile::ReconcileReport;
 pub use snapshots::{NewSnapshot, OutsideChange, SnapshotInfo, SnapshotMount, SnapshotRoot};
 pub use types::{CreateLayer, Layer, Removal, Settings, Status};
@@ -373,7 +375,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 }
 
 /// `record`'s entry in the pool's `usage`.
-pub(super) fn usage_of(usage: &BTreeMap<ThinId, ThinUsage>, record: &LayerRecord) -> Result<ThinUsage> {
+pub(super) fn usage_of(
+    usage: &BTreeMap<ThinId, ThinUsage>,
+    record: &LayerRecord,
+) -> Result<ThinUsage> {
     usage.get(&record.thin_id).copied().ok_or_else(|| {
         Error::inconsistent(format!(
             "layer {:?}: its thin device {} is not in the pool; see thinstack pool doctor",

@@ -8,6 +8,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// ([`Removal::Deferred`]).
     pub fn remove(&self, name: &str) -> Result<Removal> {
         let (name, _guard) = self.lock_healthy(name)?;
+        self.remove_locked(&name)
+    }
+
+    /// [`Engine::remove`], with the layer's lock held by the caller.
+    pub(super) fn remove_locked(&self, name: &LayerName) -> Result<Removal> {
+        let name = name.clone();
         let record = self.record(&name)?;
         self.ensure_writable(&format!("remove layer {name:?}"))?;
         let children = self.live_children(&name);

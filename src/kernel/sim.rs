@@ -15,9 +15,7 @@ use devicemapper::Device;
 
 use crate::kernel::sim_files::{self, Tree};
 use crate::kernel::thin_tools::CheckReport;
-use crate::kernel::{
-    DeletedLoopFile, DmDevice, FsKernel, PoolKernel, PoolUsage, Room, ThinUsage,
-};
+use crate::kernel::{DeletedLoopFile, DmDevice, FsKernel, PoolKernel, PoolUsage, Room, ThinUsage};
 use crate::names::ThinId;
 use crate::units::ByteSize;
 use crate::vocab::FsType;

@@ -365,7 +365,11 @@ pub fn thin_usage_of(dm: &Dm, pool: &Pool) -> Result<BTreeMap<ThinId, ThinUsage>
 /// `thin_ls -o DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS --no-headers` lines, in blocks of
 /// `block_size`.
 fn parse_thin_ls(text: &str, block_size: ByteSize) -> Result<BTreeMap<ThinId, ThinUsage>> {
-    let bad = |line: &str| Error::inconsistent(format!("thin_ls printed a line thinstack cannot read: {line:?}"));
+    let bad = |line: &str| {
+        Error::inconsistent(format!(
+            "thin_ls printed a line thinstack cannot read: {line:?}"
+        ))
+    };
     let mut usage = BTreeMap::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let fields: Vec<u64> = line
@@ -458,7 +462,10 @@ mod tests {
         assert_eq!(second.exclusive, ByteSize::from_bytes(65536 * 20));
         assert_eq!(second.shared(), ByteSize::from_bytes(65536 * 90));
         for bad in ["1 2", "x 1 2", "1 2 3 4", "16777216 1 1", "-1 1 1"] {
-            assert!(parse_thin_ls(bad, ByteSize::from_bytes(65536)).is_err(), "{bad}");
+            assert!(
+                parse_thin_ls(bad, ByteSize::from_bytes(65536)).is_err(),
+                "{bad}"
+            );
         }
     }
 

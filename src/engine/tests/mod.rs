@@ -12,6 +12,7 @@ use crate::crash::Point;
 use crate::kernel::sim::{Sim, SimOp};
 
 mod overcommit;
+mod prune;
 mod usage;
 
 struct Fixture {

@@ -44,17 +44,28 @@ fn a_child_that_rewrites_and_adds_data_holds_exactly_that_alone() {
     assert_eq!(app.exclusive, kib(20), "the rewritten and the added data");
     assert_eq!(app.shared(), plus(90, formatted));
     let base_now = engine.usage("base").unwrap();
-    assert_eq!(base_now.exclusive, kib(10), "only its old copy of the rewritten file");
+    assert_eq!(
+        base_now.exclusive,
+        kib(10),
+        "only its old copy of the rewritten file"
+    );
     let listed = engine.usage_all(&BTreeMap::new()).unwrap();
     assert_eq!(listed[&LayerName::new("app").unwrap()], app);
     assert_eq!(listed[&LayerName::new("base").unwrap()], base_now);
     let used = engine.status().unwrap().data.used;
-    assert_eq!(used, plus(120, formatted), "the pool counts shared data once");
+    assert_eq!(
+        used,
+        plus(120, formatted),
+        "the pool counts shared data once"
+    );
 
     // Removing the child gives back what it held alone, and the parent's data is its own again.
     engine.remove("app").unwrap();
     assert_eq!(engine.status().unwrap().data.used, plus(100, formatted));
-    assert_eq!(engine.usage("base").unwrap().exclusive, plus(100, formatted));
+    assert_eq!(
+        engine.usage("base").unwrap().exclusive,
+        plus(100, formatted)
+    );
     assert_consistent(&f, engine);
 }
 
