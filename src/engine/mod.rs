@@ -56,7 +56,9 @@ use locks::{LayerGuard, LayerLocks};
 pub use overcommit::Overcommit;
 pub use prune::{PruneFilter, PruneReport, Pruned};
 pub use reconcile::ReconcileReport;
-pub use snapshots::{NewSnapshot, OutsideChange, SnapshotInfo, SnapshotMount, SnapshotRoot};
+pub use snapshots::{
+    NewSnapshot, OutsideChange, SnapshotInfo, SnapshotMount, SnapshotRoot, MAX_SIZE_LABEL,
+};
 pub use types::{CreateLayer, Layer, Removal, Settings, Status};
 
 /// Longest label key and value.

@@ -249,10 +249,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
         };
         let now = now_ns();
+        let max_size = max_size_of(&new.labels)?;
         let request = CreateLayer {
             name: self.fresh_snapshot_name().as_str().to_string(),
             parent: parent.as_ref().map(|p| p.as_str().to_string()),
-            size: parent.is_none().then_some(root.size),
+            // A child without the label takes its parent's size (create's default).
+            size: max_size.or(parent.is_none().then_some(root.size)),
             filesystem: parent.is_none().then_some(root.filesystem),
             labels: new.labels,
         };
@@ -543,4 +545,29 @@ fn check_snapshot_labels(labels: &BTreeMap<String, String>) -> Result<()> {
         }
     }
     check_labels(labels)
+}
+
+/// The label containerd defines for a snapshot's size: the new snapshot's device and
+/// filesystem get it (a child's grown from its parent's; one smaller than the parent's is
+/// refused as invalid).
+pub const MAX_SIZE_LABEL: &str = "containerd.io/snapshot/max-size";
+
+/// The size [`MAX_SIZE_LABEL`] asks for: whole bytes, in decimal, rounded down to whole 4 KiB
+/// blocks (the filesystems' block); none without the label.
+fn max_size_of(labels: &BTreeMap<String, String>) -> Result<Option<ByteSize>> {
+    let Some(text) = labels.get(MAX_SIZE_LABEL) else {
+        return Ok(None);
+    };
+    let bytes: u64 = text.trim().parse().map_err(|_| {
+        Error::invalid(format!(
+            "label {MAX_SIZE_LABEL}={text:?} is not a size in bytes; write a whole number in decimal, such as 10737418240 for 10 GiB"
+        ))
+    })?;
+    let blocks = bytes / 4096 * 4096;
+    if blocks == 0 {
+        return Err(Error::invalid(format!(
+            "label {MAX_SIZE_LABEL}={text:?} is smaller than one 4 KiB block; a snapshot needs room for its filesystem"
+        )));
+    }
+    Ok(Some(ByteSize::from_bytes(blocks)))
 }

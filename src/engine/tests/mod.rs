@@ -11,6 +11,7 @@ use super::*;
 use crate::crash::Point;
 use crate::kernel::sim::{Sim, SimOp};
 
+mod max_size;
 mod overcommit;
 mod prune;
 mod usage;
