@@ -136,6 +136,37 @@ impl Client {
         Err(error_of("GET", path, status, &bytes))
     }
 
+    /// `GET path` of a route that streams lines (`/v1/events`): `line` is called with each,
+    /// as it comes, until it returns false or the daemon ends the stream.
+    pub fn stream_lines(
+        &mut self,
+        path: &str,
+        mut line: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut stream = self.connect()?;
+        stream
+            .write_all(&request_bytes("GET", path, &[]))
+            .map_err(|e| self.broke(&e.to_string()))?;
+        let (status, chunked, rest) = read_stream_head(&mut stream).map_err(|e| self.broke(&e))?;
+        if !(200..300).contains(&status) || !chunked {
+            let mut body = rest;
+            let _ = stream.read_to_end(&mut body);
+            return Err(error_of("GET", path, status, &body));
+        }
+        let mut chunks = Chunks::new(stream, rest);
+        let mut pending = Vec::new();
+        while let Some(data) = chunks.next_chunk().map_err(|e| self.broke(&e))? {
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                let text: Vec<u8> = pending.drain(..=end).collect();
+                if !line(String::from_utf8_lossy(&text[..end]).as_ref()) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Send one request and decode the answer (or the error).
     pub fn call<T: DeserializeOwned>(
         &mut self,
@@ -222,6 +253,96 @@ fn request_bytes(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
     request
 }
 
+/// Read a streaming response's head: its status, whether its body is chunked, and what was
+/// read of the body already.
+fn read_stream_head(stream: &mut impl Read) -> Result<(u16, bool, Vec<u8>), String> {
+    let mut buffer = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let read = match stream.read(&mut chunk) {
+            Ok(0) => return Err("the daemon closed the connection without answering".into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        buffer.extend_from_slice(&chunk[..read]);
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut response = httparse::Response::new(&mut headers);
+        let head_len = match response.parse(&buffer) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => return Err("response head too large".into()),
+            Err(e) => return Err(format!("malformed response: {e}")),
+        };
+        let chunked = response.headers.iter().any(|h| {
+            h.name.eq_ignore_ascii_case("transfer-encoding")
+                && String::from_utf8_lossy(h.value)
+                    .to_ascii_lowercase()
+                    .contains("chunked")
+        });
+        let status = response.code.unwrap_or_default();
+        return Ok((status, chunked, buffer.split_off(head_len)));
+    }
+}
+
+/// A chunked body (RFC 9112, section 7.1), read a chunk at a time.
+struct Chunks<R> {
+    stream: R,
+    buffer: Vec<u8>,
+}
+
+impl<R: Read> Chunks<R> {
+    fn new(stream: R, already: Vec<u8>) -> Self {
+        Chunks {
+            stream,
+            buffer: already,
+        }
+    }
+
+    /// Read until `buffer` holds at least `n` bytes; false at the end of the stream.
+    fn fill(&mut self, n: usize) -> Result<bool, String> {
+        let mut chunk = [0u8; 4096];
+        while self.buffer.len() < n {
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Ok(false),
+                Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
+                Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// The next chunk's data; `None` after the last chunk, or where the stream ends.
+    fn next_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let size_line = loop {
+            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\r\n") {
+                break end;
+            }
+            if self.buffer.len() > MAX_HEAD {
+                return Err("a chunk size line that never ends".into());
+            }
+            let want = self.buffer.len() + 1;
+            if !self.fill(want)? {
+                return Ok(None);
+            }
+        };
+        let line = String::from_utf8_lossy(&self.buffer[..size_line]).into_owned();
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|_| format!("a bad chunk size {line:?}"))?;
+        if size == 0 {
+            return Ok(None);
+        }
+        let start = size_line + 2;
+        if !self.fill(start + size + 2)? {
+            return Err("the stream ended inside a chunk".into());
+        }
+        let data = self.buffer[start..start + size].to_vec();
+        self.buffer.drain(..start + size + 2);
+        Ok(Some(data))
+    }
+}
+
 /// Read one response: its status, its body, and whether the connection stays open.
 fn read_response(stream: &mut impl Read) -> Result<(u16, Vec<u8>, bool), String> {
     let mut buffer = Vec::with_capacity(4096);
@@ -306,6 +427,20 @@ mod tests {
         assert!(read_response(&mut &short[..]).unwrap_err().contains("body"));
         assert!(read_response(&mut &b""[..]).unwrap_err().contains("closed"));
         assert!(read_response(&mut &b"garbage\r\n\r\n"[..]).is_err());
+    }
+
+    #[test]
+    fn a_chunked_stream_is_read_a_chunk_at_a_time() {
+        let body = b"5\r\nhello\r\n3;x=y\r\n an\r\n0\r\n\r\n";
+        let mut chunks = Chunks::new(&body[2..], body[..2].to_vec());
+        assert_eq!(chunks.next_chunk().unwrap().unwrap(), b"hello");
+        assert_eq!(chunks.next_chunk().unwrap().unwrap(), b" an");
+        assert_eq!(chunks.next_chunk().unwrap(), None);
+        let cut = b"5\r\nhel";
+        assert!(Chunks::new(&cut[..], Vec::new()).next_chunk().is_err());
+        assert!(Chunks::new(&b"zz\r\n"[..], Vec::new())
+            .next_chunk()
+            .is_err());
     }
 
     #[test]

@@ -163,8 +163,14 @@ impl Contract {
     /// its default) on the route the path falls under.
     fn call(&mut self, daemon: &Api, request: &str, body: Option<Value>, expected: u16) -> Value {
         let (method, actual) = request.split_once(' ').unwrap();
-        let template = self.template_of(actual);
         let reply = daemon.request(method, actual, body.as_ref());
+        self.check(request, reply, expected)
+    }
+
+    /// Check `reply` to `request` as [`Contract::call`] does.
+    fn check(&mut self, request: &str, reply: Reply, expected: u16) -> Value {
+        let (method, actual) = request.split_once(' ').unwrap();
+        let template = self.template_of(actual);
         assert_eq!(
             reply.status, expected,
             "{request}: status {} (wanted {expected}): {}",
@@ -414,6 +420,38 @@ fn every_route_answers_as_the_document_says() {
     c.call(d, "POST /v1/pool/adopt", unknown, 404);
     let owned = Some(json!({"thin_id": 1, "name": "x"}));
     c.call(d, "POST /v1/pool/adopt", owned, 409);
+
+    // Events: a stream that ends after one event, here the creation of a layer.
+    let events = std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| d.request("GET", "/v1/events?count=1", None));
+        let started = Instant::now();
+        // Its subscription is not visible from here: make a change until it has seen one.
+        while !waiting.is_finished() {
+            assert!(started.elapsed() < common::EVENTUALLY, "no event arrived");
+            d.request("POST", "/v1/layers/base/unmount", Some(&json!({})));
+            std::thread::sleep(Duration::from_millis(20));
+            d.request(
+                "POST",
+                "/v1/layers/base/mount",
+                Some(&json!({"readonly": true})),
+            );
+        }
+        waiting.join().unwrap()
+    });
+    let lines = c.check("GET /v1/events?count=1", events, 200);
+    let lines: Vec<Value> = lines
+        .as_str()
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["type"], "subscribed");
+    assert!(
+        lines[1]["type"].as_str().unwrap().starts_with("layer_"),
+        "{lines:?}"
+    );
+    c.call(d, "GET /v1/events?count=0", none(), 400);
 
     // Prune: a dry run, then one that finds nothing unused with that label; bad filters.
     let dry = Some(json!({"dry_run": true}));

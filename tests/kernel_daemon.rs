@@ -539,6 +539,7 @@ fn write_device(device: &str, offset_mib: u64, mib: u64, byte: u8) {
 fn kernel_daemon_usage_counts_what_a_child_holds_alone() {
     let _dm = require_dm_thin();
     let d = TestDaemon::start("usage", "[layers]\nbase_size = \"1G\"\n");
+    let events = common::EventLines::subscribe(&d.socket);
     const MIB: i64 = 1 << 20;
     let block = 64 * 1024;
     let bytes = |usage: &Value, field: &str| usage[format!("{field}_bytes")].as_i64().unwrap();
@@ -617,4 +618,15 @@ fn kernel_daemon_usage_counts_what_a_child_holds_alone() {
     assert!(given_back >= 120 * MIB, "{pruned}");
     assert_eq!(d.json(&["layer", "list"]).as_array().unwrap().len(), 0);
     eprintln!("prune gave back {given_back} B: {pruned}");
+    // What a script waiting on events saw of all this.
+    let seen = events.kinds(5);
+    let expected = [
+        ("layer_created", "base"),
+        ("layer_committed", "base"),
+        ("layer_created", "app"),
+        ("layer_removed", "app"),
+        ("layer_removed", "base"),
+    ]
+    .map(|(kind, layer)| (kind.to_string(), layer.to_string()));
+    assert_eq!(seen, expected);
 }

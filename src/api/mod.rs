@@ -278,6 +278,120 @@ impl PruneResponse {
     }
 }
 
+/// One line of `GET /v1/events`: what changed, when, and to which layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// When, in nanoseconds since the Unix epoch.
+    pub time_ns: u64,
+    /// What changed: `subscribed` (the stream's first line, not counted: every change from
+    /// then on is reported), `layer_created`, `layer_committed`, `layer_mounted`, `layer_unmounted`,
+    /// `layer_resized`, `layer_removed`, `layer_removal_deferred`, `layer_degraded`,
+    /// `pool_extended`, `pool_guard_on`, `pool_guard_off`; `events_lost` when this client fell
+    /// so far behind that `lost` events were dropped for it.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The layer, for a layer's event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<LayerName>,
+    /// Where (mounted, unmounted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<PathBuf>,
+    /// Mounted read-only (mounted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only: Option<bool>,
+    /// The layer's size now (resized).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<ByteSize>,
+    /// Why (degraded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The pool's data and metadata now (extended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<ByteSize>,
+    /// See `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<ByteSize>,
+    /// thinstackd grew the pool by itself (extended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub automatic: Option<bool>,
+    /// Events dropped for this client (events_lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<u64>,
+}
+
+impl Event {
+    fn bare(time_ns: u64, kind: &str, layer: Option<LayerName>) -> Event {
+        Event {
+            time_ns,
+            kind: kind.to_string(),
+            layer,
+            target: None,
+            read_only: None,
+            size: None,
+            reason: None,
+            data: None,
+            metadata: None,
+            automatic: None,
+            lost: None,
+        }
+    }
+
+    /// The stream's first line: from here on, every change is reported.
+    pub fn subscribed(time_ns: u64) -> Event {
+        Event::bare(time_ns, "subscribed", None)
+    }
+
+    /// The line a client that fell behind gets instead of the `lost` events it missed.
+    pub fn lost(time_ns: u64, lost: u64) -> Event {
+        Event {
+            lost: Some(lost),
+            ..Event::bare(time_ns, "events_lost", None)
+        }
+    }
+}
+
+impl From<engine::Event> for Event {
+    fn from(event: engine::Event) -> Event {
+        use engine::EventKind as K;
+        let (time, layer) = (event.time_ns, event.layer);
+        match event.kind {
+            K::LayerCreated => Event::bare(time, "layer_created", layer),
+            K::LayerCommitted => Event::bare(time, "layer_committed", layer),
+            K::LayerMounted { target, read_only } => Event {
+                target: Some(target),
+                read_only: Some(read_only),
+                ..Event::bare(time, "layer_mounted", layer)
+            },
+            K::LayerUnmounted { target } => Event {
+                target: Some(target),
+                ..Event::bare(time, "layer_unmounted", layer)
+            },
+            K::LayerResized { size } => Event {
+                size: Some(size),
+                ..Event::bare(time, "layer_resized", layer)
+            },
+            K::LayerRemoved => Event::bare(time, "layer_removed", layer),
+            K::LayerRemovalDeferred => Event::bare(time, "layer_removal_deferred", layer),
+            K::LayerDegraded { reason } => Event {
+                reason: Some(reason),
+                ..Event::bare(time, "layer_degraded", layer)
+            },
+            K::PoolExtended {
+                data,
+                metadata,
+                automatic,
+            } => Event {
+                data: Some(data),
+                metadata: Some(metadata),
+                automatic: Some(automatic),
+                ..Event::bare(time, "pool_extended", layer)
+            },
+            K::PoolGuardOn => Event::bare(time, "pool_guard_on", layer),
+            K::PoolGuardOff => Event::bare(time, "pool_guard_off", layer),
+        }
+    }
+}
+
 /// One layer a removal handled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemovedLayer {

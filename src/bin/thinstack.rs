@@ -13,9 +13,9 @@ use serde_json::Value;
 use thinstack::api::{
     AddDeviceRequest, AddDeviceResponse, AdoptRequest, CheckResponse, CreateRequest,
     DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoctorResponse, DoneResponse,
-    ExtendRequest, ExtendResponse, FindingStatus, Layer, MountRequest, MountResponse, PoolStatus,
-    PruneRequest, PruneResponse, Removal, RemoveResponse, ResizeRequest, UnmountRequest,
-    UsageResponse,
+    Event, ExtendRequest, ExtendResponse, FindingStatus, Layer, MountRequest, MountResponse,
+    PoolStatus, PruneRequest, PruneResponse, Removal, RemoveResponse, ResizeRequest,
+    UnmountRequest, UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
 use thinstack::names::{ThinId, THIN_ID_MAX};
@@ -50,6 +50,14 @@ enum Command {
     /// Layers.
     #[command(subcommand)]
     Layer(LayerCommand),
+    /// Print each change as it happens (layers created, committed, mounted, unmounted,
+    /// resized, removed or degraded; the pool extended or guarded), one a line, until
+    /// interrupted or, with --count, after that many.
+    Events {
+        /// Stop after this many events.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+    },
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -258,13 +266,17 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Pool(command) => pool(&mut client, command),
         Command::Layer(command) => layer(&mut client, command),
+        Command::Events { count } => events(&mut client, count, args.json),
         Command::Completions { .. } => unreachable!("handled above"),
     };
     let mut stdout = std::io::stdout().lock();
     match result {
         Ok(out) => {
             // A closed pipe (thinstack ... | head) is not an error of the operation.
-            let _ = if args.json {
+            // An event stream printed its lines as they came.
+            let _ = if out.json.is_null() && out.text.is_empty() {
+                Ok(())
+            } else if args.json {
                 writeln!(stdout, "{}", out.json)
             } else if out.text.is_empty() {
                 Ok(())
@@ -281,6 +293,69 @@ fn main() -> ExitCode {
             ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// Print events as they come: the JSON lines as the daemon sends them, or a sentence each.
+fn events(client: &mut Client, count: Option<u64>, json: bool) -> Result<Output, ClientError> {
+    let path = match count {
+        Some(count) => format!("/v1/events?count={count}"),
+        None => "/v1/events".to_string(),
+    };
+    let mut stdout = std::io::stdout();
+    client.stream_lines(&path, |line| {
+        let text = if json {
+            line.to_string()
+        } else {
+            match serde_json::from_str::<Event>(line) {
+                Ok(event) => event_text(&event),
+                Err(_) => line.to_string(),
+            }
+        };
+        // A reader that went away (thinstack events | head -1) ends the stream.
+        writeln!(stdout, "{text}")
+            .and_then(|()| stdout.flush())
+            .is_ok()
+    })?;
+    Ok(Output {
+        json: Value::Null,
+        text: String::new(),
+        status: 0,
+    })
+}
+
+/// "2026-12-03T14:55:01Z layer_mounted app at /var/lib/thinstack/mnt/app (read-only)"
+fn event_text(event: &Event) -> String {
+    let when = std::time::UNIX_EPOCH + std::time::Duration::from_nanos(event.time_ns);
+    let mut text = format!("{} {}", humantime::format_rfc3339_seconds(when), event.kind);
+    if let Some(layer) = &event.layer {
+        text.push_str(&format!(" {layer}"));
+    }
+    if let Some(target) = &event.target {
+        text.push_str(&format!(" at {}", target.display()));
+    }
+    if event.read_only == Some(true) {
+        text.push_str(" (read-only)");
+    }
+    if let Some(size) = event.size {
+        text.push_str(&format!(" to {size}"));
+    }
+    if let (Some(data), Some(metadata)) = (event.data, event.metadata) {
+        let how = if event.automatic == Some(true) {
+            "by thinstackd"
+        } else {
+            "on request"
+        };
+        text.push_str(&format!(" to {data} data, {metadata} metadata, {how}"));
+    }
+    if let Some(reason) = &event.reason {
+        text.push_str(&format!(": {reason}"));
+    }
+    if let Some(lost) = event.lost {
+        text.push_str(&format!(
+            ": {lost} events were dropped, this reader fell behind"
+        ));
+    }
+    text
 }
 
 fn exit_code(e: &ClientError) -> u8 {

@@ -151,7 +151,7 @@ fn autoextend_files(
     if data.is_none() && metadata.is_none() {
         return;
     }
-    match daemon.extend(data, metadata) {
+    match daemon.extend_by(data, metadata, true) {
         Ok((new_data, new_metadata)) => {
             daemon.counted_autoextension(data.is_some(), metadata.is_some());
             tracing::warn!(data = %new_data, metadata = %new_metadata, "pool was filling up; extended it")

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -13,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::connections::RETRY_AFTER_SECONDS;
+use super::event_stream;
 use super::in_flight::InFlight;
 use super::routes::{self, Call, Resolved, Route};
 use super::Daemon;
@@ -37,6 +39,8 @@ pub struct Context {
 struct Reply {
     status: u16,
     body: Vec<u8>,
+    /// A body that streams, in place of `body`.
+    stream: Option<BoxBody<Bytes, Infallible>>,
     content_type: &'static str,
     /// The error message, when the request failed.
     error: Option<String>,
@@ -55,6 +59,7 @@ impl Reply {
             status,
             body,
             content_type: JSON,
+            stream: None,
             error: None,
             layer: None,
             close: false,
@@ -73,6 +78,7 @@ impl Reply {
             status,
             body: serde_json::to_vec(&body).unwrap_or_default(),
             content_type: JSON,
+            stream: None,
             error: Some(message),
             layer: None,
             close: false,
@@ -96,7 +102,7 @@ impl Reply {
 pub async fn handle(
     context: Context,
     request: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
     let started = Instant::now();
     let method = request.method().as_str().to_string();
     let path = request.uri().path().to_string();
@@ -112,8 +118,12 @@ pub async fn handle(
 }
 
 /// The HTTP response for `reply`.
-fn response_of(method: &str, path: &str, reply: Reply) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(reply.body)));
+fn response_of(method: &str, path: &str, reply: Reply) -> Response<BoxBody<Bytes, Infallible>> {
+    let body = match reply.stream {
+        Some(stream) => stream,
+        None => Full::new(Bytes::from(reply.body)).boxed(),
+    };
+    let mut response = Response::new(body);
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let headers = response.headers_mut();
@@ -278,6 +288,7 @@ async fn run(
         return Reply::error(503, ErrorKind::Busy, message).closing();
     };
     let daemon = context.daemon;
+    let closing = daemon.closing.subscribe();
     // The place in flight stays with this task, not the blocking thread: the task runs on
     // when the client goes away, and the stop waits for it until the request is audited.
     let result = tokio::task::spawn_blocking(move || {
@@ -296,7 +307,7 @@ async fn run(
         result
     })
     .await;
-    let reply = reply_of(method, path, result);
+    let reply = reply_of(method, path, result, closing);
     Reply {
         in_flight: Some(in_flight),
         ..reply
@@ -308,6 +319,7 @@ fn reply_of(
     method: &str,
     path: &str,
     result: Result<crate::error::Result<routes::Reply>, tokio::task::JoinError>,
+    closing: tokio::sync::watch::Receiver<bool>,
 ) -> Reply {
     match result {
         Ok(Ok((status, routes::Body::Json(value)))) => {
@@ -316,6 +328,11 @@ fn reply_of(
         Ok(Ok((status, routes::Body::Text(content_type, text)))) => Reply {
             content_type,
             ..Reply::ok(status, text.into_bytes())
+        },
+        Ok(Ok((status, routes::Body::Events(events, count)))) => Reply {
+            content_type: event_stream::CONTENT_TYPE,
+            stream: Some(event_stream::body(events, count, closing)),
+            ..Reply::ok(status, Vec::new())
         },
         Ok(Err(e)) => {
             let message = full_message(&e);

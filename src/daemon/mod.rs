@@ -13,6 +13,7 @@
 
 mod background;
 mod connections;
+mod event_stream;
 mod handler;
 mod in_flight;
 mod metrics_tcp;
@@ -27,7 +28,7 @@ use std::time::Duration;
 
 use crate::config::{Backend, Config};
 use crate::containerd::{EngineHolder, SnapshotService};
-use crate::engine::{Engine, Settings, SnapshotRoot};
+use crate::engine::{Engine, EventKind, Settings, SnapshotRoot};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::real::RealFs;
 use crate::kernel::sim::Sim;
@@ -61,6 +62,8 @@ pub struct Daemon {
     config: Config,
     /// What `/metrics` serves.
     metrics: Metrics,
+    /// Turned true as the daemon begins to stop: event streams end then.
+    closing: tokio::sync::watch::Sender<bool>,
     /// Set once the pool is destroyed: nothing more is served, and the daemon stops.
     destroyed: AtomicBool,
     stop: tokio::sync::Notify,
@@ -89,6 +92,7 @@ impl Daemon {
             engine,
             config,
             metrics: Metrics::new(),
+            closing: tokio::sync::watch::channel(false).0,
             destroyed: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
         })
@@ -121,6 +125,16 @@ impl Daemon {
         data: Option<ByteSize>,
         metadata: Option<ByteSize>,
     ) -> Result<(ByteSize, ByteSize)> {
+        self.extend_by(data, metadata, false)
+    }
+
+    /// [`Daemon::extend`]; `automatic` when the watcher grows the pool by itself.
+    pub(super) fn extend_by(
+        &self,
+        data: Option<ByteSize>,
+        metadata: Option<ByteSize>,
+        automatic: bool,
+    ) -> Result<(ByteSize, ByteSize)> {
         if data.is_none() && metadata.is_none() && self.config.pool.backend != Backend::Devices {
             return Err(Error::invalid(
                 "say how large the pool should become: data, metadata, or both",
@@ -133,6 +147,12 @@ impl Daemon {
         let sizes = self
             .engine
             .exclusive_pool(|kernel| kernel.extend(data, metadata))?;
+        let extended = EventKind::PoolExtended {
+            data: sizes.0,
+            metadata: sizes.1,
+            automatic,
+        };
+        self.engine.emit(None, extended);
         // Grown metadata lifts the guard at once, not at the watcher's next round.
         if self.guard_metadata()? == Some(false) {
             tracing::warn!("the pool's metadata has room again: the pool is writable");
@@ -148,7 +168,7 @@ impl Daemon {
     /// `Some(true)` when the pool was made read-only now, `Some(false)` when made writable,
     /// `None` when nothing changed (or the pool's table is not thinstack's).
     pub fn guard_metadata(&self) -> Result<Option<bool>> {
-        self.engine.exclusive_pool(|kernel| {
+        let changed = self.engine.exclusive_pool(|kernel| {
             let metadata = kernel.usage()?.metadata;
             let read_only = if kernel.read_only_guard()? {
                 !crate::pool::metadata_has_room(&metadata)
@@ -157,7 +177,13 @@ impl Daemon {
             };
             let changed = kernel.set_read_only_guard(read_only)?;
             Ok(changed.then_some(read_only))
-        })
+        })?;
+        match changed {
+            Some(true) => self.engine.emit(None, EventKind::PoolGuardOn),
+            Some(false) => self.engine.emit(None, EventKind::PoolGuardOff),
+            None => {}
+        }
+        Ok(changed)
     }
 
     /// Add a disk to a direct-LVM pool's volume group (after the safety checks).
@@ -181,6 +207,13 @@ impl Daemon {
             }
             tracing::info!(volume_group = %vg.name, free = %vg.free(), data_extents = growth.data, metadata_extents = growth.metadata, "extending the pool's volumes");
             kernel.grow_volumes(&vg, growth.data, growth.metadata)?;
+            let grown = kernel.usage()?;
+            let extended = EventKind::PoolExtended {
+                data: grown.data.total,
+                metadata: grown.metadata.total,
+                automatic: true,
+            };
+            self.engine.emit(None, extended);
             Ok(Some((growth, vg.name)))
         })
     }
@@ -300,6 +333,7 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
             () = daemon.stop.notified() => {}
         }
         notify_systemd("STOPPING=1");
+        daemon.closing.send_replace(true);
         // Both sockets stop together, so the stop takes one shutdown_timeout, not two.
         let _ = stopped.send(true);
     };

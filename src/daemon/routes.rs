@@ -33,12 +33,18 @@ pub struct Call<'a> {
 /// A handler's answer: HTTP status and body.
 pub type Reply = (u16, Body);
 
-/// A handler's body: JSON (every `/v1` route), or text of a type of its own (`/metrics`).
+/// A handler's body: JSON (every `/v1` route), text of a type of its own (`/metrics`), or
+/// the stream of events (`/v1/events`).
 pub enum Body {
     /// A JSON document.
     Json(Value),
     /// Text, with its `Content-Type`.
     Text(&'static str, String),
+    /// Events as they happen, one JSON object a line; after `count` of them, if given.
+    Events(
+        tokio::sync::broadcast::Receiver<crate::engine::Event>,
+        Option<u64>,
+    ),
 }
 
 type Handler = fn(&Daemon, &Call) -> Result<Reply>;
@@ -58,6 +64,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/openapi.json", openapi),
     route("GET", "/v1/version", version),
     route("GET", "/v1/pool", pool_status),
+    route("GET", "/v1/events", events),
     route("POST", "/v1/pool/extend", pool_extend),
     route("POST", "/v1/pool/add-device", pool_add_device),
     route("POST", "/v1/pool/check", pool_check),
@@ -247,6 +254,19 @@ fn version(_: &Daemon, call: &Call) -> Result<Reply> {
 fn pool_status(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     ok(api::PoolStatus::from(daemon.engine.status()?))
+}
+
+fn events(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &["count"])?;
+    let count = match call.query.iter().find(|(k, _)| k == "count") {
+        None => None,
+        Some((_, v)) => Some(v.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| {
+            Error::invalid(format!(
+                "count={v:?}: write how many events to wait for, a whole number of at least 1"
+            ))
+        })?),
+    };
+    Ok((200, Body::Events(daemon.engine.subscribe(), count)))
 }
 
 fn pool_extend(daemon: &Daemon, call: &Call) -> Result<Reply> {

@@ -31,6 +31,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.put(committed.clone())?;
         crash::point(crash::Point::CommitDone);
         tracing::info!(layer = %committed.name, "layer committed");
+        self.emit(Some(&committed.name), EventKind::LayerCommitted);
         self.view(committed)
     }
 
@@ -183,6 +184,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return Err(e);
         }
         tracing::info!(layer = %name, target = %target.display(), read_only, "layer mounted");
+        let event = EventKind::LayerMounted {
+            target: target.clone(),
+            read_only,
+        };
+        self.emit(Some(&name), event);
         Ok(target)
     }
 
@@ -278,6 +284,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         updated.mounts.remove(&target);
         self.put(updated)?;
         tracing::info!(layer = %name, target = %target.display(), "layer unmounted");
+        self.emit(Some(&name), EventKind::LayerUnmounted { target });
         Ok(())
     }
 }

@@ -140,6 +140,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         record.state = LayerState::Ready;
         self.put(record.clone())?;
+        self.emit(Some(&name), EventKind::LayerCreated);
         Ok(record)
     }
 

@@ -28,7 +28,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// lists it, until a repair (or the next start) settles it.
     pub(super) fn degrade(&self, name: &LayerName, reason: String) {
         tracing::error!(layer = %name, reason = %reason, "layer degraded: its operations are refused until `thinstack pool doctor --repair` settles it");
-        self.index().degraded.insert(name.clone(), reason);
+        self.index().degraded.insert(name.clone(), reason.clone());
+        self.emit(Some(name), super::EventKind::LayerDegraded { reason });
     }
 
     /// Check `name` and hold its lock, refusing a degraded layer.

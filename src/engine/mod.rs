@@ -18,6 +18,7 @@ mod adopt;
 mod counts;
 mod create;
 mod degraded;
+mod events;
 mod index;
 mod leftovers;
 mod locks;
@@ -50,6 +51,7 @@ use crate::vocab::FsType;
 use crate::vocab::{Health, Space};
 
 pub use counts::LayerCounts;
+pub use events::{Event, EventKind, EVENTS_BUFFERED};
 use index::Index;
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};
@@ -88,6 +90,13 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
     /// A start on a read-only pool could not list its thin ids: they are read (and reserved)
     /// before the first change once it is writable.
     ids_unread: std::sync::atomic::AtomicBool,
+    /// Where events go ([`Engine::subscribe`]).
+    events: events::Events,
+}
+
+/// Now, in nanoseconds since the Unix epoch (the time events and records carry).
+pub fn now() -> u64 {
+    now_ns()
 }
 
 fn now_ns() -> u64 {
@@ -162,6 +171,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             snapshot_claims: Mutex::new(()),
             intent_left_at_start: std::sync::atomic::AtomicBool::new(false),
             ids_unread: std::sync::atomic::AtomicBool::new(false),
+            events: events::Events::new(),
         };
         let report = engine.reconcile()?;
         Ok((engine, report))

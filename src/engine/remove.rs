@@ -142,6 +142,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                             deferred.deferred = true;
                             self.put(deferred)?;
                             tracing::info!(layer = %name, "layer busy: removal deferred until it is released");
+                            self.emit(Some(&name), EventKind::LayerRemovalDeferred);
                         }
                         return Ok(Removal::Deferred);
                     }
@@ -159,6 +160,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.remove_default_mount_point(&name);
         self.drop_record(&name)?;
         tracing::info!(layer = %name, thin_id = %id, "layer removed");
+        self.emit(Some(&name), EventKind::LayerRemoved);
         Ok(Removal::Removed)
     }
 

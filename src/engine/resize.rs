@@ -47,6 +47,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         grown.size = size;
         self.put(grown.clone())?;
         tracing::info!(layer = %name, size = %size, "layer resized");
+        self.emit(Some(&name), EventKind::LayerResized { size });
         self.view(grown)
     }
 

@@ -309,3 +309,49 @@ pub fn promtool_check_metrics(text: &str) {
         "promtool check metrics found:\n{said}\non:\n{text}"
     );
 }
+
+/// `GET /v1/events` read on a thread of its own: its lines, as they come.
+pub struct EventLines {
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl EventLines {
+    /// Subscribe on `socket`, and return once the stream is live (its `subscribed` line came):
+    /// every change from then on is in it.
+    pub fn subscribe(socket: &std::path::Path) -> EventLines {
+        let (sender, lines) = std::sync::mpsc::channel();
+        let socket = socket.to_path_buf();
+        std::thread::spawn(move || {
+            let mut client = thinstack::client::Client::new(&socket);
+            let _ = client.stream_lines("/v1/events", |line| sender.send(line.to_string()).is_ok());
+        });
+        let events = EventLines { lines };
+        let first = events.next();
+        assert_eq!(first["type"], "subscribed", "{first}");
+        events
+    }
+
+    /// The next event (failing the test after [`EVENTUALLY`]).
+    pub fn next(&self) -> serde_json::Value {
+        let line = self
+            .lines
+            .recv_timeout(EVENTUALLY)
+            .unwrap_or_else(|e| panic!("no event within {EVENTUALLY:?}: {e}"));
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("an event that is not JSON ({e}): {line}"))
+    }
+
+    /// The next `n` events' (type, layer), with `layer` "" for the pool's.
+    pub fn kinds(&self, n: usize) -> Vec<(String, String)> {
+        (0..n)
+            .map(|_| {
+                let event = self.next();
+                let layer = event["layer"].as_str().unwrap_or_default().to_string();
+                (
+                    event["type"].as_str().unwrap_or_default().to_string(),
+                    layer,
+                )
+            })
+            .collect()
+    }
+}
