@@ -136,6 +136,11 @@ fn listen_address<'de, D: serde::Deserializer<'de>>(
 /// shipped systemd unit gives the daemon (`LimitNOFILE=65536`).
 pub const MAX_CONNECTIONS_RANGE: std::ops::RangeInclusive<u32> = 1..=65536;
 
+/// `layers.trim_interval` bounds: a trim reads every free block's bitmap, so not more often
+/// than a minute; a week is the longest that still means "regularly".
+const TRIM_INTERVAL_RANGE: std::ops::RangeInclusive<Timeout> =
+    Timeout::secs(60)..=Timeout::secs(7 * 24 * 3600);
+
 /// `daemon.request_timeout` bounds: a second is the least a real client needs; an hour is
 /// already far more than any request of a few kilobytes takes.
 pub const REQUEST_TIMEOUT_RANGE: std::ops::RangeInclusive<Timeout> =
@@ -375,6 +380,9 @@ pub struct LayersConfig {
     /// Wait for udev after a layer device appears or changes, so `/dev/mapper/<name>`
     /// exists when the call returns (as dmsetup does). thinstack itself needs no udev.
     pub udev_sync: bool,
+    /// Trim the layers mounted read-write this often, so blocks their files freed go back
+    /// to the pool; none: only `layer trim`.
+    pub trim_interval: Option<Timeout>,
 }
 
 impl LayersConfig {
@@ -457,6 +465,7 @@ impl Default for LayersConfig {
             mount_roots: Vec::new(),
             discard_on_remove: true,
             udev_sync: false,
+            trim_interval: None,
         }
     }
 }
@@ -671,6 +680,9 @@ impl Config {
             self.layers.base_size,
             self.layers.filesystem,
         )?;
+        if let Some(interval) = self.layers.trim_interval {
+            check_timeout("layers.trim_interval", interval, TRIM_INTERVAL_RANGE)?;
+        }
         self.check_mount_roots()?;
         self.check_containerd()
     }
@@ -1054,6 +1066,19 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn trim_interval_is_a_length_of_time_from_a_minute_to_a_week() {
+        let config = Config::parse("[layers]\ntrim_interval = \"1h\"\n", "t").unwrap();
+        assert_eq!(config.layers.trim_interval, Some(Timeout::secs(3600)));
+        assert_eq!(Config::default().layers.trim_interval, None);
+        let round = Config::parse(&config.to_toml(), "t").unwrap();
+        assert_eq!(round.layers.trim_interval, config.layers.trim_interval);
+        for bad in ["\"10s\"", "\"30d\"", "\"often\""] {
+            let err = error_of(&format!("[layers]\ntrim_interval = {bad}\n"));
+            assert!(err.contains("layers.trim_interval"), "{bad}: {err}");
+        }
     }
 
     #[test]

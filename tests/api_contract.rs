@@ -389,6 +389,10 @@ fn every_route_answers_as_the_document_says() {
         Some(json!({"size": "1G"})),
         400,
     );
+    let trimmed = c.call(d, "POST /v1/layers/kid/trim", none(), 200);
+    assert!(trimmed["given_back_bytes"].is_u64(), "{trimmed}");
+    c.call(d, "POST /v1/layers/base/trim", none(), 400);
+    c.call(d, "POST /v1/layers/nope/trim", none(), 404);
 
     // The pool.
     c.call(

@@ -630,3 +630,63 @@ fn kernel_daemon_usage_counts_what_a_child_holds_alone() {
     .map(|(kind, layer)| (kind.to_string(), layer.to_string()));
     assert_eq!(seen, expected);
 }
+
+#[test]
+#[ignore = "needs root and dm-thin: run with scripts/vm-test"]
+fn kernel_daemon_trim_gives_back_what_deleted_files_held() {
+    let _dm = require_dm_thin();
+    let d = TestDaemon::start("trim", "[layers]\nbase_size = \"512M\"\n");
+    const MIB: i64 = 1 << 20;
+    let used = || {
+        let status = d.json(&["pool", "status"]);
+        let text = status["data"]["used"].as_str().unwrap().to_string();
+        text.parse::<thinstack::units::ByteSize>().unwrap().bytes() as i64
+    };
+    let fill = |dir: &str, name: &str, mib: usize| {
+        let path = std::path::Path::new(dir).join(name);
+        std::fs::write(&path, vec![0x5au8; mib << 20]).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+    };
+    let delete = |dir: &str, name: &str| {
+        std::fs::remove_file(std::path::Path::new(dir).join(name)).unwrap();
+        nix::unistd::sync();
+    };
+    d.json(&["layer", "create", "scratch"]);
+    let dir = d
+        .cli(&["layer", "mount", "scratch"])
+        .stdout
+        .trim()
+        .to_string();
+    fill(&dir, "a", 100);
+    let full = used();
+    delete(&dir, "a");
+    assert!(
+        used() > full - 10 * MIB,
+        "the pool keeps deleted blocks until a trim"
+    );
+    // Mounted: trimmed where it is mounted.
+    let trimmed = d.json(&["layer", "trim", "scratch"]);
+    let back = trimmed["given_back_bytes"].as_i64().unwrap();
+    assert!(back >= 95 * MIB, "{trimmed}");
+    assert!(
+        trimmed["trimmed_bytes"].as_i64().unwrap() >= back,
+        "{trimmed}"
+    );
+    eprintln!("mounted trim: {trimmed}");
+
+    // Unmounted: trimmed at a private mount, and the device left inactive as it was.
+    fill(&dir, "b", 50);
+    delete(&dir, "b");
+    d.json(&["layer", "unmount", "scratch"]);
+    d.json(&["layer", "deactivate", "scratch"]);
+    let trimmed = d.json(&["layer", "trim", "scratch"]);
+    assert!(
+        trimmed["given_back_bytes"].as_i64().unwrap() >= 45 * MIB,
+        "{trimmed}"
+    );
+    assert!(d.json(&["layer", "inspect", "scratch"])["device"].is_null());
+    eprintln!("unmounted trim: {trimmed}");
+    // A committed layer's device is read-only.
+    d.json(&["layer", "commit", "scratch"]);
+    assert_eq!(d.cli(&["layer", "trim", "scratch"]).code, 1);
+}

@@ -206,6 +206,35 @@ impl UsageResponse {
     }
 }
 
+/// Answer to `POST /v1/layers/{name}/trim`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimResponse {
+    /// The layer.
+    pub name: LayerName,
+    /// What its filesystem says it trimmed (every free block it discarded, also those never
+    /// written).
+    pub trimmed: ByteSize,
+    /// The same in bytes.
+    pub trimmed_bytes: u64,
+    /// Pool data that came back.
+    pub given_back: ByteSize,
+    /// The same in bytes.
+    pub given_back_bytes: u64,
+}
+
+impl TrimResponse {
+    /// The wire form of a trim of `name`.
+    pub fn of(name: LayerName, trimmed: engine::Trimmed) -> TrimResponse {
+        TrimResponse {
+            name,
+            trimmed: trimmed.trimmed,
+            trimmed_bytes: trimmed.trimmed.bytes(),
+            given_back: trimmed.given_back,
+            given_back_bytes: trimmed.given_back.bytes(),
+        }
+    }
+}
+
 /// `POST /v1/pool/prune`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

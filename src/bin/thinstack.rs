@@ -14,7 +14,7 @@ use thinstack::api::{
     AddDeviceRequest, AddDeviceResponse, AdoptRequest, CheckResponse, CreateRequest,
     DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoctorResponse, DoneResponse,
     Event, ExtendRequest, ExtendResponse, FindingStatus, Layer, MountRequest, MountResponse,
-    PoolStatus, PruneRequest, PruneResponse, Removal, RemoveResponse, ResizeRequest,
+    PoolStatus, PruneRequest, PruneResponse, Removal, RemoveResponse, ResizeRequest, TrimResponse,
     UnmountRequest, UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
@@ -206,6 +206,12 @@ enum LayerCommand {
         /// Remove the layers made from it first.
         #[arg(long)]
         recursive: bool,
+    },
+    /// Have a layer's filesystem discard its free blocks (fstrim; an unmounted layer is
+    /// mounted privately for it), and print the pool data that came back.
+    Trim {
+        /// The layer.
+        name: String,
     },
     /// Remove the layers nobody uses (not mounted, not active, no children left, not
     /// containerd's), oldest first and children before parents; print what went and the pool
@@ -694,6 +700,16 @@ fn layer(client: &mut Client, command: LayerCommand) -> Result<Output, ClientErr
                 .collect::<Vec<_>>()
                 .join("\n");
             Ok(output(&removed, text))
+        }
+        LayerCommand::Trim { name } => {
+            let trimmed: TrimResponse = client.post(&layer_path(&name, "trim"), &Value::Null)?;
+            let text = format!(
+                "Trimmed layer {}: its filesystem discarded {} of free blocks; the pool got {} back.",
+                trimmed.name,
+                trimmed.trimmed.human(),
+                trimmed.given_back.human()
+            );
+            Ok(output(&trimmed, text))
         }
         LayerCommand::Prune {
             labels,

@@ -59,6 +59,8 @@ struct Levels {
     volume_group_full: bool,
     /// Watcher rounds the LVM pool has been over its extension threshold.
     rounds_over: u32,
+    /// When the mounted layers were last trimmed (or the watcher started).
+    last_trim: Option<std::time::Instant>,
 }
 
 /// Where dmeventd runs, it extends a monitored LVM pool (by the profile); thinstackd steps in
@@ -95,6 +97,37 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
         Err(e) => tracing::error!(error = %e, "cannot read how far the pool can grow"),
     }
     guard_metadata(daemon, &usage);
+    trim_on_schedule(daemon, levels);
+}
+
+/// `layers.trim_interval`: trim every layer mounted read-write once the interval has passed
+/// since the last round of trims (the first comes one interval after start).
+fn trim_on_schedule(daemon: &Daemon, levels: &mut Levels) {
+    let Some(interval) = daemon.config.layers.trim_interval else {
+        return;
+    };
+    let last = *levels.last_trim.get_or_insert_with(std::time::Instant::now);
+    if last.elapsed() < interval.duration() {
+        return;
+    }
+    levels.last_trim = Some(std::time::Instant::now());
+    let layers = match daemon.engine.list(&Default::default()) {
+        Ok(layers) => layers,
+        Err(e) => return tracing::warn!(error = %e, "listing layers to trim them failed"),
+    };
+    let mounted = layers
+        .iter()
+        .filter(|l| l.snapshot.is_none() && l.mounts.values().any(|m| !m.read_only));
+    for layer in mounted {
+        match daemon.engine.trim(layer.name.as_str()) {
+            Ok(trimmed) => {
+                tracing::info!(layer = %layer.name, given_back = %trimmed.given_back, "trimmed on schedule (layers.trim_interval)")
+            }
+            Err(e) => {
+                tracing::warn!(layer = %layer.name, error = %e, "trimming on schedule failed; will try again next interval")
+            }
+        }
+    }
 }
 
 /// After any growth: a pool whose metadata is still nearly full is made read-only.

@@ -13,7 +13,7 @@ use crate::api::{
     AddDeviceRequest, AddDeviceResponse, AdoptRequest, CreateRequest, DestroyRequest,
     DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse,
     MountRequest, MountResponse, PruneRequest, PruneResponse, RemoveResponse, RemovedLayer,
-    ResizeRequest, UnmountRequest, UsageResponse, VersionResponse,
+    ResizeRequest, TrimResponse, UnmountRequest, UsageResponse, VersionResponse,
 };
 use crate::engine::{CreateLayer, OutsideChange, PruneFilter, Removal};
 use crate::error::{Error, ErrorKind, Result};
@@ -83,6 +83,7 @@ pub const ROUTES: &[Route] = &[
     route("POST", "/v1/layers/{name}/mount", mount_layer),
     route("POST", "/v1/layers/{name}/unmount", unmount_layer),
     route("POST", "/v1/layers/{name}/resize", resize_layer),
+    route("POST", "/v1/layers/{name}/trim", trim_layer),
 ];
 
 const fn route(method: &'static str, path: &'static str, handler: Handler) -> Route {
@@ -474,6 +475,13 @@ fn unmount_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
         .engine
         .unmount(name(call), request.target.as_deref())?;
     done(call, "unmounted")
+}
+
+fn trim_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    not_containerds(daemon, call, OutsideChange::Trim)?;
+    let trimmed = daemon.engine.trim(name(call))?;
+    ok(TrimResponse::of(LayerName::new(name(call))?, trimmed))
 }
 
 fn resize_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {

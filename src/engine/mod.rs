@@ -30,6 +30,7 @@ mod remove;
 mod resize;
 mod snapshots;
 mod transaction;
+mod trim;
 mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -61,6 +62,7 @@ pub use reconcile::ReconcileReport;
 pub use snapshots::{
     NewSnapshot, OutsideChange, SnapshotInfo, SnapshotMount, SnapshotRoot, MAX_SIZE_LABEL,
 };
+pub use trim::Trimmed;
 pub use types::{CreateLayer, Layer, Removal, Settings, Status};
 
 /// Longest label key and value.

@@ -103,6 +103,8 @@ pub enum OutsideChange {
     MountReadWrite,
     /// Resize it.
     Resize,
+    /// Trim it (its filesystem mounted read-write for the call, when unmounted).
+    Trim,
     /// Make a child of it.
     GiveChildren,
 }
@@ -116,6 +118,7 @@ impl OutsideChange {
             OutsideChange::Deactivate => "deactivated",
             OutsideChange::MountReadWrite => "mounted read-write",
             OutsideChange::Resize => "resized",
+            OutsideChange::Trim => "trimmed",
             OutsideChange::GiveChildren => "given children",
         }
     }

@@ -194,4 +194,8 @@ impl<T: FsKernel + ?Sized> FsKernel for Box<T> {
     fn mount_table(&self) -> Result<Vec<mounts::Mount>> {
         (**self).mount_table()
     }
+
+    fn trim(&self, target: &Path) -> Result<ByteSize> {
+        (**self).trim(target)
+    }
 }

@@ -200,6 +200,9 @@ pub trait FsKernel {
     fn probe(&self, device: &Path) -> Result<Option<superblock::Found>>;
     /// Every mount on the host.
     fn mount_table(&self) -> Result<Vec<mounts::Mount>>;
+    /// Have the filesystem mounted (read-write) at `target` discard its free blocks; what
+    /// it says it trimmed.
+    fn trim(&self, target: &Path) -> Result<ByteSize>;
 }
 
 /// What a pool can grow into by itself.

@@ -7,6 +7,7 @@ use crate::error::Result;
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::fs;
 use crate::kernel::{blockdev, mounts, FsKernel};
+use crate::units::ByteSize;
 use crate::vocab::FsType;
 
 /// Filesystems on the real kernel.
@@ -44,6 +45,10 @@ impl FsKernel for RealFs {
 
     fn unmount(&self, target: &Path, device: &Path) -> Result<()> {
         fs::unmount(target, device)
+    }
+
+    fn trim(&self, target: &Path) -> Result<ByteSize> {
+        fs::trim(target)
     }
 
     fn grow(&self, fs_type: FsType, device: &Path, mount_point: &Path) -> Result<()> {

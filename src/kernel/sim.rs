@@ -63,6 +63,9 @@ struct SimThin {
     /// Its files, when the sim keeps files ([`Sim::with_files`]): each file's contents are
     /// an allocation of their own, shared as chunks are.
     files: Tree,
+    /// Files deleted or rewritten that it alone held: still mapped, as a filesystem's freed
+    /// blocks stay mapped until it trims them (and shared with the snapshots made since).
+    garbage: Vec<Chunk>,
     /// The filesystem mkfs made (a snapshot shares its origin's), as a probe finds it.
     fs: Option<crate::kernel::superblock::Found>,
 }
@@ -248,8 +251,28 @@ impl Sim {
             .sum();
         thin.files = files;
         state.mapped_total += added;
-        Sim::let_go(state, Vec::new(), old);
+        // What only the old files held is freed by the filesystem, not yet by the pool.
+        let freed = old
+            .contents()
+            .filter(|data| Arc::strong_count(data) == 1)
+            .map(|data| Arc::new(data.len() as u64));
+        if let Some(thin) = state.thins.get_mut(&id) {
+            thin.garbage.extend(freed);
+        }
         Ok(())
+    }
+
+    /// Unmap thin `id`'s freed blocks (a trim): the bytes it unmapped (the pool gets back
+    /// those no snapshot shares).
+    fn trim_garbage(state: &mut SimState, id: ThinId) -> u64 {
+        let garbage = state
+            .thins
+            .get_mut(&id)
+            .map(|thin| std::mem::take(&mut thin.garbage))
+            .unwrap_or_default();
+        let unmapped = garbage.iter().map(|chunk| **chunk).sum();
+        Sim::let_go(state, garbage, Tree::default());
+        unmapped
     }
 
     /// A new chunk of `bytes`, taken from the pool.
@@ -258,8 +281,8 @@ impl Sim {
         Arc::new(bytes)
     }
 
-    /// Let go of a thin device's `chunks` and `files`: what no other device holds goes back
-    /// to the pool.
+    /// Let go of a thin device's `chunks` (its freed blocks among them) and `files`: what no
+    /// other device holds goes back to the pool.
     fn let_go(state: &mut SimState, chunks: Vec<Chunk>, files: Tree) {
         let chunks_freed: u64 = chunks
             .iter()
@@ -325,7 +348,8 @@ impl Sim {
 impl SimThin {
     /// Bytes it maps: its chunks and its files, shared or not.
     fn mapped(&self) -> u64 {
-        self.chunks.iter().map(|chunk| **chunk).sum::<u64>() + self.files.bytes()
+        let chunks: u64 = self.chunks.iter().chain(&self.garbage).map(|c| **c).sum();
+        chunks + self.files.bytes()
     }
 
     /// Its allocations, each with its size, by address (what identifies an allocation).
@@ -333,6 +357,7 @@ impl SimThin {
         let chunks = self
             .chunks
             .iter()
+            .chain(&self.garbage)
             .map(|chunk| (Arc::as_ptr(chunk) as usize, **chunk));
         let files = self
             .files
@@ -436,7 +461,8 @@ impl PoolKernel for Sim {
             ));
         }
         if let Some(thin) = state.thins.remove(&id) {
-            Sim::let_go(&mut state, thin.chunks, thin.files);
+            let chunks = thin.chunks.into_iter().chain(thin.garbage).collect();
+            Sim::let_go(&mut state, chunks, thin.files);
         }
         Ok(())
     }
@@ -562,7 +588,8 @@ impl PoolKernel for Sim {
             )));
         }
         if let Some(thin) = state.thins.get_mut(&id) {
-            let chunks = std::mem::take(&mut thin.chunks);
+            let mut chunks = std::mem::take(&mut thin.chunks);
+            chunks.append(&mut thin.garbage);
             let files = std::mem::take(&mut thin.files);
             Sim::let_go(&mut state, chunks, files);
         }
@@ -732,7 +759,8 @@ impl FsKernel for Sim {
         let uuid = format!("sim-{fs}-uuid-{id}");
         let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
         // A new filesystem: what the device held before is gone.
-        let chunks = std::mem::take(&mut thin.chunks);
+        let mut chunks = std::mem::take(&mut thin.chunks);
+        chunks.append(&mut thin.garbage);
         let files = std::mem::take(&mut thin.files);
         thin.fs = Some(crate::kernel::superblock::Found {
             fs,
@@ -848,6 +876,24 @@ impl FsKernel for Sim {
 
     fn is_mounted(&self, target: &Path) -> Result<bool> {
         Ok(self.state().mounts.contains_key(target))
+    }
+
+    fn trim(&self, target: &Path) -> Result<ByteSize> {
+        let mut state = self.state();
+        let (id, read_only) = *state.mounts.get(target).ok_or_else(|| {
+            Error::not_found(format!("nothing is mounted at {}", target.display()))
+        })?;
+        if read_only {
+            return Err(Error::invalid(format!(
+                "the filesystem at {} is read-only; trim needs it mounted read-write",
+                target.display()
+            )));
+        }
+        // What was deleted in the mount is freed by the filesystem first, as on the kernel.
+        if state.files {
+            Sim::take_files(&mut state, id, Tree::read(target)?)?;
+        }
+        Ok(ByteSize::from_bytes(Sim::trim_garbage(&mut state, id)))
     }
 
     fn mount_table(&self) -> Result<Vec<crate::kernel::mounts::Mount>> {

@@ -14,6 +14,7 @@ use crate::kernel::sim::{Sim, SimOp};
 mod max_size;
 mod overcommit;
 mod prune;
+mod trim;
 mod usage;
 
 struct Fixture {
