@@ -147,13 +147,13 @@ impl Client {
         stream
             .write_all(&request_bytes("GET", path, &[]))
             .map_err(|e| self.broke(&e.to_string()))?;
-        let (status, chunked, rest) = read_stream_head(&mut stream).map_err(|e| self.broke(&e))?;
-        if !(200..300).contains(&status) || !chunked {
-            let mut body = rest;
+        let head = read_head(&mut stream).map_err(|e| self.broke(&e))?;
+        if !(200..300).contains(&head.status) || !head.chunked {
+            let mut body = head.rest;
             let _ = stream.read_to_end(&mut body);
-            return Err(error_of("GET", path, status, &body));
+            return Err(error_of("GET", path, head.status, &body));
         }
-        let mut chunks = Chunks::new(stream, rest);
+        let mut chunks = Chunks::new(stream, head.rest);
         let mut pending = Vec::new();
         while let Some(data) = chunks.next_chunk().map_err(|e| self.broke(&e))? {
             pending.extend_from_slice(&data);
@@ -253,9 +253,17 @@ fn request_bytes(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
     request
 }
 
-/// Read a streaming response's head: its status, whether its body is chunked, and what was
-/// read of the body already.
-fn read_stream_head(stream: &mut impl Read) -> Result<(u16, bool, Vec<u8>), String> {
+/// A response's head, as far as thinstack reads it, and what was read of the body already.
+struct Head {
+    status: u16,
+    chunked: bool,
+    content_length: Option<String>,
+    keep_alive: bool,
+    rest: Vec<u8>,
+}
+
+/// Read a response's head.
+fn read_head(stream: &mut impl Read) -> Result<Head, String> {
     let mut buffer = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
@@ -274,14 +282,20 @@ fn read_stream_head(stream: &mut impl Read) -> Result<(u16, bool, Vec<u8>), Stri
             Ok(httparse::Status::Partial) => return Err("response head too large".into()),
             Err(e) => return Err(format!("malformed response: {e}")),
         };
-        let chunked = response.headers.iter().any(|h| {
-            h.name.eq_ignore_ascii_case("transfer-encoding")
-                && String::from_utf8_lossy(h.value)
-                    .to_ascii_lowercase()
-                    .contains("chunked")
+        let header = |name: &str| {
+            response
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+        };
+        return Ok(Head {
+            status: response.code.unwrap_or_default(),
+            chunked: header("transfer-encoding").is_some_and(|t| t.contains("chunked")),
+            content_length: header("content-length"),
+            keep_alive: header("connection").as_deref() != Some("close"),
+            rest: buffer.split_off(head_len),
         });
-        let status = response.code.unwrap_or_default();
-        return Ok((status, chunked, buffer.split_off(head_len)));
     }
 }
 
@@ -345,51 +359,25 @@ impl<R: Read> Chunks<R> {
 
 /// Read one response: its status, its body, and whether the connection stays open.
 fn read_response(stream: &mut impl Read) -> Result<(u16, Vec<u8>, bool), String> {
-    let mut buffer = Vec::with_capacity(4096);
-    let mut chunk = [0u8; 4096];
-    loop {
-        let read = match stream.read(&mut chunk) {
-            Ok(0) => return Err("the daemon closed the connection without answering".into()),
-            Ok(n) => n,
-            Err(e) if e.kind() == IoErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.to_string()),
-        };
-        buffer.extend_from_slice(&chunk[..read]);
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut response = httparse::Response::new(&mut headers);
-        let head_len = match response.parse(&buffer) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buffer.len() < MAX_HEAD => continue,
-            Ok(httparse::Status::Partial) => return Err("response head too large".into()),
-            Err(e) => return Err(format!("malformed response: {e}")),
-        };
-        let status = response.code.unwrap_or_default();
-        let header = |name: &str| {
-            response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
-        };
-        if header("transfer-encoding").is_some() {
-            return Err("a response without Content-Length is not expected from thinstackd".into());
-        }
-        let length: usize = header("content-length")
-            .ok_or("the response has no Content-Length")?
-            .parse()
-            .map_err(|e| format!("bad Content-Length: {e}"))?;
-        let keep_alive = header("connection").as_deref() != Some("close");
-        let mut body = buffer.split_off(head_len);
-        if body.len() < length {
-            let start = body.len();
-            body.resize(length, 0);
-            stream
-                .read_exact(&mut body[start..])
-                .map_err(|e| format!("reading the response body: {e}"))?;
-        }
-        body.truncate(length);
-        return Ok((status, body, keep_alive));
+    let head = read_head(stream)?;
+    if head.chunked {
+        return Err("a response without Content-Length is not expected from thinstackd".into());
     }
+    let length: usize = head
+        .content_length
+        .ok_or("the response has no Content-Length")?
+        .parse()
+        .map_err(|e| format!("bad Content-Length: {e}"))?;
+    let mut body = head.rest;
+    if body.len() < length {
+        let start = body.len();
+        body.resize(length, 0);
+        stream
+            .read_exact(&mut body[start..])
+            .map_err(|e| format!("reading the response body: {e}"))?;
+    }
+    body.truncate(length);
+    Ok((head.status, body, head.keep_alive))
 }
 
 #[cfg(test)]

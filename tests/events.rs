@@ -4,7 +4,6 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use common::sim::SimDaemon;
 use common::{wait_until, EventLines};
@@ -13,12 +12,7 @@ use thinstack::client::Client;
 
 fn start() -> (SimDaemon, Client) {
     let mut daemon = SimDaemon::start(|_| "[layers]\nbase_size = \"64M\"\n".to_string());
-    let mut client = Client::new(&daemon.api_socket());
-    let started = Instant::now();
-    while client.get::<serde_json::Value>("/v1/version").is_err() {
-        daemon.still_starting(started, "thinstackd --sim");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let client = daemon.client();
     (daemon, client)
 }
 

@@ -9,7 +9,6 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use common::sim::SimDaemon;
 use common::{promtool, promtool_check_metrics};
@@ -31,12 +30,7 @@ fn start(port: u16) -> (SimDaemon, Client) {
             "[pool]\nmax_overcommit = 3\n[pool.loop]\ndata_size = \"10G\"\nautoextend_threshold = \"100%\"\n[layers]\nbase_size = \"8G\"\n[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
         )
     });
-    let mut client = Client::new(&daemon.api_socket());
-    let started = Instant::now();
-    while client.get::<serde_json::Value>("/v1/version").is_err() {
-        daemon.still_starting(started, "thinstackd --sim");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let client = daemon.client();
     (daemon, client)
 }
 

@@ -43,6 +43,17 @@ impl SimDaemon {
         self.dir().join("api.sock")
     }
 
+    /// A client on its API socket, once the API answers.
+    pub fn client(&mut self) -> thinstack::client::Client {
+        let mut client = thinstack::client::Client::new(&self.api_socket());
+        let started = Instant::now();
+        while client.get::<serde_json::Value>("/v1/version").is_err() {
+            self.still_starting(started, "thinstackd --sim");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        client
+    }
+
     /// Between tries of `what` while it starts: fails if it has exited, or if `started` was
     /// longer ago than the tests' one deadline.
     pub fn still_starting(&mut self, started: Instant, what: &str) {

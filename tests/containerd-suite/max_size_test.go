@@ -17,7 +17,6 @@ import (
 	"github.com/containerd/containerd/namespaces"
 	"github.com/containerd/containerd/snapshots"
 	"github.com/containerd/containerd/snapshots/proxy"
-	"google.golang.org/grpc"
 )
 
 const maxSizeLabel = "containerd.io/snapshot/max-size"
@@ -52,14 +51,7 @@ func filesystemBytes(t *testing.T, dir string) uint64 {
 }
 
 func TestMaxSizeLabel(t *testing.T) {
-	socket := os.Getenv("THINSTACK_CONTAINERD_SOCKET")
-	if socket == "" {
-		t.Fatal("THINSTACK_CONTAINERD_SOCKET is not set; run scripts/containerd-suite")
-	}
-	conn, err := grpc.Dial("unix://"+socket, grpc.WithInsecure())
-	if err != nil {
-		t.Fatalf("connecting to %s: %v", socket, err)
-	}
+	conn := dial(t)
 	defer conn.Close()
 	sn := proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "thinstack")
 	ctx := namespaces.WithNamespace(context.Background(), "max-size")

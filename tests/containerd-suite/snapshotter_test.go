@@ -27,7 +27,8 @@ import (
 	"google.golang.org/grpc"
 )
 
-func TestThinstackSnapshotter(t *testing.T) {
+// dial connects to thinstackd's containerd socket (THINSTACK_CONTAINERD_SOCKET).
+func dial(t *testing.T) *grpc.ClientConn {
 	socket := os.Getenv("THINSTACK_CONTAINERD_SOCKET")
 	if socket == "" {
 		t.Fatal("THINSTACK_CONTAINERD_SOCKET is not set; run scripts/containerd-suite")
@@ -36,6 +37,11 @@ func TestThinstackSnapshotter(t *testing.T) {
 	if err != nil {
 		t.Fatalf("connecting to %s: %v", socket, err)
 	}
+	return conn
+}
+
+func TestThinstackSnapshotter(t *testing.T) {
+	conn := dial(t)
 	// Not deferred: the suite's subtests are parallel, so they run after this function returns.
 	t.Cleanup(func() { conn.Close() })
 	var subtests int64
