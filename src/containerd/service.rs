@@ -387,7 +387,7 @@ mod tests {
     use super::*;
     use crate::engine::Settings;
     use crate::kernel::sim::Sim;
-    use crate::units::{ByteSize, Percent};
+    use crate::units::ByteSize;
     use crate::vocab::FsType;
     use tokio_stream::StreamExt;
     use tonic::Code;
@@ -401,18 +401,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sim = Sim::default();
         let settings = Settings {
-            state_dir: dir.path().to_path_buf(),
-            base_size: ByteSize::gib(1),
-            filesystem: FsType::Ext4,
-            mkfs_args: Vec::new(),
-            mount_options: Vec::new(),
-            mount_roots: Vec::new(),
-            min_free_space: Percent::new(10).unwrap(),
             discard_on_remove: false,
             busy_retries: 1,
-            busy_retry_interval: std::time::Duration::from_millis(1),
-            max_overcommit: crate::units::Ratio::NONE,
-            data_capacity: None,
+            ..Settings::for_tests(dir.path())
         };
         let (engine, _) = Engine::open(sim.clone(), sim, settings).unwrap();
         let root = SnapshotRoot {

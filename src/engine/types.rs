@@ -33,6 +33,26 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Settings for unit tests over the sim: records in `state_dir`, 1G ext4 bases, quick
+    /// busy retries, no overcommit limit.
+    #[cfg(test)]
+    pub(crate) fn for_tests(state_dir: &Path) -> Settings {
+        Settings {
+            state_dir: state_dir.to_path_buf(),
+            base_size: ByteSize::gib(1),
+            filesystem: FsType::Ext4,
+            mkfs_args: Vec::new(),
+            mount_options: Vec::new(),
+            mount_roots: Vec::new(),
+            min_free_space: Percent::new(10).expect("valid"),
+            discard_on_remove: true,
+            busy_retries: 2,
+            busy_retry_interval: Duration::from_millis(1),
+            max_overcommit: Ratio::NONE,
+            data_capacity: None,
+        }
+    }
+
     /// The engine's settings from a configuration.
     pub fn from_config(config: &Config) -> Settings {
         Settings {

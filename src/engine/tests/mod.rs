@@ -50,20 +50,7 @@ impl Fixture {
     }
 
     fn settings(&self) -> Settings {
-        Settings {
-            state_dir: self.dir.path().to_path_buf(),
-            base_size: ByteSize::gib(1),
-            filesystem: FsType::Ext4,
-            mkfs_args: Vec::new(),
-            mount_options: Vec::new(),
-            mount_roots: Vec::new(),
-            min_free_space: Percent::new(10).unwrap(),
-            discard_on_remove: true,
-            busy_retries: 2,
-            busy_retry_interval: Duration::from_millis(1),
-            max_overcommit: crate::units::Ratio::NONE,
-            data_capacity: None,
-        }
+        Settings::for_tests(self.dir.path())
     }
 
     fn open(&self) -> (Engine<Sim, Sim>, ReconcileReport) {
