@@ -19,7 +19,6 @@ use prometheus_client::registry::{Registry, Unit};
 use crate::engine::{LayerCounts, Status};
 use crate::error::{ErrorKind, Result};
 use crate::pool::{data_low_water_mark, metadata_low_water_mark};
-use crate::vocab::Space;
 
 /// The `Content-Type` of what [`Metrics::render`] gives.
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -344,7 +343,7 @@ impl PoolFigures {
         bytes(&self.metadata_size, status.metadata.total.bytes());
         bytes(
             &self.metadata_low_water,
-            metadata_low_water(&status.metadata),
+            metadata_low_water_mark(&status.metadata).bytes(),
         );
         bytes(&self.block_size, block.bytes());
         bytes(&self.transaction_id, status.transaction_id);
@@ -353,10 +352,6 @@ impl PoolFigures {
         self.overcommit_limit
             .set(status.overcommit.limit.unwrap_or(0.0));
     }
-}
-
-fn metadata_low_water(metadata: &Space) -> u64 {
-    metadata_low_water_mark(metadata).bytes()
 }
 
 /// A count or size as a gauge's value (at most `i64::MAX`).

@@ -37,7 +37,7 @@ async fn forward(
     mut closing: watch::Receiver<bool>,
     lines: mpsc::Sender<Line>,
 ) {
-    if send(&lines, &api::Event::subscribed(crate::engine::now()))
+    if send(&lines, &api::Event::subscribed(crate::engine::now_ns()))
         .await
         .is_err()
     {
@@ -49,7 +49,7 @@ async fn forward(
             received = events.recv() => match received {
                 Ok(event) => api::Event::from(event),
                 Err(broadcast::error::RecvError::Lagged(lost)) => {
-                    api::Event::lost(crate::engine::now(), lost)
+                    api::Event::lost(crate::engine::now_ns(), lost)
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             },

@@ -97,11 +97,7 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
 }
 
 /// Now, in nanoseconds since the Unix epoch (the time events and records carry).
-pub fn now() -> u64 {
-    now_ns()
-}
-
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
@@ -339,7 +335,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.index().deferred_count()
     }
 
-    /// Bytes of pool data the layer maps (its own and those shared with its parents).
+    /// Pool data the layer maps, and how much of it no other thin device maps.
     pub fn usage(&self, name: &str) -> Result<ThinUsage> {
         let (name, _guard) = self.lock_layer(name)?;
         let record = self.ready_record(&name)?;

@@ -28,9 +28,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 "layer {name:?} is committed: its device is read-only, so nothing can be discarded from it"
             )));
         }
-        self.ensure_writable(&format!("trim layer {name:?}"))?;
+        let before = self
+            .ensure_writable(&format!("trim layer {name:?}"))?
+            .data
+            .used;
         let record = self.drop_gone_mounts(record)?;
-        let before = self.kernel.usage()?.data.used;
         let trimmed = match record.mounts.iter().find(|(_, m)| !m.read_only) {
             Some((target, _)) => self.fs.trim(target)?,
             None if !record.mounts.is_empty() => {

@@ -237,7 +237,7 @@ impl Sim {
 
     /// `files` become thin `id`'s: contents unchanged since its last files stay what they
     /// were (shared with snapshots), new or rewritten ones are new allocations, and what the
-    /// old files held alone goes back to the pool.
+    /// old files held alone stays mapped as its garbage until a trim.
     fn take_files(state: &mut SimState, id: ThinId, mut files: Tree) -> Result<()> {
         let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
         let old = std::mem::take(&mut thin.files);
@@ -346,10 +346,17 @@ impl Sim {
 }
 
 impl SimThin {
-    /// Bytes it maps: its chunks and its files, shared or not.
+    /// Bytes it maps: its chunks, its garbage and its files, shared or not.
     fn mapped(&self) -> u64 {
-        let chunks: u64 = self.chunks.iter().chain(&self.garbage).map(|c| **c).sum();
-        chunks + self.files.bytes()
+        self.allocations().map(|(_, bytes)| bytes).sum()
+    }
+
+    /// Everything it maps, taken out of it (for [`Sim::let_go`]): its chunks with its
+    /// garbage, and its files.
+    fn take_data(&mut self) -> (Vec<Chunk>, Tree) {
+        let mut chunks = std::mem::take(&mut self.chunks);
+        chunks.append(&mut self.garbage);
+        (chunks, std::mem::take(&mut self.files))
     }
 
     /// Its allocations, each with its size, by address (what identifies an allocation).
@@ -460,9 +467,9 @@ impl PoolKernel for Sim {
                 format!("thin device {id} is active"),
             ));
         }
-        if let Some(thin) = state.thins.remove(&id) {
-            let chunks = thin.chunks.into_iter().chain(thin.garbage).collect();
-            Sim::let_go(&mut state, chunks, thin.files);
+        if let Some(mut thin) = state.thins.remove(&id) {
+            let (chunks, files) = thin.take_data();
+            Sim::let_go(&mut state, chunks, files);
         }
         Ok(())
     }
@@ -588,9 +595,7 @@ impl PoolKernel for Sim {
             )));
         }
         if let Some(thin) = state.thins.get_mut(&id) {
-            let mut chunks = std::mem::take(&mut thin.chunks);
-            chunks.append(&mut thin.garbage);
-            let files = std::mem::take(&mut thin.files);
+            let (chunks, files) = thin.take_data();
             Sim::let_go(&mut state, chunks, files);
         }
         Ok(())
@@ -759,9 +764,7 @@ impl FsKernel for Sim {
         let uuid = format!("sim-{fs}-uuid-{id}");
         let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
         // A new filesystem: what the device held before is gone.
-        let mut chunks = std::mem::take(&mut thin.chunks);
-        chunks.append(&mut thin.garbage);
-        let files = std::mem::take(&mut thin.files);
+        let (chunks, files) = thin.take_data();
         thin.fs = Some(crate::kernel::superblock::Found {
             fs,
             size,
