@@ -232,9 +232,85 @@ impl fmt::Display for ThinId {
     }
 }
 
+/// What a committed layer holds, named once and kept wherever the layer goes: an exported
+/// layer's content id travels in its stream and an import keeps it, so an incremental stream
+/// names the base it needs and is applied only onto that content. 128 random bits, as 32
+/// lowercase hex digits.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ContentId(String);
+
+impl ContentId {
+    /// Hex digits in a content id.
+    pub const LEN: usize = 32;
+
+    /// A new content id, from the kernel's random source.
+    pub fn random() -> Result<Self> {
+        let mut bits = [0u8; Self::LEN / 2];
+        getrandom::fill(&mut bits).map_err(|e| {
+            Error::new(
+                crate::error::ErrorKind::Kernel,
+                format!("reading random bits for a content id: {e}"),
+            )
+        })?;
+        Ok(ContentId(bits.iter().map(|b| format!("{b:02x}")).collect()))
+    }
+
+    /// A content id as text; refused unless it is 32 lowercase hex digits.
+    pub fn new(text: &str) -> Result<Self> {
+        let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
+        if text.len() != Self::LEN || !text.chars().all(hex) {
+            return Err(Error::invalid(format!(
+                "content id {text:?} is not {} lowercase hex digits",
+                Self::LEN
+            )));
+        }
+        Ok(ContentId(text.to_string()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for ContentId {
+    type Error = String;
+    fn try_from(text: String) -> std::result::Result<Self, String> {
+        ContentId::new(&text).map_err(|e| e.message().to_string())
+    }
+}
+
+impl From<ContentId> for String {
+    fn from(id: ContentId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for ContentId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_ids_are_random_and_checked() {
+        let a = ContentId::random().unwrap();
+        assert_ne!(a, ContentId::random().unwrap());
+        assert_eq!(ContentId::new(a.as_str()).unwrap(), a);
+        for bad in [
+            "",
+            "ABCDEF0123456789abcdef0123456789",
+            "0123",
+            &"g".repeat(32),
+        ] {
+            assert!(ContentId::new(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn pool_names_are_checked() {

@@ -3,7 +3,7 @@
 //! never overwritten unless the user forces it.
 
 use std::fmt;
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
@@ -194,10 +194,23 @@ pub fn discard(node: &Path) -> Result<()> {
         .write(true)
         .open(node)
         .map_err(|e| Error::io(format!("opening {} to discard it", node.display()), e))?;
-    let range = [0u64, size_of_open(&file, node)?.bytes()];
+    let size = size_of_open(&file, node)?.bytes();
+    discard_range(&file, node, 0, size)
+}
+
+/// Discard `length` bytes at `offset` of the device open as `file` (at `node`).
+pub fn discard_range(file: &File, node: &Path, offset: u64, length: u64) -> Result<()> {
+    let range = [offset, length];
     // SAFETY: the fd is open for the duration of the call and the pointer is to a live local.
-    unsafe { blk::discard(file.as_raw_fd(), &range) }
-        .map_err(|e| Error::io(format!("discarding {}", node.display()), e.into()))?;
+    unsafe { blk::discard(file.as_raw_fd(), &range) }.map_err(|e| {
+        Error::io(
+            format!(
+                "discarding {length} bytes at {offset} of {}",
+                node.display()
+            ),
+            e.into(),
+        )
+    })?;
     Ok(())
 }
 

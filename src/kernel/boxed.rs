@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use devicemapper::Device;
 
+use super::device_io::ThinIo;
 use super::{
-    mounts, superblock, DeletedLoopFile, DmDevice, FsKernel, PoolDetails, PoolKernel, PoolUsage,
-    Room, ThinUsage,
+    mounts, superblock, DeletedLoopFile, DeltaRun, DmDevice, FsKernel, PoolDetails, PoolKernel,
+    PoolUsage, Room, ThinUsage,
 };
 use crate::error::Result;
 use crate::kernel::thin_tools::CheckReport;
@@ -79,6 +80,14 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
 
     fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>> {
         (**self).thin_usage()
+    }
+
+    fn thin_delta(&self, base: Option<ThinId>, id: ThinId) -> Result<Vec<DeltaRun>> {
+        (**self).thin_delta(base, id)
+    }
+
+    fn open_thin(&self, id: ThinId) -> Result<Box<dyn ThinIo>> {
+        (**self).open_thin(id)
     }
 
     fn room(&self) -> Result<Room> {

@@ -35,6 +35,8 @@ pub enum Program {
     ThinDump,
     /// `thin_ls` (thin-provisioning-tools)
     ThinLs,
+    /// `thin_delta` (thin-provisioning-tools)
+    ThinDelta,
     /// `blkid` (util-linux)
     Blkid,
     /// `wipefs` (util-linux)
@@ -54,6 +56,7 @@ impl Program {
             Program::ThinCheck => "thin_check",
             Program::ThinDump => "thin_dump",
             Program::ThinLs => "thin_ls",
+            Program::ThinDelta => "thin_delta",
             Program::Blkid => "blkid",
             Program::Wipefs => "wipefs",
             Program::Lvm => "lvm",
@@ -65,7 +68,9 @@ impl Program {
         match self {
             Program::MkfsExt4 | Program::Resize2fs => "e2fsprogs",
             Program::MkfsXfs | Program::XfsGrowfs => "xfsprogs",
-            Program::ThinCheck | Program::ThinDump | Program::ThinLs => "thin-provisioning-tools",
+            Program::ThinCheck | Program::ThinDump | Program::ThinLs | Program::ThinDelta => {
+                "thin-provisioning-tools"
+            }
             Program::Blkid | Program::Wipefs => "util-linux",
             Program::Lvm => "lvm2",
         }

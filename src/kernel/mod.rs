@@ -9,6 +9,7 @@ pub mod blockdev;
 mod boxed;
 pub mod cmd;
 pub mod conformance;
+pub mod device_io;
 pub mod dm;
 pub mod fs;
 pub mod loopdev;
@@ -17,6 +18,7 @@ pub mod mount_target;
 pub mod mounts;
 pub mod real;
 pub mod sim;
+mod sim_blocks;
 mod sim_files;
 pub mod superblock;
 pub mod table;
@@ -61,6 +63,28 @@ impl ThinUsage {
     pub fn shared(&self) -> ByteSize {
         ByteSize::from_bytes(self.mapped.bytes().saturating_sub(self.exclusive.bytes()))
     }
+}
+
+/// A stretch of a thin device, in bytes, that differs from a base (or, without a base, that
+/// the device maps), as the pool's metadata tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeltaRun {
+    /// Bytes into the device.
+    pub offset: u64,
+    /// Its length in bytes.
+    pub length: u64,
+    /// What the device holds there.
+    pub kind: DeltaKind,
+}
+
+/// What a thin device holds in a [`DeltaRun`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeltaKind {
+    /// Data of its own (written since the base, or mapped, without a base): to be read.
+    Data,
+    /// Nothing: the base maps it and the device does not (it was discarded), so it reads as
+    /// zeros.
+    Unmapped,
 }
 
 /// What a pool is and what it sits on, for status output.
@@ -118,6 +142,15 @@ pub trait PoolKernel {
     /// moment (active or not; the real pool reads it through a metadata snapshot, which a
     /// read-only pool refuses).
     fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>>;
+    /// Where thin `id` differs from thin `base` (ranges it maps to other data, or maps and
+    /// the base does not: [`DeltaKind::Data`]; ranges the base maps and it does not:
+    /// [`DeltaKind::Unmapped`]), or, without a base, every range it maps; ascending. Read
+    /// from the metadata alone (the real pool's through a metadata snapshot, with
+    /// `thin_delta`), never by reading the devices. The devices should not change meanwhile.
+    fn thin_delta(&self, base: Option<ThinId>, id: ThinId) -> Result<Vec<DeltaRun>>;
+    /// Read and write the bytes of active thin `id` (writes refused unless it is active
+    /// writable).
+    fn open_thin(&self, id: ThinId) -> Result<Box<dyn device_io::ThinIo>>;
 
     // ----- administration: what the daemon, its watcher and the doctor ask of a pool -----
 

@@ -13,9 +13,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, ErrorKind, Result};
 use devicemapper::Device;
 
+use crate::kernel::device_io::ThinIo;
+use crate::kernel::sim_blocks::{self, Block, Blocks};
 use crate::kernel::sim_files::{self, Tree};
 use crate::kernel::thin_tools::CheckReport;
-use crate::kernel::{DeletedLoopFile, DmDevice, FsKernel, PoolKernel, PoolUsage, Room, ThinUsage};
+use crate::kernel::{
+    DeletedLoopFile, DeltaRun, DmDevice, FsKernel, PoolKernel, PoolUsage, Room, ThinUsage,
+};
 use crate::names::ThinId;
 use crate::units::ByteSize;
 use crate::vocab::FsType;
@@ -66,8 +70,17 @@ struct SimThin {
     /// Files deleted or rewritten that it alone held: still mapped, as a filesystem's freed
     /// blocks stay mapped until it trims them (and shared with the snapshots made since).
     garbage: Vec<Chunk>,
-    /// The filesystem mkfs made (a snapshot shares its origin's), as a probe finds it.
-    fs: Option<crate::kernel::superblock::Found>,
+    /// Its blocks, as export and import read and write them, with the filesystem mkfs made
+    /// in block 0 ([`sim_blocks`]); a snapshot shares its origin's.
+    blocks: Blocks,
+}
+
+/// What a thin device maps, taken out of it for [`Sim::let_go`].
+#[derive(Default)]
+struct SimData {
+    chunks: Vec<Chunk>,
+    files: Tree,
+    blocks: Vec<Block>,
 }
 
 #[derive(Debug, Clone)]
@@ -271,7 +284,13 @@ impl Sim {
             .map(|thin| std::mem::take(&mut thin.garbage))
             .unwrap_or_default();
         let unmapped = garbage.iter().map(|chunk| **chunk).sum();
-        Sim::let_go(state, garbage, Tree::default());
+        Sim::let_go(
+            state,
+            SimData {
+                chunks: garbage,
+                ..SimData::default()
+            },
+        );
         unmapped
     }
 
@@ -283,7 +302,17 @@ impl Sim {
 
     /// Let go of a thin device's `chunks` (its freed blocks among them) and `files`: what no
     /// other device holds goes back to the pool.
-    fn let_go(state: &mut SimState, chunks: Vec<Chunk>, files: Tree) {
+    fn let_go(state: &mut SimState, data: SimData) {
+        let SimData {
+            chunks,
+            files,
+            blocks,
+        } = data;
+        let blocks_freed: u64 = blocks
+            .iter()
+            .filter(|block| Arc::strong_count(block) == 1)
+            .map(|block| block.len() as u64)
+            .sum();
         let chunks_freed: u64 = chunks
             .iter()
             .filter(|chunk| Arc::strong_count(chunk) == 1)
@@ -294,7 +323,7 @@ impl Sim {
             .filter(|data| Arc::strong_count(data) == 1)
             .map(|data| data.len() as u64)
             .sum();
-        state.mapped_total -= chunks_freed + files_freed;
+        state.mapped_total -= chunks_freed + files_freed + blocks_freed;
     }
 
     /// Count a call of `op` and fail it when an injected failure is due.
@@ -353,10 +382,14 @@ impl SimThin {
 
     /// Everything it maps, taken out of it (for [`Sim::let_go`]): its chunks with its
     /// garbage, and its files.
-    fn take_data(&mut self) -> (Vec<Chunk>, Tree) {
+    fn take_data(&mut self) -> SimData {
         let mut chunks = std::mem::take(&mut self.chunks);
         chunks.append(&mut self.garbage);
-        (chunks, std::mem::take(&mut self.files))
+        SimData {
+            chunks,
+            files: std::mem::take(&mut self.files),
+            blocks: self.blocks.take(),
+        }
     }
 
     /// Its allocations, each with its size, by address (what identifies an allocation).
@@ -370,7 +403,7 @@ impl SimThin {
             .files
             .contents()
             .map(|data| (Arc::as_ptr(data) as usize, data.len() as u64));
-        chunks.chain(files)
+        chunks.chain(files).chain(self.blocks.allocations())
     }
 }
 
@@ -468,8 +501,8 @@ impl PoolKernel for Sim {
             ));
         }
         if let Some(mut thin) = state.thins.remove(&id) {
-            let (chunks, files) = thin.take_data();
-            Sim::let_go(&mut state, chunks, files);
+            let data = thin.take_data();
+            Sim::let_go(&mut state, data);
         }
         Ok(())
     }
@@ -587,6 +620,34 @@ impl PoolKernel for Sim {
             .collect())
     }
 
+    fn thin_delta(&self, base: Option<ThinId>, id: ThinId) -> Result<Vec<DeltaRun>> {
+        let state = self.state();
+        let blocks_of = |id: ThinId| {
+            state
+                .thins
+                .get(&id)
+                .map(|thin| &thin.blocks)
+                .ok_or_else(|| no_thin(id))
+        };
+        let base = base.map(blocks_of).transpose()?;
+        Ok(blocks_of(id)?.delta(base))
+    }
+
+    fn open_thin(&self, id: ThinId) -> Result<Box<dyn ThinIo>> {
+        let state = self.state();
+        let active = state.active.get(&id).ok_or_else(|| {
+            Error::not_found(format!(
+                "thin device {id} is not active, so it cannot be read"
+            ))
+        })?;
+        Ok(Box::new(SimDevice {
+            sim: self.clone(),
+            id,
+            size: active.size.bytes(),
+            writable: !active.read_only,
+        }))
+    }
+
     fn discard(&self, id: ThinId) -> Result<()> {
         let mut state = self.state();
         if !state.active.contains_key(&id) {
@@ -595,8 +656,8 @@ impl PoolKernel for Sim {
             )));
         }
         if let Some(thin) = state.thins.get_mut(&id) {
-            let (chunks, files) = thin.take_data();
-            Sim::let_go(&mut state, chunks, files);
+            let data = thin.take_data();
+            Sim::let_go(&mut state, data);
         }
         Ok(())
     }
@@ -747,6 +808,103 @@ impl PoolKernel for Sim {
 }
 
 /// The sim's answer about any loop device: it has none.
+/// A sim thin device open for export or import ([`PoolKernel::open_thin`]).
+struct SimDevice {
+    sim: Sim,
+    id: ThinId,
+    size: u64,
+    writable: bool,
+}
+
+impl SimDevice {
+    /// The device's state, when `length` bytes at `offset` are within it (and it may be
+    /// written, for a write).
+    fn check(&self, offset: u64, length: u64, write: bool) -> Result<MutexGuard<'_, SimState>> {
+        if offset.checked_add(length).is_none_or(|end| end > self.size) {
+            return Err(Error::invalid(format!(
+                "{length} bytes at {offset} are beyond the end of thin device {} ({} bytes)",
+                self.id, self.size
+            )));
+        }
+        if write && !self.writable {
+            return Err(Error::new(
+                ErrorKind::Permission,
+                format!("thin device {} is active read-only", self.id),
+            ));
+        }
+        let state = self.sim.state();
+        if !state.active.contains_key(&self.id) {
+            return Err(Error::not_found(format!(
+                "thin device {}: no such device",
+                self.id
+            )));
+        }
+        Ok(state)
+    }
+
+    /// Write `data` at `offset`, taking what it maps anew from the pool (refused when the
+    /// pool has no room, as a full pool fails the write).
+    fn write_blocks(state: &mut SimState, id: ThinId, offset: u64, data: &[u8]) -> Result<()> {
+        let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
+        let needed = thin.blocks.allocation_needed(offset, data.len() as u64);
+        if state.mapped_total + needed > state.data_total {
+            return Err(Error::new(
+                ErrorKind::NoSpace,
+                format!("thin device {id}: the pool is out of data space"),
+            ));
+        }
+        thin.blocks.write(offset, data);
+        state.mapped_total += needed;
+        Ok(())
+    }
+}
+
+impl ThinIo for SimDevice {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let state = self.check(offset, buf.len() as u64, false)?;
+        let thin = state.thins.get(&self.id).ok_or_else(|| no_thin(self.id))?;
+        thin.blocks.read(offset, buf);
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let id = self.id;
+        let mut state = self.check(offset, data.len() as u64, true)?;
+        SimDevice::write_blocks(&mut state, id, offset, data)
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
+        let id = self.id;
+        let mut state = self.check(offset, length, true)?;
+        let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
+        let unmapped = thin.blocks.unmap_whole(offset, length);
+        Sim::let_go(
+            &mut state,
+            SimData {
+                blocks: unmapped,
+                ..SimData::default()
+            },
+        );
+        // The edges, partial blocks, are written with zeros.
+        let first = offset.div_ceil(sim_blocks::BLOCK) * sim_blocks::BLOCK;
+        let last = (offset + length) / sim_blocks::BLOCK * sim_blocks::BLOCK;
+        let edges = if first >= last {
+            vec![(offset, offset + length)]
+        } else {
+            vec![(offset, first), (last, offset + length)]
+        };
+        for (start, end) in edges.into_iter().filter(|(start, end)| start < end) {
+            let zeros = vec![0u8; (end - start) as usize];
+            SimDevice::write_blocks(&mut state, id, start, &zeros)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.check(0, 0, false).map(drop)
+    }
+}
+
 fn no_loop_device(device: &Path) -> Error {
     Error::not_found(format!("{}: the sim has no loop devices", device.display()))
 }
@@ -764,16 +922,19 @@ impl FsKernel for Sim {
         let uuid = format!("sim-{fs}-uuid-{id}");
         let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
         // A new filesystem: what the device held before is gone.
-        let (chunks, files) = thin.take_data();
-        thin.fs = Some(crate::kernel::superblock::Found {
-            fs,
-            size,
-            uuid: uuid.clone(),
-        });
-        Sim::let_go(&mut state, chunks, files);
-        let chunk = Sim::allocate(&mut state, written);
+        let data = thin.take_data();
+        Sim::let_go(&mut state, data);
+        // Its superblock is one block of what mkfs writes.
+        let chunk = Sim::allocate(&mut state, written.saturating_sub(sim_blocks::BLOCK));
+        state.mapped_total += sim_blocks::BLOCK;
         if let Some(thin) = state.thins.get_mut(&id) {
             thin.chunks.push(chunk);
+            thin.blocks
+                .write_superblock(&crate::kernel::superblock::Found {
+                    fs,
+                    size,
+                    uuid: uuid.clone(),
+                });
         }
         Ok(uuid)
     }
@@ -857,10 +1018,14 @@ impl FsKernel for Sim {
             )));
         }
         let size = state.active.get(&id).map(|a| a.size);
-        if let (Some(size), Some(found)) =
-            (size, state.thins.get_mut(&id).and_then(|t| t.fs.as_mut()))
-        {
-            found.size = size;
+        let state = &mut *state;
+        if let (Some(size), Some(thin)) = (size, state.thins.get_mut(&id)) {
+            // A filesystem's growth rewrites its superblock (a snapshot's copy of it first).
+            if let Some(mut found) = thin.blocks.filesystem() {
+                found.size = size;
+                state.mapped_total += thin.blocks.allocation_needed(0, 1);
+                thin.blocks.write_superblock(&found);
+            }
         }
         Ok(())
     }
@@ -874,7 +1039,7 @@ impl FsKernel for Sim {
                 device.display()
             )));
         }
-        Ok(state.thins.get(&id).and_then(|t| t.fs.clone()))
+        Ok(state.thins.get(&id).and_then(|t| t.blocks.filesystem()))
     }
 
     fn is_mounted(&self, target: &Path) -> Result<bool> {

@@ -11,6 +11,7 @@
 //!
 //! `<state_dir>/pool.json` ([`record`]) says how the pool was made.
 
+mod delta;
 pub mod devices;
 mod lifecycle;
 pub mod loop_files;
@@ -41,6 +42,7 @@ use crate::units::{ByteSize, DataBlocks, MetaBlocks, Sectors};
 use crate::vocab::WhenFull;
 pub use crate::vocab::{Health, Space};
 
+pub use delta::thin_delta_of;
 pub use loop_files::{loop_files, LoopBacking};
 use pool_table::{owned_table, pool_params, verify_owned_table, when_full_of};
 pub use real::{thin_ids_of, RealPool};

@@ -9,10 +9,11 @@ use devicemapper::Device;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
+use crate::kernel::device_io::{DeviceFile, ThinIo};
 use crate::kernel::dm::{self, Dm, Udev};
 use crate::kernel::thin_tools::CheckReport;
 use crate::kernel::{
-    blockdev, loopdev, DeletedLoopFile, DmDevice, PoolKernel, PoolUsage, Room, ThinUsage,
+    blockdev, loopdev, DeletedLoopFile, DeltaRun, DmDevice, PoolKernel, PoolUsage, Room, ThinUsage,
 };
 use crate::names::{parse_thin_dm_name, ThinId};
 use crate::pool::{lvm, Backing, Pool};
@@ -175,6 +176,21 @@ impl PoolKernel for RealPool {
 
     fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>> {
         thin_usage_of(&self.dm, &self.pool)
+    }
+
+    fn thin_delta(&self, base: Option<ThinId>, id: ThinId) -> Result<Vec<DeltaRun>> {
+        crate::pool::thin_delta_of(&self.dm, &self.pool, base, id)
+    }
+
+    fn open_thin(&self, id: ThinId) -> Result<Box<dyn ThinIo>> {
+        let node = self.active_node(id)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "thin device {id} is not active, so it cannot be read"
+            ))
+        })?;
+        let writable = self.active_read_only(id)? == Some(false);
+        let block_size = ByteSize::from_sectors(self.pool.block_size());
+        Ok(Box::new(DeviceFile::open(&node, writable, block_size)?))
     }
 
     fn discard(&self, id: ThinId) -> Result<()> {

@@ -1,0 +1,105 @@
+//! Reading and writing a thin device's bytes, for export and import: [`ThinIo`] is the seam's
+//! handle on one active device; [`DeviceFile`] is the real one, over its node.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::kernel::blockdev;
+use crate::units::ByteSize;
+
+/// The bytes of one active thin device.
+pub trait ThinIo: Send {
+    /// Fill `buf` from `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Write `data` at `offset`.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Make `length` bytes at `offset` read as zeros: the whole pool blocks among them are
+    /// discarded (unmapped, their space given back), the edges written with zeros.
+    fn zero(&mut self, offset: u64, length: u64) -> Result<()>;
+    /// Make what was written durable.
+    fn sync(&mut self) -> Result<()>;
+}
+
+/// A thin device's node, open for reading (and writing, when asked).
+pub struct DeviceFile {
+    file: File,
+    node: PathBuf,
+    /// The pool's block size: only whole blocks can be unmapped.
+    block_size: u64,
+}
+
+/// Zeros written at once for the edges of a [`ThinIo::zero`].
+const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
+impl DeviceFile {
+    /// Open `node`, a thin device of a pool with blocks of `block_size`.
+    pub fn open(node: &Path, writable: bool, block_size: ByteSize) -> Result<DeviceFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(node)
+            .map_err(|e| Error::io(format!("opening {}", node.display()), e))?;
+        Ok(DeviceFile {
+            file,
+            node: node.to_path_buf(),
+            block_size: block_size.bytes().max(512),
+        })
+    }
+
+    fn write_zeros(&mut self, mut offset: u64, end: u64) -> Result<()> {
+        while offset < end {
+            let n = (end - offset).min(ZEROS.len() as u64) as usize;
+            self.write_at(offset, &ZEROS[..n])?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
+
+impl ThinIo for DeviceFile {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "reading {} bytes at {offset} of {}",
+                    buf.len(),
+                    self.node.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "writing {} bytes at {offset} of {}",
+                    data.len(),
+                    self.node.display()
+                ),
+                e,
+            )
+        })
+    }
+
+    fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
+        let end = offset + length;
+        let first = offset.div_ceil(self.block_size) * self.block_size;
+        let last = end / self.block_size * self.block_size;
+        if first >= last {
+            return self.write_zeros(offset, end);
+        }
+        self.write_zeros(offset, first)?;
+        blockdev::discard_range(&self.file, &self.node, first, last - first)?;
+        self.write_zeros(last, end)
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_all()
+            .map_err(|e| Error::io(format!("flushing {}", self.node.display()), e))
+    }
+}
