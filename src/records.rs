@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::names::{LayerName, ThinId};
+use crate::names::{ContentId, LayerName, ThinId};
 use crate::units::ByteSize;
 use crate::vocab::FsType;
 
@@ -190,9 +190,26 @@ pub struct LayerRecord {
     /// kernel and the filesystem accepted it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resizing_to: Option<ByteSize>,
+    /// What a committed layer holds (given at commit, kept by export and import).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<ContentId>,
+    /// The layer this one is a checkpoint of (`layer checkpoint`), which may be reset to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_of: Option<LayerName>,
+    /// A second thin device the layer owns while a reset is under way, to be deleted: the new
+    /// device until the record takes it (a crash rolls the reset back), then the old one (a
+    /// crash rolls it forward). Written before the pool is touched, so neither device is
+    /// ever unowned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarding: Option<ThinId>,
 }
 
 impl LayerRecord {
+    /// The thin devices the record owns: its own, and one a reset is discarding.
+    pub fn thin_ids(&self) -> impl Iterator<Item = ThinId> {
+        std::iter::once(self.thin_id).chain(self.discarding)
+    }
+
     /// The size to activate the device at: a resize under way may have grown it already.
     pub fn device_size(&self) -> ByteSize {
         self.resizing_to.map_or(self.size, |to| to.max(self.size))
@@ -497,6 +514,9 @@ mod tests {
             missing: false,
             snapshot: None,
             resizing_to: None,
+            content_id: None,
+            checkpoint_of: None,
+            discarding: None,
         };
         store.put_layer(&record).unwrap();
         fs::write(dir.path().join("layers/stray.json.tmp"), b"x").unwrap();

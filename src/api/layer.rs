@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::engine;
-use crate::names::{LayerName, ThinId};
+use crate::names::{ContentId, LayerName, ThinId};
 use crate::records;
 use crate::units::ByteSize;
 use crate::vocab::FsType;
@@ -53,6 +53,13 @@ pub struct Layer {
     /// Why the layer is degraded (its operations are refused until repaired).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+    /// What a committed layer holds: given at commit, kept by export and import, so an
+    /// incremental stream is applied only onto the content it was made against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_id: Option<ContentId>,
+    /// The layer this one is a checkpoint of (`layer reset --to` takes it back there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_of: Option<LayerName>,
     /// What it maps and holds alone, where asked for (`GET /v1/layers?usage=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<super::UsageResponse>,
@@ -146,6 +153,8 @@ impl From<engine::Layer> for Layer {
             children: layer.children,
             snapshot: layer.snapshot.map(Into::into),
             degraded: layer.degraded,
+            content_id: layer.content_id,
+            checkpoint_of: layer.checkpoint_of,
             usage: None,
         }
     }

@@ -314,7 +314,7 @@ pub struct Event {
     pub time_ns: u64,
     /// What changed: `subscribed` (the stream's first line, not counted: every change from
     /// then on is reported), `layer_created`, `layer_committed`, `layer_mounted`, `layer_unmounted`,
-    /// `layer_resized`, `layer_removed`, `layer_removal_deferred`, `layer_degraded`,
+    /// `layer_resized`, `layer_removed`, `layer_reset`, `layer_removal_deferred`, `layer_degraded`,
     /// `pool_extended`, `pool_guard_on`, `pool_guard_off`; `events_lost` when this client fell
     /// so far behind that `lost` events were dropped for it.
     #[serde(rename = "type")]
@@ -400,6 +400,7 @@ impl From<engine::Event> for Event {
                 ..Event::bare(time, "layer_resized", layer)
             },
             K::LayerRemoved => Event::bare(time, "layer_removed", layer),
+            K::LayerReset => Event::bare(time, "layer_reset", layer),
             K::LayerRemovalDeferred => Event::bare(time, "layer_removal_deferred", layer),
             K::LayerDegraded { reason } => Event {
                 reason: Some(reason),

@@ -28,6 +28,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         let mut committed = record;
         committed.committed = true;
+        committed.content_id = Some(ContentId::random()?);
         self.put(committed.clone())?;
         crash::point(crash::Point::CommitDone);
         tracing::info!(layer = %committed.name, "layer committed");

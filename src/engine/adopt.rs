@@ -67,6 +67,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 missing: false,
                 snapshot: None,
                 resizing_to: None,
+                content_id: None,
+                checkpoint_of: None,
+                discarding: None,
             };
             self.put(record.clone())?;
             Ok(record)

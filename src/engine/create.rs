@@ -102,6 +102,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             missing: false,
             snapshot,
             resizing_to: None,
+            content_id: None,
+            checkpoint_of: None,
+            discarding: None,
         };
         let record = self
             .create_claimed(record, crash::Point::CreateRecordWritten, |record| {

@@ -37,6 +37,8 @@ pub enum EventKind {
     },
     /// A layer is gone, with its thin device.
     LayerRemoved,
+    /// A layer was given the content of its parent or of a checkpoint of it.
+    LayerReset,
     /// A layer's removal waits until its device is released.
     LayerRemovalDeferred,
     /// A layer's operations are refused until it is repaired.

@@ -36,9 +36,13 @@ impl Index {
         if let Some(old) = self.layers.get(&record.name).cloned() {
             self.forget_snapshot_key(&old);
             self.virtual_bytes -= u128::from(old.device_size().bytes());
+            // A reset moves a layer to another thin device and deletes the old one first.
+            for id in old.thin_ids().filter(|id| !record.thin_ids().any(|new| new == *id)) {
+                self.used_ids.remove(&id);
+            }
         }
         self.virtual_bytes += u128::from(record.device_size().bytes());
-        self.used_ids.insert(record.thin_id);
+        self.used_ids.extend(record.thin_ids());
         index_child(&mut self.children, &record);
         if let Some(snapshot) = &record.snapshot {
             if record.state != LayerState::Removing {
@@ -68,7 +72,9 @@ impl Index {
         };
         self.forget_snapshot_key(&record);
         self.virtual_bytes -= u128::from(record.device_size().bytes());
-        self.used_ids.remove(&record.thin_id);
+        for id in record.thin_ids() {
+            self.used_ids.remove(&id);
+        }
         if let Some(parent) = &record.parent {
             if let Some(siblings) = self.children.get_mut(parent) {
                 siblings.remove(name);

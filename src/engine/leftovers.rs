@@ -12,7 +12,7 @@ use super::Engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::{LayerName, ThinId};
-use crate::records::LayerState;
+use crate::records::{LayerRecord, LayerState};
 
 /// A stale mount point and what is left there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +31,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // afterwards was never a layer's (or is deleted already).
         let pool_ids = self.kernel.thin_ids()?;
         let index = self.index();
-        let owned: BTreeSet<ThinId> = index.layers.values().map(|l| l.thin_id).collect();
+        let owned: BTreeSet<ThinId> = index.layers.values().flat_map(LayerRecord::thin_ids).collect();
         Ok(pool_ids.difference(&owned).copied().collect())
     }
 

@@ -27,6 +27,7 @@ mod overcommit;
 mod prune;
 mod reconcile;
 mod remove;
+mod reset;
 mod resize;
 mod snapshots;
 mod transaction;
@@ -42,7 +43,7 @@ use crate::config::{Config, MountOption};
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolDetails, PoolKernel, PoolUsage, ThinUsage};
-use crate::names::{LayerName, ThinId, THIN_ID_MAX};
+use crate::names::{ContentId, LayerName, ThinId, THIN_ID_MAX};
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
     SnapshotKind, SnapshotRecord, StateLock, TxnRecord, RECORD_FORMAT,
@@ -277,6 +278,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             children,
             snapshot: record.snapshot,
             degraded,
+            content_id: record.content_id,
+            checkpoint_of: record.checkpoint_of,
         })
     }
 

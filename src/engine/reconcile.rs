@@ -43,6 +43,8 @@ pub struct ReconcileReport {
     /// read-only (settling them needs pool messages); the first start on a writable pool
     /// settles them.
     pub awaiting_writable: Vec<LayerName>,
+    /// Layers a reset was under way on, and how it was settled.
+    pub resets_settled: Vec<String>,
 }
 
 impl ReconcileReport {
@@ -69,6 +71,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.flag_missing(&pool_ids, &mut report)?;
             self.roll_back_creating(&mut report)?;
             self.finish_removing(&mut report)?;
+            self.settle_resets(&mut report)?;
             self.settle_unowned(&pool_ids, being_made, &mut report)?;
         } else {
             // The pool's thin ids are read through a metadata snapshot, a message a read-only
@@ -229,6 +232,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn leave_until_writable(&self, report: &mut ReconcileReport) {
         let mut waiting = self.names_in_state(LayerState::Creating);
         waiting.extend(self.names_in_state(LayerState::Removing));
+        waiting.extend(self.index().names_where(|l| l.discarding.is_some()));
         let intent_left = self.txn().pending.is_some();
         self.intent_left_at_start
             .store(intent_left, std::sync::atomic::Ordering::SeqCst);
@@ -264,6 +268,24 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
+    /// Resets a crash cut short: the device the record does not hold is deleted. Before the
+    /// record took the new device, that rolls the reset back; after, it finishes it.
+    fn settle_resets(&self, report: &mut ReconcileReport) -> Result<()> {
+        let resetting = self.index().names_where(|l| l.discarding.is_some());
+        for name in resetting {
+            self.settle_or_degrade(&name, "settling its interrupted reset", || {
+                let record = self.record(&name)?;
+                let held = record.thin_id;
+                self.finish_discarding(record)?;
+                report
+                    .resets_settled
+                    .push(format!("{name}: holds thin device {held}"));
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+
     /// Thin devices no record owns. Start-up deletes one only when the intent in flight
     /// proves it was this thinstack making it; any other is kept, because it may be a layer
     /// whose record was moved aside, damaged, or restored from an older copy.
@@ -273,7 +295,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         being_made: Option<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let owned: BTreeSet<ThinId> = self.index().layers.values().map(|l| l.thin_id).collect();
+        let owned: BTreeSet<ThinId> = self.index().layers.values().flat_map(LayerRecord::thin_ids).collect();
         for &id in pool_ids.difference(&owned) {
             if being_made != Some(id) {
                 tracing::warn!(thin_id = %id, "kept a thin device no record owns: it may be a layer whose record is missing; `thinstack pool doctor` lists it, `--adopt` names it");

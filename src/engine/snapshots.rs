@@ -22,7 +22,7 @@ use super::{check_labels, now_ns, usable, CreateLayer, Engine, Index, LayerGuard
 use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
-use crate::names::LayerName;
+use crate::names::{ContentId, LayerName};
 use crate::records::{
     LayerRecord, LayerState, PoolOp, SnapshotKind, SnapshotRecord, RECORD_FORMAT,
 };
@@ -107,6 +107,8 @@ pub enum OutsideChange {
     Trim,
     /// Make a child of it.
     GiveChildren,
+    /// Give it another content (reset), or checkpoint it.
+    Reset,
 }
 
 impl OutsideChange {
@@ -120,6 +122,7 @@ impl OutsideChange {
             OutsideChange::Resize => "resized",
             OutsideChange::Trim => "trimmed",
             OutsideChange::GiveChildren => "given children",
+            OutsideChange::Reset => "reset or checkpointed",
         }
     }
 }
@@ -350,6 +353,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         if in_place {
             let mut layer = record;
             layer.committed = true;
+            layer.content_id = Some(ContentId::random()?);
             layer.active = false;
             layer.labels = labels;
             layer.created_ns = committed.updated_ns;
@@ -393,6 +397,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             missing: false,
             snapshot: Some(committed),
             resizing_to: None,
+            content_id: Some(ContentId::random()?),
+            checkpoint_of: None,
+            discarding: None,
         };
         let origin = active.thin_id;
         self.create_claimed(record, crash::Point::SnapshotCommitRecordWritten, |_| {

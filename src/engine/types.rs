@@ -137,6 +137,10 @@ pub struct Layer {
     /// Why the layer is degraded: its settling at start failed, so its operations are refused
     /// until `pool doctor --repair` (or a restart) settles it.
     pub degraded: Option<String>,
+    /// What a committed layer holds, kept by export and import.
+    pub content_id: Option<ContentId>,
+    /// The layer this one is a checkpoint of.
+    pub checkpoint_of: Option<LayerName>,
 }
 
 impl Layer {

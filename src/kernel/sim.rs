@@ -216,6 +216,21 @@ impl Sim {
         }
     }
 
+    /// Write `data` at `offset` of thin `id`'s blocks, active or not (as a writer on its
+    /// device would; for tests).
+    pub fn write_blocks(&self, id: ThinId, offset: u64, data: &[u8]) -> Result<()> {
+        SimDevice::write_blocks(&mut self.state(), id, offset, data)
+    }
+
+    /// `length` bytes at `offset` of thin `id`'s blocks (for tests).
+    pub fn read_blocks(&self, id: ThinId, offset: u64, length: usize) -> Result<Vec<u8>> {
+        let state = self.state();
+        let thin = state.thins.get(&id).ok_or_else(|| no_thin(id))?;
+        let mut buf = vec![0; length];
+        thin.blocks.read(offset, &mut buf);
+        Ok(buf)
+    }
+
     /// Forget every active device and mount, as a reboot does; the pool's metadata stays.
     pub fn reboot(&self) {
         let mut state = self.state();

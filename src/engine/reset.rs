@@ -1,0 +1,241 @@
+//! Checkpoints and resets: a read-only snapshot of a writable layer, taken even while it is
+//! mounted, and a layer given back the content of its parent or of one of its checkpoints,
+//! in place (same name, labels and record), by one thin snapshot.
+//!
+//! A reset moves the layer to a new thin device. The record names both devices while it is
+//! under way (`discarding`), so a crash at any step leaves each device owned, and the next
+//! start deletes the one the record does not hold: the new one before the record took it
+//! (rolled back), the old one after (finished).
+
+use super::*;
+
+impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
+    /// Take a read-only snapshot of writable layer `name`, as layer `checkpoint` with
+    /// `labels`. A mounted layer's filesystem is frozen for the moment of the snapshot (the
+    /// kernel suspends its device), so the checkpoint holds a clean filesystem. The
+    /// checkpoint is a committed layer of its own, beside `name` (a child of `name`'s
+    /// parent), so `name` can still be reset or removed.
+    pub fn checkpoint(
+        &self,
+        name: &str,
+        checkpoint: &str,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<Layer> {
+        let name = LayerName::new(name)?;
+        let checkpoint = LayerName::new(checkpoint)?;
+        if name == checkpoint {
+            return Err(Error::invalid(format!(
+                "a checkpoint needs a name of its own, not {name:?}'s"
+            )));
+        }
+        let (_origin_guard, _guard) = self.locks.lock_both(&name, &checkpoint);
+        self.ensure_not_degraded(&name)?;
+        let origin = self.ready_record(&name)?;
+        if origin.committed {
+            return Err(Error::invalid(format!(
+                "layer {name:?} is committed: it never changes, so it needs no checkpoint"
+            )));
+        }
+        if self.contains(&checkpoint) {
+            self.ensure_not_degraded(&checkpoint)?;
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("a layer named {checkpoint:?} exists already"),
+            ));
+        }
+        check_labels(labels)?;
+        let what = format!("checkpoint layer {name:?}");
+        let usage = self.ensure_writable(&what)?;
+        self.check_space(&usage)?;
+        let _virtual = self.reserve_virtual(&what, &usage, origin.size)?;
+        let id = self.allocate_id()?;
+        let record = LayerRecord {
+            name: checkpoint.clone(),
+            thin_id: id,
+            committed: true,
+            labels: labels.clone(),
+            created_ns: now_ns(),
+            state: LayerState::Creating,
+            active: false,
+            mounts: BTreeMap::new(),
+            deferred: false,
+            missing: false,
+            snapshot: None,
+            resizing_to: None,
+            content_id: Some(ContentId::random()?),
+            checkpoint_of: Some(name.clone()),
+            discarding: None,
+            ..origin.clone()
+        };
+        let origin_id = origin.thin_id;
+        let record = self
+            .create_claimed(record, crash::Point::CheckpointRecordWritten, |_| {
+                self.pool_step(
+                    Some(&checkpoint),
+                    PoolOp::Snapshot {
+                        origin: origin_id,
+                        id,
+                    },
+                )
+            })
+            .map_err(|e| e.context(format!("checkpointing layer {name:?}")))?;
+        tracing::info!(layer = %name, checkpoint = %checkpoint, thin_id = %id, "checkpoint taken");
+        self.view(record)
+    }
+
+    /// Give writable layer `name` the content of `to`: its parent by default, or a checkpoint
+    /// of it. The layer keeps its name, labels and record; it takes `to`'s size. One thin
+    /// snapshot, no copying. Refused as busy while the layer is mounted, its device is held
+    /// open, or it has children.
+    pub fn reset(&self, name: &str, to: Option<&str>) -> Result<Layer> {
+        let name = LayerName::new(name)?;
+        let to = match to {
+            Some(to) => LayerName::new(to)?,
+            None => self.record(&name)?.parent.ok_or_else(|| {
+                Error::invalid(format!(
+                    "layer {name:?} is a base layer, with no parent to go back to; name one of its checkpoints with --to"
+                ))
+            })?,
+        };
+        if to == name {
+            return Err(Error::invalid(format!(
+                "layer {name:?} cannot be reset to itself; name its parent or a checkpoint of it"
+            )));
+        }
+        let (_guard, _to_guard) = self.locks.lock_both(&name, &to);
+        self.ensure_not_degraded(&name)?;
+        let record = self.ready_record(&name)?;
+        let target = self.ready_record(&to)?;
+        self.check_reset(&record, &target)?;
+        let usage = self.ensure_writable(&format!("reset layer {name:?}"))?;
+        self.check_space(&usage)?;
+        self.release_for_reset(&record)?;
+        let new_id = self.allocate_id()?;
+        let reset = self
+            .switch_device(record.clone(), &target, new_id)
+            .map_err(|e| e.context(format!("resetting layer {name:?} to {to:?}")))?;
+        crash::point(crash::Point::ResetDone);
+        if reset.active {
+            self.ensure_active(&reset)?;
+        }
+        tracing::info!(layer = %name, to = %to, thin_id = %new_id, "layer reset");
+        self.emit(Some(&name), EventKind::LayerReset);
+        self.view(reset)
+    }
+
+    /// Refuse a reset of `record` to `target` unless `target` is its parent or a checkpoint
+    /// of it, and the layer is writable and free of users and children.
+    fn check_reset(&self, record: &LayerRecord, target: &LayerRecord) -> Result<()> {
+        let name = &record.name;
+        let is_parent = record.parent.as_ref() == Some(&target.name);
+        if !is_parent && target.checkpoint_of.as_ref() != Some(name) {
+            return Err(Error::invalid(format!(
+                "layer {:?} is neither {name:?}'s parent nor a checkpoint of it; a reset takes a layer back to its parent or to one of its checkpoints (`thinstack layer list` shows checkpoint_of)",
+                target.name.as_str()
+            )));
+        }
+        if record.committed {
+            return Err(Error::invalid(format!(
+                "layer {name:?} is committed: its content never changes; make a new child instead"
+            )));
+        }
+        if let Some(target) = record.mounts.keys().next() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "layer {name:?} is mounted at {}; unmount it before resetting it",
+                    target.display()
+                ),
+            ));
+        }
+        let children = self.live_children(name);
+        if !children.is_empty() {
+            let names: Vec<&str> = children.iter().map(LayerName::as_str).collect();
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "layer {name:?} has children ({}), which hold its content; remove them before resetting it",
+                    names.join(", ")
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Deactivate `record`'s device for the reset (its record still says whether it should
+    /// be active, so a crash brings the new device back as the old one was); `Busy` when
+    /// someone holds it open.
+    fn release_for_reset(&self, record: &LayerRecord) -> Result<()> {
+        if self.kernel.active_node(record.thin_id)?.is_none() {
+            return Ok(());
+        }
+        self.deactivate_with_retries(record.thin_id)
+            .map_err(|e| match e.kind() {
+                ErrorKind::Busy => Error::new(
+                    ErrorKind::Busy,
+                    format!(
+                        "layer {:?}'s device is held open by a process; close it before resetting the layer",
+                        record.name.as_str()
+                    ),
+                ),
+                _ => e,
+            })
+    }
+
+    /// The reset's steps: the record claims thin `new_id`, the pool snapshots `target` as
+    /// it, the record takes it (and gives up the old device), the old device is deleted.
+    fn switch_device(
+        &self,
+        record: LayerRecord,
+        target: &LayerRecord,
+        new_id: ThinId,
+    ) -> Result<LayerRecord> {
+        let name = record.name.clone();
+        let old_id = record.thin_id;
+        let claiming = LayerRecord {
+            discarding: Some(new_id),
+            ..record
+        };
+        if let Err(e) = self.put(claiming.clone()) {
+            self.index().used_ids.remove(&new_id);
+            return Err(e);
+        }
+        crash::point(crash::Point::ResetRecordWritten);
+        let snapshot = PoolOp::Snapshot {
+            origin: target.thin_id,
+            id: new_id,
+        };
+        if let Err(e) = self.pool_step(Some(&name), snapshot) {
+            if let Err(undo) = self.finish_discarding(claiming) {
+                self.degrade(&name, format!("the undo of a failed reset failed: {undo}"));
+            }
+            return Err(e);
+        }
+        let switched = LayerRecord {
+            thin_id: new_id,
+            discarding: Some(old_id),
+            size: target.size,
+            fs_uuid: target.fs_uuid.clone(),
+            resizing_to: None,
+            ..claiming
+        };
+        self.put(switched.clone())?;
+        crash::point(crash::Point::ResetSwitched);
+        self.finish_discarding(switched)
+    }
+
+    /// Delete the thin device a reset left `record` discarding, if any, and record that it
+    /// is gone. Gone already is fine.
+    pub(super) fn finish_discarding(&self, record: LayerRecord) -> Result<LayerRecord> {
+        let Some(id) = record.discarding else {
+            return Ok(record);
+        };
+        self.remove_thin_device(Some(&record.name), id)?;
+        let settled = LayerRecord {
+            discarding: None,
+            ..record
+        };
+        self.put(settled.clone())?;
+        Ok(settled)
+    }
+}

@@ -1,0 +1,171 @@
+//! Checkpoints and resets over the sim: content comes back, the layer keeps its name and
+//! labels, refusals change nothing, and a crash at any step leaves the old content or the new,
+//! never a lost layer or an unowned device.
+
+use super::*;
+
+const BLOCK: u64 = 64 << 10;
+
+fn thin(engine: &Engine<Sim, Sim>, name: &str) -> ThinId {
+    engine.inspect(name).unwrap().thin_id
+}
+
+fn write(f: &Fixture, engine: &Engine<Sim, Sim>, name: &str, byte: u8) {
+    f.sim
+        .write_blocks(thin(engine, name), 3 * BLOCK, &[byte; 100])
+        .unwrap();
+}
+
+fn byte(f: &Fixture, engine: &Engine<Sim, Sim>, name: &str) -> u8 {
+    f.sim.read_blocks(thin(engine, name), 3 * BLOCK, 1).unwrap()[0]
+}
+
+/// A committed base holding 1s, and a writable child "work" holding 2s.
+fn setup(f: &Fixture) {
+    let e = f.engine();
+    e.create(&base("base")).unwrap();
+    write(f, &e, "base", 1);
+    e.commit("base").unwrap();
+    e.create(&CreateLayer {
+        labels: BTreeMap::from([("team".into(), "ci".into())]),
+        ..child("work", "base")
+    })
+    .unwrap();
+    write(f, &e, "work", 2);
+}
+
+#[test]
+fn a_layer_goes_back_to_a_checkpoint_or_to_its_parent() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    let taken = engine
+        .checkpoint("work", "work-cp", &BTreeMap::new())
+        .unwrap();
+    assert!(taken.committed && taken.content_id.is_some());
+    assert_eq!(taken.checkpoint_of.as_ref().map(LayerName::as_str), Some("work"));
+    assert_eq!(taken.parent.as_ref().map(LayerName::as_str), Some("base"));
+    assert!(
+        engine.inspect("work").unwrap().children.is_empty(),
+        "a checkpoint is no child: the layer stays free to reset"
+    );
+    write(&f, &engine, "work", 3);
+
+    let old_thin = thin(&engine, "work");
+    let reset = engine.reset("work", Some("work-cp")).unwrap();
+    assert_eq!(byte(&f, &engine, "work"), 2, "back to the checkpoint");
+    assert_ne!(reset.thin_id, old_thin);
+    assert!(!f.sim.thin_ids_now().contains(&old_thin), "old device deleted");
+    assert_eq!(reset.labels["team"], "ci");
+    assert!(!reset.committed);
+
+    engine.reset("work", None).unwrap();
+    assert_eq!(byte(&f, &engine, "work"), 1, "back to the parent");
+    assert_eq!(byte(&f, &engine, "work-cp"), 2, "the checkpoint is untouched");
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_mounted_layer_is_checkpointed_and_an_active_one_comes_back_active() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    engine.mount("work", None, false).unwrap();
+    engine.checkpoint("work", "cp", &BTreeMap::new()).unwrap();
+    engine.unmount("work", None).unwrap();
+    engine.activate("work").unwrap();
+    let reset = engine.reset("work", Some("cp")).unwrap();
+    assert!(reset.device.is_some(), "active before, active after");
+    assert_eq!(f.sim.active_read_only(reset.thin_id).unwrap(), Some(false));
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn refused_resets_and_checkpoints_change_nothing() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    engine.create(&base("other")).unwrap();
+    engine.commit("other").unwrap();
+    let before = f.sim.thin_ids_now();
+    let kind = |r: Result<Layer>| r.unwrap_err().kind();
+
+    assert_eq!(kind(engine.reset("work", Some("other"))), ErrorKind::Invalid);
+    assert_eq!(kind(engine.reset("base", Some("work"))), ErrorKind::Invalid);
+    assert_eq!(kind(engine.reset("other", None)), ErrorKind::Invalid);
+    assert_eq!(kind(engine.reset("work", Some("work"))), ErrorKind::Invalid);
+    assert_eq!(kind(engine.reset("nope", None)), ErrorKind::NotFound);
+    assert_eq!(
+        kind(engine.checkpoint("base", "cp", &BTreeMap::new())),
+        ErrorKind::Invalid
+    );
+    assert_eq!(
+        kind(engine.checkpoint("work", "other", &BTreeMap::new())),
+        ErrorKind::AlreadyExists
+    );
+
+    engine.mount("work", None, false).unwrap();
+    assert_eq!(kind(engine.reset("work", None)), ErrorKind::Busy);
+    engine.unmount("work", None).unwrap();
+
+    engine.activate("work").unwrap();
+    f.sim.hold(thin(&engine, "work"));
+    assert_eq!(kind(engine.reset("work", None)), ErrorKind::Busy);
+    f.sim.release(thin(&engine, "work"));
+    engine.deactivate("work").unwrap();
+
+    engine.create(&child("grandchild", "work")).unwrap();
+    assert_eq!(kind(engine.reset("work", None)), ErrorKind::Busy);
+    engine.remove("grandchild").unwrap();
+
+    assert_eq!(f.sim.thin_ids_now(), before);
+    assert_eq!(byte(&f, &engine, "work"), 2);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_failed_snapshot_leaves_the_layer_as_it_was() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    let before = engine.inspect("work").unwrap();
+    f.sim.fail_at(SimOp::Snapshot, 0, ErrorKind::NoSpace);
+    let err = engine.reset("work", None).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NoSpace);
+    assert_eq!(engine.inspect("work").unwrap(), before);
+    assert_eq!(byte(&f, &engine, "work"), 2);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_reset_or_checkpoint_is_settled_on_open() {
+    type Op = fn(&mut Engine<Sim, Sim>);
+    let operations: [(&str, Op); 2] = [
+        ("reset", |e| {
+            e.reset("work", None).unwrap();
+        }),
+        ("checkpoint", |e| {
+            e.checkpoint("work", "cp", &BTreeMap::new()).unwrap();
+        }),
+    ];
+    let mut crashed = BTreeSet::new();
+    for (what, op) in operations {
+        let check = |f: &Fixture, point: Point, nth: u32| {
+            let (engine, report) = f.open();
+            let work = engine.inspect("work").unwrap_or_else(|e| {
+                panic!("{what} at {point}#{nth}: the layer is lost ({e}); {report:?}")
+            });
+            let content = byte(f, &engine, "work");
+            assert!(
+                content == 2 || (what == "reset" && content == 1),
+                "{what} at {point}#{nth}: work holds {content}"
+            );
+            assert_eq!(work.labels["team"], "ci");
+            assert_consistent(f, engine);
+        };
+        crashed.extend(crash_everywhere(&setup, &op, &check));
+    }
+    require_points(&crashed, |p| {
+        p.name().starts_with("reset.") || p.name().starts_with("checkpoint.")
+    });
+}
