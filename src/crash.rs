@@ -65,6 +65,8 @@ points! {
     ResizeReloaded => "resize.reloaded",
     ResizeGrown => "resize.grown",
     CheckpointRecordWritten => "checkpoint.record_written",
+    ImportRecordWritten => "import.record_written",
+    ImportWritten => "import.written",
     ResetRecordWritten => "reset.record_written",
     ResetSwitched => "reset.switched",
     ResetDone => "reset.done",

@@ -15,7 +15,8 @@
 //! - [`records`] and [`config`];
 //! - [`kernel`]: the seam ([`kernel::PoolKernel`], [`kernel::FsKernel`]), the real kernel's
 //!   pieces, and [`kernel::sim::Sim`], an in-memory kernel with the same rules;
-//! - [`error`], [`names`], [`units`], [`vocab`] and [`crash`].
+//! - [`error`], [`names`], [`units`], [`vocab`] and [`crash`]; [`stream`], the format layers
+//!   travel in between hosts (export, import).
 //!
 //! The engine over the sim, as the unit tests (and `thinstackd --sim`) run it, without root:
 //!
@@ -65,6 +66,7 @@ pub mod metrics;
 pub mod names;
 pub mod pool;
 pub mod records;
+pub mod stream;
 pub mod units;
 pub mod vocab;
 

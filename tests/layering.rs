@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("units", 0),
     ("vocab", 0),
     ("crash", 0),
+    ("stream", 0),
     ("kernel", 1),
     ("records", 2),
     ("config", 2),

@@ -37,7 +37,10 @@ impl Index {
             self.forget_snapshot_key(&old);
             self.virtual_bytes -= u128::from(old.device_size().bytes());
             // A reset moves a layer to another thin device and deletes the old one first.
-            for id in old.thin_ids().filter(|id| !record.thin_ids().any(|new| new == *id)) {
+            for id in old
+                .thin_ids()
+                .filter(|id| !record.thin_ids().any(|new| new == *id))
+            {
                 self.used_ids.remove(&id);
             }
         }

@@ -31,7 +31,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // afterwards was never a layer's (or is deleted already).
         let pool_ids = self.kernel.thin_ids()?;
         let index = self.index();
-        let owned: BTreeSet<ThinId> = index.layers.values().flat_map(LayerRecord::thin_ids).collect();
+        let owned: BTreeSet<ThinId> = index
+            .layers
+            .values()
+            .flat_map(LayerRecord::thin_ids)
+            .collect();
         Ok(pool_ids.difference(&owned).copied().collect())
     }
 

@@ -19,6 +19,8 @@ mod counts;
 mod create;
 mod degraded;
 mod events;
+mod export;
+mod import;
 mod index;
 mod leftovers;
 mod locks;
@@ -54,6 +56,7 @@ use crate::vocab::{Health, Space};
 
 pub use counts::LayerCounts;
 pub use events::{Event, EventKind, EVENTS_BUFFERED};
+pub use import::ImportLayer;
 use index::Index;
 pub use leftovers::StalePoint;
 use locks::{LayerGuard, LayerLocks};

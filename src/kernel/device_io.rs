@@ -31,7 +31,7 @@ pub struct DeviceFile {
 }
 
 /// Zeros written at once for the edges of a [`ThinIo::zero`].
-const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 impl DeviceFile {
     /// Open `node`, a thin device of a pool with blocks of `block_size`.

@@ -15,6 +15,7 @@ mod max_size;
 mod overcommit;
 mod prune;
 mod reset;
+mod transfer;
 mod trim;
 mod usage;
 

@@ -43,7 +43,10 @@ fn a_layer_goes_back_to_a_checkpoint_or_to_its_parent() {
         .checkpoint("work", "work-cp", &BTreeMap::new())
         .unwrap();
     assert!(taken.committed && taken.content_id.is_some());
-    assert_eq!(taken.checkpoint_of.as_ref().map(LayerName::as_str), Some("work"));
+    assert_eq!(
+        taken.checkpoint_of.as_ref().map(LayerName::as_str),
+        Some("work")
+    );
     assert_eq!(taken.parent.as_ref().map(LayerName::as_str), Some("base"));
     assert!(
         engine.inspect("work").unwrap().children.is_empty(),
@@ -55,13 +58,20 @@ fn a_layer_goes_back_to_a_checkpoint_or_to_its_parent() {
     let reset = engine.reset("work", Some("work-cp")).unwrap();
     assert_eq!(byte(&f, &engine, "work"), 2, "back to the checkpoint");
     assert_ne!(reset.thin_id, old_thin);
-    assert!(!f.sim.thin_ids_now().contains(&old_thin), "old device deleted");
+    assert!(
+        !f.sim.thin_ids_now().contains(&old_thin),
+        "old device deleted"
+    );
     assert_eq!(reset.labels["team"], "ci");
     assert!(!reset.committed);
 
     engine.reset("work", None).unwrap();
     assert_eq!(byte(&f, &engine, "work"), 1, "back to the parent");
-    assert_eq!(byte(&f, &engine, "work-cp"), 2, "the checkpoint is untouched");
+    assert_eq!(
+        byte(&f, &engine, "work-cp"),
+        2,
+        "the checkpoint is untouched"
+    );
     assert_consistent(&f, engine);
 }
 
@@ -90,7 +100,10 @@ fn refused_resets_and_checkpoints_change_nothing() {
     let before = f.sim.thin_ids_now();
     let kind = |r: Result<Layer>| r.unwrap_err().kind();
 
-    assert_eq!(kind(engine.reset("work", Some("other"))), ErrorKind::Invalid);
+    assert_eq!(
+        kind(engine.reset("work", Some("other"))),
+        ErrorKind::Invalid
+    );
     assert_eq!(kind(engine.reset("base", Some("work"))), ErrorKind::Invalid);
     assert_eq!(kind(engine.reset("other", None)), ErrorKind::Invalid);
     assert_eq!(kind(engine.reset("work", Some("work"))), ErrorKind::Invalid);
