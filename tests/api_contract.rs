@@ -48,14 +48,19 @@ impl Api {
     }
 
     fn try_request(&self, method: &str, path: &str, body: Option<&Value>) -> Option<Reply> {
-        let mut stream = UnixStream::connect(self.daemon.api_socket()).ok()?;
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.try_send(method, path, "application/json", body.as_bytes())
+    }
+
+    /// `body` sent as it is, with `content_type`.
+    fn try_send(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> Option<Reply> {
+        let mut stream = UnixStream::connect(self.daemon.api_socket()).ok()?;
         let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: thinstack\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: thinstack\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
         stream.write_all(head.as_bytes()).ok()?;
-        stream.write_all(body.as_bytes()).ok()?;
+        stream.write_all(body).ok()?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).ok()?;
         Some(Reply::parse(&raw))
@@ -73,12 +78,18 @@ struct Reply {
     body: Value,
     text: String,
     content_type: String,
+    /// The body's bytes (a layer stream is not text).
+    bytes: Vec<u8>,
 }
 
 impl Reply {
     fn parse(raw: &[u8]) -> Reply {
-        let text = String::from_utf8_lossy(raw).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP head");
+        let at = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP head");
+        let head = String::from_utf8_lossy(&raw[..at]).into_owned();
+        let body = &raw[at + 4..];
         let status = head
             .split(' ')
             .nth(1)
@@ -87,11 +98,12 @@ impl Reply {
         let chunked = head
             .to_ascii_lowercase()
             .contains("transfer-encoding: chunked");
-        let body = if chunked {
+        let bytes = if chunked {
             unchunk(body)
         } else {
-            body.to_string()
+            body.to_vec()
         };
+        let body = String::from_utf8_lossy(&bytes).into_owned();
         let content_type = head
             .lines()
             .find_map(|line| {
@@ -113,19 +125,25 @@ impl Reply {
             body: value,
             text: body,
             content_type,
+            bytes,
         }
     }
 }
 
-fn unchunk(mut rest: &str) -> String {
-    let mut out = String::new();
+fn unchunk(mut rest: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
     loop {
-        let (size, after) = rest.split_once("\r\n").expect("a chunk size");
+        let line = rest
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a chunk size");
+        let size = std::str::from_utf8(&rest[..line]).expect("a chunk size line");
         let size = usize::from_str_radix(size.trim(), 16).expect("a hex chunk size");
         if size == 0 {
             return out;
         }
-        out.push_str(&after[..size]);
+        let after = &rest[line + 2..];
+        out.extend_from_slice(&after[..size]);
         rest = &after[size + 2..];
     }
 }
@@ -394,6 +412,37 @@ fn every_route_answers_as_the_document_says() {
     c.call(d, "POST /v1/layers/base/trim", none(), 400);
     c.call(d, "POST /v1/layers/nope/trim", none(), 404);
 
+    // Layer data: a checkpoint and a reset to it; an export and its import.
+    let checkpoint = Some(json!({"name": "kid-cp", "labels": {"at": "start"}}));
+    let taken = c.call(d, "POST /v1/layers/kid/checkpoint", checkpoint, 201);
+    assert_eq!(taken["checkpoint_of"], "kid", "{taken}");
+    c.call(
+        d,
+        "POST /v1/layers/base/checkpoint",
+        Some(json!({"name": "x"})),
+        400,
+    );
+    let to = Some(json!({"to": "kid-cp"}));
+    let reset = c.call(d, "POST /v1/layers/kid/reset", to, 200);
+    assert_eq!(reset["name"], "kid", "{reset}");
+    c.call(d, "POST /v1/layers/base/reset", empty(), 400);
+    let exported = d.request("GET", "/v1/layers/base/export?compress=true", None);
+    let stream = exported.bytes.clone();
+    c.check("GET /v1/layers/base/export?compress=true", exported, 200);
+    c.call(d, "GET /v1/layers/nope/export", none(), 404);
+    c.call(d, "GET /v1/layers/base/export?from=kid", none(), 400);
+    let octets = "application/octet-stream";
+    let imported = d
+        .try_send("POST", "/v1/layers/copy/import", octets, &stream)
+        .unwrap();
+    let copy = c.check("POST /v1/layers/copy/import", imported, 201);
+    assert_eq!(copy["content_id"], taken_content_id(d), "{copy}");
+    let garbage = d
+        .try_send("POST", "/v1/layers/junk/import", octets, b"not a stream")
+        .unwrap();
+    c.check("POST /v1/layers/junk/import", garbage, 400);
+    c.call(d, "DELETE /v1/layers/copy", none(), 200);
+
     // The pool.
     c.call(
         d,
@@ -501,6 +550,11 @@ fn every_route_answers_as_the_document_says() {
         }
     }
     assert!(missing.is_empty(), "not driven:\n{}", missing.join("\n"));
+}
+
+/// The content id of layer `base`.
+fn taken_content_id(daemon: &Api) -> Value {
+    daemon.request("GET", "/v1/layers/base", None).body["content_id"].clone()
 }
 
 /// The checker itself: a body that breaks its schema fails the check.

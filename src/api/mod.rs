@@ -82,6 +82,26 @@ pub struct ResizeRequest {
     pub size: ByteSize,
 }
 
+/// `POST /v1/layers/{name}/checkpoint`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// The checkpoint's name (a new layer).
+    pub name: String,
+    /// Its labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// `POST /v1/layers/{name}/reset`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    /// The layer whose content it takes: its parent when absent, or a checkpoint of it.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
 /// `POST /v1/pool/extend`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -5,7 +5,6 @@
 use std::convert::Infallible;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokio::sync::{broadcast, mpsc, watch};
@@ -23,10 +22,12 @@ pub fn body(
     events: broadcast::Receiver<Event>,
     count: Option<u64>,
     closing: watch::Receiver<bool>,
-) -> BoxBody<Bytes, Infallible> {
+) -> super::layer_stream::StreamedBody {
     let (lines, body) = mpsc::channel(64);
     tokio::spawn(forward(events, count, closing, lines));
-    StreamBody::new(ReceiverStream::new(body)).boxed()
+    StreamBody::new(ReceiverStream::new(body))
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 type Line = Result<Frame<Bytes>, Infallible>;

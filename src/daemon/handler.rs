@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, RETRY_AFTER};
@@ -16,7 +15,8 @@ use tokio::sync::OwnedSemaphorePermit;
 use super::connections::RETRY_AFTER_SECONDS;
 use super::event_stream;
 use super::in_flight::InFlight;
-use super::routes::{self, Call, Resolved, Route};
+use super::layer_stream::{self, StreamedBody};
+use super::routes::{self, Action, Call, Resolved, Route};
 use super::Daemon;
 use crate::api::{status_of, ErrorBody, ErrorDetail, MAX_BODY_BYTES};
 use crate::audit::{self, Peer};
@@ -40,7 +40,7 @@ struct Reply {
     status: u16,
     body: Vec<u8>,
     /// A body that streams, in place of `body`.
-    stream: Option<BoxBody<Bytes, Infallible>>,
+    stream: Option<StreamedBody>,
     content_type: &'static str,
     /// The error message, when the request failed.
     error: Option<String>,
@@ -102,7 +102,7 @@ impl Reply {
 pub async fn handle(
     context: Context,
     request: Request<Incoming>,
-) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
+) -> Result<Response<StreamedBody>, Infallible> {
     let started = Instant::now();
     let method = request.method().as_str().to_string();
     let path = request.uri().path().to_string();
@@ -118,10 +118,12 @@ pub async fn handle(
 }
 
 /// The HTTP response for `reply`.
-fn response_of(method: &str, path: &str, reply: Reply) -> Response<BoxBody<Bytes, Infallible>> {
+fn response_of(method: &str, path: &str, reply: Reply) -> Response<StreamedBody> {
     let body = match reply.stream {
         Some(stream) => stream,
-        None => Full::new(Bytes::from(reply.body)).boxed(),
+        None => Full::new(Bytes::from(reply.body))
+            .map_err(|never| match never {})
+            .boxed(),
     };
     let mut response = Response::new(body);
     *response.status_mut() =
@@ -207,6 +209,17 @@ async fn answer(context: Context, method: &str, path: &str, request: Request<Inc
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     let timeout = context.daemon.config.daemon.request_timeout;
+    match route.action {
+        Action::Call(_) => {}
+        Action::Export | Action::Import => {
+            let name = name.unwrap_or_default();
+            let reply = stream_layer(context, route, name.clone(), query, request).await;
+            return Reply {
+                layer: Some(name),
+                ..reply
+            };
+        }
+    }
     let body = match read_body(request, timeout, context.peer).await {
         Ok(body) => body,
         Err(reply) => {
@@ -262,6 +275,69 @@ async fn read_body(
             Err(Reply::error(408, ErrorKind::Invalid, message).closing())
         }
     }
+}
+
+/// Serve a layer's export or import ([`layer_stream`]), timed as every operation is.
+async fn stream_layer(
+    context: Context,
+    route: &'static Route,
+    name: String,
+    query: Vec<(String, String)>,
+    request: Request<Incoming>,
+) -> Reply {
+    let started = Instant::now();
+    let daemon = context.daemon.clone();
+    let (reply, error) = match route.action {
+        Action::Export => {
+            let exported = layer_stream::export(daemon, &context.in_flight, name, query).await;
+            match exported {
+                Ok(stream) => (
+                    Reply {
+                        content_type: crate::stream::MEDIA_TYPE,
+                        stream: Some(stream),
+                        ..Reply::ok(200, Vec::new())
+                    },
+                    None,
+                ),
+                Err(e) => (error_reply(route, &e), Some(e.kind())),
+            }
+        }
+        _ => {
+            let Some(in_flight) = context.in_flight.enter() else {
+                return Reply::error(503, ErrorKind::Busy, stopping_message()).closing();
+            };
+            let timeout = daemon.config.daemon.request_timeout;
+            let (imported, read_whole) =
+                layer_stream::import(daemon, name, query, request.into_body(), timeout).await;
+            let reply = match &imported {
+                Ok(layer) => Reply::ok(201, serde_json::to_vec(layer).unwrap_or_default()),
+                Err(e) => error_reply(route, e),
+            };
+            let reply = Reply {
+                in_flight: Some(in_flight),
+                close: !read_whole,
+                ..reply
+            };
+            (reply, imported.err().map(|e| e.kind()))
+        }
+    };
+    let operation = format!("{} {}", route.method, route.path);
+    context
+        .daemon
+        .metrics
+        .observe(Interface::Http, &operation, started.elapsed(), error);
+    reply
+}
+
+/// The answer to a failed operation of `route`.
+fn error_reply(route: &Route, e: &Error) -> Reply {
+    let message = full_message(e);
+    tracing::warn!(method = route.method, path = route.path, error = %message, "request failed");
+    Reply::error(status_of(e.kind()), e.kind(), message)
+}
+
+fn stopping_message() -> String {
+    "thinstackd is stopping; nothing was done: send the request again once it is back".to_string()
 }
 
 /// The `name` a create's body gives its new layer, for the audit.

@@ -16,6 +16,7 @@ mod connections;
 mod event_stream;
 mod handler;
 mod in_flight;
+mod layer_stream;
 mod metrics_tcp;
 pub mod routes;
 mod server;

@@ -10,10 +10,11 @@ use serde_json::Value;
 use super::Daemon;
 use crate::api;
 use crate::api::{
-    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CreateRequest, DestroyRequest,
-    DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest, ExtendResponse,
-    MountRequest, MountResponse, PruneRequest, PruneResponse, RemoveResponse, RemovedLayer,
-    ResizeRequest, TrimResponse, UnmountRequest, UsageResponse, VersionResponse,
+    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CheckpointRequest, CreateRequest,
+    DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest,
+    ExtendResponse, MountRequest, MountResponse, PruneRequest, PruneResponse, RemoveResponse,
+    RemovedLayer, ResetRequest, ResizeRequest, TrimResponse, UnmountRequest, UsageResponse,
+    VersionResponse,
 };
 use crate::engine::{CreateLayer, OutsideChange, PruneFilter, Removal};
 use crate::error::{Error, ErrorKind, Result};
@@ -49,13 +50,25 @@ pub enum Body {
 
 type Handler = fn(&Daemon, &Call) -> Result<Reply>;
 
+/// What serving a route takes.
+#[derive(Clone, Copy)]
+pub enum Action {
+    /// A handler of a JSON (or empty) body, read whole first.
+    Call(Handler),
+    /// A layer's export: a byte stream answered as it is made ([`super::layer_stream`]).
+    Export,
+    /// A layer's import: a byte stream read as it comes ([`super::layer_stream`]).
+    Import,
+}
+
 /// One route.
 pub struct Route {
     /// HTTP method.
     pub method: &'static str,
     /// Path template; `{name}` matches one layer name.
     pub path: &'static str,
-    handler: Handler,
+    /// How it is served.
+    pub action: Action,
 }
 
 /// Every route the daemon serves.
@@ -84,13 +97,21 @@ pub const ROUTES: &[Route] = &[
     route("POST", "/v1/layers/{name}/unmount", unmount_layer),
     route("POST", "/v1/layers/{name}/resize", resize_layer),
     route("POST", "/v1/layers/{name}/trim", trim_layer),
+    route("POST", "/v1/layers/{name}/checkpoint", checkpoint_layer),
+    route("POST", "/v1/layers/{name}/reset", reset_layer),
+    streamed("GET", "/v1/layers/{name}/export", Action::Export),
+    streamed("POST", "/v1/layers/{name}/import", Action::Import),
 ];
 
 const fn route(method: &'static str, path: &'static str, handler: Handler) -> Route {
+    streamed(method, path, Action::Call(handler))
+}
+
+const fn streamed(method: &'static str, path: &'static str, action: Action) -> Route {
     Route {
         method,
         path,
-        handler,
+        action,
     }
 }
 
@@ -145,19 +166,31 @@ fn match_path<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>> {
 }
 
 impl Route {
-    /// Run the route's handler.
+    /// Run the route's handler (a streamed route is served by [`super::layer_stream`]).
     pub fn call(&self, daemon: &Daemon, call: &Call) -> Result<Reply> {
-        if daemon.is_destroyed() && self.method != "GET" {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                "the pool was destroyed and thinstackd is stopping; start it again to make a new pool",
-            ));
+        refuse_once_destroyed(daemon, self.method)?;
+        match self.action {
+            Action::Call(handler) => handler(daemon, call),
+            Action::Export | Action::Import => Err(Error::inconsistent(format!(
+                "{} {} streams its body and has no JSON handler",
+                self.method, self.path
+            ))),
         }
-        (self.handler)(daemon, call)
     }
 }
 
 // ----- helpers ---------------------------------------------------------------------------
+
+/// Once the pool is destroyed, only reads are answered.
+pub(super) fn refuse_once_destroyed(daemon: &Daemon, method: &str) -> Result<()> {
+    if daemon.is_destroyed() && method != "GET" {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            "the pool was destroyed and thinstackd is stopping; start it again to make a new pool",
+        ));
+    }
+    Ok(())
+}
 
 fn ok<T: Serialize>(value: T) -> Result<Reply> {
     json(200, value)
@@ -192,7 +225,7 @@ fn body<T: DeserializeOwned>(call: &Call) -> Result<T> {
 }
 
 /// A yes-or-no query parameter: absent is false; `key`, `key=true` and `key=false`.
-fn flag(call: &Call, key: &str) -> Result<bool> {
+pub(super) fn flag(call: &Call, key: &str) -> Result<bool> {
     match call.query.iter().find(|(k, _)| k == key) {
         None => Ok(false),
         Some((_, v)) if v == "true" || v.is_empty() => Ok(true),
@@ -208,7 +241,7 @@ fn name<'c>(call: &'c Call) -> &'c str {
 }
 
 /// Refuse query parameters a route does not take (a typo must not mean "default").
-fn only_query(call: &Call, allowed: &[&str]) -> Result<()> {
+pub(super) fn only_query(call: &Call, allowed: &[&str]) -> Result<()> {
     match call
         .query
         .iter()
@@ -491,4 +524,31 @@ fn resize_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     ok(api::Layer::from(
         daemon.engine.resize(name(call), request.size)?,
     ))
+}
+
+fn checkpoint_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: CheckpointRequest = body(call)?;
+    not_containerds(daemon, call, OutsideChange::Reset)?;
+    let layer = daemon
+        .engine
+        .checkpoint(name(call), &request.name, &request.labels)?;
+    json(201, api::Layer::from(layer))
+}
+
+fn reset_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let request: ResetRequest = body(call)?;
+    not_containerds(daemon, call, OutsideChange::Reset)?;
+    ok(api::Layer::from(
+        daemon.engine.reset(name(call), request.to.as_deref())?,
+    ))
+}
+
+/// A query parameter's value, if given.
+pub(super) fn query_value<'a>(call: &'a Call, key: &str) -> Option<&'a str> {
+    call.query
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }

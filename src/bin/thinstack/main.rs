@@ -227,6 +227,58 @@ enum LayerCommand {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Write a layer's blocks as a stream (docs/layer-stream.md): all of them, or with
+    /// --from only what changed since that committed ancestor. The layer must be committed,
+    /// or unmounted and inactive.
+    Export {
+        /// The layer.
+        name: String,
+        /// A committed ancestor the importing host holds (imported from here, or exported
+        /// with the same content): only the changes since it are sent.
+        #[arg(long, value_name = "ANCESTOR")]
+        from: Option<String>,
+        /// Where to write the stream (default: standard output, which must not be a
+        /// terminal).
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Compress the stream with zstd (import notices by itself).
+        #[arg(long)]
+        compress: bool,
+    },
+    /// Make a committed layer of a stream `layer export` wrote, checked whole before it
+    /// counts: a cut, changed or mismatched stream leaves nothing behind.
+    Import {
+        /// The new layer's name.
+        name: String,
+        /// For a stream of changes: the layer here that holds the content it was made
+        /// against.
+        #[arg(long, value_name = "PARENT")]
+        parent: Option<String>,
+        /// Where to read the stream (default: standard input).
+        #[arg(long, value_name = "FILE")]
+        input: Option<PathBuf>,
+    },
+    /// Take a read-only snapshot of a writable layer, mounted or not, as a new committed
+    /// layer the layer can later be reset to.
+    Checkpoint {
+        /// The writable layer.
+        name: String,
+        /// The checkpoint's name.
+        checkpoint: String,
+        /// A label for the checkpoint; repeat for several.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Give a writable layer back the content of its parent, or of one of its checkpoints:
+    /// one thin snapshot, no copying. It keeps its name and labels; it must be unmounted,
+    /// and without children.
+    Reset {
+        /// The layer.
+        name: String,
+        /// One of its checkpoints (default: its parent).
+        #[arg(long, value_name = "LAYER")]
+        to: Option<String>,
+    },
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -248,6 +300,8 @@ struct Output {
     /// The exit status of a command that succeeded but found something (pool doctor).
     status: u8,
 }
+
+mod transfer;
 
 fn output<T: Serialize>(value: &T, text: String) -> Output {
     Output {
@@ -725,6 +779,23 @@ fn layer(client: &mut Client, command: LayerCommand) -> Result<Output, ClientErr
             let text = prune_text(&pruned);
             Ok(output(&pruned, text))
         }
+        LayerCommand::Export {
+            name,
+            from,
+            output,
+            compress,
+        } => transfer::export(client, &name, from.as_deref(), output.as_deref(), compress),
+        LayerCommand::Import {
+            name,
+            parent,
+            input,
+        } => transfer::import(client, &name, parent.as_deref(), input.as_deref()),
+        LayerCommand::Checkpoint {
+            name,
+            checkpoint,
+            labels,
+        } => transfer::checkpoint(client, &name, checkpoint, labels.into_iter().collect()),
+        LayerCommand::Reset { name, to } => transfer::reset(client, &name, to),
     }
 }
 

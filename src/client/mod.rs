@@ -16,6 +16,8 @@ use serde::Serialize;
 use crate::api::ErrorBody;
 use crate::error::ErrorKind;
 
+mod transfer;
+
 /// Where clients look for the daemon unless told (`--socket` or `THINSTACK_SOCKET`).
 pub const DEFAULT_SOCKET: &str = "/run/thinstack/thinstack.sock";
 
@@ -43,6 +45,9 @@ pub enum ClientError {
     /// The answer was not what the API promises.
     #[error("thinstackd answered something unexpected: {0}")]
     Protocol(String),
+    /// Reading or writing a local file or pipe failed (a stream's input or output).
+    #[error("{0}")]
+    Local(String),
 }
 
 /// The `thinstack` command's exit code for a failure of `kind` (`None`: the daemon was
@@ -72,7 +77,7 @@ impl ClientError {
         match self {
             ClientError::Api { kind, .. } => Some(*kind),
             ClientError::Unreachable { .. } => None,
-            ClientError::Protocol(_) => Some(ErrorKind::Io),
+            ClientError::Protocol(_) | ClientError::Local(_) => Some(ErrorKind::Io),
         }
     }
 
@@ -303,6 +308,9 @@ fn read_head(stream: &mut impl Read) -> Result<Head, String> {
 struct Chunks<R> {
     stream: R,
     buffer: Vec<u8>,
+    /// The last chunk (size 0) was read: the sender ended the body itself, rather than the
+    /// connection ending under it.
+    finished: bool,
 }
 
 impl<R: Read> Chunks<R> {
@@ -310,12 +318,13 @@ impl<R: Read> Chunks<R> {
         Chunks {
             stream,
             buffer: already,
+            finished: false,
         }
     }
 
     /// Read until `buffer` holds at least `n` bytes; false at the end of the stream.
     fn fill(&mut self, n: usize) -> Result<bool, String> {
-        let mut chunk = [0u8; 4096];
+        let mut chunk = [0u8; 64 * 1024];
         while self.buffer.len() < n {
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Ok(false),
@@ -345,6 +354,7 @@ impl<R: Read> Chunks<R> {
         let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
             .map_err(|_| format!("a bad chunk size {line:?}"))?;
         if size == 0 {
+            self.finished = true;
             return Ok(None);
         }
         let start = size_line + 2;
@@ -360,6 +370,12 @@ impl<R: Read> Chunks<R> {
 /// Read one response: its status, its body, and whether the connection stays open.
 fn read_response(stream: &mut impl Read) -> Result<(u16, Vec<u8>, bool), String> {
     let head = read_head(stream)?;
+    read_body(head, stream)
+}
+
+/// The rest of a response whose `head` was read: its status, its body, and whether the
+/// connection stays open.
+fn read_body(head: Head, stream: &mut impl Read) -> Result<(u16, Vec<u8>, bool), String> {
     if head.chunked {
         return Err("a response without Content-Length is not expected from thinstackd".into());
     }
