@@ -18,7 +18,7 @@ use common::{
 };
 use thinstack::config::Config;
 use thinstack::crash::Point;
-use thinstack::engine::{CreateLayer, NewSnapshot, SnapshotRoot};
+use thinstack::engine::{CreateLayer, ImportLayer, NewSnapshot, SnapshotRoot};
 use thinstack::kernel::PoolKernel;
 use thinstack::records::SnapshotKind;
 use thinstack::units::ByteSize;
@@ -27,7 +27,7 @@ use thinstack::vocab::FsType;
 /// Set in the child: "<operation>\t<config file>".
 const CHILD_ENV: &str = "THINSTACK_CRASH_CHILD";
 
-const OPERATIONS: [&str; 9] = [
+const OPERATIONS: [&str; 12] = [
     "create_base",
     "create_child",
     "create_larger_child",
@@ -37,6 +37,9 @@ const OPERATIONS: [&str; 9] = [
     "resize",
     "snapshot_commit",
     "snapshot_commit_held",
+    "checkpoint",
+    "reset_to_parent",
+    "import",
 ];
 
 /// containerd's namespace and keys in the snapshot operations.
@@ -82,8 +85,23 @@ fn run_operation(engine: &mut RealEngine, operation: &str) {
             let _held = std::fs::File::open(device).unwrap();
             commit_snapshot(engine);
         }
+        "checkpoint" => drop(engine.checkpoint("work", "cp", &BTreeMap::new()).unwrap()),
+        "reset_to_parent" => drop(engine.reset("work", None).unwrap()),
+        "import" => {
+            let stream = std::fs::File::open(stream_file(engine)).unwrap();
+            let request = ImportLayer {
+                name: "copy".into(),
+                parent: None,
+            };
+            drop(engine.import(&request, stream).unwrap());
+        }
         other => panic!("unknown operation {other}"),
     }
+}
+
+/// Where the import operation's stream (an export of "work") is, beside the state directory.
+fn stream_file(engine: &RealEngine) -> std::path::PathBuf {
+    engine.state_dir().with_file_name("work.stream")
 }
 
 fn commit_snapshot(engine: &mut RealEngine) {
@@ -133,7 +151,7 @@ fn reset(engine: &mut RealEngine, operation: &str) {
             engine.snapshot_remove(NS, key).unwrap();
         }
     }
-    for name in ["kid", "fresh", "work"] {
+    for name in ["kid", "fresh", "cp", "copy", "work"] {
         if engine.inspect(name).is_ok() {
             engine.remove(name).unwrap();
         }
@@ -146,6 +164,10 @@ fn reset(engine: &mut RealEngine, operation: &str) {
     write_file(engine, "work", "data", "work data");
     if operation.starts_with("snapshot_") {
         prepare_snapshot(engine);
+    }
+    if operation == "import" {
+        let file = std::fs::File::create(stream_file(engine)).unwrap();
+        engine.export("work", None, false, || Ok(file)).unwrap();
     }
 }
 
@@ -232,11 +254,14 @@ fn check_after_crash(t: &TestPool, operation: &str, point: &str) {
         assert!(names.contains("work"), "{what}: work lost");
     }
     if names.contains("work") {
-        assert_eq!(
-            read_file(&mut engine, "work", "data"),
-            "work data",
-            "{what}"
-        );
+        let data = read_file(&mut engine, "work", "data");
+        // A reset takes it back to its parent's content whole, or leaves it whole.
+        let reset = operation == "reset_to_parent" && data == "base data";
+        assert!(data == "work data" || reset, "{what}: work holds {data:?}");
+    }
+    for copy in ["cp", "copy"].into_iter().filter(|n| names.contains(*n)) {
+        let data = read_file(&mut engine, copy, "data");
+        assert_eq!(data, "work data", "{what}: {copy}");
     }
     if names.contains("kid") {
         assert_eq!(read_file(&mut engine, "kid", "data"), "work data", "{what}");

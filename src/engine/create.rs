@@ -368,6 +368,26 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         unmounted.map(|()| done)
     }
 
+    /// Make a snapshot of an origin that was in use (active, perhaps mounted) mountable
+    /// read-only. The snapshot holds a filesystem frozen, not unmounted: ext4's freeze leaves
+    /// its journal clean, but xfs's leaves a log that needs recovery, and xfs refuses to
+    /// mount such a log read-only ("recovery required on read-only device"). Mounted
+    /// writable once, privately, xfs replays it and leaves it clean, as an unmount would.
+    pub(super) fn settle_frozen_snapshot(
+        &self,
+        id: ThinId,
+        size: ByteSize,
+        filesystem: FsType,
+    ) -> Result<()> {
+        if filesystem != FsType::Xfs {
+            return Ok(());
+        }
+        let node = self.kernel.activate(id, size, false)?;
+        let settled = self.with_private_mount(id, &node, filesystem, false, |_| Ok(()));
+        let deactivated = self.deactivate_with_retries(id);
+        settled.and(deactivated)
+    }
+
     /// Take back a create that failed after its record was written.
     pub(super) fn undo_create(&self, name: &LayerName) -> Result<()> {
         let id = self.record(name)?.thin_id;

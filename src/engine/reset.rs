@@ -68,6 +68,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             ..origin.clone()
         };
         let origin_id = origin.thin_id;
+        let in_use = self.kernel.active_node(origin_id)?.is_some();
         let record = self
             .create_claimed(record, crash::Point::CheckpointRecordWritten, |_| {
                 self.pool_step(
@@ -76,7 +77,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                         origin: origin_id,
                         id,
                     },
-                )
+                )?;
+                if in_use {
+                    self.settle_frozen_snapshot(id, origin.size, origin.filesystem)?;
+                }
+                Ok(())
             })
             .map_err(|e| e.context(format!("checkpointing layer {name:?}")))?;
         tracing::info!(layer = %name, checkpoint = %checkpoint, thin_id = %id, "checkpoint taken");

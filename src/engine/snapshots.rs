@@ -402,8 +402,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             discarding: None,
         };
         let origin = active.thin_id;
+        let (size, filesystem) = (active.size, active.filesystem);
         self.create_claimed(record, crash::Point::SnapshotCommitRecordWritten, |_| {
-            self.pool_step(Some(&name), PoolOp::Snapshot { origin, id })
+            self.pool_step(Some(&name), PoolOp::Snapshot { origin, id })?;
+            // Its filesystem was in use: a view of it mounts read-only.
+            self.settle_frozen_snapshot(id, size, filesystem)
         })?;
         crash::point(crash::Point::SnapshotCommitSnapshotted);
         let mut removing = active;
