@@ -205,6 +205,41 @@ pub struct LayerRecord {
 }
 
 impl LayerRecord {
+    /// The record of a layer about to be made on thin `thin_id`: `creating`, a base (no
+    /// parent), writable, unlabelled, inactive, unmounted, nothing under way. Callers set
+    /// what differs.
+    pub fn creating(
+        name: LayerName,
+        thin_id: ThinId,
+        size: ByteSize,
+        filesystem: FsType,
+        fs_uuid: String,
+        created_ns: u64,
+    ) -> LayerRecord {
+        LayerRecord {
+            format: RECORD_FORMAT,
+            name,
+            thin_id,
+            parent: None,
+            size,
+            filesystem,
+            fs_uuid,
+            committed: false,
+            labels: BTreeMap::new(),
+            created_ns,
+            state: LayerState::Creating,
+            active: false,
+            mounts: BTreeMap::new(),
+            deferred: false,
+            missing: false,
+            snapshot: None,
+            resizing_to: None,
+            content_id: None,
+            checkpoint_of: None,
+            discarding: None,
+        }
+    }
+
     /// The thin devices the record owns: its own, and one a reset is discarding.
     pub fn thin_ids(&self) -> impl Iterator<Item = ThinId> {
         std::iter::once(self.thin_id).chain(self.discarding)

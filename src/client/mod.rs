@@ -148,17 +148,7 @@ impl Client {
         path: &str,
         mut line: impl FnMut(&str) -> bool,
     ) -> Result<(), ClientError> {
-        let mut stream = self.connect()?;
-        stream
-            .write_all(&request_bytes("GET", path, &[]))
-            .map_err(|e| self.broke(&e.to_string()))?;
-        let head = read_head(&mut stream).map_err(|e| self.broke(&e))?;
-        if !(200..300).contains(&head.status) || !head.chunked {
-            let mut body = head.rest;
-            let _ = stream.read_to_end(&mut body);
-            return Err(error_of("GET", path, head.status, &body));
-        }
-        let mut chunks = Chunks::new(stream, head.rest);
+        let mut chunks = self.get_chunked(path)?;
         let mut pending = Vec::new();
         while let Some(data) = chunks.next_chunk().map_err(|e| self.broke(&e))? {
             pending.extend_from_slice(&data);
@@ -170,6 +160,21 @@ impl Client {
             }
         }
         Ok(())
+    }
+
+    /// `GET path` on a new connection, for a route that answers with a chunked stream: the
+    /// stream once the daemon accepted, or its error.
+    fn get_chunked(&mut self, path: &str) -> Result<Chunks<UnixStream>, ClientError> {
+        let mut stream = self.connect()?;
+        stream
+            .write_all(&request_bytes("GET", path, &[]))
+            .map_err(|e| self.broke(&e.to_string()))?;
+        let head = read_head(&mut stream).map_err(|e| self.broke(&e))?;
+        if !(200..300).contains(&head.status) || !head.chunked {
+            let (status, body, _) = read_body(head, &mut stream).map_err(|e| self.broke(&e))?;
+            return Err(error_of("GET", path, status, &body));
+        }
+        Ok(Chunks::new(stream, head.rest))
     }
 
     /// Send one request and decode the answer (or the error).

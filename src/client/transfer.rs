@@ -5,7 +5,7 @@ use std::io::{ErrorKind as IoErrorKind, Read, Write};
 
 use serde::de::DeserializeOwned;
 
-use super::{error_of, read_body, read_head, request_bytes, Chunks, Client, ClientError};
+use super::{error_of, read_body, read_head, Client, ClientError};
 
 /// Bytes sent in one chunk of a streamed request body.
 const CHUNK: usize = 1 << 20;
@@ -16,16 +16,7 @@ impl Client {
     /// before the daemon ended it (it failed midway) is an error too, so a cut stream is
     /// never taken for a whole one.
     pub fn get_to(&mut self, path: &str, out: &mut dyn Write) -> Result<u64, ClientError> {
-        let mut stream = self.connect()?;
-        stream
-            .write_all(&request_bytes("GET", path, &[]))
-            .map_err(|e| self.broke(&e.to_string()))?;
-        let head = read_head(&mut stream).map_err(|e| self.broke(&e))?;
-        if !(200..300).contains(&head.status) || !head.chunked {
-            let (status, body, _) = read_body(head, &mut stream).map_err(|e| self.broke(&e))?;
-            return Err(error_of("GET", path, status, &body));
-        }
-        let mut chunks = Chunks::new(stream, head.rest);
+        let mut chunks = self.get_chunked(path)?;
         let mut copied = 0u64;
         while let Some(data) = chunks.next_chunk().map_err(|e| self.broke(&e))? {
             out.write_all(&data)

@@ -45,28 +45,21 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let _virtual = self.reserve_virtual(&what, &usage, header.size)?;
         let id = self.allocate_id()?;
         let record = LayerRecord {
-            format: RECORD_FORMAT,
-            name: name.clone(),
-            thin_id: id,
             parent: parent.as_ref().map(|p| p.name.clone()),
-            size: header.size,
-            filesystem: header.filesystem,
-            fs_uuid: header.fs_uuid.clone(),
             committed: true,
             labels: header.labels.clone(),
-            created_ns: now_ns(),
-            state: LayerState::Creating,
-            active: false,
-            mounts: BTreeMap::new(),
-            deferred: false,
-            missing: false,
-            snapshot: None,
-            resizing_to: None,
             content_id: Some(header.content_id.clone()),
-            checkpoint_of: None,
-            discarding: None,
+            ..LayerRecord::creating(
+                name.clone(),
+                id,
+                header.size,
+                header.filesystem,
+                header.fs_uuid.clone(),
+                now_ns(),
+            )
         };
         let origin = parent.as_ref().map(|p| p.thin_id);
+        let started = std::time::Instant::now();
         let mut summary = Summary::default();
         let record = self
             .create_claimed(record, crash::Point::ImportRecordWritten, |record| {
@@ -74,7 +67,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 Ok(())
             })
             .map_err(|e| e.context(format!("importing layer {name:?}; nothing was kept")))?;
-        tracing::info!(layer = %name, parent = ?parent.as_ref().map(|p| p.name.as_str()), runs = summary.runs, data_bytes = summary.data_bytes, "layer imported");
+        let total_ms = started.elapsed().as_millis() as u64;
+        tracing::info!(layer = %name, parent = ?parent.as_ref().map(|p| p.name.as_str()), runs = summary.runs, data_bytes = summary.data_bytes, total_ms, "layer imported");
         Ok((self.view(record)?, summary))
     }
 

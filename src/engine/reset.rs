@@ -50,22 +50,19 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let _virtual = self.reserve_virtual(&what, &usage, origin.size)?;
         let id = self.allocate_id()?;
         let record = LayerRecord {
-            name: checkpoint.clone(),
-            thin_id: id,
+            parent: origin.parent.clone(),
             committed: true,
             labels: labels.clone(),
-            created_ns: now_ns(),
-            state: LayerState::Creating,
-            active: false,
-            mounts: BTreeMap::new(),
-            deferred: false,
-            missing: false,
-            snapshot: None,
-            resizing_to: None,
             content_id: Some(ContentId::random()?),
             checkpoint_of: Some(name.clone()),
-            discarding: None,
-            ..origin.clone()
+            ..LayerRecord::creating(
+                checkpoint.clone(),
+                id,
+                origin.size,
+                origin.filesystem,
+                origin.fs_uuid.clone(),
+                now_ns(),
+            )
         };
         let origin_id = origin.thin_id;
         let in_use = self.kernel.active_node(origin_id)?.is_some();

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use crate::error::ErrorKind;
-use crate::kernel::{FsKernel, PoolKernel};
+use crate::kernel::{DeltaKind, DeltaRun, FsKernel, PoolKernel};
 use crate::names::ThinId;
 use crate::units::ByteSize;
 use crate::vocab::FsType;
@@ -20,7 +20,7 @@ fn expect_kind<T: std::fmt::Debug>(what: &str, result: crate::Result<T>, kind: E
     }
 }
 
-/// Check every rule on `pool` and `fs`, using thin ids `base..base+3` and the empty directory
+/// Check every rule on `pool` and `fs`, using thin ids `base..base+5` and the empty directory
 /// `mount_point`. Panics with the rule that broke.
 pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_point: &Path) {
     let id = |n: u32| ThinId::new(base + n).expect("test ids fit 24 bits");
@@ -151,7 +151,75 @@ pub fn check_rules(pool: &impl PoolKernel, fs: &impl FsKernel, base: u32, mount_
         !left.contains(&a) && !left.contains(&b),
         "deleted ids are gone: {left:?}"
     );
+    check_block_rules(pool, id(3), id(4));
     check_growth_lifts_the_guard(pool);
+}
+
+/// What export and import rely on: a device reads back what was written, a snapshot shares
+/// its origin's blocks until written, zeroing whole blocks unmaps them, a device active
+/// read-only refuses writes, and `thin_delta` reports exactly the blocks that differ (and,
+/// without a base, the blocks mapped), in the pool's block size.
+fn check_block_rules(pool: &impl PoolKernel, origin: ThinId, snapshot: ThinId) {
+    let size = ByteSize::mib(64);
+    let block = pool.details().block_size.bytes();
+    let bytes = |fill: u8| vec![fill; block as usize];
+    pool.create_thin(origin).expect("create_thin");
+    pool.activate(origin, size, false).expect("activate");
+    let mut device = pool.open_thin(origin).expect("open_thin");
+    device.write_at(block, &bytes(1)).expect("write");
+    device.write_at(2 * block, &bytes(2)).expect("write");
+    device.sync().expect("sync");
+    let mut back = bytes(0);
+    device.read_at(2 * block, &mut back).expect("read");
+    assert_eq!(back, bytes(2), "a device reads back what was written");
+    drop(device);
+    pool.deactivate(origin).expect("deactivate");
+
+    pool.snapshot(origin, snapshot).expect("snapshot");
+    pool.activate(snapshot, size, false).expect("activate");
+    let mut device = pool.open_thin(snapshot).expect("open_thin");
+    device.read_at(block, &mut back).expect("read");
+    assert_eq!(back, bytes(1), "a snapshot reads its origin's blocks");
+    device.write_at(2 * block, &bytes(3)).expect("write");
+    device.write_at(10 * block, &bytes(4)).expect("write");
+    device.zero(block, block).expect("zero");
+    device.read_at(block, &mut back).expect("read");
+    assert_eq!(back, bytes(0), "a zeroed block reads as zeros");
+    device.sync().expect("sync");
+    drop(device);
+    pool.deactivate(snapshot).expect("deactivate");
+
+    let run = |first: u64, blocks: u64, kind| DeltaRun {
+        offset: first * block,
+        length: blocks * block,
+        kind,
+    };
+    assert_eq!(
+        pool.thin_delta(Some(origin), snapshot).expect("thin_delta"),
+        [
+            run(1, 1, DeltaKind::Unmapped),
+            run(2, 1, DeltaKind::Data),
+            run(10, 1, DeltaKind::Data),
+        ],
+        "thin_delta against the origin"
+    );
+    assert_eq!(
+        pool.thin_delta(None, snapshot).expect("thin_delta"),
+        [run(2, 1, DeltaKind::Data), run(10, 1, DeltaKind::Data)],
+        "thin_delta without a base: what it maps"
+    );
+    pool.activate(origin, size, true).expect("activate read-only");
+    let mut device = pool.open_thin(origin).expect("open_thin");
+    expect_kind(
+        "writing a device active read-only",
+        device.write_at(0, &bytes(5)),
+        ErrorKind::Permission,
+    );
+    drop(device);
+    pool.deactivate(origin).expect("deactivate");
+    for thin in [snapshot, origin] {
+        pool.delete_thin(thin).expect("delete");
+    }
 }
 
 /// The read-only guard makes the pool read-only; a pool only grows, and growth (a reload of

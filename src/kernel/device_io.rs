@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::blockdev;
 use crate::units::ByteSize;
 
@@ -26,6 +26,7 @@ pub trait ThinIo: Send {
 pub struct DeviceFile {
     file: File,
     node: PathBuf,
+    writable: bool,
     /// The pool's block size: only whole blocks can be unmapped.
     block_size: u64,
 }
@@ -44,8 +45,20 @@ impl DeviceFile {
         Ok(DeviceFile {
             file,
             node: node.to_path_buf(),
+            writable,
             block_size: block_size.bytes().max(512),
         })
+    }
+
+    /// A device active read-only is refused as the sim refuses it, not with EBADF.
+    fn refuse_unless_writable(&self) -> Result<()> {
+        if self.writable {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Permission,
+            format!("{} is active read-only", self.node.display()),
+        ))
     }
 
     fn write_zeros(&mut self, mut offset: u64, end: u64) -> Result<()> {
@@ -73,6 +86,7 @@ impl ThinIo for DeviceFile {
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.refuse_unless_writable()?;
         self.file.write_all_at(data, offset).map_err(|e| {
             Error::io(
                 format!(
@@ -86,6 +100,7 @@ impl ThinIo for DeviceFile {
     }
 
     fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
+        self.refuse_unless_writable()?;
         let end = offset + length;
         let first = offset.div_ceil(self.block_size) * self.block_size;
         let last = end / self.block_size * self.block_size;
