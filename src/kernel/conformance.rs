@@ -208,7 +208,8 @@ fn check_block_rules(pool: &impl PoolKernel, origin: ThinId, snapshot: ThinId) {
         [run(2, 1, DeltaKind::Data), run(10, 1, DeltaKind::Data)],
         "thin_delta without a base: what it maps"
     );
-    pool.activate(origin, size, true).expect("activate read-only");
+    pool.activate(origin, size, true)
+        .expect("activate read-only");
     let mut device = pool.open_thin(origin).expect("open_thin");
     expect_kind(
         "writing a device active read-only",
