@@ -14,7 +14,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::connections::RETRY_AFTER_SECONDS;
 use super::event_stream;
-use super::in_flight::InFlight;
+use super::in_flight::{InFlight, STOPPING};
 use super::layer_stream::{self, StreamedBody};
 use super::routes::{self, Action, Call, Resolved, Route};
 use super::Daemon;
@@ -299,19 +299,19 @@ async fn stream_layer(
                     },
                     None,
                 ),
-                Err(e) => (error_reply(route, &e), Some(e.kind())),
+                Err(e) => (error_reply(route.method, route.path, &e), Some(e.kind())),
             }
         }
         _ => {
             let Some(in_flight) = context.in_flight.enter() else {
-                return Reply::error(503, ErrorKind::Busy, stopping_message()).closing();
+                return Reply::error(503, ErrorKind::Busy, STOPPING.to_string()).closing();
             };
             let timeout = daemon.config.daemon.request_timeout;
             let (imported, read_whole) =
                 layer_stream::import(daemon, name, query, request.into_body(), timeout).await;
             let reply = match &imported {
                 Ok(layer) => Reply::ok(201, serde_json::to_vec(layer).unwrap_or_default()),
-                Err(e) => error_reply(route, e),
+                Err(e) => error_reply(route.method, route.path, e),
             };
             let reply = Reply {
                 in_flight: Some(in_flight),
@@ -329,15 +329,19 @@ async fn stream_layer(
     reply
 }
 
-/// The answer to a failed operation of `route`.
-fn error_reply(route: &Route, e: &Error) -> Reply {
+/// The answer to an operation that failed, logged: a refusal of what the client asked
+/// quietly, a failure loudly.
+fn error_reply(method: &str, path: &str, e: &Error) -> Reply {
     let message = full_message(e);
-    tracing::warn!(method = route.method, path = route.path, error = %message, "request failed");
+    if matches!(
+        e.kind(),
+        ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::AlreadyExists
+    ) {
+        tracing::debug!(%method, %path, error = %message, "request refused");
+    } else {
+        tracing::warn!(%method, %path, error = %message, "request failed");
+    }
     Reply::error(status_of(e.kind()), e.kind(), message)
-}
-
-fn stopping_message() -> String {
-    "thinstackd is stopping; nothing was done: send the request again once it is back".to_string()
 }
 
 /// The `name` a create's body gives its new layer, for the audit.
@@ -358,10 +362,7 @@ async fn run(
     body: Bytes,
 ) -> Reply {
     let Some(in_flight) = context.in_flight.enter() else {
-        let message =
-            "thinstackd is stopping; nothing was done: send the request again once it is back"
-                .to_string();
-        return Reply::error(503, ErrorKind::Busy, message).closing();
+        return Reply::error(503, ErrorKind::Busy, STOPPING.to_string()).closing();
     };
     let daemon = context.daemon;
     let closing = daemon.closing.subscribe();
@@ -410,18 +411,7 @@ fn reply_of(
             stream: Some(event_stream::body(events, count, closing)),
             ..Reply::ok(status, Vec::new())
         },
-        Ok(Err(e)) => {
-            let message = full_message(&e);
-            if matches!(
-                e.kind(),
-                ErrorKind::Invalid | ErrorKind::NotFound | ErrorKind::AlreadyExists
-            ) {
-                tracing::debug!(%method, %path, error = %message, "request refused");
-            } else {
-                tracing::warn!(%method, %path, error = %message, "request failed");
-            }
-            Reply::error(status_of(e.kind()), e.kind(), message)
-        }
+        Ok(Err(e)) => error_reply(method, path, &e),
         Err(panic) => {
             tracing::error!(%method, %path, error = %panic, "request handler panicked");
             Reply::bug()

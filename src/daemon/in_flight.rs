@@ -5,6 +5,10 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// What a request is told when the stop has begun and its operation may not start.
+pub const STOPPING: &str =
+    "thinstackd is stopping; nothing was done: send the request again once it is back";
+
 /// More permits than operations could ever run at once (each takes a blocking thread).
 const ALL: u32 = u32::MAX;
 

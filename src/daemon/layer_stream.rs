@@ -136,10 +136,7 @@ pub async fn import(
 }
 
 fn stopping() -> Error {
-    Error::new(
-        ErrorKind::Busy,
-        "thinstackd is stopping; nothing was done: send the request again once it is back",
-    )
+    Error::new(ErrorKind::Busy, super::in_flight::STOPPING)
 }
 
 /// Feed the request body's data to `pieces` until it ends (true), the reader goes away, or a
