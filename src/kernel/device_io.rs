@@ -22,6 +22,28 @@ pub trait ThinIo: Send {
     fn sync(&mut self) -> Result<()>;
 }
 
+/// A byte range of a device, `(start, end)`.
+pub type Span = (u64, u64);
+
+/// How [`ThinIo::zero`] makes `length` bytes at `offset` read as zeros on a device of
+/// `block`-byte blocks: the whole blocks among them (`start..end`), unmapped, if any; and the
+/// edges that only part-fill a block, written with zeros (empty ones left out).
+pub fn zero_plan(offset: u64, length: u64, block: u64) -> (Option<Span>, Vec<Span>) {
+    let end = offset + length;
+    let first = offset.div_ceil(block) * block;
+    let last = end / block * block;
+    let (whole, edges) = if first >= last {
+        (None, vec![(offset, end)])
+    } else {
+        (Some((first, last)), vec![(offset, first), (last, end)])
+    };
+    let edges = edges
+        .into_iter()
+        .filter(|(start, end)| start < end)
+        .collect();
+    (whole, edges)
+}
+
 /// A thin device's node, open for reading (and writing, when asked).
 pub struct DeviceFile {
     file: File,
@@ -101,20 +123,35 @@ impl ThinIo for DeviceFile {
 
     fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
         self.refuse_unless_writable()?;
-        let end = offset + length;
-        let first = offset.div_ceil(self.block_size) * self.block_size;
-        let last = end / self.block_size * self.block_size;
-        if first >= last {
-            return self.write_zeros(offset, end);
+        let (whole, edges) = zero_plan(offset, length, self.block_size);
+        if let Some((start, end)) = whole {
+            blockdev::discard_range(&self.file, &self.node, start, end - start)?;
         }
-        self.write_zeros(offset, first)?;
-        blockdev::discard_range(&self.file, &self.node, first, last - first)?;
-        self.write_zeros(last, end)
+        for (start, end) in edges {
+            self.write_zeros(start, end)?;
+        }
+        Ok(())
     }
 
     fn sync(&mut self) -> Result<()> {
         self.file
             .sync_all()
             .map_err(|e| Error::io(format!("flushing {}", self.node.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeroing_unmaps_the_whole_blocks_and_writes_the_edges() {
+        assert_eq!(zero_plan(10, 5, 64), (None, vec![(10, 15)]));
+        assert_eq!(
+            zero_plan(60, 140, 64),
+            (Some((64, 192)), vec![(60, 64), (192, 200)])
+        );
+        assert_eq!(zero_plan(64, 128, 64), (Some((64, 192)), vec![]));
+        assert_eq!(zero_plan(0, 100, 64), (Some((0, 64)), vec![(64, 100)]));
     }
 }

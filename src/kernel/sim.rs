@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, ErrorKind, Result};
 use devicemapper::Device;
 
-use crate::kernel::device_io::ThinIo;
+use crate::kernel::device_io::{zero_plan, ThinIo};
 use crate::kernel::sim_blocks::{self, Block, Blocks};
 use crate::kernel::sim_files::{self, Tree};
 use crate::kernel::thin_tools::CheckReport;
@@ -891,24 +891,21 @@ impl ThinIo for SimDevice {
     fn zero(&mut self, offset: u64, length: u64) -> Result<()> {
         let id = self.id;
         let mut state = self.check(offset, length, true)?;
-        let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
-        let unmapped = thin.blocks.unmap_whole(offset, length);
-        Sim::let_go(
-            &mut state,
-            SimData {
-                blocks: unmapped,
-                ..SimData::default()
-            },
-        );
-        // The edges, partial blocks, are written with zeros.
-        let first = offset.div_ceil(sim_blocks::BLOCK) * sim_blocks::BLOCK;
-        let last = (offset + length) / sim_blocks::BLOCK * sim_blocks::BLOCK;
-        let edges = if first >= last {
-            vec![(offset, offset + length)]
-        } else {
-            vec![(offset, first), (last, offset + length)]
-        };
-        for (start, end) in edges.into_iter().filter(|(start, end)| start < end) {
+        let (whole, edges) = zero_plan(offset, length, sim_blocks::BLOCK);
+        if let Some((start, end)) = whole {
+            let thin = state.thins.get_mut(&id).ok_or_else(|| no_thin(id))?;
+            let unmapped = thin
+                .blocks
+                .unmap(start / sim_blocks::BLOCK..end / sim_blocks::BLOCK);
+            Sim::let_go(
+                &mut state,
+                SimData {
+                    blocks: unmapped,
+                    ..SimData::default()
+                },
+            );
+        }
+        for (start, end) in edges {
             let zeros = vec![0u8; (end - start) as usize];
             SimDevice::write_blocks(&mut state, id, start, &zeros)?;
         }

@@ -66,16 +66,10 @@ impl Blocks {
         }
     }
 
-    /// The whole blocks within `length` bytes at `offset`, unmapped and handed back (for the
-    /// pool to let go); the edges are left for the caller to write with zeros.
-    pub fn unmap_whole(&mut self, offset: u64, length: u64) -> Vec<Block> {
-        let first = offset.div_ceil(BLOCK);
-        let end = (offset + length) / BLOCK;
-        let indexes: Vec<u64> = self
-            .0
-            .range(first..end.max(first))
-            .map(|(i, _)| *i)
-            .collect();
+    /// The blocks of `indexes` that are mapped, unmapped and handed back (for the pool to
+    /// let go).
+    pub fn unmap(&mut self, indexes: std::ops::Range<u64>) -> Vec<Block> {
+        let indexes: Vec<u64> = self.0.range(indexes).map(|(i, _)| *i).collect();
         indexes
             .into_iter()
             .filter_map(|index| self.0.remove(&index))
@@ -211,7 +205,7 @@ mod tests {
         assert_eq!(snapshot.allocation_needed(BLOCK, 1), BLOCK);
         snapshot.write(BLOCK + 5, b"new");
         snapshot.write(10 * BLOCK, b"far");
-        let freed = snapshot.unmap_whole(2 * BLOCK, BLOCK);
+        let freed = snapshot.unmap(2..3);
         assert_eq!(freed.len(), 1);
         let run = |block: u64, blocks: u64, kind| DeltaRun {
             offset: block * BLOCK,
