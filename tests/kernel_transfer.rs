@@ -6,9 +6,9 @@
 mod common;
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use common::daemon::TestDaemon;
+use common::daemon::{command_at, TestDaemon};
 use common::require_dm_thin;
 use thinstack::vocab::FsType;
 
@@ -130,16 +130,12 @@ fn kernel_transfer_a_layer_and_its_changes_between_two_daemons() {
             whole.to_str().unwrap(),
         ]);
         assert_eq!(run.code, 0, "{run:?}");
-        let mut export = Command::new(env!("CARGO_BIN_EXE_thinstack"))
-            .arg("--socket")
-            .arg(&a.socket)
+        let mut export = command_at(&a.socket)
             .args(["layer", "export", "app", "--from", "base", "--compress"])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        let import = Command::new(env!("CARGO_BIN_EXE_thinstack"))
-            .arg("--socket")
-            .arg(&b.socket)
+        let import = command_at(&b.socket)
             .args(["layer", "import", "app", "--parent", "base"])
             .stdin(export.stdout.take().unwrap())
             .output()

@@ -5,8 +5,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
+use common::daemon::command_at;
 use common::sim::SimDaemon;
 use serde_json::{json, Value};
 use thinstack::client::Client;
@@ -17,14 +18,8 @@ fn host() -> (SimDaemon, Client) {
     (daemon, client)
 }
 
-fn cli(socket: &Path) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_thinstack"));
-    command.arg("--socket").arg(socket);
-    command
-}
-
 fn run(socket: &Path, args: &[&str]) -> Output {
-    cli(socket).args(args).output().unwrap()
+    command_at(socket).args(args).output().unwrap()
 }
 
 fn ok(socket: &Path, args: &[&str]) -> String {
@@ -74,12 +69,12 @@ fn a_layer_and_its_changes_move_to_a_second_host() {
     assert_eq!(base_b["labels"], json!({"role": "base"}));
 
     // The changes through a pipe, compressed, as `... | ssh host2 thinstack layer import`.
-    let mut export = cli(&sa)
+    let mut export = command_at(&sa)
         .args(["layer", "export", "app", "--from", "base", "--compress"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let imported = cli(&sb)
+    let imported = command_at(&sb)
         .args(["--json", "layer", "import", "app", "--parent", "base"])
         .stdin(export.stdout.take().unwrap())
         .output()

@@ -241,11 +241,16 @@ fn signal(child: &Child, signal: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(pid, signal);
 }
 
+/// The real `thinstack` on `socket`, to add arguments and pipes to.
+pub fn command_at(socket: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_thinstack"));
+    command.arg("--socket").arg(socket);
+    command
+}
+
 /// Run the real `thinstack` on `socket`.
 pub fn cli_at(socket: &Path, args: &[&str]) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_thinstack"))
-        .arg("--socket")
-        .arg(socket)
+    let out = command_at(socket)
         .args(args)
         .output()
         .expect("run thinstack");
