@@ -302,6 +302,14 @@ pub enum PoolOp {
 }
 
 impl PoolOp {
+    /// The message that makes thin `id`: a snapshot of `origin`, or a new empty device.
+    pub fn make(id: ThinId, origin: Option<ThinId>) -> PoolOp {
+        match origin {
+            Some(origin) => PoolOp::Snapshot { origin, id },
+            None => PoolOp::CreateThin { id },
+        }
+    }
+
     /// The thin id the message makes or deletes.
     pub fn id(&self) -> ThinId {
         match self {
@@ -549,9 +557,9 @@ mod tests {
             missing: false,
             snapshot: None,
             resizing_to: None,
-            content_id: None,
-            checkpoint_of: None,
-            discarding: None,
+            content_id: Some(ContentId::new("0123456789abcdef0123456789abcdef").unwrap()),
+            checkpoint_of: Some(LayerName::new("work").unwrap()),
+            discarding: Some(ThinId::new(2).unwrap()),
         };
         store.put_layer(&record).unwrap();
         fs::write(dir.path().join("layers/stray.json.tmp"), b"x").unwrap();

@@ -10,7 +10,7 @@ use super::{now_ns, Engine, Layer};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::ThinId;
-use crate::records::{LayerRecord, LayerState, RECORD_FORMAT};
+use crate::records::{LayerRecord, LayerState};
 use crate::units::ByteSize;
 
 /// Long enough to read any superblock; the activation is read-only and brief.
@@ -50,26 +50,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             let found = self.probe_thin(id)?;
             let record = LayerRecord {
-                format: RECORD_FORMAT,
-                name: name.clone(),
-                thin_id: id,
-                parent: None,
-                size: found.size,
-                filesystem: found.fs,
-                fs_uuid: found.uuid,
-                committed: false,
                 labels: BTreeMap::from([(ADOPTED_LABEL.to_string(), id.to_string())]),
-                created_ns: now_ns(),
                 state: LayerState::Ready,
-                active: false,
-                mounts: BTreeMap::new(),
-                deferred: false,
-                missing: false,
-                snapshot: None,
-                resizing_to: None,
-                content_id: None,
-                checkpoint_of: None,
-                discarding: None,
+                ..LayerRecord::creating(
+                    name.clone(),
+                    id,
+                    found.size,
+                    found.fs,
+                    found.uuid,
+                    now_ns(),
+                )
             };
             self.put(record.clone())?;
             Ok(record)

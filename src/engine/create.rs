@@ -63,13 +63,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         // Both names at once: two creates that name each other as parent would otherwise each
         // hold one and wait for the other for ever.
-        let (_guard, parent_guard) = match &parent_name {
-            Some(parent) => {
-                let (guard, parent_guard) = self.locks.lock_both(&name, parent);
-                (guard, Some(parent_guard))
-            }
-            None => (self.locks.lock(&name), None),
-        };
+        let (_guard, parent_guard) = self.locks.lock_with(&name, parent_name.as_ref());
         let mut plan = self.plan_create(name, request)?;
         plan.bare_root = snapshot.is_some();
         let what = format!("create layer {:?}", plan.name.as_str());
@@ -77,34 +71,26 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.check_space(&usage)?;
         let _virtual = self.reserve_virtual(&what, &usage, plan.size)?;
         let id = self.allocate_id()?;
+        // containerd expects a new snapshot's update time to equal its creation time.
+        let created_ns = snapshot.as_ref().map_or_else(now_ns, |s| s.updated_ns);
         let record = LayerRecord {
-            format: RECORD_FORMAT,
-            name: plan.name.clone(),
-            thin_id: id,
             parent: plan.parent.as_ref().map(|p| p.name.clone()),
-            size: plan.size,
-            filesystem: plan.filesystem,
-            fs_uuid: plan
-                .parent
-                .as_ref()
-                .map(|p| p.fs_uuid.clone())
-                .unwrap_or_default(),
             committed: snapshot
                 .as_ref()
                 .is_some_and(|s| s.kind == SnapshotKind::View),
             labels: request.labels.clone(),
-            // containerd expects a new snapshot's update time to equal its creation time.
-            created_ns: snapshot.as_ref().map_or_else(now_ns, |s| s.updated_ns),
-            state: LayerState::Creating,
-            active: false,
-            mounts: BTreeMap::new(),
-            deferred: false,
-            missing: false,
             snapshot,
-            resizing_to: None,
-            content_id: None,
-            checkpoint_of: None,
-            discarding: None,
+            ..LayerRecord::creating(
+                plan.name.clone(),
+                id,
+                plan.size,
+                plan.filesystem,
+                plan.parent
+                    .as_ref()
+                    .map(|p| p.fs_uuid.clone())
+                    .unwrap_or_default(),
+                created_ns,
+            )
         };
         let record = self
             .create_claimed(record, crash::Point::CreateRecordWritten, |record| {
@@ -291,14 +277,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         id: ThinId,
         parent_guard: Option<LayerGuard<'_>>,
     ) -> Result<String> {
-        let op = match &plan.parent {
-            None => PoolOp::CreateThin { id },
-            Some(parent) => PoolOp::Snapshot {
-                origin: parent.thin_id,
-                id,
-            },
-        };
-        self.pool_step(Some(&plan.name), op)?;
+        let origin = plan.parent.as_ref().map(|p| p.thin_id);
+        self.pool_step(Some(&plan.name), PoolOp::make(id, origin))?;
         drop(parent_guard);
         match &plan.parent {
             None => {

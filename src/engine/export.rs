@@ -27,18 +27,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     ) -> Result<(W, Summary)> {
         let name = LayerName::new(name)?;
         let from = from.map(LayerName::new).transpose()?;
-        let (_guard, _base_guard) = match &from {
-            Some(base) if *base == name => {
-                return Err(Error::invalid(format!(
-                    "layer {name:?} cannot be exported as changes against itself; name one of its committed ancestors with --from"
-                )))
-            }
-            Some(base) => {
-                let (guard, base_guard) = self.locks.lock_both(&name, base);
-                (guard, Some(base_guard))
-            }
-            None => (self.locks.lock(&name), None),
-        };
+        if from.as_ref() == Some(&name) {
+            return Err(Error::invalid(format!(
+                "layer {name:?} cannot be exported as changes against itself; name one of its committed ancestors with --from"
+            )));
+        }
+        let (_guard, _base_guard) = self.locks.lock_with(&name, from.as_ref());
         self.ensure_not_degraded(&name)?;
         let record = self.ready_record(&name)?;
         self.check_exportable(&record)?;

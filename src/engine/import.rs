@@ -31,13 +31,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         // The header is read before any lock: a slow sender holds nothing up.
         let (reader, header) = StreamReader::open(input)?;
-        let (_guard, _parent_guard) = match &parent_name {
-            Some(parent) => {
-                let (guard, parent_guard) = self.locks.lock_both(&name, parent);
-                (guard, Some(parent_guard))
-            }
-            None => (self.locks.lock(&name), None),
-        };
+        let (_guard, _parent_guard) = self.locks.lock_with(&name, parent_name.as_ref());
         let parent = self.plan_import(&name, parent_name.as_ref(), &header)?;
         let what = format!("import layer {name:?}");
         let usage = self.ensure_writable(&what)?;
@@ -90,7 +84,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         check_labels(&header.labels)?;
         check_fs_size(header.filesystem, header.size)?;
-        let parent = match (&header.base, parent) {
+        let (base, parent) = match (&header.base, parent) {
             (None, None) => return Ok(None),
             (Some(base), None) => {
                 return Err(Error::invalid(format!(
@@ -105,7 +99,6 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             (Some(base), Some(parent)) => (base, self.ready_record(parent)?),
         };
-        let (base, parent) = parent;
         if parent.content_id.as_ref() != Some(&base.content_id) {
             let holds = match &parent.content_id {
                 Some(id) => format!("holds content {id}"),
@@ -141,11 +134,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         mut reader: StreamReader<R>,
     ) -> Result<Summary> {
         let id = record.thin_id;
-        let op = match origin {
-            Some(origin) => PoolOp::Snapshot { origin, id },
-            None => PoolOp::CreateThin { id },
-        };
-        self.pool_step(Some(&record.name), op)?;
+        self.pool_step(Some(&record.name), PoolOp::make(id, origin))?;
         self.kernel.activate(id, record.size, false)?;
         let written = (|| {
             let mut device = self.kernel.open_thin(id)?;

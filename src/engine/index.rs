@@ -88,6 +88,14 @@ impl Index {
         }
     }
 
+    /// Every thin id a record owns: each layer's own, and one a reset is discarding.
+    pub(super) fn owned_ids(&self) -> BTreeSet<ThinId> {
+        self.layers
+            .values()
+            .flat_map(LayerRecord::thin_ids)
+            .collect()
+    }
+
     pub(super) fn deferred_count(&self) -> usize {
         self.layers.values().filter(|l| l.deferred).count()
     }

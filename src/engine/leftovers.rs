@@ -5,14 +5,13 @@
 //! Each check takes the locks the operations it could race with take, so a create, mount or
 //! removal in flight is never mistaken for a leftover.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use super::Engine;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::{LayerName, ThinId};
-use crate::records::{LayerRecord, LayerState};
+use crate::records::LayerState;
 
 /// A stale mount point and what is left there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,12 +29,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // dropped only after it is deleted, so an id listed here whose record is absent
         // afterwards was never a layer's (or is deleted already).
         let pool_ids = self.kernel.thin_ids()?;
-        let index = self.index();
-        let owned: BTreeSet<ThinId> = index
-            .layers
-            .values()
-            .flat_map(LayerRecord::thin_ids)
-            .collect();
+        let owned = self.index().owned_ids();
         Ok(pool_ids.difference(&owned).copied().collect())
     }
 
@@ -44,7 +38,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn delete_orphan_thin(&self, id: ThinId) -> Result<()> {
         {
             let mut index = self.index();
-            if let Some(layer) = index.layers.values().find(|l| l.thin_id == id) {
+            if let Some(layer) = index
+                .layers
+                .values()
+                .find(|l| l.thin_ids().any(|t| t == id))
+            {
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,
                     format!(

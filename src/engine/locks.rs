@@ -59,6 +59,22 @@ impl LayerLocks {
         (self.guard(first), self.guard(second))
     }
 
+    /// `name`'s lock, with `other`'s when given (the parent of a create or an import, the
+    /// base of an export), taken together as [`LayerLocks::lock_both`] does.
+    pub(super) fn lock_with(
+        &self,
+        name: &LayerName,
+        other: Option<&LayerName>,
+    ) -> (LayerGuard<'_>, Option<LayerGuard<'_>>) {
+        match other {
+            Some(other) => {
+                let (guard, other_guard) = self.lock_both(name, other);
+                (guard, Some(other_guard))
+            }
+            None => (self.lock(name), None),
+        }
+    }
+
     fn guard(&self, name: &LayerName) -> LayerGuard<'_> {
         LayerGuard {
             locks: self,

@@ -48,7 +48,7 @@ use crate::kernel::{FsKernel, PoolDetails, PoolKernel, PoolUsage, ThinUsage};
 use crate::names::{ContentId, LayerName, ThinId, THIN_ID_MAX};
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
-    SnapshotKind, SnapshotRecord, StateLock, TxnRecord, RECORD_FORMAT,
+    SnapshotKind, SnapshotRecord, StateLock, TxnRecord,
 };
 use crate::units::{ByteSize, Percent, Ratio};
 use crate::vocab::FsType;

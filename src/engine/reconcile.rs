@@ -295,12 +295,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         being_made: Option<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let owned: BTreeSet<ThinId> = self
-            .index()
-            .layers
-            .values()
-            .flat_map(LayerRecord::thin_ids)
-            .collect();
+        let owned = self.index().owned_ids();
         for &id in pool_ids.difference(&owned) {
             if being_made != Some(id) {
                 tracing::warn!(thin_id = %id, "kept a thin device no record owns: it may be a layer whose record is missing; `thinstack pool doctor` lists it, `--adopt` names it");

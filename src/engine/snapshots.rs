@@ -23,9 +23,7 @@ use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::{ContentId, LayerName};
-use crate::records::{
-    LayerRecord, LayerState, PoolOp, SnapshotKind, SnapshotRecord, RECORD_FORMAT,
-};
+use crate::records::{LayerRecord, LayerState, PoolOp, SnapshotKind, SnapshotRecord};
 use crate::units::ByteSize;
 use crate::vocab::FsType;
 
@@ -379,27 +377,21 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let usage = self.ensure_writable("commit by a snapshot")?;
         self.check_space(&usage)?;
         let id = self.allocate_id()?;
+        let created_ns = committed.updated_ns;
         let record = LayerRecord {
-            format: RECORD_FORMAT,
-            name: name.clone(),
-            thin_id: id,
             parent: active.parent.clone(),
-            size: active.size,
-            filesystem: active.filesystem,
-            fs_uuid: active.fs_uuid.clone(),
             committed: true,
             labels,
-            created_ns: committed.updated_ns,
-            state: LayerState::Creating,
-            active: false,
-            mounts: BTreeMap::new(),
-            deferred: false,
-            missing: false,
             snapshot: Some(committed),
-            resizing_to: None,
             content_id: Some(ContentId::random()?),
-            checkpoint_of: None,
-            discarding: None,
+            ..LayerRecord::creating(
+                name.clone(),
+                id,
+                active.size,
+                active.filesystem,
+                active.fs_uuid.clone(),
+                created_ns,
+            )
         };
         let origin = active.thin_id;
         let (size, filesystem) = (active.size, active.filesystem);
