@@ -64,8 +64,25 @@ pub fn wait_until(
 
 /// Unmount `target` as an operator would by hand (`umount`), with none of thinstack's checks:
 /// for clean-up, and for tests that change the mount table behind thinstack's back.
+///
+/// EBUSY is retried until [`EVENTUALLY`]: while another test thread starts a child process, the
+/// child holds copies of this process's open files until its `exec` closes them, so a file this
+/// test has just closed can keep the filesystem busy for a moment (seconds under emulation).
+/// thinstackd's own unmount retries for the same reason.
 pub fn unmount_by_hand(target: &Path) -> nix::Result<()> {
-    nix::mount::umount(target)
+    unmount_retrying_busy(target, EVENTUALLY)
+}
+
+fn unmount_retrying_busy(target: &Path, within: Duration) -> nix::Result<()> {
+    let started = Instant::now();
+    loop {
+        match nix::mount::umount(target) {
+            Err(nix::errno::Errno::EBUSY) if started.elapsed() < within => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            done => return done,
+        }
+    }
 }
 
 static SEQUENCE: AtomicUsize = AtomicUsize::new(0);
@@ -152,12 +169,14 @@ impl Drop for TestPool {
     /// Best-effort cleanup of a test that may have failed anywhere: unmount, remove every dm
     /// device of the pool (thins first), detach the loop devices.
     fn drop(&mut self) {
+        // A failed test may have left files open: do not wait for them as long as a test would.
+        let within = Duration::from_secs(10);
         for target in self.mounts.drain(..).rev() {
-            let _ = unmount_by_hand(&target);
+            let _ = unmount_retrying_busy(&target, within);
         }
         // Anything else mounted under the test's directory (by the engine), deepest first.
         for target in mounts_under(self.dir.path()).into_iter().rev() {
-            let _ = unmount_by_hand(&target);
+            let _ = unmount_retrying_busy(&target, within);
         }
         let Ok(dm) = Dm::open() else { return };
         let prefix = self.config.pool.name.dm_prefix();
