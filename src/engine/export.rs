@@ -163,7 +163,7 @@ fn write_runs<W: Write>(
     runs: &[crate::kernel::DeltaRun],
     size: u64,
 ) -> Result<(W, Summary)> {
-    let mut buf = vec![0u8; READ_CHUNK as usize];
+    let mut buf = crate::kernel::device_io::AlignedBuf::new(READ_CHUNK as usize);
     for run in runs {
         // A device maps nothing past its size; a stream never names anything past it.
         let end = (run.offset + run.length).min(size);

@@ -26,6 +26,7 @@ use crate::names::ContentId;
 use crate::units::ByteSize;
 use crate::vocab::FsType;
 
+mod digest;
 mod reader;
 mod writer;
 
@@ -151,7 +152,7 @@ pub struct Summary {
 /// the stream flows rather than over a buffered copy.
 struct Hashing<T> {
     inner: T,
-    hasher: blake3::Hasher,
+    hasher: digest::Digester,
     bytes: u64,
 }
 
@@ -159,7 +160,7 @@ impl<T> Hashing<T> {
     fn new(inner: T) -> Self {
         Hashing {
             inner,
-            hasher: blake3::Hasher::new(),
+            hasher: digest::Digester::new(),
             bytes: 0,
         }
     }
