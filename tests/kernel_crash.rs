@@ -86,7 +86,11 @@ fn run_operation(engine: &mut RealEngine, operation: &str) {
             commit_snapshot(engine);
         }
         "checkpoint" => drop(engine.checkpoint("work", "cp", &BTreeMap::new()).unwrap()),
-        "reset_to_parent" => drop(engine.reset("work", None).unwrap()),
+        "reset_to_parent" => {
+            engine.reset("work", None).unwrap();
+            // As the daemon does after answering: the old device goes.
+            engine.finish_discard("work").unwrap();
+        }
         "import" => {
             let stream = std::fs::File::open(stream_file(engine)).unwrap();
             let request = ImportLayer {

@@ -1,11 +1,12 @@
-//! Work the daemon does on its own: retrying deferred removals, watching pool space (warnings
+//! Work the daemon does on its own: retrying deferred removals, deleting devices resets
+//! replaced, watching pool space (warnings
 //! at 80% and 90%), and growing a loop or LVM pool before it fills (an LVM pool only where
 //! dmeventd does not run: then LVM's own monitoring does it).
 
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Daemon;
 use crate::config::LoopConfig;
@@ -17,23 +18,31 @@ use crate::vocab::Space;
 /// Shares of use at which a warning is logged (once per crossing).
 const WARN_AT: [f64; 2] = [80.0, 90.0];
 
+/// What wakes the watcher before its next round.
+pub enum Wake {
+    /// The daemon is stopping.
+    Stop,
+    /// An operation left work to finish after its answer (a reset's old device to delete).
+    DeferredWork,
+}
+
 /// The watcher thread; stop it with [`Watcher::stop`].
 pub struct Watcher {
-    stop: mpsc::Sender<()>,
+    wake: mpsc::Sender<Wake>,
     thread: JoinHandle<()>,
 }
 
 impl Watcher {
     /// Stop the watcher after its current round.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
+        let _ = self.wake.send(Wake::Stop);
         let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
     }
 }
 
-/// Start the watcher.
-pub fn spawn(daemon: Arc<Daemon>) -> Watcher {
-    let (stop, stopped) = mpsc::channel();
+/// Start the watcher: a round every `watch_interval_seconds`, and the deferred work as soon
+/// as the daemon asks for it ([`Daemon::defer_work`]), without moving the rounds.
+pub fn spawn(daemon: Arc<Daemon>, wake: mpsc::Sender<Wake>, woken: mpsc::Receiver<Wake>) -> Watcher {
     let interval = Duration::from_secs(daemon.config.daemon.watch_interval_seconds.max(1).into());
     let thread = std::thread::Builder::new()
         .name("thinstackd-watch".into())
@@ -41,14 +50,19 @@ pub fn spawn(daemon: Arc<Daemon>) -> Watcher {
             let mut levels = Levels::default();
             loop {
                 watch_once(&daemon, &mut levels);
-                match stopped.recv_timeout(interval) {
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    _ => return,
+                let next_round = Instant::now() + interval;
+                loop {
+                    let left = next_round.saturating_duration_since(Instant::now());
+                    match woken.recv_timeout(left) {
+                        Ok(Wake::DeferredWork) => deferred_work(&daemon),
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                    }
                 }
             }
         })
         .expect("spawning the watcher thread");
-    Watcher { stop, thread }
+    Watcher { wake, thread }
 }
 
 /// The warning level last logged for data and metadata (index into `WARN_AT`, plus one).
@@ -67,7 +81,8 @@ struct Levels {
 /// only when the pool stays over the threshold this many rounds (dmeventd checks every 10 s).
 const DMEVENTD_GRACE_ROUNDS: u32 = 3;
 
-fn watch_once(daemon: &Daemon, levels: &mut Levels) {
+/// Deferred removals whose devices were released, and devices resets replaced.
+fn deferred_work(daemon: &Daemon) {
     match daemon.engine.process_deferred() {
         Ok(removed) if !removed.is_empty() => {
             tracing::info!(layers = ?removed, "deferred removals done")
@@ -75,6 +90,10 @@ fn watch_once(daemon: &Daemon, levels: &mut Levels) {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "retrying deferred removals failed; will retry"),
     }
+}
+
+fn watch_once(daemon: &Daemon, levels: &mut Levels) {
+    deferred_work(daemon);
     let usage = match daemon.engine.pool_usage() {
         Ok(usage) => usage,
         Err(e) => {

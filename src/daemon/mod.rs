@@ -68,6 +68,10 @@ pub struct Daemon {
     /// Set once the pool is destroyed: nothing more is served, and the daemon stops.
     destroyed: AtomicBool,
     stop: tokio::sync::Notify,
+    /// Wakes the watcher for work left after an answer; its receiving end, until the
+    /// watcher starts.
+    wake_watcher: std::sync::mpsc::Sender<background::Wake>,
+    watcher_woken: std::sync::Mutex<Option<std::sync::mpsc::Receiver<background::Wake>>>,
 }
 
 impl Daemon {
@@ -89,6 +93,7 @@ impl Daemon {
         if !report.is_clean() {
             tracing::warn!(?report, "records were reconciled with the pool at start-up");
         }
+        let (wake_watcher, watcher_woken) = std::sync::mpsc::channel();
         Ok(Daemon {
             engine,
             config,
@@ -96,7 +101,16 @@ impl Daemon {
             closing: tokio::sync::watch::channel(false).0,
             destroyed: AtomicBool::new(false),
             stop: tokio::sync::Notify::new(),
+            wake_watcher,
+            watcher_woken: std::sync::Mutex::new(Some(watcher_woken)),
         })
+    }
+
+    /// Have the watcher do the deferred work now, after this answer, instead of at its next
+    /// round. Before the watcher starts (or after it stops), its next round, or the next
+    /// start, does it.
+    fn defer_work(&self) {
+        let _ = self.wake_watcher.send(background::Wake::DeferredWork);
     }
 
     /// The layer engine.
@@ -325,7 +339,13 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
         },
         None => None,
     };
-    let watcher = background::spawn(daemon.clone());
+    let woken = daemon
+        .watcher_woken
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take()
+        .ok_or_else(|| Error::inconsistent("the daemon's watcher was started twice"))?;
+    let watcher = background::spawn(daemon.clone(), daemon.wake_watcher.clone(), woken);
     notify_systemd("READY=1");
     tracing::info!(socket = %socket_path.display(), "serving the API");
     let stop = async {

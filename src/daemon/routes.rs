@@ -540,9 +540,10 @@ fn reset_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     only_query(call, &[])?;
     let request: ResetRequest = body(call)?;
     not_containerds(daemon, call, OutsideChange::Reset)?;
-    ok(api::Layer::from(
-        daemon.engine.reset(name(call), request.to.as_deref())?,
-    ))
+    let reset = daemon.engine.reset(name(call), request.to.as_deref())?;
+    // The device the layer had is deleted after the answer (the record names it until then).
+    daemon.defer_work();
+    ok(api::Layer::from(reset))
 }
 
 /// A query parameter's value, if given.

@@ -69,10 +69,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.unmount_growth_mounts(&mut report)?;
             self.index().used_ids.extend(pool_ids.iter().copied());
             self.flag_missing(&pool_ids, &mut report)?;
+            // What the records own before settling deletes some of it: the listing above
+            // still holds those devices, and they were owned, not unowned.
+            let owned = self.index().owned_ids();
             self.roll_back_creating(&mut report)?;
             self.finish_removing(&mut report)?;
             self.settle_resets(&mut report)?;
-            self.settle_unowned(&pool_ids, being_made, &mut report)?;
+            self.settle_unowned(&pool_ids, &owned, being_made, &mut report)?;
         } else {
             // The pool's thin ids are read through a metadata snapshot, a message a read-only
             // pool refuses: they are read when it is writable again, before the first change.
@@ -292,11 +295,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     fn settle_unowned(
         &self,
         pool_ids: &BTreeSet<ThinId>,
+        owned: &BTreeSet<ThinId>,
         being_made: Option<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let owned = self.index().owned_ids();
-        for &id in pool_ids.difference(&owned) {
+        for &id in pool_ids.difference(owned) {
             if being_made != Some(id) {
                 tracing::warn!(thin_id = %id, "kept a thin device no record owns: it may be a layer whose record is missing; `thinstack pool doctor` lists it, `--adopt` names it");
                 report.unowned_kept.push(id);

@@ -126,6 +126,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Finish removing a layer in state `removing`; `wait` retries a busy device briefly.
     /// The caller holds the layer's lock.
     pub(super) fn finish_removal(&self, record: LayerRecord, wait: bool) -> Result<Removal> {
+        // The device a reset left behind goes first, while the record still owns it.
+        let record = self.finish_discarding(record)?;
         let name = record.name.clone();
         let id = record.thin_id;
         if !record.missing {
@@ -191,6 +193,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         if self.kernel.usage()?.health.read_only {
             return Ok(Vec::new());
         }
+        self.finish_discards();
         let deferred = self
             .index()
             .names_where(|l| l.deferred && l.state == LayerState::Removing);

@@ -106,7 +106,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         let (_guard, _to_guard) = self.locks.lock_both(&name, &to);
         self.ensure_not_degraded(&name)?;
-        let record = self.ready_record(&name)?;
+        // The record names one device to discard at a time: an earlier reset's goes now.
+        let record = self.finish_discarding(self.ready_record(&name)?)?;
         let target = self.ready_record(&to)?;
         self.check_reset(&record, &target)?;
         let usage = self.ensure_writable(&format!("reset layer {name:?}"))?;
@@ -185,7 +186,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// The reset's steps: the record claims thin `new_id`, the pool snapshots `target` as
-    /// it, the record takes it (and gives up the old device), the old device is deleted.
+    /// it, the record takes it and names the old device as discarding. The old device is
+    /// deleted after the answer ([`Engine::finish_discard`]), or by the next operation on the
+    /// layer, the next round of deferred work, or the next start, whichever comes first.
     fn switch_device(
         &self,
         record: LayerRecord,
@@ -223,7 +226,33 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         };
         self.put(switched.clone())?;
         crash::point(crash::Point::ResetSwitched);
-        self.finish_discarding(switched)
+        Ok(switched)
+    }
+
+    /// Delete the device a reset of layer `name` left to discard, if it still has one.
+    /// The daemon calls it after answering a reset, so the reset waits for one pool message
+    /// (the snapshot), not two.
+    pub fn finish_discard(&self, name: &str) -> Result<()> {
+        let name = LayerName::new(name)?;
+        let _guard = self.locks.lock(&name);
+        match self.record(&name) {
+            Ok(record) if record.discarding.is_some() && self.ensure_not_degraded(&name).is_ok() => {
+                self.finish_discarding(record).map(drop)
+            }
+            // Removed, or settled by another operation, meanwhile.
+            _ => Ok(()),
+        }
+    }
+
+    /// [`Engine::finish_discard`] for every layer that has a device to discard: the deferred
+    /// work's round catches what an answered reset left (a failed delete, say).
+    pub(super) fn finish_discards(&self) {
+        let discarding = self.index().names_where(|l| l.discarding.is_some());
+        for name in discarding {
+            if let Err(e) = self.finish_discard(name.as_str()) {
+                tracing::warn!(layer = %name, error = %e, "deleting the device a reset replaced failed; will retry");
+            }
+        }
     }
 
     /// Delete the thin device a reset left `record` discarding, if any, and record that it

@@ -58,6 +58,7 @@ fn a_layer_goes_back_to_a_checkpoint_or_to_its_parent() {
     let reset = engine.reset("work", Some("work-cp")).unwrap();
     assert_eq!(byte(&f, &engine, "work"), 2, "back to the checkpoint");
     assert_ne!(reset.thin_id, old_thin);
+    engine.finish_discard("work").unwrap();
     assert!(
         !f.sim.thin_ids_now().contains(&old_thin),
         "old device deleted"
@@ -66,6 +67,7 @@ fn a_layer_goes_back_to_a_checkpoint_or_to_its_parent() {
     assert!(!reset.committed);
 
     engine.reset("work", None).unwrap();
+    engine.finish_discard("work").unwrap();
     assert_eq!(byte(&f, &engine, "work"), 1, "back to the parent");
     assert_eq!(
         byte(&f, &engine, "work-cp"),
@@ -87,6 +89,53 @@ fn a_mounted_layer_is_checkpointed_and_an_active_one_comes_back_active() {
     let reset = engine.reset("work", Some("cp")).unwrap();
     assert!(reset.device.is_some(), "active before, active after");
     assert_eq!(f.sim.active_read_only(reset.thin_id).unwrap(), Some(false));
+    engine.finish_discard("work").unwrap();
+    assert_consistent(&f, engine);
+}
+
+/// The old device outlives the reset's answer; whatever comes first deletes it, and none
+/// loses it: the daemon's call after the answer, the next reset, the deferred work's round,
+/// a removal of the layer, the next start.
+#[test]
+fn the_device_a_reset_replaced_is_deleted_by_whatever_comes_first() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    let discarding = |engine: &Engine<Sim, Sim>| {
+        let name = LayerName::new("work").unwrap();
+        engine.record(&name).unwrap().discarding
+    };
+    let first = thin(&engine, "work");
+    engine.reset("work", None).unwrap();
+    assert_eq!(discarding(&engine), Some(first), "named until it is gone");
+    assert!(f.sim.thin_ids_now().contains(&first), "not waited for");
+
+    let second = thin(&engine, "work");
+    engine.reset("work", None).unwrap();
+    assert!(!f.sim.thin_ids_now().contains(&first), "by the next reset");
+    assert_eq!(discarding(&engine), Some(second));
+
+    engine.process_deferred().unwrap();
+    assert!(!f.sim.thin_ids_now().contains(&second), "by the round");
+    assert_eq!(discarding(&engine), None);
+    engine.finish_discard("work").unwrap();
+
+    let third = thin(&engine, "work");
+    engine.reset("work", None).unwrap();
+    drop(engine);
+    let (engine, report) = f.open();
+    assert_eq!(report.resets_settled.len(), 1, "{report:?}");
+    assert!(!f.sim.thin_ids_now().contains(&third), "by the next start");
+
+    let fourth = thin(&engine, "work");
+    engine.reset("work", None).unwrap();
+    let last = thin(&engine, "work");
+    engine.remove("work").unwrap();
+    let left = f.sim.thin_ids_now();
+    assert!(
+        !left.contains(&fourth) && !left.contains(&last),
+        "by the removal: {left:?}"
+    );
     assert_consistent(&f, engine);
 }
 
