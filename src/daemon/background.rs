@@ -42,7 +42,11 @@ impl Watcher {
 
 /// Start the watcher: a round every `watch_interval_seconds`, and the deferred work as soon
 /// as the daemon asks for it ([`Daemon::defer_work`]), without moving the rounds.
-pub fn spawn(daemon: Arc<Daemon>, wake: mpsc::Sender<Wake>, woken: mpsc::Receiver<Wake>) -> Watcher {
+pub fn spawn(
+    daemon: Arc<Daemon>,
+    wake: mpsc::Sender<Wake>,
+    woken: mpsc::Receiver<Wake>,
+) -> Watcher {
     let interval = Duration::from_secs(daemon.config.daemon.watch_interval_seconds.max(1).into());
     let thread = std::thread::Builder::new()
         .name("thinstackd-watch".into())

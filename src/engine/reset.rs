@@ -236,7 +236,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let name = LayerName::new(name)?;
         let _guard = self.locks.lock(&name);
         match self.record(&name) {
-            Ok(record) if record.discarding.is_some() && self.ensure_not_degraded(&name).is_ok() => {
+            Ok(record)
+                if record.discarding.is_some() && self.ensure_not_degraded(&name).is_ok() =>
+            {
                 self.finish_discarding(record).map(drop)
             }
             // Removed, or settled by another operation, meanwhile.

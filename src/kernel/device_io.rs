@@ -90,9 +90,9 @@ impl std::ops::DerefMut for AlignedBuf {
 /// Whether a read of `buf` at `offset` meets direct I/O's alignment.
 fn direct_io_aligned(offset: u64, buf: &[u8]) -> bool {
     let align = DIRECT_ALIGN as u64;
-    offset % align == 0
-        && buf.len() as u64 % align == 0
-        && (buf.as_ptr() as usize) % DIRECT_ALIGN == 0
+    offset.is_multiple_of(align)
+        && (buf.len() as u64).is_multiple_of(align)
+        && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
 }
 
 /// A thin device's node, open for reading (and writing, when asked).

@@ -108,7 +108,12 @@ mod tests {
         let bytes: Vec<u8> = (0..(3 * PIECE_BYTES + 12345))
             .map(|i| (i * 7 % 251) as u8)
             .collect();
-        for sizes in [vec![1], vec![4096, 17], vec![PIECE_BYTES], vec![bytes.len()]] {
+        for sizes in [
+            vec![1],
+            vec![4096, 17],
+            vec![PIECE_BYTES],
+            vec![bytes.len()],
+        ] {
             let mut digester = Digester::new();
             let mut rest = &bytes[..];
             for size in sizes.iter().cycle() {
