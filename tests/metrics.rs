@@ -24,14 +24,26 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(port: u16) -> (SimDaemon, Client) {
-    let mut daemon = SimDaemon::start(|_| {
-        format!(
-            "[pool]\nmax_overcommit = 3\n[pool.loop]\ndata_size = \"10G\"\nautoextend_threshold = \"100%\"\n[layers]\nbase_size = \"8G\"\n[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
-        )
-    });
-    let client = daemon.client();
-    (daemon, client)
+/// A daemon serving metrics on a free port, and the port. A port free a moment ago can be
+/// taken before the daemon binds it (by any process's outgoing connection): then the daemon
+/// exits saying so, and another port is tried.
+fn start() -> (SimDaemon, Client, u16) {
+    let mut tries = 0;
+    loop {
+        let port = free_port();
+        let mut daemon = SimDaemon::start(|_| {
+            format!(
+                "[pool]\nmax_overcommit = 3\n[pool.loop]\ndata_size = \"10G\"\nautoextend_threshold = \"100%\"\n[layers]\nbase_size = \"8G\"\n[daemon]\nmetrics_listen = \"127.0.0.1:{port}\"\n"
+            )
+        });
+        match daemon.client_unless_exited() {
+            Ok(client) => return (daemon, client, port),
+            Err(exited) if exited.contains("cannot serve metrics on") && tries < 5 => {
+                tries += 1;
+            }
+            Err(exited) => panic!("{exited}"),
+        }
+    }
 }
 
 fn post(client: &mut Client, path: &str, body: serde_json::Value) -> Result<(), ClientError> {
@@ -62,8 +74,7 @@ fn scrape_tcp(port: u16) -> (String, String) {
 
 #[test]
 fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
-    let port = free_port();
-    let (_daemon, mut client) = start(port);
+    let (_daemon, mut client, port) = start();
     post(
         &mut client,
         "/v1/layers",

@@ -23,11 +23,12 @@ impl SimDaemon {
             dir.path().join("api.sock")
         );
         std::fs::write(&file, head + &config(dir.path())).unwrap();
+        let log = std::fs::File::create(dir.path().join("thinstackd.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_thinstackd"))
             .arg("--sim")
             .arg("--config")
             .arg(&file)
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("thinstackd --sim");
         SimDaemon { child, dir }
@@ -43,22 +44,45 @@ impl SimDaemon {
         self.dir().join("api.sock")
     }
 
+    /// What it has logged (its standard error).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir().join("thinstackd.log")).unwrap_or_default()
+    }
+
     /// A client on its API socket, once the API answers.
     pub fn client(&mut self) -> thinstack::client::Client {
+        self.client_unless_exited()
+            .unwrap_or_else(|exited| panic!("{exited}"))
+    }
+
+    /// A client on its API socket, once the API answers; or, if the daemon exits first, why,
+    /// with its log.
+    pub fn client_unless_exited(&mut self) -> Result<thinstack::client::Client, String> {
         let mut client = thinstack::client::Client::new(&self.api_socket());
         let started = Instant::now();
         while client.get::<serde_json::Value>("/v1/version").is_err() {
+            self.exited_at_start()?;
             self.still_starting(started, "thinstackd --sim");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        client
+        Ok(client)
+    }
+
+    fn exited_at_start(&mut self) -> Result<(), String> {
+        match self.child.try_wait().unwrap() {
+            Some(status) => Err(format!(
+                "thinstackd --sim exited at start: {status}; its log:\n{}",
+                self.log()
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Between tries of `what` while it starts: fails if it has exited, or if `started` was
     /// longer ago than the tests' one deadline.
     pub fn still_starting(&mut self, started: Instant, what: &str) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("thinstackd --sim exited at start: {status}");
+        if let Err(exited) = self.exited_at_start() {
+            panic!("{exited}");
         }
         assert!(
             started.elapsed() < super::EVENTUALLY,
