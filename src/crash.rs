@@ -59,8 +59,9 @@ points! {
     SnapshotCommitSnapshotted => "snapshot_commit.snapshotted",
     RemoveMarked => "remove.marked",
     RemoveDeactivated => "remove.deactivated",
-    RemoveDiscarded => "remove.discarded",
-    RemoveDeleted => "remove.deleted",
+    RemoveQueued => "remove.queued",
+    DeletionDiscarded => "deletion.discarded",
+    DeletionDone => "deletion.done",
     ResizeRecorded => "resize.recorded",
     ResizeReloaded => "resize.reloaded",
     ResizeGrown => "resize.grown",
@@ -213,12 +214,12 @@ mod tests {
 
     #[test]
     fn an_armed_point_panics_at_its_nth_pass_only() {
-        arm_nth(Point::RemoveDeleted, 2);
-        point(Point::RemoveDeleted);
+        arm_nth(Point::RemoveQueued, 2);
+        point(Point::RemoveQueued);
         point(Point::RemoveMarked);
-        let caught = std::panic::catch_unwind(|| point(Point::RemoveDeleted)).unwrap_err();
-        assert!(is_crash(caught.as_ref(), Point::RemoveDeleted));
+        let caught = std::panic::catch_unwind(|| point(Point::RemoveQueued)).unwrap_err();
+        assert!(is_crash(caught.as_ref(), Point::RemoveQueued));
         assert!(!is_crash(caught.as_ref(), Point::RemoveMarked));
-        point(Point::RemoveDeleted); // disarmed after it fired
+        point(Point::RemoveQueued); // disarmed after it fired
     }
 }

@@ -86,6 +86,8 @@ pub struct Metrics {
     state: Registry,
     health: Family<StateLabels, Gauge>,
     layers: Family<StateLabels, Gauge>,
+    /// Removed layers' thin devices still to be deleted.
+    deleting: Gauge,
     /// One scrape sets and encodes at a time, so a scrape never mixes two readings.
     scrape: Mutex<()>,
 }
@@ -162,6 +164,12 @@ impl Metrics {
             "Layers by state: creating, ready and removing are their records' states (each layer in one); degraded, missing, committed, mounted, active and deferred_removal (waiting for its device to be released) count layers for which that holds too",
             layers.clone(),
         );
+        let deleting = Gauge::default();
+        state.register(
+            "thin_devices_deleting",
+            "Thin devices of removed layers still to be discarded and deleted in the background",
+            deleting.clone(),
+        );
         let figures = PoolFigures::default();
         let pool = figures.registry();
         Metrics {
@@ -174,6 +182,7 @@ impl Metrics {
             state,
             health,
             layers,
+            deleting,
             scrape: Mutex::new(()),
         }
     }
@@ -277,6 +286,7 @@ impl Metrics {
                 .get_or_create(&StateLabels { state })
                 .set(gauge_value(count as u64));
         }
+        self.deleting.set(gauge_value(counts.deleting as u64));
     }
 }
 

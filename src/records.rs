@@ -340,6 +340,22 @@ pub struct TxnRecord {
     pub next_thin_id: u32,
     /// The message in flight, if any.
     pub pending: Option<Intent>,
+    /// Thin devices of removed layers, still to be discarded and deleted: a removal answers
+    /// once its layer's record is gone, and the deferred work deletes these after it. The
+    /// queue owns them until then, so no start-up takes them for strangers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deleting: Vec<Deletion>,
+}
+
+/// The thin device of a removed layer, queued for deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deletion {
+    /// The device.
+    pub thin_id: ThinId,
+    /// Its size, to discard its blocks first.
+    pub size: ByteSize,
+    /// Whether its blocks are discarded before the delete (`layers.discard_on_remove`).
+    pub discard: bool,
 }
 
 impl Default for TxnRecord {
@@ -349,6 +365,7 @@ impl Default for TxnRecord {
             transaction_id: 0,
             next_thin_id: 1,
             pending: None,
+            deleting: Vec::new(),
         }
     }
 }

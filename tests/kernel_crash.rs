@@ -215,6 +215,13 @@ fn run_child(spec: &str) {
 fn check_after_crash(t: &TestPool, operation: &str, point: &str) {
     let what = format!("{operation} crashed at {point}");
     let (mut engine, report) = open_engine(t);
+    assert!(
+        report.unowned_kept.is_empty(),
+        "{what}: start-up took its own devices for strangers; {report:?}"
+    );
+    // What the daemon's first round does after a start: devices removals queued go.
+    engine.process_deferred().unwrap();
+    assert_eq!(engine.deletions_pending(), 0, "{what}");
     let layers = engine.list(&BTreeMap::new()).unwrap();
     let owned: BTreeSet<_> = layers.iter().map(|l| l.thin_id).collect();
     let pool_ids = engine.kernel().thin_ids().unwrap();

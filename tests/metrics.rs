@@ -74,7 +74,7 @@ fn scrape_tcp(port: u16) -> (String, String) {
 
 #[test]
 fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
-    let (_daemon, mut client, port) = start();
+    let (daemon, mut client, port) = start();
     post(
         &mut client,
         "/v1/layers",
@@ -150,7 +150,20 @@ fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
         !text.contains("\"base\"") && !text.contains("\"app\""),
         "a layer's name is a label:\n{text}"
     );
+    assert_eq!(sample(&text, "thinstack_thin_devices_deleting"), 0.0);
     promtool_check_metrics(&text);
+
+    // A removal answers before its device is deleted; the watcher deletes it after.
+    let _: serde_json::Value = client.delete("/v1/layers/third").unwrap();
+    common::wait_until(
+        "the removed layer's device to be deleted",
+        || {
+            let text = client.get_text("/metrics").unwrap();
+            sample(&text, "thinstack_thin_devices_deleting") == 0.0
+                && sample(&text, r#"thinstack_layers{state="ready"}"#) == 2.0
+        },
+        || daemon.log(),
+    );
 
     // The same over TCP, for a scraper, and nothing but /metrics there.
     let (head, body) = scrape_tcp(port);
@@ -160,7 +173,7 @@ fn metrics_follow_the_pool_and_the_operations_and_pass_promtool() {
             .contains("content-type: text/plain; version=0.0.4"),
         "{head}"
     );
-    assert_eq!(sample(&body, r#"thinstack_layers{state="ready"}"#), 3.0);
+    assert_eq!(sample(&body, r#"thinstack_layers{state="ready"}"#), 2.0);
     promtool_check_metrics(&body);
     let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream

@@ -22,7 +22,8 @@ const WARN_AT: [f64; 2] = [80.0, 90.0];
 pub enum Wake {
     /// The daemon is stopping.
     Stop,
-    /// An operation left work to finish after its answer (a reset's old device to delete).
+    /// An operation left work to finish after its answer (a device a reset replaced, or a
+    /// removed layer's, to delete).
     DeferredWork,
 }
 
@@ -58,7 +59,13 @@ pub fn spawn(
                 loop {
                     let left = next_round.saturating_duration_since(Instant::now());
                     match woken.recv_timeout(left) {
-                        Ok(Wake::DeferredWork) => deferred_work(&daemon),
+                        Ok(Wake::DeferredWork) => {
+                            // Wakes sent meanwhile (a removal each) are served by this one.
+                            if drain_wakes(&woken) {
+                                return;
+                            }
+                            deferred_work(&daemon)
+                        }
                         Err(RecvTimeoutError::Timeout) => break,
                         Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                     }
@@ -67,6 +74,16 @@ pub fn spawn(
         })
         .expect("spawning the watcher thread");
     Watcher { wake, thread }
+}
+
+/// Take the wakes already sent; returns whether one of them was `Stop`.
+fn drain_wakes(woken: &mpsc::Receiver<Wake>) -> bool {
+    while let Ok(wake) = woken.try_recv() {
+        if matches!(wake, Wake::Stop) {
+            return true;
+        }
+    }
+    false
 }
 
 /// The warning level last logged for data and metadata (index into `WARN_AT`, plus one).

@@ -94,6 +94,11 @@ impl Daemon {
             tracing::warn!(?report, "records were reconciled with the pool at start-up");
         }
         let (wake_watcher, watcher_woken) = std::sync::mpsc::channel();
+        // Removed layers' devices are deleted by the watcher, after the removal answers.
+        let wake = wake_watcher.clone();
+        engine.set_deferred_waker(move || {
+            let _ = wake.send(background::Wake::DeferredWork);
+        });
         Ok(Daemon {
             engine,
             config,
@@ -372,6 +377,7 @@ async fn serve(daemon: Arc<Daemon>, socket_path: PathBuf) -> Result<()> {
         let _ = task.await;
     }
     watcher.stop().await;
+    finish_deletions_before_stopping(&daemon).await;
     let _ = std::fs::remove_file(&socket_path);
     Ok(())
 }
@@ -402,6 +408,19 @@ fn serve_containerd(
         let _ = std::fs::remove_file(&socket_path);
         served
     })))
+}
+
+/// Removed layers' devices still queued go before a stop, so a stopped daemon leaves the pool
+/// settled. A kill leaves them queued; the next start's first round deletes them.
+async fn finish_deletions_before_stopping(daemon: &Arc<Daemon>) {
+    if daemon.is_destroyed() {
+        return;
+    }
+    let daemon = daemon.clone();
+    let finished = tokio::task::spawn_blocking(move || daemon.engine.finish_deletions()).await;
+    if let Ok(Err(e)) = finished {
+        tracing::warn!(error = %e, "deleting removed layers' devices failed; the next start retries");
+    }
 }
 
 impl EngineHolder for Daemon {

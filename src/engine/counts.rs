@@ -24,15 +24,19 @@ pub struct LayerCounts {
     pub active: usize,
     /// Their removal waits for the device to be released.
     pub deferred: usize,
+    /// Thin devices of removed layers still to be deleted (no longer layers).
+    pub deleting: usize,
 }
 
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// The layers, counted (see [`LayerCounts`]).
     pub fn layer_counts(&self) -> Result<LayerCounts> {
         let active_ids = self.kernel.active_ids()?;
+        let deleting = self.deletions_pending();
         let index = self.index();
         let mut counts = LayerCounts {
             degraded: index.degraded.len(),
+            deleting,
             ..LayerCounts::default()
         };
         for record in index.layers.values() {

@@ -248,8 +248,19 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
     }
 
-    /// Refuse when free data or free metadata is below `min_free_space`.
+    /// Refuse when free data or free metadata is below `min_free_space`, once removed
+    /// layers' devices still queued for deletion are gone.
     pub(super) fn check_space(&self, usage: &PoolUsage) -> Result<()> {
+        match self.space_above_minimum(usage) {
+            Err(e) if e.kind() == ErrorKind::NoSpace && self.deletions_pending() > 0 => {
+                self.finish_deletions()?;
+                self.space_above_minimum(&self.kernel.usage()?)
+            }
+            other => other,
+        }
+    }
+
+    fn space_above_minimum(&self, usage: &PoolUsage) -> Result<()> {
         let min = self.settings.min_free_space;
         for (what, space) in [("data", &usage.data), ("metadata", &usage.metadata)] {
             let required = min.of(space.total.bytes());

@@ -29,7 +29,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // dropped only after it is deleted, so an id listed here whose record is absent
         // afterwards was never a layer's (or is deleted already).
         let pool_ids = self.kernel.thin_ids()?;
-        let owned = self.index().owned_ids();
+        let owned = self.owned_ids();
         Ok(pool_ids.difference(&owned).copied().collect())
     }
 
@@ -49,6 +49,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                         "thin device {id} belongs to layer {:?}",
                         layer.name.as_str()
                     ),
+                ));
+            }
+            if self.is_queued_for_deletion(id) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("thin device {id} is queued for deletion already (a removed layer's); it goes in the background"),
                 ));
             }
             // Reserved for good, so no create is handed this id while (or after) it goes.

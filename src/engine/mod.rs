@@ -18,6 +18,7 @@ mod adopt;
 mod counts;
 mod create;
 mod degraded;
+mod deletions;
 mod events;
 mod export;
 mod import;
@@ -98,6 +99,10 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
     ids_unread: std::sync::atomic::AtomicBool,
     /// Where events go ([`Engine::subscribe`]).
     events: events::Events,
+    /// Held while the deletion queue is worked, by one caller at a time.
+    deletion_work: Mutex<()>,
+    /// Who does the deferred work ([`Engine::set_deferred_waker`]).
+    deferred_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 /// Now, in nanoseconds since the Unix epoch (the time events and records carry).
@@ -174,6 +179,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             intent_left_at_start: std::sync::atomic::AtomicBool::new(false),
             ids_unread: std::sync::atomic::AtomicBool::new(false),
             events: events::Events::new(),
+            deletion_work: Mutex::new(()),
+            deferred_waker: std::sync::OnceLock::new(),
         };
         let report = engine.reconcile()?;
         Ok((engine, report))

@@ -78,6 +78,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             });
         }
         if !dry_run {
+            // The space comes back when the devices are deleted, so the report waits for it.
+            self.finish_deletions()?;
             report.data_used_after = self.kernel.usage()?.data.used;
         }
         Ok(report)

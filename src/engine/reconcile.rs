@@ -66,12 +66,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             // throughout.
             let pool_ids = self.kernel.thin_ids()?;
             let being_made = self.settle_intent(pool_txn, &pool_ids, &mut report)?;
+            self.unqueue_deleted(&pool_ids)?;
             self.unmount_growth_mounts(&mut report)?;
             self.index().used_ids.extend(pool_ids.iter().copied());
             self.flag_missing(&pool_ids, &mut report)?;
             // What the records own before settling deletes some of it: the listing above
             // still holds those devices, and they were owned, not unowned.
-            let owned = self.index().owned_ids();
+            let owned = self.owned_ids();
             self.roll_back_creating(&mut report)?;
             self.finish_removing(&mut report)?;
             self.settle_resets(&mut report)?;
@@ -163,6 +164,24 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.store.put_txn(&txn)?;
         report.transaction = Some(settled);
         Ok(being_made)
+    }
+
+    /// Devices queued for deletion that the pool no longer has (a crash came after the
+    /// message that deleted one) leave the queue. The rest stay for the deferred work.
+    fn unqueue_deleted(&self, pool_ids: &BTreeSet<ThinId>) -> Result<()> {
+        let mut txn = self.txn();
+        let queued = txn.deleting.len();
+        txn.deleting.retain(|d| pool_ids.contains(&d.thin_id));
+        if txn.deleting.len() != queued {
+            self.store.put_txn(&txn)?;
+        }
+        if !txn.deleting.is_empty() {
+            tracing::info!(
+                devices = txn.deleting.len(),
+                "removed layers' thin devices are still to be deleted"
+            );
+        }
+        Ok(())
     }
 
     fn flag_missing(

@@ -1,6 +1,7 @@
 //! Removing layers: one, a tree children first, or all; deferred while a device is busy.
 
 use super::*;
+use crate::records::Deletion;
 
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Remove a layer and its thin device. Refused while it has children; never unmounts.
@@ -92,6 +93,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 removed += 1;
             }
         }
+        // The pool is destroyed next: its devices go now, not in the background.
+        self.finish_deletions()?;
         Ok(removed)
     }
 
@@ -152,17 +155,21 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 }
                 crash::point(crash::Point::RemoveDeactivated);
             }
-            if self.settings.discard_on_remove {
-                self.discard(id, record.size)?;
-                crash::point(crash::Point::RemoveDiscarded);
-            }
-            self.delete_thin(Some(&name), id)?;
-            crash::point(crash::Point::RemoveDeleted);
+            // The device is inactive: its discard and delete need no client to wait.
+            self.queue_deletion(Deletion {
+                thin_id: id,
+                size: record.size,
+                discard: self.settings.discard_on_remove,
+            })?;
+            crash::point(crash::Point::RemoveQueued);
         }
         self.remove_default_mount_point(&name);
         self.drop_record(&name)?;
         tracing::info!(layer = %name, thin_id = %id, "layer removed");
         self.emit(Some(&name), EventKind::LayerRemoved);
+        if !record.missing {
+            self.deletions_queued();
+        }
         Ok(Removal::Removed)
     }
 
@@ -187,7 +194,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         discarded.and(deactivated)
     }
 
-    /// Retry every deferred removal once; returns the layers removed now.
+    /// Retry every deferred removal once, and delete the devices removals queued; returns the
+    /// layers removed now.
     pub fn process_deferred(&self) -> Result<Vec<LayerName>> {
         // A read-only pool deletes nothing; they wait until it is writable.
         if self.kernel.usage()?.health.read_only {
@@ -208,6 +216,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 removed.push(name);
             }
         }
+        self.finish_deletions()?;
         Ok(removed)
     }
 }

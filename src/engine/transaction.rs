@@ -33,7 +33,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             } else {
                 candidate + 1
             };
-            if index.used_ids.insert(id) {
+            let queued = txn.deleting.iter().any(|d| d.thin_id == id);
+            if !queued && index.used_ids.insert(id) {
                 txn.next_thin_id = candidate;
                 return Ok(id);
             }
@@ -80,6 +81,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         crash::point(crash::Point::PoolStepTransactionSet);
         txn.transaction_id = new;
         txn.pending = None;
+        if let PoolOp::Delete { id } = op {
+            txn.deleting.retain(|d| d.thin_id != id);
+        }
         self.store.put_txn(&txn)
     }
 }

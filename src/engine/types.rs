@@ -186,7 +186,8 @@ pub struct Status {
 /// What a removal did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Removal {
-    /// The layer and its thin device are gone.
+    /// The layer is gone from the API and the records; its thin device is deleted, or
+    /// queued for deletion in the background ([`Engine::finish_deletions`]).
     Removed,
     /// The device is busy; it will be removed once released ([`Engine::process_deferred`]).
     Deferred,

@@ -11,6 +11,7 @@ use super::*;
 use crate::crash::Point;
 use crate::kernel::sim::{Sim, SimOp};
 
+mod deletions;
 mod max_size;
 mod overcommit;
 mod prune;
@@ -88,6 +89,9 @@ fn assert_consistent(f: &Fixture, engine: impl Sized) {
         report.is_clean(),
         "a second open still repaired: {report:?}"
     );
+    // What the daemon's first round does after a start: the devices removals queued go.
+    engine.finish_deletions().unwrap();
+    assert_eq!(engine.deletions_pending(), 0);
     let layers = engine.list(&BTreeMap::new()).unwrap();
     for layer in &layers {
         assert_eq!(layer.state, LayerState::Ready, "{layer:?}");

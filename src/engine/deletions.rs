@@ -1,0 +1,105 @@
+//! The deletion queue: thin devices of removed layers, discarded and deleted after the removal
+//! has answered.
+//!
+//! A removal deactivates the layer's device (so a busy device is still refused or deferred
+//! while the client waits), queues the device in `txn.json`, and drops the layer's record:
+//! the layer is gone from the API and the records. Discarding its blocks and the pool message
+//! that deletes it come after, in the daemon's deferred work (woken at once), in the next
+//! removal's wake, or at the next start's first round. The queue owns its devices until then:
+//! start-up and `pool doctor` count them as owned, and no create is handed their ids.
+
+use super::*;
+use crate::records::Deletion;
+
+impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
+    /// Who to wake when there is deletion work: the daemon's watcher. Without one (an engine
+    /// used on its own, as in tests and tools), the work is done at once, by the caller.
+    pub fn set_deferred_waker(&self, wake: impl Fn() + Send + Sync + 'static) {
+        let _ = self.deferred_waker.set(Box::new(wake));
+    }
+
+    /// Queue inactive thin device `id` of a removed layer for deletion. Queued already is
+    /// fine (a removal settled again after a crash).
+    pub(super) fn queue_deletion(&self, deletion: Deletion) -> Result<()> {
+        let mut txn = self.txn();
+        if txn.deleting.iter().any(|d| d.thin_id == deletion.thin_id) {
+            return Ok(());
+        }
+        txn.deleting.push(deletion);
+        if let Err(e) = self.store.put_txn(&txn) {
+            txn.deleting.pop();
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Have the queued deletions done: by the watcher if there is one, else now.
+    pub(super) fn deletions_queued(&self) {
+        match self.deferred_waker.get() {
+            Some(wake) => wake(),
+            None => {
+                if let Err(e) = self.finish_deletions() {
+                    tracing::warn!(error = %e, "deleting removed layers' devices failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Thin devices queued for deletion.
+    pub fn deletions_pending(&self) -> usize {
+        self.txn().deleting.len()
+    }
+
+    pub(super) fn is_queued_for_deletion(&self, id: ThinId) -> bool {
+        self.txn().deleting.iter().any(|d| d.thin_id == id)
+    }
+
+    /// Discard and delete every queued device, oldest first; each leaves the queue once it
+    /// is gone from the pool. Stops at the first failure (the device stays queued). One
+    /// caller at a time works the queue. Returns how many were deleted.
+    pub fn finish_deletions(&self) -> Result<usize> {
+        let _work = self.deletion_work.lock().unwrap_or_else(|e| e.into_inner());
+        let queued = self.txn().deleting.clone();
+        for deletion in &queued {
+            self.delete_queued(deletion)?;
+        }
+        if !queued.is_empty() {
+            tracing::info!(
+                devices = queued.len(),
+                "removed layers' thin devices deleted"
+            );
+        }
+        Ok(queued.len())
+    }
+
+    fn delete_queued(&self, deletion: &Deletion) -> Result<()> {
+        let id = deletion.thin_id;
+        // A crash may have left it active (during its discard).
+        if self.kernel.active_node(id)?.is_some() {
+            self.kernel.deactivate(id)?;
+        }
+        if deletion.discard {
+            self.discard(id, deletion.size)?;
+            crash::point(crash::Point::DeletionDiscarded);
+        }
+        // The pool step that deletes it also takes it off the queue (one record write).
+        self.delete_thin(None, id)?;
+        crash::point(crash::Point::DeletionDone);
+        // Gone already (a crash after the message): take it off here.
+        let mut txn = self.txn();
+        if txn.deleting.iter().any(|d| d.thin_id == id) {
+            txn.deleting.retain(|d| d.thin_id != id);
+            self.store.put_txn(&txn)?;
+        }
+        Ok(())
+    }
+
+    /// Every thin id the records own: each layer's own, one a reset is discarding, and the
+    /// devices queued for deletion.
+    pub(super) fn owned_ids(&self) -> BTreeSet<ThinId> {
+        let queued: Vec<ThinId> = self.txn().deleting.iter().map(|d| d.thin_id).collect();
+        let mut owned = self.index().owned_ids();
+        owned.extend(queued);
+        owned
+    }
+}

@@ -1,0 +1,97 @@
+//! Removal answers before the device is deleted: the queue in `txn.json` owns the device
+//! until the deferred work deletes it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::*;
+
+/// An engine whose deferred work waits to be done by hand, as the daemon's watcher would do
+/// it; returns how many times it was woken.
+fn engine_with_watcher(f: &Fixture) -> (Engine<Sim, Sim>, Arc<AtomicUsize>) {
+    let engine = f.engine();
+    let wakes = Arc::new(AtomicUsize::new(0));
+    let counted = wakes.clone();
+    engine.set_deferred_waker(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    (engine, wakes)
+}
+
+#[test]
+fn a_removed_layers_device_is_owned_by_the_queue_until_deleted() {
+    let f = Fixture::new();
+    let (engine, wakes) = engine_with_watcher(&f);
+    let a = engine.create(&base("a")).unwrap().thin_id;
+    let b = engine.create(&base("b")).unwrap().thin_id;
+    engine.activate("a").unwrap();
+    assert_eq!(engine.remove("a").unwrap(), Removal::Removed);
+    assert_eq!(wakes.load(Ordering::SeqCst), 1, "the watcher is woken");
+    assert!(engine.inspect("a").is_err(), "gone from the API");
+    assert!(
+        !f.dir.path().join("layers/a.json").exists(),
+        "and the records"
+    );
+    assert!(f.sim.thin_ids_now().contains(&a), "the device waits");
+    assert!(f.sim.active_ids().unwrap().is_empty(), "inactive already");
+    assert_eq!(engine.deletions_pending(), 1);
+    assert!(
+        engine.orphan_thin_ids().unwrap().is_empty(),
+        "not an orphan"
+    );
+    let err = engine.delete_orphan_thin(a).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    let c = engine.create(&base("c")).unwrap().thin_id;
+    assert!(c != a && c != b, "a queued id is not handed out: {c}");
+
+    // A stop before the watcher got to it: the next start keeps the queue, and owns the
+    // device, without deleting it at start.
+    drop(engine);
+    let (engine, report) = f.open();
+    assert!(report.is_clean(), "{report:?}");
+    assert!(f.sim.thin_ids_now().contains(&a));
+    assert_eq!(engine.deletions_pending(), 1);
+    assert!(engine.process_deferred().unwrap().is_empty());
+    assert_eq!(f.sim.thin_ids_now(), BTreeSet::from([b, c]));
+    assert_eq!(engine.deletions_pending(), 0);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_create_short_of_space_deletes_the_queued_devices_first() {
+    let f = Fixture::with_sim(Sim::new(ByteSize::mib(100), ByteSize::gib(1)));
+    let (engine, _) = engine_with_watcher(&f);
+    let big = engine.create(&base("big")).unwrap().thin_id;
+    f.sim.write(big, 92 << 20);
+    engine.remove("big").unwrap();
+    assert_eq!(engine.deletions_pending(), 1);
+    engine.create(&base("next")).unwrap();
+    assert_eq!(engine.deletions_pending(), 0);
+    assert!(!f.sim.thin_ids_now().contains(&big));
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn destroying_the_pool_deletes_the_queued_devices_at_once() {
+    let f = Fixture::new();
+    let (engine, _) = engine_with_watcher(&f);
+    engine.create(&base("base")).unwrap();
+    engine.create(&child("kid", "base")).unwrap();
+    assert_eq!(engine.remove_all(true).unwrap(), 2);
+    assert_eq!(engine.deletions_pending(), 0);
+    assert!(f.sim.thin_ids_now().is_empty());
+}
+
+#[test]
+fn a_deletion_that_fails_stays_queued_and_is_retried() {
+    let f = Fixture::new();
+    let (engine, _) = engine_with_watcher(&f);
+    let id = engine.create(&base("base")).unwrap().thin_id;
+    engine.remove("base").unwrap();
+    f.sim.fail_at(SimOp::Delete, 0, ErrorKind::Kernel);
+    assert!(engine.process_deferred().is_err());
+    assert_eq!(engine.deletions_pending(), 1);
+    assert!(f.sim.thin_ids_now().contains(&id));
+    engine.process_deferred().unwrap();
+    assert_eq!(engine.deletions_pending(), 0);
+    assert_consistent(&f, engine);
+}
