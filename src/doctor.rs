@@ -254,7 +254,8 @@ fn dm_devices<K: PoolKernel, F: FsKernel>(
             report.note(Leftover::DmDevice, text, detail, Status::NotOurs);
             continue;
         };
-        if engine.layer_of(id).is_some() {
+        // A removed layer's device is active while the background discards it.
+        if engine.layer_of(id).is_some() || engine.is_queued_for_deletion(id) {
             continue;
         }
         if device.open_count > 0 {

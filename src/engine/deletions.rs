@@ -50,7 +50,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.txn().deleting.len()
     }
 
-    pub(super) fn is_queued_for_deletion(&self, id: ThinId) -> bool {
+    /// Whether thin device `id` is a removed layer's, queued for deletion.
+    pub fn is_queued_for_deletion(&self, id: ThinId) -> bool {
         self.txn().deleting.iter().any(|d| d.thin_id == id)
     }
 
