@@ -8,18 +8,30 @@
 //! - `create+activate`: `create --parent <previous>` and `activate`, the previous left
 //!   active and writable (suspend, message, resume, new device: the floor's sequence);
 //! - `activate+mount+unmount+deactivate` of each committed layer;
-//! - `remove` of each layer, newest first.
+//! - `remove` of each layer, newest first: the active chain's (with `discard_on_remove`), then
+//!   the inactive one's (`remove (inactive)`);
+//! - `clients`: 1, 2, 4, 8 and 16 clients at once, each with its own connection building its own
+//!   chain of `--layers` create+commit on one shared base: layers per second in aggregate;
+//! - `fsync-class calls`: the daemon traced with `strace -f -c` while it creates, commits,
+//!   activates, deactivates and removes `--layers` layers (removal until its background
+//!   deletion is done): fsync, fdatasync, sync_file_range, syncfs, sync and msync per operation.
 //!
 //! With `--thinstack-nopie BIN`, the CLI chains run again with that build of the command (a
 //! position-dependent executable, as Go builds ctr): under emulation every start of a PIE
 //! binary, loaded at a new address, has its code translated afresh.
 //!
 //! Then scale: the API chain grown to `--scale` layers (per-layer cost against layer count),
-//! and the daemon's start-up (re-open + reconcile) timed at 100 layers and at `--scale`.
-//! Rows `tool,operation,layer,ms` are appended to `--csv`.
+//! the daemon's start-up (re-open + reconcile) timed, and its resident memory read, at 100,
+//! 1000 and 10000 layers. Rows `tool,operation,layer,ms` are appended to `--csv` (for clients,
+//! `layer` is the number of clients and `ms` layers per second; for fsync-class calls, `layer`
+//! is the operations traced and `ms` calls per operation; for memory, `ms` is MiB).
+//!
+//! `--mode durable` runs only what a state directory on a real disk changes: the API
+//! create+commit chain, the removals, and the fsync-class calls.
 //!
 //! bench_thinstack --thinstackd BIN --thinstack BIN --config FILE --socket PATH --csv FILE
 //!                 [--thinstack-nopie BIN] [--layers N] [--scale N] [--label SUFFIX]
+//!                 [--mode full|durable]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -40,6 +52,7 @@ struct Args {
     layers: usize,
     scale: usize,
     label: String,
+    durable_only: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -53,6 +66,7 @@ fn parse_args() -> Result<Args, String> {
         layers: 20,
         scale: 0,
         label: String::new(),
+        durable_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -67,6 +81,13 @@ fn parse_args() -> Result<Args, String> {
             "--layers" => args.layers = value.parse().map_err(|e| format!("--layers: {e}"))?,
             "--scale" => args.scale = value.parse().map_err(|e| format!("--scale: {e}"))?,
             "--label" => args.label = value,
+            "--mode" => {
+                args.durable_only = match value.as_str() {
+                    "full" => false,
+                    "durable" => true,
+                    other => return Err(format!("--mode: full or durable, not {other:?}")),
+                }
+            }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
@@ -111,6 +132,9 @@ impl Bench {
     }
 
     fn run(&mut self) -> Result<(), String> {
+        if self.args.durable_only {
+            return self.run_durable();
+        }
         let n = self.args.layers;
         let api = self.tool("API");
         let cli = self.tool("CLI");
@@ -160,12 +184,178 @@ impl Bench {
         self.record(&api, "remove", &costs);
         let costs = each_newest_first(n, "cw", |name| self.cli(&["layer", "remove", name]))?;
         self.record(&cli, "remove", &costs);
+        let costs = each_newest_first(n, "a", |name| self.api_remove(name))?;
+        self.record(&api, "remove (inactive)", &costs);
+        self.flush()?;
+
+        self.clients()?;
+        self.count_syncs()?;
         self.flush()?;
 
         if self.args.scale > 0 {
             self.scale()?;
         }
         self.flush()
+    }
+
+    /// What a state directory on a real disk changes: the API create+commit chain, removals,
+    /// and the fsync-class calls per operation.
+    fn run_durable(&mut self) -> Result<(), String> {
+        let n = self.args.layers;
+        let api = self.tool("API");
+        let costs = self.api_chain("a", "commit")?;
+        self.record(&api, "create+commit", &costs);
+        let costs = each_newest_first(n, "a", |name| self.api_remove(name))?;
+        self.record(&api, "remove (inactive)", &costs);
+        self.count_syncs()?;
+        self.flush()
+    }
+
+    /// 1, 2, 4, 8 and 16 clients at once, each on its own connection making its own chain of
+    /// `--layers` create+commit on one shared committed base; layers per second in aggregate.
+    /// Each round's chains are removed (untimed) before the next.
+    fn clients(&mut self) -> Result<(), String> {
+        let per_client = self.args.layers;
+        self.api_create("m-base", None)?;
+        self.api_commit("m-base")?;
+        for clients in [1usize, 2, 4, 8, 16] {
+            let socket = self.args.socket.clone();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(clients + 1));
+            let workers: Vec<_> = (0..clients)
+                .map(|c| {
+                    let (socket, barrier) = (socket.clone(), barrier.clone());
+                    std::thread::spawn(move || -> Result<(), String> {
+                        let mut client = Client::new(&socket);
+                        barrier.wait();
+                        let mut parent = "m-base".to_string();
+                        for i in 1..=per_client {
+                            let name = format!("m{clients}-{c}-{i}");
+                            api_create_with(&mut client, &name, Some(&parent))?;
+                            api_post_with(&mut client, &name, "commit", &Value::Null)?;
+                            parent = name;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let started = Instant::now();
+            for worker in workers {
+                worker.join().map_err(|_| "a client thread panicked")??;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let per_second = (clients * per_client) as f64 / seconds;
+            eprintln!(
+                "bench_thinstack: {clients} client(s): {} layers in {seconds:.2} s, {per_second:.1} layers/s",
+                clients * per_client
+            );
+            let tool = self.tool("API");
+            self.rows.push(format!(
+                "{tool},create+commit layers/s (clients at once),{clients},{per_second:.3}"
+            ));
+            for c in 0..clients {
+                for i in (1..=per_client).rev() {
+                    self.api_remove(&format!("m{clients}-{c}-{i}"))?;
+                }
+            }
+        }
+        self.api_remove("m-base")
+    }
+
+    /// The daemon traced with `strace -f -c` while it does `--layers` of each mutating
+    /// operation; rows of fsync-class calls per operation.
+    fn count_syncs(&mut self) -> Result<(), String> {
+        let n = self.args.layers;
+        self.api_create("f-0", None)?;
+        self.api_commit("f-0")?;
+        let names: Vec<String> = (1..=n).map(|i| format!("f-{i}")).collect();
+        self.traced("create", n, |b| {
+            names
+                .iter()
+                .try_for_each(|name| b.api_create(name, Some("f-0")))
+        })?;
+        self.traced("commit", n, |b| {
+            names.iter().try_for_each(|name| b.api_commit(name))
+        })?;
+        self.traced("activate", n, |b| {
+            names.iter().try_for_each(|name| b.api_activate(name))
+        })?;
+        self.traced("deactivate", n, |b| {
+            names
+                .iter()
+                .try_for_each(|name| b.api_post(name, "deactivate", &Value::Null))
+        })?;
+        self.traced("remove", n, |b| {
+            names.iter().try_for_each(|name| b.api_remove(name))?;
+            b.wait_for_deletions()
+        })?;
+        self.api_remove("f-0")?;
+        self.wait_for_deletions()
+    }
+
+    /// Run `work` (`ops` operations) with the daemon traced; records its fsync-class calls
+    /// per operation.
+    fn traced(
+        &mut self,
+        what: &str,
+        ops: usize,
+        work: impl FnOnce(&mut Self) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let pid = self.daemon.as_ref().ok_or("no daemon")?.id();
+        let out = self
+            .args
+            .config
+            .with_file_name(format!("strace-{what}.txt"));
+        let mut strace = Command::new("strace")
+            .args(["-f", "-c", "-e", &format!("trace={SYNC_CALLS}"), "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("strace: {e} (scripts/setup installs it)"))?;
+        wait_until_attached(&mut strace)?;
+        let worked = work(self);
+        let stopped = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(strace.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = strace.wait();
+        worked?;
+        stopped.map_err(|e| e.to_string())?;
+        let summary =
+            std::fs::read_to_string(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let calls = sync_calls(&summary);
+        let per_op = calls as f64 / ops as f64;
+        eprintln!("bench_thinstack: {what}: {calls} fsync-class calls over {ops} operations ({per_op:.2} each)");
+        let tool = self.tool("API");
+        self.rows.push(format!(
+            "{tool},fsync-class calls per {what},{ops},{per_op:.3}"
+        ));
+        Ok(())
+    }
+
+    /// Until the daemon has deleted the thin devices removals queued.
+    fn wait_for_deletions(&mut self) -> Result<(), String> {
+        let started = Instant::now();
+        loop {
+            let text = self
+                .client
+                .get_text("/metrics")
+                .map_err(|e| format!("GET /metrics: {e}"))?;
+            let pending = text
+                .lines()
+                .find_map(|l| l.strip_prefix("thinstack_thin_devices_deleting "))
+                .ok_or("no thinstack_thin_devices_deleting in /metrics")?;
+            if pending.trim() == "0" {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(600) {
+                return Err(format!("{pending} deletions still pending after 600 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// A chain `<prefix>-1 ..= <prefix>-n` through the API, each layer created on the one
@@ -236,6 +426,10 @@ impl Bench {
             costs.push(started.elapsed().as_secs_f64() * 1000.0);
             if restart_at.contains(&i) {
                 let layers = self.layer_count()?;
+                let rss = self.daemon_rss_mib()?;
+                eprintln!("bench_thinstack: resident memory with {layers} layers: {rss:.1} MiB");
+                self.rows
+                    .push(format!("thinstack,resident memory (MiB),{layers},{rss:.3}"));
                 self.stop_daemon()?;
                 let ready = self.start_daemon()?;
                 self.warm_up()?;
@@ -327,6 +521,19 @@ impl Bench {
         Ok(())
     }
 
+    /// The daemon's resident memory (VmRSS), in MiB.
+    fn daemon_rss_mib(&self) -> Result<f64, String> {
+        let pid = self.daemon.as_ref().ok_or("no daemon")?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or("no VmRSS")?;
+        Ok(kib / 1024.0)
+    }
+
     fn layer_count(&mut self) -> Result<usize, String> {
         let layers: Value = self.client.get("/v1/layers").map_err(|e| e.to_string())?;
         layers
@@ -338,18 +545,7 @@ impl Bench {
     // ----- API and CLI calls ---------------------------------------------------------------
 
     fn api_create(&mut self, name: &str, parent: Option<&str>) -> Result<(), String> {
-        let request = CreateRequest {
-            name: name.into(),
-            parent: parent.map(Into::into),
-            // Bases take the configured layers.base_size: the same size every other tool's
-            // layers have in the run (scripts/bench).
-            ..CreateRequest::default()
-        };
-        let _: Value = self
-            .client
-            .post("/v1/layers", &request)
-            .map_err(|e| format!("create {name}: {e}"))?;
-        Ok(())
+        api_create_with(&mut self.client, name, parent)
     }
 
     fn api_commit(&mut self, name: &str) -> Result<(), String> {
@@ -366,11 +562,7 @@ impl Bench {
         action: &str,
         body: &impl serde::Serialize,
     ) -> Result<(), String> {
-        let _: Value = self
-            .client
-            .post(&format!("/v1/layers/{name}/{action}"), body)
-            .map_err(|e| format!("{action} {name}: {e}"))?;
-        Ok(())
+        api_post_with(&mut self.client, name, action, body)
     }
 
     fn api_remove(&mut self, name: &str) -> Result<(), String> {
@@ -400,6 +592,70 @@ impl Bench {
         }
         Ok(())
     }
+}
+
+fn api_create_with(client: &mut Client, name: &str, parent: Option<&str>) -> Result<(), String> {
+    let request = CreateRequest {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        // Bases take the configured layers.base_size: the same size every other tool's
+        // layers have in the run (scripts/bench).
+        ..CreateRequest::default()
+    };
+    let _: Value = client
+        .post("/v1/layers", &request)
+        .map_err(|e| format!("create {name}: {e}"))?;
+    Ok(())
+}
+
+fn api_post_with(
+    client: &mut Client,
+    name: &str,
+    action: &str,
+    body: &impl serde::Serialize,
+) -> Result<(), String> {
+    let _: Value = client
+        .post(&format!("/v1/layers/{name}/{action}"), body)
+        .map_err(|e| format!("{action} {name}: {e}"))?;
+    Ok(())
+}
+
+/// The system calls that make data durable, traced by [`Bench::traced`].
+const SYNC_CALLS: &str = "fsync,fdatasync,sync_file_range,syncfs,sync,msync";
+
+/// Wait until `strace` reports `pid` attached (with all its threads: "attached with N
+/// threads"; threads made later are followed by `-f`).
+fn wait_until_attached(strace: &mut Child) -> Result<(), String> {
+    use std::io::BufRead;
+    let stderr = strace.stderr.take().ok_or("strace's stderr")?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    loop {
+        let line = lines
+            .next()
+            .ok_or("strace ended before attaching")?
+            .map_err(|e| e.to_string())?;
+        if line.contains("attached") {
+            break;
+        }
+    }
+    // The rest of strace's messages are read and dropped, so it never blocks on them.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(())
+}
+
+/// The calls column of `strace -c`'s summary, summed over the sync calls.
+fn sync_calls(summary: &str) -> u64 {
+    summary
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let name = *fields.last()?;
+            if fields.len() < 5 || !SYNC_CALLS.split(',').any(|c| c == name) {
+                return None;
+            }
+            fields[3].parse::<u64>().ok()
+        })
+        .sum()
 }
 
 /// Make a chain `<prefix>-1 ..= <prefix>-n` on `<prefix>-0`; the cost of each link in ms.
