@@ -27,11 +27,12 @@
 //! is the operations traced and `ms` calls per operation; for memory, `ms` is MiB).
 //!
 //! `--mode durable` runs only what a state directory on a real disk changes: the API
-//! create+commit chain, the removals, and the fsync-class calls.
+//! create+commit chain, the removals, and the fsync-class calls. `--mode scale` runs only the
+//! scale part (for profiling start-up).
 //!
 //! bench_thinstack --thinstackd BIN --thinstack BIN --config FILE --socket PATH --csv FILE
 //!                 [--thinstack-nopie BIN] [--layers N] [--scale N] [--label SUFFIX]
-//!                 [--mode full|durable]
+//!                 [--mode full|durable|scale]
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -52,7 +53,14 @@ struct Args {
     layers: usize,
     scale: usize,
     label: String,
-    durable_only: bool,
+    mode: Mode,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Full,
+    Durable,
+    Scale,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -66,7 +74,7 @@ fn parse_args() -> Result<Args, String> {
         layers: 20,
         scale: 0,
         label: String::new(),
-        durable_only: false,
+        mode: Mode::Full,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -82,10 +90,11 @@ fn parse_args() -> Result<Args, String> {
             "--scale" => args.scale = value.parse().map_err(|e| format!("--scale: {e}"))?,
             "--label" => args.label = value,
             "--mode" => {
-                args.durable_only = match value.as_str() {
-                    "full" => false,
-                    "durable" => true,
-                    other => return Err(format!("--mode: full or durable, not {other:?}")),
+                args.mode = match value.as_str() {
+                    "full" => Mode::Full,
+                    "durable" => Mode::Durable,
+                    "scale" => Mode::Scale,
+                    other => return Err(format!("--mode: full, durable or scale, not {other:?}")),
                 }
             }
             other => return Err(format!("unknown argument {other:?}")),
@@ -132,8 +141,10 @@ impl Bench {
     }
 
     fn run(&mut self) -> Result<(), String> {
-        if self.args.durable_only {
-            return self.run_durable();
+        match self.args.mode {
+            Mode::Durable => return self.run_durable(),
+            Mode::Scale => return self.scale().and_then(|()| self.flush()),
+            Mode::Full => {}
         }
         let n = self.args.layers;
         let api = self.tool("API");

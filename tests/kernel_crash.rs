@@ -220,7 +220,7 @@ fn check_after_crash(t: &TestPool, operation: &str, point: &str) {
         "{what}: start-up took its own devices for strangers; {report:?}"
     );
     // What the daemon's first round does after a start: devices removals queued go.
-    engine.process_deferred().unwrap();
+    engine.finish_deletions().unwrap();
     assert_eq!(engine.deletions_pending(), 0, "{what}");
     let layers = engine.list(&BTreeMap::new()).unwrap();
     let owned: BTreeSet<_> = layers.iter().map(|l| l.thin_id).collect();

@@ -33,7 +33,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
         // Pool messages held off: no delete (`pool doctor --repair`) or other adoption of the
         // same device can pass between the checks and the record.
-        let record = self.exclusive_pool(|kernel| {
+        let record = self.exclusive_pool_txn(|kernel, txn| {
+            if txn.deleting.iter().any(|d| d.thin_id == id) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("thin device {id} is a removed layer's, queued for deletion; it cannot be adopted"),
+                ));
+            }
             if let Some(owner) = self.index().layers.values().find(|l| l.thin_id == id) {
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,

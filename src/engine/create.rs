@@ -252,8 +252,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// layers' devices still queued for deletion are gone.
     pub(super) fn check_space(&self, usage: &PoolUsage) -> Result<()> {
         match self.space_above_minimum(usage) {
-            Err(e) if e.kind() == ErrorKind::NoSpace && self.deletions_pending() > 0 => {
-                self.finish_deletions()?;
+            Err(short) if short.kind() == ErrorKind::NoSpace && self.deletions_pending() > 0 => {
+                if let Err(e) = self.finish_deletions() {
+                    tracing::warn!(error = %e, "deleting removed layers' devices to make room failed");
+                    return Err(short);
+                }
                 self.space_above_minimum(&self.kernel.usage()?)
             }
             other => other,

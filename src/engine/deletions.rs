@@ -56,25 +56,43 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Discard and delete every queued device, oldest first; each leaves the queue once it
-    /// is gone from the pool. Stops at the first failure (the device stays queued). One
-    /// caller at a time works the queue. Returns how many were deleted.
+    /// is gone from the pool. One that fails stays queued, and the others are still tried;
+    /// the first failure is returned. One caller at a time works the queue; a read-only pool
+    /// takes no deletions. Returns how many were deleted.
     pub fn finish_deletions(&self) -> Result<usize> {
         let _work = self.deletion_work.lock().unwrap_or_else(|e| e.into_inner());
         let queued = self.txn().deleting.clone();
+        if queued.is_empty() || self.kernel.usage()?.health.read_only {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        let mut first_failure = None;
         for deletion in &queued {
-            self.delete_queued(deletion)?;
+            match self.delete_queued(deletion) {
+                Ok(gone) => deleted += usize::from(gone),
+                Err(e) => {
+                    tracing::warn!(thin_id = %deletion.thin_id, error = %e, "deleting a removed layer's thin device failed; it stays queued");
+                    first_failure.get_or_insert(e);
+                }
+            }
         }
-        if !queued.is_empty() {
-            tracing::info!(
-                devices = queued.len(),
-                "removed layers' thin devices deleted"
-            );
-        }
-        Ok(queued.len())
+        tracing::info!(
+            deleted,
+            queued = queued.len(),
+            "removed layers' thin devices deleted"
+        );
+        first_failure.map_or(Ok(deleted), Err)
     }
 
-    fn delete_queued(&self, deletion: &Deletion) -> Result<()> {
+    /// Delete one queued device; returns whether it was deleted (not kept for a layer).
+    fn delete_queued(&self, deletion: &Deletion) -> Result<bool> {
         let id = deletion.thin_id;
+        if let Some(owner) = self.ready_owner_of(id) {
+            // Never delete what a layer holds (a record restored from a backup, say): the
+            // queue lets it go instead.
+            tracing::error!(thin_id = %id, layer = %owner, "a queued thin device is a layer's; kept, and taken off the deletion queue");
+            return self.unqueue(id).map(|()| false);
+        }
         // A crash may have left it active (during its discard).
         if self.kernel.active_node(id)?.is_some() {
             self.kernel.deactivate(id)?;
@@ -87,6 +105,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.delete_thin(None, id)?;
         crash::point(crash::Point::DeletionDone);
         // Gone already (a crash after the message): take it off here.
+        self.unqueue(id).map(|()| true)
+    }
+
+    fn unqueue(&self, id: ThinId) -> Result<()> {
         let mut txn = self.txn();
         if txn.deleting.iter().any(|d| d.thin_id == id) {
             txn.deleting.retain(|d| d.thin_id != id);
@@ -95,12 +117,22 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(())
     }
 
+    /// The layer that holds thin device `id` other than by being removed, if any.
+    fn ready_owner_of(&self, id: ThinId) -> Option<LayerName> {
+        self.index()
+            .layers
+            .values()
+            .find(|l| l.state != LayerState::Removing && l.thin_ids().any(|t| t == id))
+            .map(|l| l.name.clone())
+    }
+
     /// Every thin id the records own: each layer's own, one a reset is discarding, and the
     /// devices queued for deletion.
     pub(super) fn owned_ids(&self) -> BTreeSet<ThinId> {
-        let queued: Vec<ThinId> = self.txn().deleting.iter().map(|d| d.thin_id).collect();
+        // The index before the queue: a removal queues its device before it drops its record,
+        // so a device between the two is seen in one or the other.
         let mut owned = self.index().owned_ids();
-        owned.extend(queued);
+        owned.extend(self.txn().deleting.iter().map(|d| d.thin_id));
         owned
     }
 }

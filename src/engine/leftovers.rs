@@ -36,6 +36,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Deactivate and delete thin device `id`, which no record owns. Refused when a record
     /// owns it by now; `Busy` when someone holds its device.
     pub fn delete_orphan_thin(&self, id: ThinId) -> Result<()> {
+        // The transaction lock comes before the index's: the queue is asked first.
+        if self.is_queued_for_deletion(id) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("thin device {id} is queued for deletion already (a removed layer's); it goes in the background"),
+            ));
+        }
         {
             let mut index = self.index();
             if let Some(layer) = index
@@ -49,12 +56,6 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                         "thin device {id} belongs to layer {:?}",
                         layer.name.as_str()
                     ),
-                ));
-            }
-            if self.is_queued_for_deletion(id) {
-                return Err(Error::new(
-                    ErrorKind::Busy,
-                    format!("thin device {id} is queued for deletion already (a removed layer's); it goes in the background"),
                 ));
             }
             // Reserved for good, so no create is handed this id while (or after) it goes.

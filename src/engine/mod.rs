@@ -212,6 +212,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         f(&self.kernel)
     }
 
+    /// [`Engine::exclusive_pool`], with the transaction record (and its deletion queue) seen.
+    fn exclusive_pool_txn<R>(&self, f: impl FnOnce(&K, &TxnRecord) -> R) -> R {
+        let txn = self.txn();
+        f(&self.kernel, &txn)
+    }
+
     // ----- locks ---------------------------------------------------------------------------
 
     fn index(&self) -> MutexGuard<'_, Index> {

@@ -95,3 +95,57 @@ fn a_deletion_that_fails_stays_queued_and_is_retried() {
     assert_eq!(engine.deletions_pending(), 0);
     assert_consistent(&f, engine);
 }
+
+#[test]
+fn a_queued_device_cannot_be_adopted_or_deleted_as_an_orphan() {
+    let f = Fixture::new();
+    let (engine, _) = engine_with_watcher(&f);
+    let id = engine.create(&base("base")).unwrap().thin_id;
+    engine.remove("base").unwrap();
+    let err = engine.adopt(id, "back").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert!(err.to_string().contains("queued for deletion"), "{err}");
+    let err = engine.delete_orphan_thin(id).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
+    assert!(engine.inspect("back").is_err());
+    engine.finish_deletions().unwrap();
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn one_failing_deletion_does_not_hold_up_the_others() {
+    let f = Fixture::new();
+    let (engine, _) = engine_with_watcher(&f);
+    let a = engine.create(&base("a")).unwrap().thin_id;
+    let b = engine.create(&base("b")).unwrap().thin_id;
+    engine.remove("a").unwrap();
+    engine.remove("b").unwrap();
+    f.sim.fail_at(SimOp::Delete, 0, ErrorKind::Kernel);
+    assert!(engine.finish_deletions().is_err());
+    assert_eq!(engine.deletions_pending(), 1);
+    let left = f.sim.thin_ids_now();
+    assert_eq!(left.len(), 1, "one of {a} and {b} is gone: {left:?}");
+    assert_eq!(engine.finish_deletions().unwrap(), 1);
+    assert_consistent(&f, engine);
+}
+
+#[test]
+fn a_record_restored_over_a_queued_device_keeps_it() {
+    let f = Fixture::new();
+    let (engine, _) = engine_with_watcher(&f);
+    let id = engine.create(&base("base")).unwrap().thin_id;
+    let record = std::fs::read(f.dir.path().join("layers/base.json")).unwrap();
+    engine.remove("base").unwrap();
+    drop(engine);
+    // The operator puts the record back from a copy before the device was deleted.
+    std::fs::write(f.dir.path().join("layers/base.json"), record).unwrap();
+    let (engine, _) = f.open();
+    assert_eq!(engine.finish_deletions().unwrap(), 0);
+    assert_eq!(engine.deletions_pending(), 0);
+    assert!(
+        f.sim.thin_ids_now().contains(&id),
+        "kept: the layer holds it"
+    );
+    assert_eq!(engine.inspect("base").unwrap().thin_id, id);
+    assert_consistent(&f, engine);
+}
