@@ -85,6 +85,17 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>> {
     })
 }
 
+/// The layer records at `paths` (one gone meanwhile is skipped).
+fn read_records(paths: &[PathBuf]) -> Result<Vec<LayerRecord>> {
+    let mut records = Vec::with_capacity(paths.len());
+    for path in paths {
+        if let Some(record) = read_json::<LayerRecord>(path)? {
+            records.push(record);
+        }
+    }
+    Ok(records)
+}
+
 /// Remove the record at `path` durably; absent is fine.
 pub fn remove(path: &Path) -> Result<()> {
     match fs::remove_file(path) {
@@ -449,19 +460,32 @@ impl RecordStore {
         self.layers_dir.join(format!("{}.json", name.as_str()))
     }
 
-    /// Every layer record.
+    /// Every layer record. Read and parsed on every core: with 10,000 layers this was a
+    /// sixth of start-up on one.
     pub fn load_layers(&self) -> Result<BTreeMap<LayerName, LayerRecord>> {
-        let entries = fs::read_dir(&self.layers_dir)
-            .map_err(|e| Error::io(format!("listing {}", self.layers_dir.display()), e))?;
-        let mut layers = BTreeMap::new();
-        for entry in entries {
-            let path = entry
-                .map_err(|e| Error::io(format!("listing {}", self.layers_dir.display()), e))?
-                .path();
-            if path.extension().is_none_or(|ext| ext != "json") {
-                continue;
+        let listing = |e| Error::io(format!("listing {}", self.layers_dir.display()), e);
+        let mut paths = Vec::new();
+        for entry in fs::read_dir(&self.layers_dir).map_err(listing)? {
+            let path = entry.map_err(listing)?.path();
+            if path.extension().is_some_and(|ext| ext == "json") {
+                paths.push(path);
             }
-            if let Some(record) = read_json::<LayerRecord>(&path)? {
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = paths.len().div_ceil(threads).max(64);
+        let parsed: Vec<Result<Vec<LayerRecord>>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = paths
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || read_records(part)))
+                .collect();
+            readers
+                .into_iter()
+                .map(|reader| reader.join().expect("a record reader panicked"))
+                .collect()
+        });
+        let mut layers = BTreeMap::new();
+        for part in parsed {
+            for record in part? {
                 layers.insert(record.name.clone(), record);
             }
         }
