@@ -227,6 +227,8 @@ impl Bench {
     /// Each round's chains are removed (untimed) before the next.
     fn clients(&mut self) -> Result<(), String> {
         let per_client = self.args.layers;
+        // The removals before leave deletions to the background: none may run into a round.
+        self.wait_for_deletions()?;
         self.api_create("m-base", None)?;
         self.api_commit("m-base")?;
         for clients in [1usize, 2, 4, 8, 16] {
@@ -269,6 +271,7 @@ impl Bench {
                     self.api_remove(&format!("m{clients}-{c}-{i}"))?;
                 }
             }
+            self.wait_for_deletions()?;
         }
         self.api_remove("m-base")
     }
@@ -277,6 +280,8 @@ impl Bench {
     /// operation; rows of fsync-class calls per operation.
     fn count_syncs(&mut self) -> Result<(), String> {
         let n = self.args.layers;
+        // Only the traced operations' own calls: no deletion of an earlier removal runs meanwhile.
+        self.wait_for_deletions()?;
         self.api_create("f-0", None)?;
         self.api_commit("f-0")?;
         let names: Vec<String> = (1..=n).map(|i| format!("f-{i}")).collect();
