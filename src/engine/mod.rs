@@ -6,12 +6,15 @@
 //!
 //! How records stay true to the pool:
 //! - a layer's record is written (state `creating` or `removing`) before the pool is touched,
-//!   so every thin device in the pool is owned by a record;
+//!   so every thin device in the pool is owned by a record; a removed layer's device is owned
+//!   by the deletion queue in `txn.json` from before its record goes until it is deleted
+//!   (`deletions.rs`);
 //! - every pool message is preceded by an intent in `txn.json` and followed by
 //!   `set_transaction_id old new`, so the pool's transaction id tells which messages happened;
 //! - [`Engine::open`] reconciles: it settles the intent, rolls back layers left `creating`,
-//!   finishes layers left `removing`, deletes thin devices no record owns, flags records whose
-//!   thin device is gone, and re-activates layers that were active before a reboot.
+//!   finishes layers left `removing`, deletes a thin device no record owns only when the intent
+//!   proves it was being made (and keeps any other), flags records whose thin device is gone,
+//!   and re-activates layers that were active before a reboot.
 
 mod activation;
 mod adopt;
