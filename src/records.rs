@@ -369,6 +369,20 @@ pub struct Deletion {
     pub discard: bool,
 }
 
+impl TxnRecord {
+    /// Whether thin device `id` is queued for deletion.
+    pub fn is_deleting(&self, id: ThinId) -> bool {
+        self.deleting.iter().any(|d| d.thin_id == id)
+    }
+
+    /// Take thin device `id` off the deletion queue; returns whether it was there.
+    pub fn unqueue(&mut self, id: ThinId) -> bool {
+        let queued = self.deleting.len();
+        self.deleting.retain(|d| d.thin_id != id);
+        self.deleting.len() != queued
+    }
+}
+
 impl Default for TxnRecord {
     fn default() -> Self {
         TxnRecord {

@@ -34,7 +34,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // Pool messages held off: no delete (`pool doctor --repair`) or other adoption of the
         // same device can pass between the checks and the record.
         let record = self.exclusive_pool_txn(|kernel, txn| {
-            if txn.deleting.iter().any(|d| d.thin_id == id) {
+            if txn.is_deleting(id) {
                 return Err(Error::new(
                     ErrorKind::Busy,
                     format!("thin device {id} is a removed layer's, queued for deletion; it cannot be adopted"),

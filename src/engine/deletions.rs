@@ -22,7 +22,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// fine (a removal settled again after a crash).
     pub(super) fn queue_deletion(&self, deletion: Deletion) -> Result<()> {
         let mut txn = self.txn();
-        if txn.deleting.iter().any(|d| d.thin_id == deletion.thin_id) {
+        if txn.is_deleting(deletion.thin_id) {
             return Ok(());
         }
         txn.deleting.push(deletion);
@@ -52,7 +52,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Whether thin device `id` is a removed layer's, queued for deletion.
     pub fn is_queued_for_deletion(&self, id: ThinId) -> bool {
-        self.txn().deleting.iter().any(|d| d.thin_id == id)
+        self.txn().is_deleting(id)
     }
 
     /// Discard and delete every queued device, oldest first; each leaves the queue once it
@@ -110,8 +110,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     fn unqueue(&self, id: ThinId) -> Result<()> {
         let mut txn = self.txn();
-        if txn.deleting.iter().any(|d| d.thin_id == id) {
-            txn.deleting.retain(|d| d.thin_id != id);
+        if txn.unqueue(id) {
             self.store.put_txn(&txn)?;
         }
         Ok(())

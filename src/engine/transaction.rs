@@ -33,7 +33,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             } else {
                 candidate + 1
             };
-            let queued = txn.deleting.iter().any(|d| d.thin_id == id);
+            let queued = txn.is_deleting(id);
             if !queued && index.used_ids.insert(id) {
                 txn.next_thin_id = candidate;
                 return Ok(id);
@@ -82,7 +82,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         txn.transaction_id = new;
         txn.pending = None;
         if let PoolOp::Delete { id } = op {
-            txn.deleting.retain(|d| d.thin_id != id);
+            txn.unqueue(id);
         }
         self.store.put_txn(&txn)
     }
