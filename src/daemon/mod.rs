@@ -311,6 +311,11 @@ pub fn run(config: Config, kernel: KernelChoice) -> Result<()> {
     if daemon.config.daemon.deactivate_on_shutdown && !daemon.is_destroyed() {
         daemon.deactivate_all();
     }
+    if !daemon.is_destroyed() {
+        if let Err(e) = daemon.engine.close_records() {
+            tracing::warn!(error = %e, "could not fold the records journal into the record files; the next start replays it");
+        }
+    }
     tracing::info!("thinstackd stopped");
     Ok(())
 }

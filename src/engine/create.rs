@@ -115,7 +115,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         make: impl FnOnce(&mut LayerRecord) -> Result<()>,
     ) -> Result<LayerRecord> {
         let (name, id) = (record.name.clone(), record.thin_id);
-        if let Err(e) = self.put_claiming(record.clone()) {
+        // The record is durable with the first pool message's intent, before the pool is
+        // touched; a power cut before then takes it, and nothing was made.
+        if let Err(e) = self.put_claiming(record.clone(), Durability::WithNext) {
             self.index().used_ids.remove(&id);
             return Err(e);
         }

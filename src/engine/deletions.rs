@@ -2,8 +2,8 @@
 //! has answered.
 //!
 //! A removal deactivates the layer's device (so a busy device is still refused or deferred
-//! while the client waits), queues the device in `txn.json`, and drops the layer's record:
-//! the layer is gone from the API and the records. Discarding its blocks and the pool message
+//! while the client waits), queues the device in the transaction record, and drops the
+//! layer's record: the layer is gone from the API and the records. Discarding its blocks and the pool message
 //! that deletes it come after, in the daemon's deferred work (woken at once), in the next
 //! removal's wake, or at the next start's first round. The queue owns its devices until then:
 //! start-up and `pool doctor` count them as owned, and no create is handed their ids.
@@ -26,7 +26,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return Ok(());
         }
         txn.deleting.push(deletion);
-        if let Err(e) = self.store.put_txn(&txn) {
+        // Durable with the record's drop, which follows: the layer is either still there
+        // with its device, or gone with its device queued.
+        if let Err(e) = self.store.stage_txn(&txn) {
             txn.deleting.pop();
             return Err(e);
         }

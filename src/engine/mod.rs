@@ -7,10 +7,14 @@
 //! How records stay true to the pool:
 //! - a layer's record is written (state `creating` or `removing`) before the pool is touched,
 //!   so every thin device in the pool is owned by a record; a removed layer's device is owned
-//!   by the deletion queue in `txn.json` from before its record goes until it is deleted
-//!   (`deletions.rs`);
-//! - every pool message is preceded by an intent in `txn.json` and followed by
-//!   `set_transaction_id old new`, so the pool's transaction id tells which messages happened;
+//!   by the deletion queue in the transaction record from before its record goes until it is
+//!   deleted (`deletions.rs`);
+//! - every pool message is preceded by a synced intent in the transaction record and followed
+//!   by `set_transaction_id old new`, so the pool's transaction id tells which messages
+//!   happened;
+//! - records change through the journal ([`crate::records::journal`]): a step no kernel change
+//!   depends on is staged and synced with the operation's next synced change (see
+//!   `Engine::stage`), so a create costs two syncs and most operations one;
 //! - [`Engine::open`] reconciles: it settles the intent, rolls back layers left `creating`,
 //!   finishes layers left `removing`, deletes a thin device no record owns only when the intent
 //!   proves it was being made (and keeps any other), flags records whose thin device is gone,
@@ -50,6 +54,7 @@ use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolDetails, PoolKernel, PoolUsage, ThinUsage};
 use crate::names::{ContentId, LayerName, ThinId, THIN_ID_MAX};
+use crate::records::journal::Durability;
 use crate::records::{
     ensure_private_dir, Intent, LayerRecord, LayerState, MountRecord, PoolOp, RecordStore,
     SnapshotKind, SnapshotRecord, StateLock, TxnRecord,
@@ -202,6 +207,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// The state directory (records, default mount points).
     pub fn state_dir(&self) -> &Path {
         &self.settings.state_dir
+    }
+
+    /// Bytes of the records journal a power cut now would leave.
+    #[cfg(test)]
+    pub(crate) fn durable_journal_len(&self) -> u64 {
+        self.store.durable_journal_len()
     }
 
     /// The pool's transaction id as the records have it.

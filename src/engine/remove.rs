@@ -40,7 +40,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let mut removing = record;
         removing.state = LayerState::Removing;
         removing.active = false;
-        self.put(removing.clone())?;
+        // Durable with the record's drop, or with `deferred` when the device is busy; a
+        // power cut before either leaves the layer as it was.
+        self.stage(removing.clone())?;
         crash::point(crash::Point::RemoveMarked);
         self.finish_removal(removing, true)
     }
@@ -102,6 +104,12 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// they describe is destroyed (its layers removed first, [`Engine::remove_all`]).
     pub fn forget_pool(&self) -> Result<()> {
         self.store.clear()
+    }
+
+    /// Bring the record files up to date from the journal (at a clean stop): the next start
+    /// replays nothing, and the files alone hold every record.
+    pub fn close_records(&self) -> Result<()> {
+        self.store.close()
     }
 
     /// `name` and every layer below it, each after all of its descendants (so children are

@@ -23,6 +23,7 @@ use crate::crash;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::{FsKernel, PoolKernel};
 use crate::names::{ContentId, LayerName};
+use crate::records::journal::Durability;
 use crate::records::{LayerRecord, LayerState, PoolOp, SnapshotKind, SnapshotRecord};
 use crate::units::ByteSize;
 use crate::vocab::FsType;
@@ -193,9 +194,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Write a record; a snapshot's record only if its key is free (checked and claimed in
     /// one step, so two callers cannot both take a key).
-    pub(super) fn put_claiming(&self, record: LayerRecord) -> Result<()> {
+    pub(super) fn put_claiming(&self, record: LayerRecord, durability: Durability) -> Result<()> {
         let Some(snapshot) = &record.snapshot else {
-            return self.put(record);
+            return self.write(record, durability);
         };
         let _claims = self
             .snapshot_claims
@@ -216,7 +217,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 ));
             }
         }
-        self.put(record)
+        self.write(record, durability)
     }
 
     fn snapshot_info(&self, record: &LayerRecord) -> Option<SnapshotInfo> {
@@ -356,7 +357,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             layer.labels = labels;
             layer.created_ns = committed.updated_ns;
             layer.snapshot = Some(committed);
-            self.put_claiming(layer.clone())?;
+            self.put_claiming(layer.clone(), Durability::Now)?;
             crash::point(crash::Point::SnapshotCommitInPlace);
             tracing::info!(layer = %layer.name, namespace, key, name, "snapshot committed");
             return Ok(());

@@ -1,13 +1,28 @@
 //! Records and the pool step: every record written atomically, every pool message preceded by
-//! its intent in `txn.json` and followed by the transaction id (see the module docs of
-//! [`super`]).
+//! its durable intent in the transaction record and followed by the transaction id (see the
+//! module docs of [`super`]).
 
 use super::*;
 
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
-    /// Write a record, then show it in the index. The caller holds the layer's lock.
+    /// Write a record durably, then show it in the index. The caller holds the layer's lock.
     pub(super) fn put(&self, record: LayerRecord) -> Result<()> {
-        self.store.put_layer(&record)?;
+        self.write(record, Durability::Now)
+    }
+
+    /// Write a record that is durable with the next durable write, then show it in the index:
+    /// for a step no kernel change depends on before that write (a pool message's intent, or
+    /// the write the operation answers after). A process killed meanwhile keeps it; a power
+    /// cut may take it, and the layer is then as it was before the operation.
+    pub(super) fn stage(&self, record: LayerRecord) -> Result<()> {
+        self.write(record, Durability::WithNext)
+    }
+
+    pub(super) fn write(&self, record: LayerRecord, durability: Durability) -> Result<()> {
+        match durability {
+            Durability::Now => self.store.put_layer(&record)?,
+            Durability::WithNext => self.store.stage_layer(&record)?,
+        }
         self.index().insert(record);
         Ok(())
     }
@@ -84,6 +99,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         if let PoolOp::Delete { id } = op {
             txn.unqueue(id);
         }
-        self.store.put_txn(&txn)
+        // Durable with the operation's next write. Should a power cut take it, the start
+        // settles the intent by the pool's transaction id, as after a crash before it.
+        self.store.stage_txn(&txn)
     }
 }

@@ -134,8 +134,10 @@ fn a_record_restored_over_a_queued_device_keeps_it() {
     let f = Fixture::new();
     let (engine, _) = engine_with_watcher(&f);
     let id = engine.create(&base("base")).unwrap().thin_id;
+    engine.close_records().unwrap();
     let record = std::fs::read(f.dir.path().join("layers/base.json")).unwrap();
     engine.remove("base").unwrap();
+    engine.close_records().unwrap();
     drop(engine);
     // The operator puts the record back from a copy before the device was deleted.
     std::fs::write(f.dir.path().join("layers/base.json"), record).unwrap();

@@ -1,8 +1,13 @@
-//! Persisted records: small JSON files written atomically and durably.
+//! Persisted records: small JSON files written atomically and durably, and the layer and
+//! transaction records' journal.
 //!
-//! A record is written to `<name>.tmp`, fsynced, renamed over `<name>`, and the directory is
+//! A file is written to `<name>.tmp`, fsynced, renamed over `<name>`, and the directory is
 //! fsynced, so after a crash or power cut a reader sees either the old record or the new one,
 //! never a torn one. Leftover `.tmp` files are ignored by readers and swept by [`sweep_temp`].
+//! Layer and transaction records change through the [`journal`] first, and reach their files
+//! at its checkpoints.
+
+pub mod journal;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -18,6 +23,8 @@ use crate::error::{Error, Result};
 use crate::names::{ContentId, LayerName, ThinId};
 use crate::units::ByteSize;
 use crate::vocab::FsType;
+
+use journal::{Change, Checkpoint, Durability, Journal};
 
 const TEMP_EXTENSION: &str = "tmp";
 
@@ -60,9 +67,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Store `value` as pretty JSON at `path`, atomically and durably.
 pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    write_atomic(path, &pretty_json(value))
+}
+
+fn pretty_json<T: Serialize>(value: &T) -> Vec<u8> {
     let mut bytes = serde_json::to_vec_pretty(value).expect("records always serialize");
     bytes.push(b'\n');
-    write_atomic(path, &bytes)
+    bytes
+}
+
+/// Replace the file at `path` with `value` as pretty JSON, atomically (by rename) but not
+/// durably: the caller makes a batch of these durable at once.
+fn write_json_unsynced<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let temp = temp_path(path);
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temp)
+        .and_then(|mut file| file.write_all(&pretty_json(value)))
+        .and_then(|()| fs::rename(&temp, path))
+        .map_err(|e| {
+            let _ = fs::remove_file(&temp);
+            Error::io(format!("writing record {}", path.display()), e)
+        })
 }
 
 /// Read the JSON record at `path`; `None` when there is none.
@@ -124,6 +153,12 @@ pub fn sweep_temp(dir: &Path) -> Result<usize> {
         }
     }
     Ok(swept)
+}
+
+/// The file of layer `name`'s record in `layers_dir`.
+fn layer_file(layers_dir: &Path, name: &LayerName) -> PathBuf {
+    // LayerName allows no '/', no NUL and never "." or "..": safe as a file name.
+    layers_dir.join(format!("{}.json", name.as_str()))
 }
 
 fn sync_dir_of(path: &Path) -> std::io::Result<()> {
@@ -395,10 +430,6 @@ impl Default for TxnRecord {
     }
 }
 
-/// The records of one state directory, held under an exclusive lock.
-///
-/// Layout: `<state_dir>/layers/<name>.json` per layer (so an operation writes one small file,
-/// whatever the number of layers), `<state_dir>/txn.json`, `<state_dir>/lock`.
 /// The exclusive lock on a state directory: one thinstack process per directory.
 #[derive(Debug)]
 pub struct StateLock {
@@ -438,16 +469,20 @@ impl StateLock {
 }
 
 /// The records of one state directory, held under its [`StateLock`].
+///
+/// Layout: `<state_dir>/layers/<name>.json` per layer, `<state_dir>/txn.json`,
+/// `<state_dir>/journal` (the changes since the files were last brought up to date: see
+/// [`journal`]), `<state_dir>/lock`.
 #[derive(Debug)]
 pub struct RecordStore {
-    layers_dir: PathBuf,
-    txn_path: PathBuf,
+    files: Checkpoint,
+    journal: Journal,
     _lock: StateLock,
 }
 
 impl RecordStore {
-    /// Open the records under `state_dir`, creating the directories, taking the lock, and
-    /// sweeping temporary files a crash left.
+    /// Open the records under `state_dir`, creating the directories, taking the lock, sweeping
+    /// temporary files a crash left, and replaying the journal.
     ///
     /// Returns a `Busy` error when another process holds the state directory.
     pub fn open(state_dir: &Path) -> Result<RecordStore> {
@@ -463,28 +498,36 @@ impl RecordStore {
             tracing::info!(swept, "removed temporary record files left by a crash");
         }
         Ok(RecordStore {
-            layers_dir,
-            txn_path: state_dir.join("txn.json"),
+            files: Checkpoint {
+                layers_dir,
+                txn_path: state_dir.join("txn.json"),
+            },
+            journal: Journal::open(&state_dir.join("journal"))?,
             _lock: lock,
         })
     }
 
-    fn layer_path(&self, name: &LayerName) -> PathBuf {
-        // LayerName allows no '/', no NUL and never "." or "..": safe as a file name.
-        self.layers_dir.join(format!("{}.json", name.as_str()))
-    }
-
-    /// Every layer record. Read and parsed on every core: with 10,000 layers this was a
-    /// sixth of start-up on one.
+    /// Every layer record: the files, with the journal's changes over them. Files are read
+    /// and parsed on every core (with 10,000 layers this was a sixth of start-up on one); a
+    /// file the journal has a newer record for is not read.
     pub fn load_layers(&self) -> Result<BTreeMap<LayerName, LayerRecord>> {
-        let listing = |e| Error::io(format!("listing {}", self.layers_dir.display()), e);
+        let layers_dir = &self.files.layers_dir;
+        let listing = |e| Error::io(format!("listing {}", layers_dir.display()), e);
         let mut paths = Vec::new();
-        for entry in fs::read_dir(&self.layers_dir).map_err(listing)? {
-            let path = entry.map_err(listing)?.path();
-            if path.extension().is_some_and(|ext| ext == "json") {
-                paths.push(path);
+        self.journal.with_pending(|pending| -> Result<()> {
+            for entry in fs::read_dir(layers_dir).map_err(listing)? {
+                let path = entry.map_err(listing)?.path();
+                let changed = path
+                    .file_stem()
+                    .and_then(|stem| stem.to_str())
+                    .and_then(|stem| LayerName::new(stem).ok())
+                    .is_some_and(|name| pending.layers.contains_key(&name));
+                if path.extension().is_some_and(|ext| ext == "json") && !changed {
+                    paths.push(path);
+                }
             }
-        }
+            Ok(())
+        })?;
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         let chunk = paths.len().div_ceil(threads).max(64);
         let parsed: Vec<Result<Vec<LayerRecord>>> = std::thread::scope(|scope| {
@@ -503,34 +546,72 @@ impl RecordStore {
                 layers.insert(record.name.clone(), record);
             }
         }
+        self.journal.with_pending(|pending| {
+            for record in pending.layers.values().flatten() {
+                layers.insert(record.name.clone(), record.clone());
+            }
+        });
         Ok(layers)
     }
 
-    /// Write a layer record atomically and durably.
+    /// Write a layer record durably.
     pub fn put_layer(&self, record: &LayerRecord) -> Result<()> {
-        write_json(&self.layer_path(&record.name), record)
+        self.change(Change::layer(record), Durability::Now)
+    }
+
+    /// Write a layer record, durable with the next durable change (see [`journal`] for when
+    /// that is enough).
+    pub fn stage_layer(&self, record: &LayerRecord) -> Result<()> {
+        self.change(Change::layer(record), Durability::WithNext)
     }
 
     /// Drop a layer record durably.
     pub fn remove_layer(&self, name: &LayerName) -> Result<()> {
-        remove(&self.layer_path(name))
+        self.change(Change::Dropped { name: name.clone() }, Durability::Now)
     }
 
     /// The transaction record, if one was written.
     pub fn load_txn(&self) -> Result<Option<TxnRecord>> {
-        read_json(&self.txn_path)
+        match self.journal.with_pending(|pending| pending.txn.clone()) {
+            Some(txn) => Ok(Some(txn)),
+            None => read_json(&self.files.txn_path),
+        }
     }
 
-    /// Write the transaction record atomically and durably.
+    /// Write the transaction record durably.
     pub fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
-        write_json(&self.txn_path, txn)
+        self.change(Change::Txn { txn: txn.clone() }, Durability::Now)
     }
 
-    /// Drop the transaction record and the layer-record directory when it is empty (after the
-    /// pool is destroyed); anything else left in that directory stays.
+    /// Write the transaction record, durable with the next durable change.
+    pub fn stage_txn(&self, txn: &TxnRecord) -> Result<()> {
+        self.change(Change::Txn { txn: txn.clone() }, Durability::WithNext)
+    }
+
+    fn change(&self, change: Change, durability: Durability) -> Result<()> {
+        self.journal.append(change, durability, &self.files)
+    }
+
+    /// Bring the record files up to date and empty the journal, durably (at a clean stop:
+    /// the files alone then hold every record, for a reader or an editor).
+    pub fn close(&self) -> Result<()> {
+        self.journal.close(&self.files)
+    }
+
+    /// Bytes of the journal a power cut now would leave.
+    #[cfg(test)]
+    pub fn durable_journal_len(&self) -> u64 {
+        self.journal.durable_len()
+    }
+
+    /// Drop the transaction record, the journal and the layer-record directory when it is
+    /// empty (after the pool is destroyed); anything else left in that directory stays.
     pub fn clear(&self) -> Result<()> {
-        remove(&self.txn_path)?;
-        let _ = fs::remove_dir(&self.layers_dir);
+        self.journal.close(&self.files)?;
+        remove(&self.files.txn_path)?;
+        let journal = self.files.txn_path.with_file_name("journal");
+        remove(&journal)?;
+        let _ = fs::remove_dir(&self.files.layers_dir);
         Ok(())
     }
 }
