@@ -22,6 +22,7 @@ mod sim_blocks;
 mod sim_files;
 pub mod superblock;
 pub mod table;
+pub mod thin_metadata;
 pub mod thin_tools;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -45,7 +45,7 @@ pub use crate::vocab::{Health, Space};
 pub use delta::thin_delta_of;
 pub use loop_files::{loop_files, LoopBacking};
 use pool_table::{owned_table, pool_params, verify_owned_table, when_full_of};
-pub use real::{thin_ids_of, RealPool};
+pub use real::{thin_ids_by_thin_dump, thin_ids_of, RealPool};
 pub use status::PoolStatus;
 
 /// The low-water mark Docker and containerd use (32768 blocks = 2 GiB at 64 KiB), capped at a

@@ -11,6 +11,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::device_io::{DeviceFile, ThinIo};
 use crate::kernel::dm::{self, Dm, Udev};
+use crate::kernel::thin_metadata;
 use crate::kernel::thin_tools::CheckReport;
 use crate::kernel::{
     blockdev, loopdev, DeletedLoopFile, DeltaRun, DmDevice, PoolKernel, PoolUsage, Room, ThinUsage,
@@ -335,22 +336,37 @@ impl PoolKernel for RealPool {
     }
 }
 
-/// Every thin id in `pool`'s metadata, read through a metadata snapshot (the kernel's way to
-/// let tools read live metadata).
+/// Every thin id in `pool`'s metadata, read in-process through a metadata snapshot (the
+/// kernel's way to let tools read live metadata).
 pub fn thin_ids_of(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
+    with_metadata_snapshot(dm, pool, || {
+        thin_metadata::snapshot_thin_ids(pool.metadata_node())
+    })
+}
+
+/// Run `f` with a metadata snapshot of `pool` held.
+fn with_metadata_snapshot<T>(dm: &Dm, pool: &Pool, f: impl FnOnce() -> Result<T>) -> Result<T> {
     let name = pool.dm_name();
     dm.message(name, "reserve_metadata_snap")?;
-    let dumped = cmd::run(
-        Program::ThinDump,
-        [
-            "--skip-mappings".as_ref(),
-            "-m".as_ref(),
-            pool.metadata_node().as_os_str(),
-        ],
-    );
+    let done = f();
     let released = dm.message(name, "release_metadata_snap");
-    let output = dumped?;
-    released?;
+    let done = done?;
+    released.map(|_| done)
+}
+
+/// [`thin_ids_of`], as `thin_dump` lists them: what the kernel tests check the in-process
+/// reader against.
+pub fn thin_ids_by_thin_dump(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
+    let output = with_metadata_snapshot(dm, pool, || {
+        cmd::run(
+            Program::ThinDump,
+            [
+                "--skip-mappings".as_ref(),
+                "-m".as_ref(),
+                pool.metadata_node().as_os_str(),
+            ],
+        )
+    })?;
     parse_dump_ids(&String::from_utf8_lossy(&output.stdout))
 }
 
