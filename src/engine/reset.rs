@@ -201,7 +201,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             discarding: Some(new_id),
             ..record
         };
-        if let Err(e) = self.put(claiming.clone()) {
+        // Durable with the snapshot's intent, before the pool is touched.
+        if let Err(e) = self.stage(claiming.clone()) {
             self.index().used_ids.remove(&new_id);
             return Err(e);
         }
