@@ -26,7 +26,7 @@ use std::io::Read;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
@@ -121,9 +121,6 @@ struct Tail {
     /// Changes since the last checkpoint.
     changes: usize,
     pending: Pending,
-    /// Set when a write or sync failed in a way that leaves the journal's durable content
-    /// unknown: every later change is refused.
-    broken: Option<String>,
 }
 
 /// The open journal of one state directory.
@@ -132,6 +129,10 @@ pub struct Journal {
     path: PathBuf,
     file: File,
     tail: Mutex<Tail>,
+    /// Set when a write or sync failed in a way that leaves the journal's durable content
+    /// unknown: every later change is refused. Not under a lock, so that setting it takes no
+    /// lock in any order.
+    broken: OnceLock<String>,
     /// Bytes ever appended (not reset by checkpoints), and how many of them are durable.
     written: AtomicU64,
     synced: Mutex<u64>,
@@ -174,8 +175,8 @@ impl Journal {
                 len: good as u64,
                 changes: count,
                 pending,
-                broken: None,
             }),
+            broken: OnceLock::new(),
             written: AtomicU64::new(0),
             synced: Mutex::new(0),
         })
@@ -196,14 +197,16 @@ impl Journal {
         let frame = encode(&change);
         let (end, due) = {
             let mut tail = self.tail();
-            if let Some(why) = &tail.broken {
+            if let Some(why) = self.broken.get() {
                 return Err(broken(&self.path, why));
             }
             if let Err(e) = self.file.write_all_at(&frame, tail.len) {
                 // Nothing past `len` counts; cut what part of the frame got there, so the
                 // next frame follows the last whole one.
                 if let Err(cut) = self.file.set_len(tail.len) {
-                    tail.broken = Some(format!("a failed append could not be cut off: {cut}"));
+                    let _ = self
+                        .broken
+                        .set(format!("a failed append could not be cut off: {cut}"));
                 }
                 return Err(Error::io(
                     format!("appending to the records journal {}", self.path.display()),
@@ -235,7 +238,7 @@ impl Journal {
         if let Err(e) = self.file.sync_data() {
             // After a failed sync the kernel may have dropped the dirty pages: what is
             // durable is unknown, so nothing more is written until a restart re-reads it.
-            self.tail().broken = Some(format!("a sync failed: {e}"));
+            let _ = self.broken.set(format!("a sync failed: {e}"));
             return Err(Error::io(
                 format!("syncing the records journal {}", self.path.display()),
                 e,
@@ -248,7 +251,7 @@ impl Journal {
     /// Write every pending record into its file, make them durable, and empty the journal.
     pub fn checkpoint(&self, at: &Checkpoint) -> Result<()> {
         let mut tail = self.tail();
-        if let Some(why) = &tail.broken {
+        if let Some(why) = self.broken.get() {
             return Err(broken(&self.path, why));
         }
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
@@ -260,6 +263,9 @@ impl Journal {
         let dir = File::open(&at.layers_dir)
             .map_err(|e| Error::io(format!("opening {}", at.layers_dir.display()), e))?;
         nix::unistd::syncfs(&dir).map_err(|e| {
+            // As after a failed fdatasync: the journal's last changes may be lost with the
+            // files', so nothing more is written until a restart re-reads what is durable.
+            let _ = self.broken.set(format!("syncing a checkpoint failed: {e}"));
             Error::io(
                 format!("syncing the records in {}", at.layers_dir.display()),
                 std::io::Error::from(e),
@@ -418,6 +424,14 @@ mod tests {
         layers.keys().map(|n| n.to_string()).collect()
     }
 
+    fn torn_tails_kept(dir: &Path) -> Vec<fs::DirEntry> {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("journal.torn-"))
+            .collect()
+    }
+
     fn journal_len(dir: &Path) -> u64 {
         fs::metadata(dir.join("journal")).unwrap().len()
     }
@@ -486,11 +500,7 @@ mod tests {
         let store = RecordStore::open(dir.path()).unwrap();
         assert_eq!(names(&store), ["a"]);
         assert_eq!(journal_len(dir.path()), whole);
-        let kept: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("journal.torn-"))
-            .collect();
+        let kept = torn_tails_kept(dir.path());
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].metadata().unwrap().len(), torn - whole);
         // New changes follow the last whole one.
@@ -515,12 +525,7 @@ mod tests {
         let store = RecordStore::open(dir.path()).unwrap();
         assert_eq!(names(&store), ["a"]);
         assert_eq!(journal_len(dir.path()), whole);
-        let kept = fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with("journal.torn-"))
-            .count();
-        assert_eq!(kept, 0);
+        assert!(torn_tails_kept(dir.path()).is_empty());
     }
 
     #[test]
