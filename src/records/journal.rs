@@ -222,7 +222,12 @@ impl Journal {
         };
         match durability {
             Durability::WithNext => Ok(()),
-            Durability::Now if due => self.checkpoint(at),
+            Durability::Now if due => self.checkpoint(at).or_else(|e| {
+                // The change is in the journal already: it must not fail for want of a
+                // checkpoint, which the next change due tries again.
+                tracing::warn!(error = %e, "folding the records journal into the record files failed; the journal keeps every change until a checkpoint succeeds");
+                self.sync_to(end)
+            }),
             Durability::Now => self.sync_to(end),
         }
     }
@@ -231,6 +236,9 @@ impl Journal {
     /// bytes were written before it began (group commit).
     fn sync_to(&self, end: u64) -> Result<()> {
         let mut synced = self.synced.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(why) = self.broken.get() {
+            return Err(broken(&self.path, why));
+        }
         if *synced >= end {
             return Ok(());
         }
@@ -552,6 +560,31 @@ mod tests {
         assert_eq!(store.durable_journal_len(), journal_len(dir.path()));
         store.stage_layer(&record("c", 3)).unwrap();
         assert!(store.durable_journal_len() < journal_len(dir.path()));
+    }
+
+    #[test]
+    fn a_checkpoint_that_fails_fails_no_change_and_loses_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RecordStore::open(dir.path()).unwrap();
+        let mut a = record("a", 1);
+        for n in 1..CHECKPOINT_AFTER {
+            a.created_ns = n as u64;
+            store.put_layer(&a).unwrap();
+        }
+        // The record files cannot be written (a file where their directory was).
+        let layers = dir.path().join("layers");
+        let aside = dir.path().join("layers.aside");
+        fs::rename(&layers, &aside).unwrap();
+        fs::write(&layers, b"").unwrap();
+        a.created_ns = 0;
+        store.put_layer(&a).unwrap();
+        assert!(journal_len(dir.path()) > 0, "the journal keeps the changes");
+        assert_eq!(store.durable_journal_len(), journal_len(dir.path()));
+        drop(store);
+        fs::remove_file(&layers).unwrap();
+        fs::rename(&aside, &layers).unwrap();
+        let store = RecordStore::open(dir.path()).unwrap();
+        assert_eq!(store.load_layers().unwrap()[&a.name], a);
     }
 
     #[test]
