@@ -48,6 +48,13 @@ fn temp_path(path: &Path) -> PathBuf {
 
 /// Replace the file at `path` with `bytes`, atomically and durably (mode 0600).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    replace_file(path, bytes, true)
+}
+
+/// Replace the file at `path` with `bytes` (mode 0600) by writing a temporary file and
+/// renaming it over: atomically, and durably when `durable` (the file synced before the
+/// rename, its directory after), else left for the caller to make a batch durable at once.
+fn replace_file(path: &Path, bytes: &[u8], durable: bool) -> Result<()> {
     let temp = temp_path(path);
     let written = OpenOptions::new()
         .write(true)
@@ -57,10 +64,13 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .open(&temp)
         .and_then(|mut file| {
             file.write_all(bytes)?;
-            file.sync_all()
+            if durable {
+                file.sync_all()?;
+            }
+            Ok(())
         })
         .and_then(|()| fs::rename(&temp, path))
-        .and_then(|()| sync_dir_of(path));
+        .and_then(|()| if durable { sync_dir_of(path) } else { Ok(()) });
     written.map_err(|e| {
         let _ = fs::remove_file(&temp);
         Error::io(format!("writing record {}", path.display()), e)
@@ -81,19 +91,7 @@ fn pretty_json<T: Serialize>(value: &T) -> Vec<u8> {
 /// Replace the file at `path` with `value` as pretty JSON, atomically (by rename) but not
 /// durably: the caller makes a batch of these durable at once.
 fn write_json_unsynced<T: Serialize>(path: &Path, value: &T) -> Result<()> {
-    let temp = temp_path(path);
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temp)
-        .and_then(|mut file| file.write_all(&pretty_json(value)))
-        .and_then(|()| fs::rename(&temp, path))
-        .map_err(|e| {
-            let _ = fs::remove_file(&temp);
-            Error::io(format!("writing record {}", path.display()), e)
-        })
+    replace_file(path, &pretty_json(value), false)
 }
 
 /// Read the JSON record at `path`; `None` when there is none.
