@@ -18,25 +18,21 @@ pub fn thin_delta_of(
     base: Option<ThinId>,
     id: ThinId,
 ) -> Result<Vec<DeltaRun>> {
-    let name = pool.dm_name();
-    dm.message(name, "reserve_metadata_snap").map_err(|e| {
-        e.context("reserving a metadata snapshot to find the layer's changed blocks (a read-only pool refuses it: extend its metadata first, thinstack pool extend --metadata SIZE)")
-    })?;
     let (snap1, snap2) = (base.unwrap_or(id).to_string(), id.to_string());
-    let listed = cmd::run(
-        Program::ThinDelta,
-        [
-            "-m".as_ref(),
-            "--snap1".as_ref(),
-            snap1.as_ref(),
-            "--snap2".as_ref(),
-            snap2.as_ref(),
-            pool.metadata_node().as_os_str(),
-        ],
-    );
-    let released = dm.message(name, "release_metadata_snap");
-    let output = listed?;
-    released?;
+    let purpose = "find the layer's changed blocks";
+    let output = super::real::with_metadata_snapshot(dm, pool, purpose, || {
+        cmd::run(
+            Program::ThinDelta,
+            [
+                "-m".as_ref(),
+                "--snap1".as_ref(),
+                snap1.as_ref(),
+                "--snap2".as_ref(),
+                snap2.as_ref(),
+                pool.metadata_node().as_os_str(),
+            ],
+        )
+    })?;
     let block_size = ByteSize::from_sectors(pool.block_size());
     parse_delta(
         &String::from_utf8_lossy(&output.stdout),

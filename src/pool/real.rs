@@ -339,15 +339,23 @@ impl PoolKernel for RealPool {
 /// Every thin id in `pool`'s metadata, read in-process through a metadata snapshot (the
 /// kernel's way to let tools read live metadata).
 pub fn thin_ids_of(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
-    with_metadata_snapshot(dm, pool, || {
+    with_metadata_snapshot(dm, pool, "list the pool's thin devices", || {
         thin_metadata::snapshot_thin_ids(pool.metadata_node())
     })
 }
 
-/// Run `f` with a metadata snapshot of `pool` held.
-fn with_metadata_snapshot<T>(dm: &Dm, pool: &Pool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Run `f` with a metadata snapshot of `pool` held (the kernel's way to let tools read live
+/// metadata), taken to `purpose`, which a refused reservation names.
+pub(super) fn with_metadata_snapshot<T>(
+    dm: &Dm,
+    pool: &Pool,
+    purpose: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let name = pool.dm_name();
-    dm.message(name, "reserve_metadata_snap")?;
+    dm.message(name, "reserve_metadata_snap").map_err(|e| {
+        e.context(format!("reserving a metadata snapshot to {purpose} (a read-only pool refuses it: extend its metadata first, thinstack pool extend --metadata SIZE)"))
+    })?;
     let done = f();
     let released = dm.message(name, "release_metadata_snap");
     let done = done?;
@@ -357,7 +365,7 @@ fn with_metadata_snapshot<T>(dm: &Dm, pool: &Pool, f: impl FnOnce() -> Result<T>
 /// [`thin_ids_of`], as `thin_dump` lists them: what the kernel tests check the in-process
 /// reader against.
 pub fn thin_ids_by_thin_dump(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
-    let output = with_metadata_snapshot(dm, pool, || {
+    let output = with_metadata_snapshot(dm, pool, "list the pool's thin devices", || {
         cmd::run(
             Program::ThinDump,
             [
@@ -373,23 +381,18 @@ pub fn thin_ids_by_thin_dump(dm: &Dm, pool: &Pool) -> Result<BTreeSet<ThinId>> {
 /// What every thin device in `pool` maps and holds alone, read with `thin_ls` through a
 /// metadata snapshot (as cAdvisor reads per-container usage from a devicemapper pool).
 pub fn thin_usage_of(dm: &Dm, pool: &Pool) -> Result<BTreeMap<ThinId, ThinUsage>> {
-    let name = pool.dm_name();
-    dm.message(name, "reserve_metadata_snap").map_err(|e| {
-        e.context("reserving a metadata snapshot to count the layers' exclusive blocks (a read-only pool refuses it: extend its metadata first, thinstack pool extend --metadata SIZE)")
+    let output = with_metadata_snapshot(dm, pool, "count the layers' exclusive blocks", || {
+        cmd::run(
+            Program::ThinLs,
+            [
+                "-m".as_ref(),
+                "--no-headers".as_ref(),
+                "-o".as_ref(),
+                "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS".as_ref(),
+                pool.metadata_node().as_os_str(),
+            ],
+        )
     })?;
-    let listed = cmd::run(
-        Program::ThinLs,
-        [
-            "-m".as_ref(),
-            "--no-headers".as_ref(),
-            "-o".as_ref(),
-            "DEV,MAPPED_BLOCKS,EXCLUSIVE_BLOCKS".as_ref(),
-            pool.metadata_node().as_os_str(),
-        ],
-    );
-    let released = dm.message(name, "release_metadata_snap");
-    let output = listed?;
-    released?;
     let block_size = ByteSize::from_sectors(pool.block_size());
     parse_thin_ls(&String::from_utf8_lossy(&output.stdout), block_size)
 }
