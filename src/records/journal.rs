@@ -432,6 +432,14 @@ mod tests {
         layers.keys().map(|n| n.to_string()).collect()
     }
 
+    /// Put `count` versions of `record` (each a change), leaving it at the last.
+    fn put_versions(store: &RecordStore, record: &mut LayerRecord, count: usize) {
+        for n in 0..count {
+            record.created_ns = n as u64;
+            store.put_layer(record).unwrap();
+        }
+    }
+
     fn torn_tails_kept(dir: &Path) -> Vec<fs::DirEntry> {
         fs::read_dir(dir)
             .unwrap()
@@ -567,16 +575,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::open(dir.path()).unwrap();
         let mut a = record("a", 1);
-        for n in 1..CHECKPOINT_AFTER {
-            a.created_ns = n as u64;
-            store.put_layer(&a).unwrap();
-        }
+        put_versions(&store, &mut a, CHECKPOINT_AFTER - 1);
         // The record files cannot be written (a file where their directory was).
         let layers = dir.path().join("layers");
         let aside = dir.path().join("layers.aside");
         fs::rename(&layers, &aside).unwrap();
         fs::write(&layers, b"").unwrap();
-        a.created_ns = 0;
+        a.created_ns = u64::MAX;
         store.put_layer(&a).unwrap();
         assert!(journal_len(dir.path()) > 0, "the journal keeps the changes");
         assert_eq!(store.durable_journal_len(), journal_len(dir.path()));
@@ -592,10 +597,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = RecordStore::open(dir.path()).unwrap();
         let mut a = record("a", 1);
-        for n in 0..CHECKPOINT_AFTER {
-            a.created_ns = n as u64;
-            store.put_layer(&a).unwrap();
-        }
+        put_versions(&store, &mut a, CHECKPOINT_AFTER);
         assert_eq!(journal_len(dir.path()), 0);
         let file: LayerRecord = crate::records::read_json(&dir.path().join("layers/a.json"))
             .unwrap()
