@@ -182,6 +182,11 @@ impl Journal {
         })
     }
 
+    /// Where the journal is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn tail(&self) -> MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(|e| e.into_inner())
     }

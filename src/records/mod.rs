@@ -656,8 +656,7 @@ impl RecordStore {
     pub fn clear(&self) -> Result<()> {
         self.journal.close(&self.files)?;
         remove(&self.files.txn_path)?;
-        let journal = self.files.txn_path.with_file_name("journal");
-        remove(&journal)?;
+        remove(self.journal.path())?;
         let _ = fs::remove_dir(&self.files.layers_dir);
         Ok(())
     }
