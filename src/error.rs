@@ -177,6 +177,53 @@ impl Error {
         .with_source(io::Error::from_raw_os_error(errno as i32))
     }
 
+    /// A failed call into librbd or librados (a negative errno, as they return it) doing `op`
+    /// on `target` (an image, a pool, an object), translated into what happened in Ceph.
+    pub fn ceph(op: &str, target: &str, rc: i32) -> Self {
+        let errno = Errno::from_raw(rc.saturating_abs());
+        let what = match errno {
+            Errno::ENOENT => "no such image, snapshot, pool or object",
+            Errno::EEXIST => "it exists already",
+            Errno::EBUSY => {
+                "it is in use: mapped or open on some host, its lock held by another client, or \
+                 it has clones"
+            }
+            Errno::ENOTEMPTY => "it still has snapshots",
+            Errno::ETIMEDOUT => {
+                "the cluster did not answer in time; check that its monitors are up and \
+                 reachable (`ceph -s`)"
+            }
+            Errno::EPERM | Errno::EACCES => {
+                "the cluster refused the client's key or capabilities (cephx)"
+            }
+            Errno::ENOSPC | Errno::EDQUOT => "the cluster or the pool is full",
+            Errno::EROFS => "it is read-only (a snapshot, or a pool set read-only)",
+            Errno::ESHUTDOWN => "this client was blocklisted by the cluster",
+            Errno::ENOTCONN => "not connected to the cluster",
+            Errno::EINVAL => "the cluster refused the request as invalid",
+            Errno::ECANCELED => {
+                "the comparison that guards the change failed: someone else changed it first"
+            }
+            _ => "the call failed",
+        };
+        let kind = match errno {
+            Errno::ENOTEMPTY => ErrorKind::Busy,
+            Errno::ETIMEDOUT | Errno::ENOTCONN | Errno::ESHUTDOWN => ErrorKind::Io,
+            Errno::EDQUOT => ErrorKind::NoSpace,
+            Errno::ECANCELED => ErrorKind::Inconsistent,
+            Errno::EROFS => ErrorKind::Permission,
+            _ => match kind_of_errno(errno) {
+                ErrorKind::Kernel => ErrorKind::Io,
+                kind => kind,
+            },
+        };
+        Self::new(
+            kind,
+            format!("{op} {target}: {what} ({}, {errno:?})", errno.desc()),
+        )
+        .with_source(io::Error::from_raw_os_error(errno as i32))
+    }
+
     /// The errno behind a device-mapper failure, if it came from an ioctl.
     pub fn errno(&self) -> Option<Errno> {
         let source = self.source.as_deref()?;

@@ -16,6 +16,7 @@ pub mod loopdev;
 pub mod lvm;
 pub mod mount_target;
 pub mod mounts;
+pub mod rbd;
 pub mod real;
 pub mod sim;
 mod sim_blocks;
