@@ -221,6 +221,8 @@ pub struct PoolConfig {
     pub existing: ExistingConfig,
     /// `[pool.devices]`
     pub devices: DevicesConfig,
+    /// `[pool.rbd]`
+    pub rbd: RbdConfig,
 }
 
 /// `pool.backend`
@@ -235,6 +237,8 @@ pub enum Backend {
     Existing,
     /// A thin pool that thinstack makes directly on a raw data and a raw metadata device.
     Devices,
+    /// Ceph RBD images: a layer is an image, a child a clone of its parent's snapshot.
+    Rbd,
 }
 
 impl Backend {
@@ -245,6 +249,7 @@ impl Backend {
             Backend::Lvm => "lvm",
             Backend::Existing => "existing",
             Backend::Devices => "devices",
+            Backend::Rbd => "rbd",
         }
     }
 }
@@ -295,6 +300,70 @@ pub struct DevicesConfig {
     pub metadata: Option<AbsolutePath>,
     /// Wipe signatures found on the devices instead of refusing.
     pub force: bool,
+}
+
+/// `[pool.rbd]`: the Ceph cluster, pool and client of an `rbd` pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RbdConfig {
+    /// The RBD pool the images live in (required).
+    pub pool: String,
+    /// An RBD namespace in that pool, so that several fleets can share one pool.
+    pub namespace: String,
+    /// The cluster's configuration file.
+    pub ceph_conf: AbsolutePath,
+    /// The cephx client, without `client.`.
+    pub client: String,
+    /// A keyring holding the client's key, instead of the ones `ceph_conf` names.
+    pub keyring: Option<AbsolutePath>,
+    /// How a layer is mapped to a block device.
+    pub map: RbdMap,
+    /// How long one call to the cluster may take before it fails.
+    #[serde(with = "humantime_serde_secs")]
+    pub timeout: std::time::Duration,
+}
+
+impl Default for RbdConfig {
+    fn default() -> Self {
+        RbdConfig {
+            pool: String::new(),
+            namespace: String::new(),
+            ceph_conf: AbsolutePath::new("/etc/ceph/ceph.conf").expect("an absolute path"),
+            client: "admin".to_string(),
+            keyring: None,
+            map: RbdMap::Krbd,
+            timeout: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// `pool.rbd.map`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RbdMap {
+    /// The kernel's rbd driver (at most 16 parents in a chain).
+    Krbd,
+    /// rbd-nbd: a userspace librbd process per device, with no depth limit.
+    Nbd,
+}
+
+/// A duration in the config file written as humantime text ("60s"), read and written as such.
+mod humantime_serde_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(*value).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a duration ({e}); write one such as \"60s\""
+            ))
+        })
+    }
 }
 
 /// A volume group name as LVM accepts it: letters, digits, `+_.-`, not starting with `-`.
@@ -423,6 +492,7 @@ impl Default for PoolConfig {
             lvm: LvmConfig::default(),
             existing: ExistingConfig::default(),
             devices: DevicesConfig::default(),
+            rbd: RbdConfig::default(),
         }
     }
 }
@@ -802,7 +872,7 @@ impl Config {
         let grows = match self.pool.backend {
             Backend::Loop => self.pool.loop_files.autoextend_threshold.value() < 100,
             Backend::Lvm => self.pool.lvm.autoextend_threshold.value() < 100,
-            Backend::Devices | Backend::Existing => false,
+            Backend::Devices | Backend::Existing | Backend::Rbd => false,
         };
         match self.pool.when_full {
             WhenFull::Auto if grows => WhenFull::Queue,
@@ -818,6 +888,7 @@ impl Config {
             Backend::Lvm => check_lvm(&self.pool.lvm),
             Backend::Existing => check_existing(&self.pool.existing),
             Backend::Devices => check_devices(&self.pool.devices),
+            Backend::Rbd => check_rbd(&self.pool.rbd),
         }
     }
 
@@ -919,6 +990,64 @@ fn check_devices(devices: &DevicesConfig) -> std::result::Result<(), KeyError> {
                 "data and metadata are both {}; they must be two different devices",
                 data.path().display()
             ),
+        ));
+    }
+    Ok(())
+}
+
+/// Names Ceph accepts for pools, namespaces and clients: no NUL, no `/` or `@` (they separate
+/// pool, namespace, image and snapshot in a spec), no whitespace or `,` (the kernel's map line
+/// separates by them).
+fn ceph_name_problem(name: &str) -> Option<&'static str> {
+    if name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '/' | '@' | ',' | '='))
+    {
+        Some("it holds whitespace, a control character, or one of / @ , =")
+    } else if name.len() > 100 {
+        Some("it is longer than 100 characters")
+    } else {
+        None
+    }
+}
+
+fn check_rbd(rbd: &RbdConfig) -> std::result::Result<(), KeyError> {
+    if rbd.pool.is_empty() {
+        return Err(KeyError::new(
+            "pool.rbd.pool",
+            "pool.backend is \"rbd\" but pool.rbd.pool is not set; name the Ceph pool the layers' images live in, such as \"rbd\"".to_string(),
+        ));
+    }
+    for (key, value) in [
+        ("pool.rbd.pool", &rbd.pool),
+        ("pool.rbd.namespace", &rbd.namespace),
+        ("pool.rbd.client", &rbd.client),
+    ] {
+        if let Some(problem) = ceph_name_problem(value) {
+            return Err(KeyError::new(key, format!("{value:?} is not a name Ceph and the kernel's rbd client both accept: {problem}")));
+        }
+    }
+    if rbd.client.is_empty() || rbd.client.starts_with("client.") {
+        return Err(KeyError::new(
+            "pool.rbd.client",
+            format!(
+                "{:?}: write the cephx client's name without \"client.\", such as \"admin\"",
+                rbd.client
+            ),
+        ));
+    }
+    if rbd.timeout < std::time::Duration::from_secs(1)
+        || rbd.timeout > std::time::Duration::from_secs(3600)
+    {
+        return Err(KeyError::new(
+            "pool.rbd.timeout",
+            "out of range; write from 1s to 1h, such as \"60s\"".to_string(),
+        ));
+    }
+    if rbd.map == RbdMap::Nbd {
+        return Err(KeyError::new(
+            "pool.rbd.map",
+            "\"nbd\" is not built yet; use \"krbd\" (the kernel's rbd driver)".to_string(),
         ));
     }
     Ok(())

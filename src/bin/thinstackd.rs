@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     };
     if args.check_config {
         print!("{}", config.to_toml());
-        return ExitCode::SUCCESS;
+        return check_cluster(&config);
     }
     init_logging(&config);
     if args.check_pool {
@@ -61,6 +61,26 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!(kind = %err.kind(), "{err}");
             eprintln!("thinstackd: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--check-config` of an rbd pool: the file is valid; is the cluster it names usable? Exit 1
+/// (not 2, a bad file) when it is not.
+fn check_cluster(config: &Config) -> ExitCode {
+    if config.pool.backend != thinstack::config::Backend::Rbd {
+        return ExitCode::SUCCESS;
+    }
+    match thinstack::pool::rbd::check_cluster(config) {
+        Ok(summary) => {
+            eprintln!("thinstackd: {summary}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!(
+                "thinstackd: the configuration is valid, but its Ceph cluster is not usable: {err}"
+            );
             ExitCode::FAILURE
         }
     }

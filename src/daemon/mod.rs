@@ -36,6 +36,7 @@ use crate::kernel::sim::Sim;
 use crate::kernel::thin_tools::CheckReport;
 use crate::kernel::{FsKernel, PoolKernel, Room};
 use crate::metrics::{Interface, Metrics};
+use crate::pool::rbd::RbdPool;
 use crate::pool::{lvm, RealPool};
 use crate::records::StateLock;
 use crate::units::ByteSize;
@@ -80,6 +81,9 @@ impl Daemon {
         let state_dir = config.state_dir.path();
         let lock = StateLock::acquire(state_dir)?;
         let (pool, fs): (HostPool, HostFs) = match kernel {
+            KernelChoice::Real if config.pool.backend == crate::config::Backend::Rbd => {
+                (Box::new(RbdPool::open(&config)?), Box::new(RealFs))
+            }
             KernelChoice::Real => (Box::new(RealPool::open(&config)?), Box::new(RealFs)),
             KernelChoice::Sim => {
                 let files = &config.pool.loop_files;

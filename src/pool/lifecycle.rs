@@ -236,6 +236,7 @@ impl Pool {
             ))
         })?;
         let dm_name = match record.backend {
+            Backend::Rbd => return Err(not_dm_thin(config)),
             Backend::Lvm => lvm::pool_dm_name(config)?,
             Backend::Existing => record::existing_dm_name(config)?,
             Backend::Loop | Backend::Devices => config.pool.name.pool_dm_name(),
@@ -276,6 +277,7 @@ impl Pool {
                 "adopted pool {} is not active; check it with the tools of whoever made it",
                 &*dm_name
             ))),
+            Backend::Rbd => Err(not_dm_thin(config)),
         }
     }
 
@@ -326,4 +328,16 @@ impl Pool {
         tracing::warn!(pool = %self.name, backend = %self.backend(), "pool destroyed");
         Ok(())
     }
+}
+
+/// The refusal of a dm-thin operation for a pool of RBD images.
+fn not_dm_thin(config: &Config) -> Error {
+    Error::new(
+        crate::error::ErrorKind::Unsupported,
+        format!(
+            "pool {} is on Ceph RBD images (pool.backend = \"rbd\"): it has no dm-thin metadata; \
+             the cluster checks its own data (`ceph health detail`)",
+            config.pool.name
+        ),
+    )
 }

@@ -17,6 +17,7 @@ mod lifecycle;
 pub mod loop_files;
 pub mod lvm;
 mod pool_table;
+pub mod rbd;
 mod real;
 pub mod record;
 mod status;
@@ -166,6 +167,12 @@ impl Pool {
             Backend::Lvm => lvm::open(config, dm, record)?,
             Backend::Devices => devices::open(config, dm, record)?,
             Backend::Existing => devices::adopt(config, dm, record)?,
+            Backend::Rbd => {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "pool.backend = \"rbd\" has no dm-thin pool; it is opened as an RbdPool",
+                ))
+            }
         };
         pool.settle_devices(dm)?;
         pool.ensure_usable(dm)?;

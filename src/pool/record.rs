@@ -41,6 +41,9 @@ pub struct PoolRecord {
     /// The data and metadata devices (backend `devices`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub devices: Option<DevicesSetup>,
+    /// The Ceph pool and namespace of the images (backend `rbd`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rbd: Option<RbdSetup>,
 }
 
 fn yes() -> bool {
@@ -67,6 +70,15 @@ pub struct DevicesSetup {
     pub data: PathBuf,
     /// Metadata device.
     pub metadata: PathBuf,
+}
+
+/// Where an `rbd` pool's images are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RbdSetup {
+    /// `pool.rbd.pool`.
+    pub pool: String,
+    /// `pool.rbd.namespace` ("" for none).
+    pub namespace: String,
 }
 
 /// Where the record lives.
@@ -125,6 +137,10 @@ fn new(config: &Config, block_size: ByteSize, complete: bool) -> PoolRecord {
             metadata_percent: pool.lvm.metadata_percent.value(),
         }),
         existing: (pool.backend == Backend::Existing).then(|| existing_name(config)),
+        rbd: (pool.backend == Backend::Rbd).then(|| RbdSetup {
+            pool: pool.rbd.pool.clone(),
+            namespace: pool.rbd.namespace.clone(),
+        }),
         devices: (pool.backend == Backend::Devices).then(|| DevicesSetup {
             data: pool
                 .devices
@@ -191,7 +207,7 @@ fn check_matches(record: &PoolRecord, config: &Config, path: &Path) -> Result<()
                 record.block_size.to_string(),
                 pool.lvm.chunk_size.size().to_string(),
             ),
-            Backend::Existing => {}
+            Backend::Existing | Backend::Rbd => {}
         }
         check_setup_matches(record, config, &mut changed);
     }
@@ -239,6 +255,17 @@ fn check_setup_matches(record: &PoolRecord, config: &Config, changed: &mut Vec<S
                     device.path().display(),
                     setup.devices.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")
                 ));
+            }
+        }
+    }
+    if let Some(setup) = &record.rbd {
+        let rbd = &pool.rbd;
+        for (key, was, now) in [
+            ("pool", &setup.pool, &rbd.pool),
+            ("namespace", &setup.namespace, &rbd.namespace),
+        ] {
+            if was != now {
+                changed.push(format!("pool.rbd.{key} was {was:?}, config says {now:?}"));
             }
         }
     }

@@ -1,0 +1,599 @@
+//! The `rbd` backend behind the kernel seam ([`PoolKernel`]): each thin id is a Ceph RBD image
+//! (`names`), a snapshot is a clone of a snapshot of its origin, and activation maps the image
+//! with the kernel's rbd driver. The engine above is the same as on dm-thin: its records, its
+//! intents and its transaction id (kept in a RADOS object, changed by compare-and-set) work as
+//! they do on a dm-thin pool.
+//!
+//! dm-thin's rules, and how images keep them:
+//! - a thin device has no size until activated: an image is made with size 0 and grown to the
+//!   size it is activated at;
+//! - deleting an origin keeps its snapshots: an image whose snapshots have clones goes to the
+//!   pool's trash (clone format 2 lets clones read a trashed parent), and is removed from the
+//!   trash when its last clone is deleted.
+
+mod names;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use devicemapper::Device;
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::device_io::{DeviceFile, ThinIo};
+use crate::kernel::rbd::{self, map, Cluster, ClusterConfig, ImageFeatures, Io, MapRequest};
+use crate::kernel::thin_tools::CheckReport;
+use crate::kernel::{
+    blockdev, DeletedLoopFile, DeltaKind, DeltaRun, DmDevice, PoolDetails, PoolKernel, PoolUsage,
+    Room, ThinUsage,
+};
+use crate::names::{PoolName, ThinId};
+use crate::units::ByteSize;
+use crate::vocab::{Health, Space};
+
+pub use names::{image as image_name, thin_of_image};
+
+/// The unit reads and writes of a layer's device are aligned to (RBD's default object is
+/// 4 MiB; the engine's I/O needs only a block size the device accepts).
+const IO_BLOCK: u64 = 64 * 1024;
+
+/// A pool of RBD images in one Ceph pool (and namespace).
+pub struct RbdPool {
+    name: PoolName,
+    io: Io,
+    /// What the kernel's driver is handed to map an image, but for the image.
+    map_template: MapRequest,
+}
+
+/// Connect to the cluster `config` names. A configuration file that is not there, a cluster
+/// that does not answer and a key the cluster refuses are told apart.
+fn connect(config: &Config) -> Result<Arc<Cluster>> {
+    let rbd = &config.pool.rbd;
+    let conf = rbd.ceph_conf.path();
+    if !conf.exists() {
+        return Err(Error::not_found(format!(
+            "pool.rbd.ceph_conf: {} does not exist; point it at the Ceph cluster's configuration \
+             file (it names the monitors)",
+            conf.display()
+        )));
+    }
+    if let Some(keyring) = &rbd.keyring {
+        if !rbd::keyring_has_client(keyring.path(), &rbd.client)? {
+            return Err(Error::invalid(format!(
+                "pool.rbd.keyring: {} holds no key for client.{}",
+                keyring.path().display(),
+                rbd.client
+            )));
+        }
+    }
+    Cluster::connect(&ClusterConfig {
+        ceph_conf: conf.to_path_buf(),
+        client: rbd.client.clone(),
+        keyring: rbd.keyring.as_ref().map(|k| k.path().to_path_buf()),
+        timeout: rbd.timeout,
+    })
+}
+
+/// What `thinstackd --check-config` says of an rbd pool's cluster: reached, the pool there,
+/// the client's key usable by the kernel; or what is wrong.
+pub fn check_cluster(config: &Config) -> Result<String> {
+    let rbd = &config.pool.rbd;
+    let cluster = connect(config)?;
+    let io = cluster.io(&rbd.pool, None).map_err(|e| {
+        e.context(format!(
+            "pool.rbd.pool: the cluster has no pool {:?} this client can open",
+            rbd.pool
+        ))
+    })?;
+    let monitors = cluster.kernel_monitor_addresses()?;
+    rbd::secret_of(&cluster)?;
+    Ok(format!(
+        "Ceph cluster reached as client.{} (monitors {monitors}); pool {} holds {} images",
+        rbd.client,
+        io.spec(),
+        io.image_names()?.len()
+    ))
+}
+
+impl RbdPool {
+    /// Connect to the cluster `config` names and open (or make) the pool's state object.
+    pub fn open(config: &Config) -> Result<Self> {
+        let rbd = &config.pool.rbd;
+        let cluster = connect(config)?;
+        let namespace = (!rbd.namespace.is_empty()).then_some(rbd.namespace.as_str());
+        crate::pool::record::load(config)?;
+        let io = cluster.io_making_namespace(&rbd.pool, namespace)?;
+        let pool = Self::with_io(config.pool.name.clone(), io)?;
+        crate::pool::record::save_complete(config, ByteSize::from_bytes(IO_BLOCK))?;
+        Ok(pool)
+    }
+
+    /// The pool named `name` over `io`: its state object is made when missing.
+    pub fn with_io(name: PoolName, io: Io) -> Result<Self> {
+        let cluster = Arc::clone(io.cluster());
+        let map_template = MapRequest {
+            monitors: cluster.kernel_monitor_addresses()?,
+            client: cluster.config().client.clone(),
+            secret: rbd::secret_of(&cluster)?,
+            pool: io.pool().to_owned(),
+            namespace: io.namespace().map(str::to_owned),
+            image: String::new(),
+            read_only: false,
+            exclusive: false,
+        };
+        match io.create_object(&names::state_object(&name), names::TRANSACTION_ID, "0") {
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            other => other?,
+        }
+        Ok(RbdPool {
+            name,
+            io,
+            map_template,
+        })
+    }
+
+    fn image(&self, id: ThinId) -> String {
+        names::image(&self.name, id)
+    }
+
+    /// The kernel's mapping of thin `id`'s image, if mapped.
+    fn mapping(&self, id: ThinId) -> Result<Option<map::Mapped>> {
+        let image = self.image(id);
+        Ok(self.mappings()?.into_iter().find(|m| m.image == image))
+    }
+
+    /// The kernel's mappings of this pool's images (heads only).
+    fn mappings(&self) -> Result<Vec<map::Mapped>> {
+        let namespace = self.io.namespace().unwrap_or_default();
+        Ok(map::mapped()?
+            .into_iter()
+            .filter(|m| {
+                m.pool == self.io.pool()
+                    && m.namespace == namespace
+                    && m.snapshot == "-"
+                    && thin_of_image(&self.name, &m.image).is_some()
+            })
+            .collect())
+    }
+
+    /// Remove every snapshot of `image` (one with clones goes to the image's snapshot trash,
+    /// where its clones still read it), then the image; an image Ceph keeps for its clones
+    /// goes to the pool's trash instead. Returns the image's parent, read before.
+    fn remove_image_and_snapshots(&self, image: &str) -> Result<Option<(String, String)>> {
+        let parent = {
+            let open = self.io.open(image, None, false)?;
+            for snapshot in open.snapshots()? {
+                open.remove_snapshot(&snapshot.name)?;
+            }
+            open.parent()?
+        };
+        match self.io.remove_image(image) {
+            Err(e) if matches!(e.kind(), ErrorKind::Busy) && !self.is_mapped(image)? => {
+                self.io.trash_image(image)
+            }
+            other => other,
+        }?;
+        Ok(parent)
+    }
+
+    fn is_mapped(&self, image: &str) -> Result<bool> {
+        Ok(self.mappings()?.iter().any(|m| m.image == image))
+    }
+
+    /// After a clone is gone: drop the parent's snapshot it was made from, and the parent
+    /// itself when it waits in the trash for its last clone.
+    fn release_parent(&self, child: ThinId, parent: &str) -> Result<()> {
+        if let Ok(open) = self.io.open(parent, None, false) {
+            let snapshot = names::clone_snapshot(child);
+            if open.snapshots()?.iter().any(|s| s.name == snapshot) {
+                open.remove_snapshot(&snapshot)?;
+            }
+            return Ok(());
+        }
+        self.purge_trash()
+    }
+
+    /// Remove from the trash every image of this pool that no clone needs any more.
+    pub fn purge_trash(&self) -> Result<()> {
+        for trashed in self.io.trashed_images()? {
+            if thin_of_image(&self.name, &trashed.name).is_none() {
+                continue;
+            }
+            match self.io.remove_trashed(&trashed.id) {
+                Err(e) if matches!(e.kind(), ErrorKind::Busy) => {} // clones still read it
+                other => other?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes of `image`'s own objects (`own`), or of everything it reads (its parents'
+    /// included).
+    fn allocated(&self, image: &str, own: bool) -> Result<u64> {
+        let open = self.io.open(image, None, true)?;
+        let extents = if own {
+            open.extents(None, true)?
+        } else {
+            open.extents_with_parent()?
+        };
+        Ok(extents.iter().map(|(_, len)| len).sum())
+    }
+}
+
+impl PoolKernel for RbdPool {
+    fn details(&self) -> PoolDetails {
+        PoolDetails {
+            name: self.name.to_string(),
+            device: format!("rbd:{}", self.io.spec()),
+            backend: "rbd".to_string(),
+            block_size: ByteSize::from_bytes(IO_BLOCK),
+            data_source: format!("Ceph RBD pool {}", self.io.spec()),
+            metadata_source: format!(
+                "RADOS object {}/{}",
+                self.io.spec(),
+                names::state_object(&self.name)
+            ),
+        }
+    }
+
+    fn usage(&self) -> Result<PoolUsage> {
+        let object = names::state_object(&self.name);
+        let transaction_id = self
+            .io
+            .omap_value(&object, names::TRANSACTION_ID)?
+            .ok_or_else(|| Error::inconsistent(format!("{object} has no transaction id")))?
+            .parse()
+            .map_err(|_| {
+                Error::inconsistent(format!("{object}: the transaction id is not a number"))
+            })?;
+        let (total, used, _available) = self.io.cluster_capacity()?;
+        Ok(PoolUsage {
+            transaction_id,
+            data: Space::new(used, total),
+            metadata: Space::new(0, 0),
+            health: Health {
+                failed: false,
+                needs_check: false,
+                read_only: false,
+                metadata_guard: false,
+                out_of_space: total > 0 && used >= total,
+                when_full: None,
+            },
+        })
+    }
+
+    fn create_thin(&self, id: ThinId) -> Result<()> {
+        self.io
+            .create_image(&self.image(id), 0, ImageFeatures::default())
+    }
+
+    fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
+        let (origin_image, snapshot) = (self.image(origin), names::clone_snapshot(new));
+        {
+            let open = self.io.open(&origin_image, None, false)?;
+            // A snapshot left by a cut-short earlier attempt is named for `new`: it is this one.
+            if !open.snapshots()?.iter().any(|s| s.name == snapshot) {
+                open.snapshot(&snapshot)?;
+            }
+        }
+        self.io.clone_image(
+            &origin_image,
+            &snapshot,
+            &self.image(new),
+            ImageFeatures::default(),
+        )
+    }
+
+    fn delete_thin(&self, id: ThinId) -> Result<()> {
+        let image = self.image(id);
+        if self.is_mapped(&image)? {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "image {} is mapped on this host; deactivate it first",
+                    self.io.image_spec(&image)
+                ),
+            ));
+        }
+        let parent = self.remove_image_and_snapshots(&image)?;
+        if let Some((parent, _)) = parent {
+            self.release_parent(id, &parent)?;
+        }
+        Ok(())
+    }
+
+    fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
+        self.io.compare_and_set(
+            &names::state_object(&self.name),
+            names::TRANSACTION_ID,
+            &old.to_string(),
+            &new.to_string(),
+        )
+    }
+
+    fn thin_ids(&self) -> Result<BTreeSet<ThinId>> {
+        Ok(self
+            .io
+            .image_names()?
+            .iter()
+            .filter_map(|image| thin_of_image(&self.name, image))
+            .collect())
+    }
+
+    fn activate(&self, id: ThinId, size: ByteSize, read_only: bool) -> Result<PathBuf> {
+        let image = self.image(id);
+        if self.is_mapped(&image)? {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("image {} is mapped already", self.io.image_spec(&image)),
+            ));
+        }
+        {
+            let open = self.io.open(&image, None, false)?;
+            let now = open.size()?;
+            if size.bytes() > now {
+                open.resize(size.bytes(), false)?;
+            } else if size.bytes() < now {
+                return Err(Error::invalid(format!(
+                    "image {} is {now} bytes, larger than the {} it is to be activated at; \
+                     thinstack never shrinks a layer",
+                    self.io.image_spec(&image),
+                    size.bytes()
+                )));
+            }
+        }
+        let request = MapRequest {
+            image,
+            read_only,
+            ..self.map_template.clone()
+        };
+        Ok(map::map(&request)?.node())
+    }
+
+    fn deactivate(&self, id: ThinId) -> Result<()> {
+        let mapping = self.mapping(id)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "image {} is not mapped",
+                self.io.image_spec(&self.image(id))
+            ))
+        })?;
+        map::unmap(mapping.id)
+    }
+
+    fn active_node(&self, id: ThinId) -> Result<Option<PathBuf>> {
+        Ok(self.mapping(id)?.map(|m| m.node()))
+    }
+
+    fn active_read_only(&self, id: ThinId) -> Result<Option<bool>> {
+        Ok(self.mapping(id)?.map(|m| m.read_only))
+    }
+
+    fn active_ids(&self) -> Result<BTreeSet<ThinId>> {
+        Ok(self
+            .mappings()?
+            .iter()
+            .filter_map(|m| thin_of_image(&self.name, &m.image))
+            .collect())
+    }
+
+    fn resize(&self, id: ThinId, size: ByteSize) -> Result<()> {
+        self.io
+            .open(&self.image(id), None, false)?
+            .resize(size.bytes(), false)?;
+        match self.mapping(id)? {
+            Some(mapping) => map::refresh(mapping.id),
+            None => Ok(()),
+        }
+    }
+
+    fn mapped(&self, id: ThinId) -> Result<ByteSize> {
+        Ok(ByteSize::from_bytes(
+            self.allocated(&self.image(id), false)?,
+        ))
+    }
+
+    fn discard(&self, id: ThinId) -> Result<()> {
+        let node = self.active_node(id)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "thin device {id} is not active, so it cannot be discarded"
+            ))
+        })?;
+        blockdev::discard(&node)
+    }
+
+    fn thin_usage(&self) -> Result<BTreeMap<ThinId, ThinUsage>> {
+        let mut usage = BTreeMap::new();
+        for id in self.thin_ids()? {
+            let image = self.image(id);
+            usage.insert(
+                id,
+                ThinUsage {
+                    mapped: ByteSize::from_bytes(self.allocated(&image, false)?),
+                    exclusive: ByteSize::from_bytes(self.allocated(&image, true)?),
+                },
+            );
+        }
+        Ok(usage)
+    }
+
+    fn thin_delta(&self, base: Option<ThinId>, id: ThinId) -> Result<Vec<DeltaRun>> {
+        let open = self.io.open(&self.image(id), None, true)?;
+        let extents = match base {
+            None => open.extents_with_parent()?,
+            Some(base) => self.extents_since(base, id)?,
+        };
+        Ok(extents
+            .into_iter()
+            .map(|(offset, length)| DeltaRun {
+                offset,
+                length,
+                kind: DeltaKind::Data,
+            })
+            .collect())
+    }
+
+    fn open_thin(&self, id: ThinId) -> Result<Box<dyn ThinIo>> {
+        let mapping = self.mapping(id)?.ok_or_else(|| {
+            Error::not_found(format!(
+                "thin device {id} is not active, so it cannot be read"
+            ))
+        })?;
+        Ok(Box::new(DeviceFile::open(
+            &mapping.node(),
+            !mapping.read_only,
+            ByteSize::from_bytes(IO_BLOCK),
+        )?))
+    }
+
+    fn room(&self) -> Result<Room> {
+        Ok(Room::Fixed)
+    }
+
+    fn extend(&self, _: Option<ByteSize>, _: Option<ByteSize>) -> Result<(ByteSize, ByteSize)> {
+        Err(self.unsupported("grows with its Ceph cluster; add OSDs to the cluster instead"))
+    }
+
+    fn grow_volumes(&self, _: &crate::kernel::lvm::VolumeGroup, _: u64, _: u64) -> Result<()> {
+        Err(self.unsupported("has no LVM volumes"))
+    }
+
+    fn volume_group(&self) -> Result<crate::kernel::lvm::VolumeGroup> {
+        Err(self.unsupported("has no LVM volume group"))
+    }
+
+    fn read_only_guard(&self) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn set_read_only_guard(&self, _on: bool) -> Result<bool> {
+        // No dm-thin metadata that can fill up: nothing to guard.
+        Ok(false)
+    }
+
+    fn check_metadata(&self) -> Result<CheckReport> {
+        Err(self.unsupported(
+            "has no dm-thin metadata; the cluster checks its own data (`ceph health detail`)",
+        ))
+    }
+
+    fn add_device(&self, _: &Path, _: bool) -> Result<ByteSize> {
+        Err(self.unsupported("takes no disks; add OSDs to the Ceph cluster instead"))
+    }
+
+    fn monitored(&self) -> bool {
+        false
+    }
+
+    fn destroy(&self) -> Result<()> {
+        self.purge_trash()?;
+        match self.io.remove_object(&names::state_object(&self.name)) {
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    fn thin_device_numbers(&self) -> Result<HashMap<Device, ThinId>> {
+        let mut numbers = HashMap::new();
+        for mapping in self.mappings()? {
+            if let Some(id) = thin_of_image(&self.name, &mapping.image) {
+                numbers.insert(blockdev::block_device(&mapping.node())?, id);
+            }
+        }
+        Ok(numbers)
+    }
+
+    fn dm_devices(&self) -> Result<Vec<DmDevice>> {
+        // The pool's devices are rbd mappings, not device-mapper devices; the doctor finds
+        // them (named rbd<N>) as it finds a dm pool's.
+        let mut found = Vec::new();
+        for mapping in self.mappings()? {
+            found.push(DmDevice {
+                name: format!("rbd{}", mapping.id),
+                thin: thin_of_image(&self.name, &mapping.image),
+                open_count: u32::from(blockdev::is_held(&mapping.node())?),
+            });
+        }
+        Ok(found)
+    }
+
+    fn remove_dm_device(&self, name: &str) -> Result<()> {
+        let id = name
+            .strip_prefix("rbd")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| Error::invalid(format!("{name:?} is not an rbd device of this pool")))?;
+        map::unmap(id)
+    }
+
+    fn deleted_loop_files(&self) -> Result<Vec<DeletedLoopFile>> {
+        Ok(Vec::new())
+    }
+
+    fn loop_held(&self, _: &Path) -> Result<bool> {
+        Ok(false)
+    }
+
+    fn detach_loop(&self, _: &Path) -> Result<()> {
+        Err(self.unsupported("has no loop devices"))
+    }
+}
+
+impl RbdPool {
+    fn unsupported(&self, why: &str) -> Error {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!("pool {} is on Ceph RBD images and {why}", self.name),
+        )
+    }
+
+    /// Where `id` may differ from its ancestor `base`: the union of the own extents of every
+    /// image from `id` up to (not including) `base`. Read from the object maps.
+    fn extents_since(&self, base: ThinId, id: ThinId) -> Result<Vec<(u64, u64)>> {
+        let base_image = self.image(base);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut image = self.image(id);
+        loop {
+            let open = self.io.open(&image, None, true)?;
+            runs.extend(open.extents(None, true)?);
+            match open.parent()? {
+                Some((parent, _)) if parent == base_image => break,
+                Some((parent, _)) => image = parent,
+                None => {
+                    return Err(Error::invalid(format!(
+                        "thin device {base} is not an ancestor of {id} in pool {}",
+                        self.name
+                    )))
+                }
+            }
+        }
+        Ok(merge(runs))
+    }
+}
+
+/// Sort and merge overlapping or touching runs.
+fn merge(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::new();
+    for (offset, length) in runs {
+        match merged.last_mut() {
+            Some((start, len)) if offset <= *start + *len => {
+                *len = (*len).max(offset + length - *start);
+            }
+            _ => merged.push((offset, length)),
+        }
+    }
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge;
+
+    #[test]
+    fn runs_merge_when_they_overlap_or_touch() {
+        assert_eq!(
+            merge(vec![(10, 5), (0, 4), (4, 2), (12, 10), (40, 1)]),
+            vec![(0, 6), (10, 12), (40, 1)]
+        );
+    }
+}
