@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod ceph;
 pub mod daemon;
 pub mod disks;
 pub mod sim;

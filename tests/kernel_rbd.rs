@@ -1,0 +1,214 @@
+//! The rbd backend on a real single-node Ceph cluster and the kernel's rbd driver: the
+//! library's calls cross-checked with the `rbd` command, and the layer engine on RBD images.
+//! Run with `scripts/vm-test` (the cluster is started in the VM by `scripts/ceph-cluster`).
+
+mod common;
+
+use std::fs;
+
+use common::ceph::cluster;
+use common::{require_dm_thin, TestPool};
+use thinstack::engine::{CreateLayer, Engine, Settings};
+use thinstack::kernel::rbd::{map, Cluster, ImageFeatures, MapRequest};
+use thinstack::kernel::real::RealFs;
+use thinstack::kernel::PoolKernel;
+use thinstack::pool::rbd::RbdPool;
+use thinstack::ErrorKind;
+
+fn require_rbd() {
+    require_dm_thin();
+    cluster();
+    assert!(map::available(), "the kernel's rbd driver is not loaded");
+}
+
+/// A namespace of the test's own, so tests never see each other's images.
+fn namespace(test: &str) -> String {
+    format!("t{}-{test}", std::process::id())
+}
+
+#[test]
+#[ignore = "kernel test: run with scripts/vm-test"]
+fn images_clone_map_and_list_as_the_rbd_command_sees_them() {
+    require_rbd();
+    let test = cluster();
+    let ns = namespace("lib");
+    test.rbd(&["namespace", "create", &format!("{}/{ns}", test.pool)]);
+    let connected = Cluster::connect(&test.config()).unwrap();
+    let io = connected.io(&test.pool, Some(&ns)).unwrap();
+    let features = ImageFeatures::default();
+
+    io.create_image("base", 64 << 20, features).unwrap();
+    let again = io.create_image("base", 64 << 20, features).unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::AlreadyExists, "{again}");
+
+    // Map the base, make a filesystem, write a file.
+    let request = MapRequest {
+        monitors: connected.kernel_monitor_addresses().unwrap(),
+        client: "admin".into(),
+        secret: thinstack::kernel::rbd::secret_of(&connected).unwrap(),
+        pool: test.pool.clone(),
+        namespace: Some(ns.clone()),
+        image: "base".into(),
+        read_only: false,
+        exclusive: false,
+    };
+    let base = map::map(&request).unwrap();
+    assert!(base.node().exists());
+    thinstack::kernel::fs::mkfs(thinstack::vocab::FsType::Ext4, &base.node(), &[]).unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    thinstack::kernel::fs::mount(
+        &base.node(),
+        mnt.path(),
+        thinstack::vocab::FsType::Ext4,
+        false,
+        &[],
+    )
+    .unwrap();
+    fs::write(mnt.path().join("from-base"), "base").unwrap();
+    thinstack::kernel::fs::unmount(mnt.path(), &base.node()).unwrap();
+
+    // Snapshot and clone it while it is mapped; the clone reads the base's file.
+    {
+        let image = io.open("base", None, false).unwrap();
+        image.snapshot("to-child").unwrap();
+        assert_eq!(image.snapshots().unwrap().len(), 1);
+    }
+    io.clone_image("base", "to-child", "child", features)
+        .unwrap();
+    map::unmap(base.id).unwrap();
+    let child = map::map(&MapRequest {
+        image: "child".into(),
+        ..request.clone()
+    })
+    .unwrap();
+    thinstack::kernel::fs::mount(
+        &child.node(),
+        mnt.path(),
+        thinstack::vocab::FsType::Ext4,
+        false,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read_to_string(mnt.path().join("from-base")).unwrap(),
+        "base"
+    );
+    fs::write(mnt.path().join("from-child"), "child").unwrap();
+    thinstack::kernel::fs::unmount(mnt.path(), &child.node()).unwrap();
+
+    // What the library lists is what the rbd command lists.
+    let mut names = io.image_names().unwrap();
+    names.sort();
+    assert_eq!(names, ["base", "child"]);
+    let listed = test.rbd(&["ls", &format!("{}/{ns}", test.pool)]);
+    assert_eq!(
+        listed.split_whitespace().collect::<Vec<_>>(),
+        ["base", "child"]
+    );
+    let opened = io.open("child", None, true).unwrap();
+    assert_eq!(
+        opened.parent().unwrap(),
+        Some(("base".into(), "to-child".into()))
+    );
+    assert!(
+        !opened.extents(None, true).unwrap().is_empty(),
+        "the child wrote objects of its own"
+    );
+    drop(opened);
+    let base_at_snap = io.open("base", Some("to-child"), true).unwrap();
+    assert_eq!(base_at_snap.children().unwrap(), ["child"]);
+    drop(base_at_snap);
+
+    // A mapped image is busy; the base with a clone cannot go, but can go to the trash.
+    let busy = io.remove_image("child").unwrap_err();
+    assert_eq!(busy.kind(), ErrorKind::Busy, "{busy}");
+    map::unmap(child.id).unwrap();
+    {
+        let image = io.open("base", None, false).unwrap();
+        image.remove_snapshot("to-child").unwrap();
+    }
+    let kept = io.remove_image("base").unwrap_err();
+    assert_eq!(kept.kind(), ErrorKind::Busy, "{kept}");
+    io.trash_image("base").unwrap();
+    let child = map::map(&MapRequest {
+        image: "child".into(),
+        read_only: true,
+        ..request.clone()
+    })
+    .unwrap();
+    thinstack::kernel::fs::mount(
+        &child.node(),
+        mnt.path(),
+        thinstack::vocab::FsType::Ext4,
+        true,
+        &["noload"],
+    )
+    .unwrap();
+    assert_eq!(
+        fs::read_to_string(mnt.path().join("from-base")).unwrap(),
+        "base"
+    );
+    thinstack::kernel::fs::unmount(mnt.path(), &child.node()).unwrap();
+    map::unmap(child.id).unwrap();
+
+    io.remove_image("child").unwrap();
+    for trashed in io.trashed_images().unwrap() {
+        io.remove_trashed(&trashed.id).unwrap();
+    }
+    assert!(io.image_names().unwrap().is_empty());
+    assert!(io.trashed_images().unwrap().is_empty());
+}
+
+fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
+    CreateLayer {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        ..CreateLayer::default()
+    }
+}
+
+#[test]
+#[ignore = "kernel test: run with scripts/vm-test"]
+fn the_engine_makes_commits_mounts_and_removes_layers_on_rbd_images() {
+    require_rbd();
+    let test = cluster();
+    // The pool makes its namespace itself.
+    let ns = namespace("engine");
+    let t = TestPool::new(
+        "rbd-engine",
+        &format!("{}[layers]\nbase_size = \"64M\"\n", test.pool_toml(&ns)),
+    );
+    let pool = RbdPool::open(&t.config).unwrap();
+    let (engine, report) = Engine::open(pool, RealFs, Settings::from_config(&t.config)).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+
+    engine.create(&layer("base", None)).unwrap();
+    let mnt = engine.mount("base", None, false).unwrap();
+    fs::write(mnt.join("from-base"), "base").unwrap();
+    engine.unmount("base", None).unwrap();
+    engine.commit("base").unwrap();
+    engine.create(&layer("app", Some("base"))).unwrap();
+    let mnt = engine.mount("app", None, false).unwrap();
+    assert_eq!(fs::read_to_string(mnt.join("from-base")).unwrap(), "base");
+    fs::write(mnt.join("from-app"), "app").unwrap();
+
+    // The images are the rbd command's too, one per layer, the child a clone of the base.
+    let listed = test.rbd(&["ls", &format!("{}/{ns}", test.pool)]);
+    assert_eq!(listed.split_whitespace().count(), 2, "{listed}");
+
+    let busy = engine.remove("base").unwrap_err();
+    assert_eq!(busy.kind(), ErrorKind::Busy, "{busy}");
+    engine.unmount("app", None).unwrap();
+    engine.remove("app").unwrap();
+    engine.remove("base").unwrap();
+    engine.finish_deletions().unwrap();
+    assert_eq!(engine.deletions_pending(), 0);
+    drop(engine);
+
+    // Every image is gone, the trash too, and nothing of the pool is mapped.
+    let pool = RbdPool::open(&t.config).unwrap();
+    assert!(pool.thin_ids().unwrap().is_empty());
+    assert!(pool.active_ids().unwrap().is_empty());
+    let trash = test.rbd(&["trash", "ls", &format!("{}/{ns}", test.pool)]);
+    assert!(trash.trim().is_empty(), "left in the trash: {trash}");
+}
