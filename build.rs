@@ -57,6 +57,7 @@ const CEPH_FUNCTIONS: &[&str] = &[
     "rbd_get_parent",
     "rbd_linked_image_spec_cleanup",
     "rbd_snap_spec_cleanup",
+    "rbd_flatten",
     "rbd_snap_create",
     "rbd_snap_protect",
     "rbd_snap_unprotect",

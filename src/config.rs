@@ -318,9 +318,11 @@ pub struct RbdConfig {
     pub keyring: Option<AbsolutePath>,
     /// How a layer is mapped to a block device.
     pub map: RbdMap,
+    /// The most parents a layer's image may have: a clone made deeper is flattened (its
+    /// parents' data copied into it) when it is made. The kernel's rbd driver maps at most 16.
+    pub flatten_depth: u32,
     /// How long one call to the cluster may take before it fails.
-    #[serde(with = "humantime_serde_secs")]
-    pub timeout: std::time::Duration,
+    pub timeout: Timeout,
 }
 
 impl Default for RbdConfig {
@@ -332,10 +334,15 @@ impl Default for RbdConfig {
             client: "admin".to_string(),
             keyring: None,
             map: RbdMap::Krbd,
-            timeout: std::time::Duration::from_secs(60),
+            flatten_depth: RBD_KERNEL_MAX_PARENTS,
+            timeout: Timeout::secs(60),
         }
     }
 }
+
+/// The longest chain of parents the kernel's rbd driver maps (`rbd: parent chain is too long`
+/// beyond it).
+pub const RBD_KERNEL_MAX_PARENTS: u32 = 16;
 
 /// `pool.rbd.map`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -345,25 +352,6 @@ pub enum RbdMap {
     Krbd,
     /// rbd-nbd: a userspace librbd process per device, with no depth limit.
     Nbd,
-}
-
-/// A duration in the config file written as humantime text ("60s"), read and written as such.
-mod humantime_serde_secs {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::time::Duration;
-
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&humantime::format_duration(*value).to_string())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not a duration ({e}); write one such as \"60s\""
-            ))
-        })
-    }
 }
 
 /// A volume group name as LVM accepts it: letters, digits, `+_.-`, not starting with `-`.
@@ -1036,12 +1024,15 @@ fn check_rbd(rbd: &RbdConfig) -> std::result::Result<(), KeyError> {
             ),
         ));
     }
-    if rbd.timeout < std::time::Duration::from_secs(1)
-        || rbd.timeout > std::time::Duration::from_secs(3600)
-    {
+    check_timeout("pool.rbd.timeout", rbd.timeout, REQUEST_TIMEOUT_RANGE)?;
+    if !(1..=RBD_KERNEL_MAX_PARENTS).contains(&rbd.flatten_depth) {
         return Err(KeyError::new(
-            "pool.rbd.timeout",
-            "out of range; write from 1s to 1h, such as \"60s\"".to_string(),
+            "pool.rbd.flatten_depth",
+            format!(
+                "{} is out of range; write from 1 to {RBD_KERNEL_MAX_PARENTS} (the kernel's rbd \
+                 driver maps no image with more parents)",
+                rbd.flatten_depth
+            ),
         ));
     }
     if rbd.map == RbdMap::Nbd {
@@ -1195,6 +1186,39 @@ mod tests {
 
     fn error_of(text: &str) -> String {
         Config::parse(text, "test.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn an_rbd_pool_needs_a_ceph_pool_and_names_the_kernel_client_accepts() {
+        let good = "[pool]\nbackend = \"rbd\"\n[pool.rbd]\npool = \"rbd\"\nnamespace = \"ci\"\ntimeout = \"90s\"\n";
+        let config = Config::parse(good, "t").unwrap();
+        assert_eq!(config.pool.rbd.timeout, Timeout::secs(90));
+        assert_eq!(config.pool.rbd.flatten_depth, RBD_KERNEL_MAX_PARENTS);
+        let round = Config::parse(&config.to_toml(), "t").unwrap();
+        assert_eq!(round.pool.rbd, config.pool.rbd);
+        for (bad, key) in [
+            ("", "pool.rbd.pool"),
+            ("pool = \"a b\"", "pool.rbd.pool"),
+            ("pool = \"rbd\"\nnamespace = \"x/y\"", "pool.rbd.namespace"),
+            (
+                "pool = \"rbd\"\nclient = \"client.admin\"",
+                "pool.rbd.client",
+            ),
+            (
+                "pool = \"rbd\"\nflatten_depth = 17",
+                "pool.rbd.flatten_depth",
+            ),
+            (
+                "pool = \"rbd\"\nflatten_depth = 0",
+                "pool.rbd.flatten_depth",
+            ),
+            ("pool = \"rbd\"\ntimeout = \"2h\"", "pool.rbd.timeout"),
+            ("pool = \"rbd\"\nmap = \"nbd\"", "pool.rbd.map"),
+            ("pool = \"rbd\"\nmonitors = \"x\"", "monitors"),
+        ] {
+            let err = error_of(&format!("[pool]\nbackend = \"rbd\"\n[pool.rbd]\n{bad}\n"));
+            assert!(err.contains(key), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -227,6 +227,15 @@ impl Image<'_> {
         Ok(())
     }
 
+    /// Copy what it reads from its parents into its own objects and detach it from them: it
+    /// then has no parent. Costs a copy of every object the parents hold for it.
+    pub fn flatten(&self) -> Result<()> {
+        // Safety: an open image.
+        let rc = unsafe { self.io.lib().rbd_flatten(self.handle) };
+        check(rc, "flattening", &self.spec)?;
+        Ok(())
+    }
+
     /// Take a snapshot named `name`.
     pub fn snapshot(&self, name: &str) -> Result<()> {
         let text = c_string("snapshot", name)?;
@@ -389,40 +398,57 @@ impl Image<'_> {
     /// from `since` (a snapshot of it), ascending. `whole_object` reports whole objects, read
     /// from the object map alone.
     pub fn extents(&self, since: Option<&str>, whole_object: bool) -> Result<Vec<(u64, u64)>> {
-        self.diff(since, false, whole_object)
+        self.diff(since, false, whole_object, true)
     }
 
     /// The byte ranges that hold data, its parents' included (whole objects).
     pub fn extents_with_parent(&self) -> Result<Vec<(u64, u64)>> {
-        self.diff(None, true, true)
+        self.diff(None, true, true, true)
     }
 
+    /// The byte ranges (whole objects) the image changed since it was cloned from its parent:
+    /// written, and also discarded or zeroed (which read as zeros now, not as the parent's
+    /// data).
+    pub fn changed_since_clone(&self) -> Result<Vec<(u64, u64)>> {
+        self.diff(None, false, true, false)
+    }
+
+    /// Runs librbd's diff reports, merged when they touch; only those that hold data when
+    /// `existing_only`.
     fn diff(
         &self,
         since: Option<&str>,
         include_parent: bool,
         whole_object: bool,
+        existing_only: bool,
     ) -> Result<Vec<(u64, u64)>> {
+        struct Collected {
+            runs: Vec<(u64, u64)>,
+            existing_only: bool,
+        }
         unsafe extern "C" fn collect(
             offset: u64,
             len: usize,
             exists: c_int,
             arg: *mut c_void,
         ) -> c_int {
-            // Safety: `arg` is the Vec passed below, alive for the whole call.
-            let extents = &mut *(arg as *mut Vec<(u64, u64)>);
-            if exists != 0 {
-                match extents.last_mut() {
+            // Safety: `arg` is the Collected passed below, alive for the whole call.
+            let collected = &mut *(arg as *mut Collected);
+            if exists != 0 || !collected.existing_only {
+                match collected.runs.last_mut() {
                     Some((start, length)) if *start + *length == offset => *length += len as u64,
-                    _ => extents.push((offset, len as u64)),
+                    _ => collected.runs.push((offset, len as u64)),
                 }
             }
             0
         }
         let size = self.size()?;
         let since = since.map(|s| c_string("snapshot", s)).transpose()?;
-        let mut extents: Vec<(u64, u64)> = Vec::new();
-        // Safety: an open image; the callback writes only into `extents`, which outlives it.
+        let mut collected = Collected {
+            runs: Vec::new(),
+            existing_only,
+        };
+        // Safety: an open image; the callback writes only into `collected`, which outlives it.
         let rc = unsafe {
             self.io.lib().rbd_diff_iterate2(
                 self.handle,
@@ -432,11 +458,11 @@ impl Image<'_> {
                 u8::from(include_parent),
                 u8::from(whole_object),
                 Some(collect),
-                (&mut extents as *mut Vec<(u64, u64)>).cast::<c_void>(),
+                (&mut collected as *mut Collected).cast::<c_void>(),
             )
         };
         check(rc, "reading the extents of", &self.spec)?;
-        Ok(extents)
+        Ok(collected.runs)
     }
 
     /// The clients holding its exclusive lock.

@@ -44,6 +44,8 @@ pub struct RbdPool {
     io: Io,
     /// What the kernel's driver is handed to map an image, but for the image.
     map_template: MapRequest,
+    /// The most parents an image may have before it is flattened.
+    flatten_depth: u32,
 }
 
 /// Connect to the cluster `config` names. A configuration file that is not there, a cluster
@@ -71,7 +73,7 @@ fn connect(config: &Config) -> Result<Arc<Cluster>> {
         ceph_conf: conf.to_path_buf(),
         client: rbd.client.clone(),
         keyring: rbd.keyring.as_ref().map(|k| k.path().to_path_buf()),
-        timeout: rbd.timeout,
+        timeout: rbd.timeout.duration(),
     })
 }
 
@@ -104,7 +106,8 @@ impl RbdPool {
         let namespace = (!rbd.namespace.is_empty()).then_some(rbd.namespace.as_str());
         crate::pool::record::load(config)?;
         let io = cluster.io_making_namespace(&rbd.pool, namespace)?;
-        let pool = Self::with_io(config.pool.name.clone(), io)?;
+        let mut pool = Self::with_io(config.pool.name.clone(), io)?;
+        pool.flatten_depth = rbd.flatten_depth;
         crate::pool::record::save_complete(config, ByteSize::from_bytes(IO_BLOCK))?;
         Ok(pool)
     }
@@ -130,6 +133,7 @@ impl RbdPool {
             name,
             io,
             map_template,
+            flatten_depth: crate::config::RBD_KERNEL_MAX_PARENTS,
         })
     }
 
@@ -175,6 +179,21 @@ impl RbdPool {
             other => other,
         }?;
         Ok(parent)
+    }
+
+    /// How many parents an open image has: its metadata says, or (an image made without it)
+    /// its chain is walked.
+    fn depth_of(&self, open: &rbd::Image<'_>) -> Result<u32> {
+        if let Some(depth) = open.metadata(names::DEPTH)?.and_then(|d| d.parse().ok()) {
+            return Ok(depth);
+        }
+        let mut depth = 0;
+        let mut parent = open.parent()?;
+        while let Some((image, _)) = parent {
+            depth += 1;
+            parent = self.io.open(&image, None, true)?.parent()?;
+        }
+        Ok(depth)
     }
 
     fn is_mapped(&self, image: &str) -> Result<bool> {
@@ -270,19 +289,33 @@ impl PoolKernel for RbdPool {
 
     fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
         let (origin_image, snapshot) = (self.image(origin), names::clone_snapshot(new));
-        {
+        let depth = {
             let open = self.io.open(&origin_image, None, false)?;
             // A snapshot left by a cut-short earlier attempt is named for `new`: it is this one.
             if !open.snapshots()?.iter().any(|s| s.name == snapshot) {
                 open.snapshot(&snapshot)?;
             }
-        }
+            self.depth_of(&open)? + 1
+        };
+        let new_image = self.image(new);
         self.io.clone_image(
             &origin_image,
             &snapshot,
-            &self.image(new),
+            &new_image,
             ImageFeatures::default(),
-        )
+        )?;
+        let open = self.io.open(&new_image, None, false)?;
+        if depth <= self.flatten_depth {
+            return open.set_metadata(names::DEPTH, &depth.to_string());
+        }
+        // Deeper than the kernel maps: the new layer takes its own copy of what it reads, and
+        // its parent's snapshot, which no clone needs any more, goes.
+        open.flatten()?;
+        open.set_metadata(names::DEPTH, "0")?;
+        drop(open);
+        self.io
+            .open(&origin_image, None, false)?
+            .remove_snapshot(&snapshot)
     }
 
     fn delete_thin(&self, id: ThinId) -> Result<()> {
@@ -547,23 +580,21 @@ impl RbdPool {
     }
 
     /// Where `id` may differ from its ancestor `base`: the union of the own extents of every
-    /// image from `id` up to (not including) `base`. Read from the object maps.
+    /// image from `id` up to (not including) `base`, or up to an image that was flattened.
+    /// Read from the object maps; a superset of the change, never less.
     fn extents_since(&self, base: ThinId, id: ThinId) -> Result<Vec<(u64, u64)>> {
         let base_image = self.image(base);
         let mut runs: Vec<(u64, u64)> = Vec::new();
         let mut image = self.image(id);
         loop {
             let open = self.io.open(&image, None, true)?;
-            runs.extend(open.extents(None, true)?);
+            runs.extend(open.changed_since_clone()?);
             match open.parent()? {
                 Some((parent, _)) if parent == base_image => break,
                 Some((parent, _)) => image = parent,
-                None => {
-                    return Err(Error::invalid(format!(
-                        "thin device {base} is not an ancestor of {id} in pool {}",
-                        self.name
-                    )))
-                }
+                // Flattened (or the chain left the pool): this image holds every byte it
+                // reads, and its own extents, already counted, cover them.
+                None => break,
             }
         }
         Ok(merge(runs))

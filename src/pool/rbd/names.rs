@@ -33,6 +33,9 @@ pub fn state_object(pool: &PoolName) -> String {
     format!("{pool}.thinstack-pool")
 }
 
+/// The image metadata key holding how many parents the image has.
+pub const DEPTH: &str = "thinstack.depth";
+
 /// The state object's omap key for the transaction id.
 pub const TRANSACTION_ID: &str = "transaction_id";
 
