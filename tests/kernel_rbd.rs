@@ -6,8 +6,15 @@ mod common;
 
 use std::fs;
 
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
 use common::ceph::cluster;
-use common::{require_dm_thin, TestPool};
+use common::daemon::TestDaemon;
+use common::{require_dm_thin, wait_until, TestPool};
+use serde_json::Value;
+use thinstack::api::CreateRequest;
 use thinstack::engine::{CreateLayer, Engine, Settings};
 use thinstack::kernel::rbd::{map, Cluster, ImageFeatures, MapRequest};
 use thinstack::kernel::real::RealFs;
@@ -296,4 +303,107 @@ fn a_chain_of_20_mounts_and_reads_the_base_and_moves_to_a_second_pool_byte_for_b
         "the imported top differs from the exported one"
     );
     assert!(device_bytes(&here, "l0") == device_bytes(&there, "l0"));
+}
+
+#[test]
+#[ignore = "kernel test: run with scripts/vm-test"]
+fn thinstackd_serves_an_rbd_pool_and_a_kill_9_under_load_loses_no_layer() {
+    require_rbd();
+    let ns = namespace("daemon");
+    let extra = format!(
+        "{}[layers]\nbase_size = \"64M\"\n",
+        cluster().pool_toml(&ns)
+    );
+    let mut d = TestDaemon::start("rbd-daemon", &extra);
+    let status = d.json(&["pool", "status"]);
+    assert_eq!(status["pool"]["backend"], "rbd", "{status}");
+    d.json(&["layer", "create", "base"]);
+    let mounted = d.cli(&["layer", "mount", "base"]);
+    assert_eq!(mounted.code, 0, "{mounted:?}");
+    let target = std::path::PathBuf::from(mounted.stdout.trim());
+    fs::write(target.join("hello"), vec![7u8; 4 << 20]).unwrap();
+    nix::unistd::sync();
+    let used = d.json(&["layer", "usage", "base"]);
+    assert!(used["mapped_bytes"].as_u64().unwrap() >= 4 << 20, "{used}");
+    assert_eq!(d.cli(&["layer", "unmount", "base"]).code, 0);
+    assert_eq!(d.json(&["layer", "commit", "base"])["committed"], true);
+    let resized = d.cli(&[
+        "layer", "create", "big", "--parent", "base", "--size", "96M",
+    ]);
+    assert_eq!(resized.code, 0, "{resized:?}");
+
+    // Two clients make children until the daemon is killed.
+    let told: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..2)
+        .map(|client| {
+            let (told, stop, socket) = (told.clone(), stop.clone(), d.socket.clone());
+            std::thread::spawn(move || {
+                let mut api = thinstack::client::Client::new(&socket);
+                for n in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let request = CreateRequest {
+                        name: format!("k{client}-{n}"),
+                        parent: Some("base".into()),
+                        ..CreateRequest::default()
+                    };
+                    match api.post::<Value>("/v1/layers", &request) {
+                        Ok(_) => told.lock().unwrap().push(request.name),
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_until(
+        "6 creates before the kill",
+        || told.lock().unwrap().len() >= 6,
+        || d.log_text(),
+    );
+    d.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    d.spawn();
+    let told = told.lock().unwrap().clone();
+    for name in &told {
+        assert_eq!(
+            d.json(&["layer", "inspect", name])["state"],
+            "ready",
+            "{name}"
+        );
+    }
+    // Records and images agree: one image per layer, and none of a layer that is not.
+    let layers: BTreeSet<String> = d
+        .json(&["layer", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect();
+    let images = cluster().rbd(&["ls", &format!("{}/{ns}", cluster().pool)]);
+    assert_eq!(
+        images.split_whitespace().count(),
+        layers.len(),
+        "{images} vs {layers:?}"
+    );
+    let doctor = d.cli(&["pool", "doctor"]);
+    assert_eq!(doctor.code, 0, "{doctor:?}");
+
+    // Destroy removes every image, the pool's object, and its record.
+    let destroyed = d.json(&["pool", "destroy", "--force"]);
+    assert_eq!(
+        destroyed["layers_removed"].as_u64().unwrap() as usize,
+        layers.len(),
+        "{destroyed}"
+    );
+    assert_eq!(d.wait_exit(), 0, "{}", d.log_text());
+    let images = cluster().rbd(&["ls", &format!("{}/{ns}", cluster().pool)]);
+    assert!(images.trim().is_empty(), "left: {images}");
+    let trash = cluster().rbd(&["trash", "ls", &format!("{}/{ns}", cluster().pool)]);
+    assert!(trash.trim().is_empty(), "left in the trash: {trash}");
+    assert!(!d.pool.config.state_dir.path().join("pool.json").exists());
 }

@@ -46,6 +46,9 @@ pub struct RbdPool {
     map_template: MapRequest,
     /// The most parents an image may have before it is flattened.
     flatten_depth: u32,
+    /// The pool record (`pool.json`), which a destroy removes last; none for a pool opened
+    /// without a config.
+    record_path: Option<PathBuf>,
 }
 
 /// Connect to the cluster `config` names. A configuration file that is not there, a cluster
@@ -108,6 +111,7 @@ impl RbdPool {
         let io = cluster.io_making_namespace(&rbd.pool, namespace)?;
         let mut pool = Self::with_io(config.pool.name.clone(), io)?;
         pool.flatten_depth = rbd.flatten_depth;
+        pool.record_path = Some(crate::pool::record::path(config));
         crate::pool::record::save_complete(config, ByteSize::from_bytes(IO_BLOCK))?;
         Ok(pool)
     }
@@ -134,6 +138,7 @@ impl RbdPool {
             io,
             map_template,
             flatten_depth: crate::config::RBD_KERNEL_MAX_PARENTS,
+            record_path: None,
         })
     }
 
@@ -165,12 +170,22 @@ impl RbdPool {
     /// where its clones still read it), then the image; an image Ceph keeps for its clones
     /// goes to the pool's trash instead. Returns the image's parent, read before.
     fn remove_image_and_snapshots(&self, image: &str) -> Result<Option<(String, String)>> {
+        let open = match self.io.open(image, None, false) {
+            Ok(open) => open,
+            // An image a crash left half made may not open; librbd removes it by its name.
+            Err(e) if e.kind() != ErrorKind::NotFound => {
+                tracing::warn!(error = %e, "removing an image that does not open");
+                return self.io.remove_image(image).map(|()| None);
+            }
+            Err(e) => return Err(e),
+        };
         let parent = {
-            let open = self.io.open(image, None, false)?;
             for snapshot in open.snapshots()? {
                 open.remove_snapshot(&snapshot.name)?;
             }
-            open.parent()?
+            let parent = open.parent()?;
+            drop(open);
+            parent
         };
         match self.io.remove_image(image) {
             Err(e) if matches!(e.kind(), ErrorKind::Busy) && !self.is_mapped(image)? => {
@@ -521,8 +536,12 @@ impl PoolKernel for RbdPool {
     fn destroy(&self) -> Result<()> {
         self.purge_trash()?;
         match self.io.remove_object(&names::state_object(&self.name)) {
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            other => other,
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            other => other?,
+        }
+        match &self.record_path {
+            Some(path) => crate::records::remove(path),
+            None => Ok(()),
         }
     }
 
