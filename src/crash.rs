@@ -81,6 +81,13 @@ points! {
     DevicesRecordWritten => "devices.record_written",
     DevicesPrepared => "devices.prepared",
     DevicesActivated => "devices.activated",
+    RbdSnapshotTaken => "rbd.snapshot_taken",
+    RbdCloned => "rbd.cloned",
+    RbdFlattened => "rbd.flattened",
+    RbdSnapshotsRemoved => "rbd.snapshots_removed",
+    RbdParentSnapshotReleased => "rbd.parent_snapshot_released",
+    RbdImageRemoved => "rbd.image_removed",
+    RbdResized => "rbd.resized",
 }
 
 impl std::fmt::Display for Point {

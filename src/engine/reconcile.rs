@@ -138,6 +138,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             format!("{:?} had completed; recorded transaction {new}", intent.op)
         } else if pool_txn == old {
             let present = pool_ids.contains(&intent.op.id());
+            if let PoolOp::Snapshot { origin, id } = intent.op {
+                self.kernel.settle_snapshot(origin, id, present)?;
+            }
             let happened = match intent.op {
                 PoolOp::Delete { .. } => !present,
                 PoolOp::CreateThin { .. } | PoolOp::Snapshot { .. } => present,

@@ -38,6 +38,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).delete_thin(id)
     }
 
+    fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
+        (**self).settle_snapshot(origin, new, made)
+    }
+
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
         (**self).set_transaction_id(old, new)
     }

@@ -120,6 +120,14 @@ pub trait PoolKernel {
     /// Delete a thin device and its data. `NotFound` when there is no such id; `Busy` while it
     /// is active.
     fn delete_thin(&self, id: ThinId) -> Result<()>;
+    /// Settle what a snapshot of `origin` as `new` that a crash cut short left beside the thin
+    /// ids (`made`: whether `new` exists). A start calls it for the snapshot intent it
+    /// settles. Nothing on dm-thin, whose messages happen whole or not at all; an rbd pool's
+    /// snapshot is several steps.
+    fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
+        let _ = (origin, new, made);
+        Ok(())
+    }
     /// Move the transaction id from `old` to `new`; refused unless `old` is current.
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()>;
     /// Every thin id the pool's metadata holds.

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use devicemapper::Device;
 
 use crate::config::Config;
+use crate::crash::{self, Point};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::device_io::{DeviceFile, ThinIo};
 use crate::kernel::rbd::{self, map, Cluster, ClusterConfig, ImageFeatures, Io, MapRequest};
@@ -133,13 +134,16 @@ impl RbdPool {
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             other => other?,
         }
-        Ok(RbdPool {
+        let pool = RbdPool {
             name,
             io,
             map_template,
             flatten_depth: crate::config::RBD_KERNEL_MAX_PARENTS,
             record_path: None,
-        })
+        };
+        // A crash between a clone's removal and its trashed parent's leaves the parent there.
+        pool.purge_trash()?;
+        Ok(pool)
     }
 
     fn image(&self, id: ThinId) -> String {
@@ -166,38 +170,90 @@ impl RbdPool {
             .collect())
     }
 
-    /// Remove every snapshot of `image` (one with clones goes to the image's snapshot trash,
-    /// where its clones still read it), then the image; an image Ceph keeps for its clones
-    /// goes to the pool's trash instead. Returns the image's parent, read before.
-    fn remove_image_and_snapshots(&self, image: &str) -> Result<Option<(String, String)>> {
-        let open = match self.io.open(image, None, false) {
+    /// Remove thin `id`'s image: its own snapshots first (one with clones goes to the image's
+    /// snapshot trash, where its clones still read it), then its parent's snapshot it was cloned
+    /// from (to the parent's snapshot trash, which Ceph empties when this clone goes), then the
+    /// image, or, while clones of it live, the image goes to the pool's trash. Each step is
+    /// safe to repeat after a crash. `Busy` while some client still watches the image (one
+    /// that died keeps its watch until the cluster times it out, 30 s by default).
+    fn remove_image(&self, id: ThinId) -> Result<()> {
+        let image = self.image(id);
+        let open = match self.io.open(&image, None, false) {
             Ok(open) => open,
             // An image a crash left half made may not open; librbd removes it by its name.
             Err(e) if e.kind() != ErrorKind::NotFound => {
                 tracing::warn!(error = %e, "removing an image that does not open");
-                return self.io.remove_image(image).map(|()| None);
+                return self.io.remove_image(&image);
             }
             Err(e) => return Err(e),
         };
-        let parent = {
-            for snapshot in open.snapshots()? {
-                open.remove_snapshot(&snapshot.name)?;
-            }
-            let parent = open.parent()?;
-            drop(open);
-            parent
+        for snapshot in open.snapshots()? {
+            open.remove_snapshot(&snapshot.name)?;
+        }
+        crash::point(Point::RbdSnapshotsRemoved);
+        let parent = open.parent()?;
+        let has_clones = !open.children()?.is_empty();
+        drop(open);
+        // A parent in the pool's trash does not open by name: it is purged below instead.
+        let parent_trashed = match &parent {
+            Some((parent, _)) => !self.remove_snapshot_of(parent, &names::clone_snapshot(id))?,
+            None => false,
         };
-        match self.io.remove_image(image) {
-            Err(e) if matches!(e.kind(), ErrorKind::Busy) && !self.is_mapped(image)? => {
-                self.io.trash_image(image)
-            }
-            other => other,
-        }?;
-        Ok(parent)
+        crash::point(Point::RbdParentSnapshotReleased);
+        // An image still watched (a client that died holds its watch for a while) is busy:
+        // the deletion is retried later. One with clones is kept for them, in the trash.
+        if has_clones {
+            self.io.trash_image(&image)?;
+        } else {
+            self.io.remove_image(&image)?;
+        }
+        crash::point(Point::RbdImageRemoved);
+        if parent_trashed {
+            self.purge_trash()?;
+        }
+        Ok(())
     }
 
-    /// How many parents an open image has: its metadata says, or (an image made without it)
-    /// its chain is walked.
+    /// Remove snapshot `snapshot` of `image` if it has one; returns whether the image opened
+    /// (false: it is not in the pool, or only in its trash).
+    fn remove_snapshot_of(&self, image: &str, snapshot: &str) -> Result<bool> {
+        let open = match self.io.open(image, None, false) {
+            Ok(open) => open,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        if open.snapshots()?.iter().any(|s| s.name == snapshot) {
+            open.remove_snapshot(snapshot)?;
+        }
+        Ok(true)
+    }
+
+    /// The steps of a snapshot after the clone, each safe to repeat: a clone deeper than
+    /// `flatten_depth` is flattened and its origin's snapshot goes (no clone reads it); then
+    /// the clone's depth is written. `depth` is the clone's, when the caller knows it.
+    fn finish_clone(&self, origin: ThinId, new: ThinId, depth: Option<u32>) -> Result<()> {
+        let open = self.io.open(&self.image(new), None, false)?;
+        // Not the clone's own depth metadata: a clone starts with a copy of its parent's.
+        let depth = match (depth, open.parent()?) {
+            (Some(depth), _) => depth,
+            (None, None) => 0,
+            (None, Some((parent, _))) => self.depth_of(&self.io.open(&parent, None, true)?)? + 1,
+        };
+        if depth > self.flatten_depth {
+            // Deeper than the kernel maps: the new layer takes its own copy of what it reads.
+            open.flatten()?;
+            crash::point(Point::RbdFlattened);
+        }
+        let flattened = open.parent()?.is_none();
+        if flattened {
+            self.remove_snapshot_of(&self.image(origin), &names::clone_snapshot(new))?;
+        }
+        let depth = if flattened { 0 } else { depth };
+        open.set_metadata(names::DEPTH, &depth.to_string())
+    }
+
+    /// How many parents an open image has: its metadata says (written when it was made, after
+    /// any flatten), or (an image made without it) its chain is walked.
     fn depth_of(&self, open: &rbd::Image<'_>) -> Result<u32> {
         if let Some(depth) = open.metadata(names::DEPTH)?.and_then(|d| d.parse().ok()) {
             return Ok(depth);
@@ -206,26 +262,20 @@ impl RbdPool {
         let mut parent = open.parent()?;
         while let Some((image, _)) = parent {
             depth += 1;
-            parent = self.io.open(&image, None, true)?.parent()?;
+            let open = self.io.open(&image, None, true)?;
+            if let Some(above) = open
+                .metadata(names::DEPTH)?
+                .and_then(|d| d.parse::<u32>().ok())
+            {
+                return Ok(depth + above);
+            }
+            parent = open.parent()?;
         }
         Ok(depth)
     }
 
     fn is_mapped(&self, image: &str) -> Result<bool> {
         Ok(self.mappings()?.iter().any(|m| m.image == image))
-    }
-
-    /// After a clone is gone: drop the parent's snapshot it was made from, and the parent
-    /// itself when it waits in the trash for its last clone.
-    fn release_parent(&self, child: ThinId, parent: &str) -> Result<()> {
-        if let Ok(open) = self.io.open(parent, None, false) {
-            let snapshot = names::clone_snapshot(child);
-            if open.snapshots()?.iter().any(|s| s.name == snapshot) {
-                open.remove_snapshot(&snapshot)?;
-            }
-            return Ok(());
-        }
-        self.purge_trash()
     }
 
     /// Remove from the trash every image of this pool that no clone needs any more.
@@ -312,25 +362,24 @@ impl PoolKernel for RbdPool {
             }
             self.depth_of(&open)? + 1
         };
-        let new_image = self.image(new);
+        crash::point(Point::RbdSnapshotTaken);
         self.io.clone_image(
             &origin_image,
             &snapshot,
-            &new_image,
+            &self.image(new),
             ImageFeatures::default(),
         )?;
-        let open = self.io.open(&new_image, None, false)?;
-        if depth <= self.flatten_depth {
-            return open.set_metadata(names::DEPTH, &depth.to_string());
+        crash::point(Point::RbdCloned);
+        self.finish_clone(origin, new, Some(depth))
+    }
+
+    fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
+        if made {
+            return self.finish_clone(origin, new, None);
         }
-        // Deeper than the kernel maps: the new layer takes its own copy of what it reads, and
-        // its parent's snapshot, which no clone needs any more, goes.
-        open.flatten()?;
-        open.set_metadata(names::DEPTH, "0")?;
-        drop(open);
-        self.io
-            .open(&origin_image, None, false)?
-            .remove_snapshot(&snapshot)
+        // No clone: the origin's snapshot for it, if it was taken, serves nothing.
+        self.remove_snapshot_of(&self.image(origin), &names::clone_snapshot(new))
+            .map(drop)
     }
 
     fn delete_thin(&self, id: ThinId) -> Result<()> {
@@ -344,11 +393,7 @@ impl PoolKernel for RbdPool {
                 ),
             ));
         }
-        let parent = self.remove_image_and_snapshots(&image)?;
-        if let Some((parent, _)) = parent {
-            self.release_parent(id, &parent)?;
-        }
-        Ok(())
+        self.remove_image(id)
     }
 
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
@@ -382,6 +427,7 @@ impl PoolKernel for RbdPool {
             let now = open.size()?;
             if size.bytes() > now {
                 open.resize(size.bytes(), false)?;
+                crash::point(Point::RbdResized);
             } else if size.bytes() < now {
                 return Err(Error::invalid(format!(
                     "image {} is {now} bytes, larger than the {} it is to be activated at; \
