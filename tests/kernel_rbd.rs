@@ -205,8 +205,26 @@ fn the_engine_makes_commits_mounts_and_removes_layers_on_rbd_images() {
 
     let busy = engine.remove("base").unwrap_err();
     assert_eq!(busy.kind(), ErrorKind::Busy, "{busy}");
+
+    // A checkpoint of the mounted layer (a snapshot of a mapped image, its filesystem frozen
+    // for the moment), then a reset to it: the layer reads what it held at the checkpoint.
+    engine
+        .checkpoint("app", "app-cp", &Default::default())
+        .unwrap();
+    fs::write(mnt.join("after-checkpoint"), "gone after the reset").unwrap();
+    engine.unmount("app", None).unwrap();
+    engine.deactivate("app").unwrap();
+    engine.reset("app", Some("app-cp")).unwrap();
+    engine.finish_discard("app").unwrap();
+    let mnt = engine.mount("app", None, false).unwrap();
+    assert_eq!(fs::read_to_string(mnt.join("from-app")).unwrap(), "app");
+    assert!(
+        !mnt.join("after-checkpoint").exists(),
+        "the reset kept a later file"
+    );
     engine.unmount("app", None).unwrap();
     engine.remove("app").unwrap();
+    engine.remove("app-cp").unwrap();
     engine.remove("base").unwrap();
     engine.finish_deletions().unwrap();
     assert_eq!(engine.deletions_pending(), 0);

@@ -11,6 +11,7 @@ pub mod cmd;
 pub mod conformance;
 pub mod device_io;
 pub mod dm;
+pub mod freeze;
 pub mod fs;
 pub mod loopdev;
 pub mod lvm;

@@ -252,6 +252,26 @@ impl RbdPool {
         open.set_metadata(names::DEPTH, &depth.to_string())
     }
 
+    /// Make a mapped origin's content whole on the cluster for a snapshot, as a dm suspend
+    /// does for a thin device: its mounted filesystem is frozen (thawed when the guard drops),
+    /// and what was written to the device itself is flushed.
+    fn quiesce(&self, origin: ThinId) -> Result<Vec<crate::kernel::freeze::Frozen>> {
+        let Some(mapping) = self.mapping(origin)? else {
+            return Ok(Vec::new());
+        };
+        let node = mapping.node();
+        let mounts = crate::kernel::mounts::of_device(blockdev::block_device(&node)?)?;
+        if let Some(mount) = mounts.iter().find(|m| !m.read_only) {
+            return Ok(vec![crate::kernel::freeze::freeze(&mount.target)?]);
+        }
+        let device = std::fs::File::open(&node)
+            .map_err(|e| Error::io(format!("opening {}", node.display()), e))?;
+        device
+            .sync_all()
+            .map_err(|e| Error::io(format!("flushing {}", node.display()), e))?;
+        Ok(Vec::new())
+    }
+
     /// How many parents an open image has: its metadata says (written when it was made, after
     /// any flatten), or (an image made without it) its chain is walked.
     fn depth_of(&self, open: &rbd::Image<'_>) -> Result<u32> {
@@ -358,6 +378,7 @@ impl PoolKernel for RbdPool {
             let open = self.io.open(&origin_image, None, false)?;
             // A snapshot left by a cut-short earlier attempt is named for `new`: it is this one.
             if !open.snapshots()?.iter().any(|s| s.name == snapshot) {
+                let _quiet = self.quiesce(origin)?;
                 open.snapshot(&snapshot)?;
             }
             self.depth_of(&open)? + 1
