@@ -5,11 +5,9 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use common::daemon::TestDaemon;
+use common::daemon::{kill_9_while_clients_create, TestDaemon};
 use common::{open_engine_with, require_dm_thin, teardown_and_check, wait_until};
 use serde_json::{json, Value};
 use thinstack::api::CreateRequest;
@@ -337,41 +335,7 @@ fn kernel_daemon_kill_9_while_clients_create_layers() {
     let _dm = require_dm_thin();
     let mut d = TestDaemon::start("kill9", SMALL);
     d.json(&["layer", "create", "base"]);
-    let told: Arc<Mutex<Vec<String>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..4)
-        .map(|client| {
-            let (told, stop, socket) = (told.clone(), stop.clone(), d.socket.clone());
-            std::thread::spawn(move || {
-                let mut api = thinstack::client::Client::new(&socket);
-                for n in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let request = CreateRequest {
-                        name: format!("k{client}-{n}"),
-                        parent: Some("base".into()),
-                        ..CreateRequest::default()
-                    };
-                    match api.post::<Value>("/v1/layers", &request) {
-                        Ok(_) => told.lock().unwrap().push(request.name),
-                        Err(_) => return,
-                    }
-                }
-            })
-        })
-        .collect();
-    wait_until(
-        "30 creates before the kill",
-        || told.lock().unwrap().len() >= 30,
-        || d.log_text(),
-    );
-    d.kill9();
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().unwrap();
-    }
-    let told = told.lock().unwrap().clone();
+    let told = kill_9_while_clients_create(&mut d, 4, "base", 30);
     assert!(
         told.len() >= 30,
         "only {} layers made before the kill",

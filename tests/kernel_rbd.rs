@@ -7,14 +7,10 @@ mod common;
 use std::fs;
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 
 use common::ceph::cluster;
-use common::daemon::TestDaemon;
-use common::{require_dm_thin, wait_until, TestPool};
-use serde_json::Value;
-use thinstack::api::CreateRequest;
+use common::daemon::{kill_9_while_clients_create, TestDaemon};
+use common::{require_dm_thin, TestPool};
 use thinstack::engine::{CreateLayer, Engine, Settings};
 use thinstack::kernel::rbd::{map, Cluster, ImageFeatures, MapRequest};
 use thinstack::kernel::real::RealFs;
@@ -351,42 +347,8 @@ fn thinstackd_serves_an_rbd_pool_and_a_kill_9_under_load_loses_no_layer() {
     assert_eq!(resized.code, 0, "{resized:?}");
 
     // Two clients make children until the daemon is killed.
-    let told: Arc<Mutex<Vec<String>>> = Arc::default();
-    let stop = Arc::new(AtomicBool::new(false));
-    let threads: Vec<_> = (0..2)
-        .map(|client| {
-            let (told, stop, socket) = (told.clone(), stop.clone(), d.socket.clone());
-            std::thread::spawn(move || {
-                let mut api = thinstack::client::Client::new(&socket);
-                for n in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let request = CreateRequest {
-                        name: format!("k{client}-{n}"),
-                        parent: Some("base".into()),
-                        ..CreateRequest::default()
-                    };
-                    match api.post::<Value>("/v1/layers", &request) {
-                        Ok(_) => told.lock().unwrap().push(request.name),
-                        Err(_) => return,
-                    }
-                }
-            })
-        })
-        .collect();
-    wait_until(
-        "6 creates before the kill",
-        || told.lock().unwrap().len() >= 6,
-        || d.log_text(),
-    );
-    d.kill9();
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().unwrap();
-    }
+    let told = kill_9_while_clients_create(&mut d, 2, "base", 6);
     d.spawn();
-    let told = told.lock().unwrap().clone();
     for name in &told {
         assert_eq!(
             d.json(&["layer", "inspect", name])["state"],

@@ -35,6 +35,55 @@ impl Run {
     }
 }
 
+/// Kill the daemon with SIGKILL while `clients` clients make children of `parent` through the
+/// API, once they were told of `at_least` layers made; returns the names they were told of.
+pub fn kill_9_while_clients_create(
+    d: &mut TestDaemon,
+    clients: usize,
+    parent: &str,
+    at_least: usize,
+) -> Vec<String> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let told: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..clients)
+        .map(|client| {
+            let (told, stop, socket) = (told.clone(), stop.clone(), d.socket.clone());
+            let parent = parent.to_string();
+            std::thread::spawn(move || {
+                let mut api = Client::new(&socket);
+                for n in 0.. {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let request = thinstack::api::CreateRequest {
+                        name: format!("k{client}-{n}"),
+                        parent: Some(parent.clone()),
+                        ..Default::default()
+                    };
+                    match api.post::<Value>("/v1/layers", &request) {
+                        Ok(_) => told.lock().unwrap().push(request.name),
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    super::wait_until(
+        &format!("{at_least} creates before the kill"),
+        || told.lock().unwrap().len() >= at_least,
+        || d.log_text(),
+    );
+    d.kill9();
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let told = told.lock().unwrap().clone();
+    told
+}
+
 /// A daemon on a test pool; stopped (SIGKILL if need be) and the pool cleaned up when dropped.
 pub struct TestDaemon {
     pub pool: TestPool,
