@@ -47,9 +47,8 @@ pub struct RbdPool {
     map_template: MapRequest,
     /// The most parents an image may have before it is flattened.
     flatten_depth: u32,
-    /// The pool record (`pool.json`), which a destroy removes last; none for a pool opened
-    /// without a config.
-    record_path: Option<PathBuf>,
+    /// The pool record (`pool.json`), which a destroy removes last.
+    record_path: PathBuf,
 }
 
 /// Connect to the cluster `config` names. A configuration file that is not there, a cluster
@@ -108,18 +107,8 @@ impl RbdPool {
         let rbd = &config.pool.rbd;
         let cluster = connect(config)?;
         let namespace = (!rbd.namespace.is_empty()).then_some(rbd.namespace.as_str());
-        crate::pool::record::load(config)?;
+        let known = crate::pool::record::load(config)?.is_some();
         let io = cluster.io_making_namespace(&rbd.pool, namespace)?;
-        let mut pool = Self::with_io(config.pool.name.clone(), io)?;
-        pool.flatten_depth = rbd.flatten_depth;
-        pool.record_path = Some(crate::pool::record::path(config));
-        crate::pool::record::save_complete(config, ByteSize::from_bytes(IO_BLOCK))?;
-        Ok(pool)
-    }
-
-    /// The pool named `name` over `io`: its state object is made when missing.
-    pub fn with_io(name: PoolName, io: Io) -> Result<Self> {
-        let cluster = Arc::clone(io.cluster());
         let map_template = MapRequest {
             monitors: cluster.kernel_monitor_addresses()?,
             client: cluster.config().client.clone(),
@@ -130,6 +119,7 @@ impl RbdPool {
             read_only: false,
             exclusive: false,
         };
+        let name = config.pool.name.clone();
         match io.create_object(&names::state_object(&name), names::TRANSACTION_ID, "0") {
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             other => other?,
@@ -138,11 +128,14 @@ impl RbdPool {
             name,
             io,
             map_template,
-            flatten_depth: crate::config::RBD_KERNEL_MAX_PARENTS,
-            record_path: None,
+            flatten_depth: rbd.flatten_depth,
+            record_path: crate::pool::record::path(config),
         };
         // A crash between a clone's removal and its trashed parent's leaves the parent there.
         pool.purge_trash()?;
+        if !known {
+            crate::pool::record::save_complete(config, ByteSize::from_bytes(IO_BLOCK))?;
+        }
         Ok(pool)
     }
 
@@ -233,11 +226,9 @@ impl RbdPool {
     /// the clone's depth is written. `depth` is the clone's, when the caller knows it.
     fn finish_clone(&self, origin: ThinId, new: ThinId, depth: Option<u32>) -> Result<()> {
         let open = self.io.open(&self.image(new), None, false)?;
-        // Not the clone's own depth metadata: a clone starts with a copy of its parent's.
-        let depth = match (depth, open.parent()?) {
-            (Some(depth), _) => depth,
-            (None, None) => 0,
-            (None, Some((parent, _))) => self.depth_of(&self.io.open(&parent, None, true)?)? + 1,
+        let depth = match depth {
+            Some(depth) => depth,
+            None => self.depth_by_parent(&open)?,
         };
         if depth > self.flatten_depth {
             // Deeper than the kernel maps: the new layer takes its own copy of what it reads.
@@ -255,21 +246,21 @@ impl RbdPool {
     /// Make a mapped origin's content whole on the cluster for a snapshot, as a dm suspend
     /// does for a thin device: its mounted filesystem is frozen (thawed when the guard drops),
     /// and what was written to the device itself is flushed.
-    fn quiesce(&self, origin: ThinId) -> Result<Vec<crate::kernel::freeze::Frozen>> {
+    fn quiesce(&self, origin: ThinId) -> Result<Option<crate::kernel::freeze::Frozen>> {
         let Some(mapping) = self.mapping(origin)? else {
-            return Ok(Vec::new());
+            return Ok(None);
         };
         let node = mapping.node();
         let mounts = crate::kernel::mounts::of_device(blockdev::block_device(&node)?)?;
         if let Some(mount) = mounts.iter().find(|m| !m.read_only) {
-            return Ok(vec![crate::kernel::freeze::freeze(&mount.target)?]);
+            return crate::kernel::freeze::freeze(&mount.target).map(Some);
         }
         let device = std::fs::File::open(&node)
             .map_err(|e| Error::io(format!("opening {}", node.display()), e))?;
         device
             .sync_all()
             .map_err(|e| Error::io(format!("flushing {}", node.display()), e))?;
-        Ok(Vec::new())
+        Ok(None)
     }
 
     /// How many parents an open image has: its metadata says (written when it was made, after
@@ -278,24 +269,16 @@ impl RbdPool {
         if let Some(depth) = open.metadata(names::DEPTH)?.and_then(|d| d.parse().ok()) {
             return Ok(depth);
         }
-        let mut depth = 0;
-        let mut parent = open.parent()?;
-        while let Some((image, _)) = parent {
-            depth += 1;
-            let open = self.io.open(&image, None, true)?;
-            if let Some(above) = open
-                .metadata(names::DEPTH)?
-                .and_then(|d| d.parse::<u32>().ok())
-            {
-                return Ok(depth + above);
-            }
-            parent = open.parent()?;
-        }
-        Ok(depth)
+        self.depth_by_parent(open)
     }
 
-    fn is_mapped(&self, image: &str) -> Result<bool> {
-        Ok(self.mappings()?.iter().any(|m| m.image == image))
+    /// How many parents an open image has, counted from its parent's depth (its own depth
+    /// metadata is not read: a clone starts with a copy of its parent's).
+    fn depth_by_parent(&self, open: &rbd::Image<'_>) -> Result<u32> {
+        match open.parent()? {
+            None => Ok(0),
+            Some((parent, _)) => Ok(self.depth_of(&self.io.open(&parent, None, true)?)? + 1),
+        }
     }
 
     /// Remove from the trash every image of this pool that no clone needs any more.
@@ -405,7 +388,7 @@ impl PoolKernel for RbdPool {
 
     fn delete_thin(&self, id: ThinId) -> Result<()> {
         let image = self.image(id);
-        if self.is_mapped(&image)? {
+        if self.mapping(id)?.is_some() {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
@@ -437,7 +420,7 @@ impl PoolKernel for RbdPool {
 
     fn activate(&self, id: ThinId, size: ByteSize, read_only: bool) -> Result<PathBuf> {
         let image = self.image(id);
-        if self.is_mapped(&image)? {
+        if self.mapping(id)?.is_some() {
             return Err(Error::new(
                 ErrorKind::AlreadyExists,
                 format!("image {} is mapped already", self.io.image_spec(&image)),
@@ -606,10 +589,7 @@ impl PoolKernel for RbdPool {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             other => other?,
         }
-        match &self.record_path {
-            Some(path) => crate::records::remove(path),
-            None => Ok(()),
-        }
+        crate::records::remove(&self.record_path)
     }
 
     fn thin_device_numbers(&self) -> Result<HashMap<Device, ThinId>> {
