@@ -88,6 +88,8 @@ points! {
     RbdParentSnapshotReleased => "rbd.parent_snapshot_released",
     RbdImageRemoved => "rbd.image_removed",
     RbdResized => "rbd.resized",
+    SharedPublished => "shared.published",
+    SharedRecordDropped => "shared.record_dropped",
 }
 
 impl std::fmt::Display for Point {

@@ -61,6 +61,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 "layer {name:?} cannot be a snapshot of itself; name another layer as its parent"
             )));
         }
+        // Another host's layers (a parent, a name taken) are known before the plan.
+        self.refresh_shared()?;
         // Both names at once: two creates that name each other as parent would otherwise each
         // hold one and wait for the other for ever.
         let (_guard, parent_guard) = self.locks.lock_with(&name, parent_name.as_ref());

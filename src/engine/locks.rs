@@ -41,6 +41,15 @@ impl LayerLocks {
         self.guard(name)
     }
 
+    /// Hold `name` if no one works on it now; `None` when someone does.
+    pub(super) fn try_lock(&self, name: &LayerName) -> Option<LayerGuard<'_>> {
+        let mut held = self.held();
+        if !held.insert(name.clone()) {
+            return None;
+        }
+        Some(self.guard(name))
+    }
+
     /// Wait until no one works on `first` or `second` (distinct), then hold both. Holding
     /// neither while waiting, the caller can be in no cycle of waits: `create b --parent a`
     /// and `create a --parent b` sent together each take both or wait with nothing.

@@ -39,6 +39,7 @@ mod reconcile;
 mod remove;
 mod reset;
 mod resize;
+mod shared;
 mod snapshots;
 mod transaction;
 mod trim;
@@ -111,6 +112,8 @@ pub struct Engine<K: PoolKernel, F: FsKernel> {
     deletion_work: Mutex<()>,
     /// Who does the deferred work ([`Engine::set_deferred_waker`]).
     deferred_waker: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
+    /// The pool's catalog as this host last read it, on a pool shared by hosts.
+    seen: Mutex<shared::Seen>,
 }
 
 /// Now, in nanoseconds since the Unix epoch (the time events and records carry).
@@ -189,7 +192,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             events: events::Events::new(),
             deletion_work: Mutex::new(()),
             deferred_waker: std::sync::OnceLock::new(),
+            seen: Mutex::new(shared::Seen::default()),
         };
+        if let Some(catalog) = engine.kernel.catalog() {
+            engine.sync_catalog(catalog)?;
+        }
         let report = engine.reconcile()?;
         Ok((engine, report))
     }
@@ -246,6 +253,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Check `name` and hold its layer's lock.
     fn lock_layer(&self, name: &str) -> Result<(LayerName, LayerGuard<'_>)> {
         let name = LayerName::new(name)?;
+        self.refresh_shared()?;
         let guard = self.locks.lock(&name);
         Ok((name, guard))
     }
@@ -315,11 +323,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// One layer.
     pub fn inspect(&self, name: &str) -> Result<Layer> {
+        self.refresh_shared()?;
         self.view(self.record(&LayerName::new(name)?)?)
     }
 
     /// Every layer, by name; only those carrying every label in `labels` when it is not empty.
     pub fn list(&self, labels: &BTreeMap<String, String>) -> Result<Vec<Layer>> {
+        self.refresh_shared()?;
         let matching: Vec<LayerRecord> = self
             .index()
             .layers

@@ -18,7 +18,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         self.write(record, Durability::WithNext)
     }
 
-    pub(super) fn write(&self, record: LayerRecord, durability: Durability) -> Result<()> {
+    /// The catalog of a shared pool hears of the change first (see `shared.rs`).
+    pub(super) fn write(&self, mut record: LayerRecord, durability: Durability) -> Result<()> {
+        self.publish(&mut record)?;
         match durability {
             Durability::Now => self.store.put_layer(&record)?,
             Durability::WithNext => self.store.stage_layer(&record)?,
@@ -30,6 +32,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub(super) fn drop_record(&self, name: &LayerName) -> Result<()> {
         self.store.remove_layer(name)?;
         self.index().remove(name);
+        self.unpublish(name);
         Ok(())
     }
 
@@ -37,6 +40,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// last reconcile (ids made since are all owned by records). It is reserved in the index
     /// until the caller's record owns it.
     pub(super) fn allocate_id(&self) -> Result<ThinId> {
+        // A shared pool's ids come from its catalog, so no two hosts make one image; one a
+        // record here owns (a pool from before the catalog) is skipped.
+        while let Some(id) = self.shared_id()? {
+            let queued = self.txn().is_deleting(id);
+            if !queued && self.index().used_ids.insert(id) {
+                return Ok(id);
+            }
+        }
         let mut txn = self.txn();
         let mut index = self.index();
         let start = txn.next_thin_id.clamp(1, THIN_ID_MAX);

@@ -38,6 +38,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).delete_thin(id)
     }
 
+    fn catalog(&self) -> Option<&dyn super::catalog::Catalog> {
+        (**self).catalog()
+    }
+
     fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
         (**self).settle_snapshot(origin, new, made)
     }

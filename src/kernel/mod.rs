@@ -7,6 +7,7 @@
 
 pub mod blockdev;
 mod boxed;
+pub mod catalog;
 pub mod cmd;
 pub mod conformance;
 pub mod device_io;
@@ -128,6 +129,11 @@ pub trait PoolKernel {
     fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
         let _ = (origin, new, made);
         Ok(())
+    }
+    /// The catalog of layers this pool shares with other hosts; `None` for a pool of this
+    /// host alone (dm-thin), whose records are the only list of its layers.
+    fn catalog(&self) -> Option<&dyn catalog::Catalog> {
+        None
     }
     /// Move the transaction id from `old` to `new`; refused unless `old` is current.
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()>;

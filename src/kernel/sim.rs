@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::error::{Error, ErrorKind, Result};
 use devicemapper::Device;
 
+use crate::kernel::catalog::{Catalog, SimCatalog, SimCatalogHost};
 use crate::kernel::device_io::{zero_plan, ThinIo};
 use crate::kernel::sim_blocks::{self, Block, Blocks};
 use crate::kernel::sim_files::{self, Tree};
@@ -92,6 +93,8 @@ struct SimActive {
 #[derive(Debug, Default)]
 struct SimState {
     transaction_id: u64,
+    /// Each host's transaction id, when the pool is shared ([`Sim::on_host`]).
+    host_transaction_ids: BTreeMap<String, u64>,
     thins: BTreeMap<ThinId, SimThin>,
     active: BTreeMap<ThinId, SimActive>,
     /// Mount point -> thin id.
@@ -123,6 +126,8 @@ struct SimState {
 #[derive(Debug, Clone)]
 pub struct Sim {
     state: Arc<Mutex<SimState>>,
+    /// The host this handle stands for, when the pool is shared ([`Sim::on_host`]).
+    host: Option<SimCatalogHost>,
 }
 
 impl Default for Sim {
@@ -135,6 +140,7 @@ impl Sim {
     /// A pool of `data` and `metadata` bytes.
     pub fn new(data: ByteSize, metadata: ByteSize) -> Self {
         Sim {
+            host: None,
             state: Arc::new(Mutex::new(SimState {
                 data_total: data.bytes(),
                 metadata_total: metadata.bytes(),
@@ -157,6 +163,28 @@ impl Sim {
         let sim = Sim::new(data, metadata);
         sim.state().files = true;
         sim
+    }
+
+    /// This pool as host `host` of a pool shared through `catalog` sees it (as an rbd pool
+    /// is): the same thin devices, the catalog's thin ids and entries, and a transaction id
+    /// of the host's own.
+    pub fn on_host(&self, host: &str, catalog: &Arc<SimCatalog>) -> Sim {
+        Sim {
+            state: self.state.clone(),
+            host: Some(catalog.for_host(host)),
+        }
+    }
+
+    /// The transaction id this handle's host has (the pool's, when not shared).
+    fn transaction_id_of(&self, state: &SimState) -> u64 {
+        match &self.host {
+            Some(host) => state
+                .host_transaction_ids
+                .get(host.host())
+                .copied()
+                .unwrap_or(0),
+            None => state.transaction_id,
+        }
     }
 
     /// Give the pool a name (as `pool.name` does).
@@ -442,7 +470,7 @@ impl PoolKernel for Sim {
         let state = self.state();
         let data_used = Sim::data_used(&state).min(state.data_total);
         Ok(PoolUsage {
-            transaction_id: state.transaction_id,
+            transaction_id: self.transaction_id_of(&state),
             data: Space::new(data_used, state.data_total),
             metadata: Space::new(Sim::metadata_used(&state), state.metadata_total),
             health: Health {
@@ -522,17 +550,28 @@ impl PoolKernel for Sim {
         Ok(())
     }
 
+    fn catalog(&self) -> Option<&dyn Catalog> {
+        self.host.as_ref().map(|host| host as &dyn Catalog)
+    }
+
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
         self.enter(SimOp::SetTransactionId)?;
         let mut state = self.state();
         Sim::refuse_if_read_only(&state)?;
-        if state.transaction_id != old {
+        let current = self.transaction_id_of(&state);
+        if current != old {
             return Err(Error::invalid(format!(
-                "set_transaction_id {old} {new}: the pool's transaction id is {}",
-                state.transaction_id
+                "set_transaction_id {old} {new}: the pool's transaction id is {current}"
             )));
         }
-        state.transaction_id = new;
+        match &self.host {
+            Some(host) => {
+                state
+                    .host_transaction_ids
+                    .insert(host.host().to_string(), new);
+            }
+            None => state.transaction_id = new,
+        }
         Ok(())
     }
 

@@ -294,6 +294,11 @@ pub struct LayerRecord {
     /// ever unowned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discarding: Option<ThinId>,
+    /// On a pool shared by hosts: the version of the layer's catalog entry this record last
+    /// agreed with (`None`: never in a catalog). A start tells by it whether the catalog or
+    /// this record has the newer facts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_version: Option<u64>,
 }
 
 impl LayerRecord {
@@ -329,6 +334,7 @@ impl LayerRecord {
             content_id: None,
             checkpoint_of: None,
             discarding: None,
+            shared_version: None,
         }
     }
 
@@ -742,6 +748,7 @@ mod tests {
             content_id: Some(ContentId::new("0123456789abcdef0123456789abcdef").unwrap()),
             checkpoint_of: Some(LayerName::new("work").unwrap()),
             discarding: Some(ThinId::new(2).unwrap()),
+            shared_version: Some(3),
         };
         store.put_layer(&record).unwrap();
         fs::write(dir.path().join("layers/stray.json.tmp"), b"x").unwrap();

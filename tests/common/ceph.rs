@@ -38,6 +38,37 @@ impl TestCluster {
         )
     }
 
+    /// The keyring of client `name` (made the first time), which may use the test pool's
+    /// images as a host's thinstackd does: `profile rbd` on the monitors and the pool.
+    pub fn client_keyring(&self, name: &str) -> PathBuf {
+        let keyring = self.conf.with_file_name(format!("client.{name}.keyring"));
+        if !keyring.exists() {
+            let out = Command::new("timeout")
+                .args(["120", "ceph", "-c"])
+                .arg(&self.conf)
+                .args(["auth", "get-or-create", &format!("client.{name}")])
+                .args(["mon", "profile rbd", "osd"])
+                .arg(format!("profile rbd pool={}", self.pool))
+                .arg("-o")
+                .arg(&keyring)
+                .output()
+                .expect("ceph auth");
+            assert!(out.status.success(), "ceph auth get-or-create: {out:?}");
+        }
+        keyring
+    }
+
+    /// [`TestCluster::pool_toml`] as client `client` with its own key.
+    pub fn pool_toml_as(&self, namespace: &str, client: &str) -> String {
+        let keyring = self.client_keyring(client);
+        format!(
+            "[pool]\nbackend = \"rbd\"\n[pool.rbd]\npool = {:?}\nnamespace = {namespace:?}\nceph_conf = {:?}\nclient = {client:?}\nkeyring = {:?}\ntimeout = \"120s\"\n",
+            self.pool,
+            self.conf.display().to_string(),
+            keyring.display().to_string()
+        )
+    }
+
     /// Run the `rbd` command on it (for cross-checks the library must agree with).
     pub fn rbd(&self, args: &[&str]) -> String {
         let out = Command::new("timeout")

@@ -16,6 +16,7 @@ mod max_size;
 mod overcommit;
 mod prune;
 mod reset;
+mod shared;
 mod transfer;
 mod trim;
 mod usage;
@@ -508,6 +509,7 @@ fn a_crash_at_any_point_is_reconciled_on_open() {
             && !p.name().starts_with("lvm.")
             && !p.name().starts_with("devices.")
             && !p.name().starts_with("rbd.")
+            && !p.name().starts_with("shared.")
     });
 }
 

@@ -73,6 +73,9 @@ pub struct Mapped {
     pub snapshot: String,
     /// Whether it was mapped read-only.
     pub read_only: bool,
+    /// The Ceph client it was mapped as (`name=`; "" when the driver does not say): two
+    /// daemons on one host, each its own client, tell their mappings apart by it.
+    pub client: String,
 }
 
 impl Mapped {
@@ -197,7 +200,23 @@ fn read_mapping(dir: &Path, id: u32) -> std::io::Result<Mapped> {
         image: attr("name")?,
         snapshot: attr("current_snap")?,
         read_only,
+        client: attr("config_info")
+            .map(|info| client_of(&info))
+            .unwrap_or_default(),
     })
+}
+
+/// The client name in a mapping's `config_info` (what was written to `add`: monitors,
+/// options, pool, image, snapshot); the default `admin` when the options name none.
+fn client_of(config_info: &str) -> String {
+    let Some(options) = config_info.split_whitespace().nth(1) else {
+        return String::new();
+    };
+    options
+        .split(',')
+        .find_map(|option| option.strip_prefix("name="))
+        .unwrap_or("admin")
+        .to_string()
 }
 
 /// Write `line` to one of the bus's control files, in one write(2) as the driver requires.
@@ -225,4 +244,17 @@ pub fn refresh(id: u32) -> Result<()> {
         .join(id.to_string())
         .join("refresh");
     fs::write(&path, "1").map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_client_is_read_from_the_options_of_the_mapping() {
+        let info = "127.0.0.1:6789 name=host-b,secret=QUJD,_pool_ns=ns rbd img -";
+        assert_eq!(client_of(info), "host-b");
+        assert_eq!(client_of("127.0.0.1:6789 secret=QUJD rbd img -"), "admin");
+        assert_eq!(client_of(""), "");
+    }
 }

@@ -2,6 +2,7 @@
 //! cluster (its transaction id), guarded by compare-and-set so a change never lands on a value
 //! someone else changed first.
 
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int};
 use std::ptr;
 
@@ -103,19 +104,81 @@ impl Io {
         op.operate(object, &format!("changing {key} from {old} to {new} in"))
     }
 
-    /// Remove `object`; `NotFound` when there is none.
-    pub fn remove_object(&self, object: &str) -> Result<()> {
+    /// In one atomic operation on `object`: if omap `key` is `old` (absent when `None`), set
+    /// it to `new` (remove it when `None`) and set every pair of `also`. Returns whether the
+    /// comparison held (nothing changed when it did not); `NotFound` when there is no such
+    /// object.
+    pub fn omap_swap(
+        &self,
+        object: &str,
+        key: &str,
+        old: Option<&str>,
+        new: Option<&str>,
+        also: &[(&str, &str)],
+    ) -> Result<bool> {
         let op = WriteOp::new(self);
-        // Safety: a valid operation.
-        unsafe { self.lib().rados_write_op_remove(op.handle) };
-        op.operate(object, "removing object")
+        let k = c_string("omap key", key)?;
+        // An absent key compares as an empty value; entries are never empty.
+        let expected = old.unwrap_or("");
+        let mut compared: c_int = 0;
+        // Safety: a valid operation; `compared` outlives operate, which fills it.
+        unsafe {
+            self.lib().rados_write_op_omap_cmp(
+                op.handle,
+                k.as_ptr(),
+                sys::LIBRADOS_CMPXATTR_OP_EQ as u8,
+                expected.as_ptr().cast::<c_char>(),
+                expected.len(),
+                &mut compared,
+            )
+        };
+        match new {
+            Some(new) => op.set(key, new)?,
+            None => {
+                let keys = [k.as_ptr()];
+                // Safety: one key; librados copies it now.
+                unsafe {
+                    self.lib()
+                        .rados_write_op_omap_rm_keys(op.handle, keys.as_ptr(), 1)
+                };
+            }
+        }
+        for (key, value) in also {
+            op.set(key, value)?;
+        }
+        match op.operate(object, &format!("changing omap {key} of")) {
+            Ok(()) => Ok(true),
+            Err(_) if compared == -libc_ecanceled() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
-    /// The value of omap `key` of `object`; `None` when the object has no such key,
-    /// `NotFound` when there is no such object.
-    pub fn omap_value(&self, object: &str, key: &str) -> Result<Option<String>> {
+    /// Every omap key of `object` starting with `prefix`, with its value; `NotFound` when
+    /// there is no such object. Read in pages, each its own read operation.
+    pub fn omap_entries(&self, object: &str, prefix: &str) -> Result<BTreeMap<String, String>> {
+        const PAGE: u64 = 1024;
+        let mut entries: BTreeMap<String, String> = BTreeMap::new();
+        loop {
+            let after = entries.keys().next_back().cloned().unwrap_or_default();
+            let (page, more) = self.omap_page(object, prefix, &after, PAGE)?;
+            entries.extend(page);
+            if !more {
+                return Ok(entries);
+            }
+        }
+    }
+
+    /// Up to `max` omap entries of `object` with `prefix`, after key `after`; and whether
+    /// more follow.
+    fn omap_page(
+        &self,
+        object: &str,
+        prefix: &str,
+        after: &str,
+        max: u64,
+    ) -> Result<(Vec<(String, String)>, bool)> {
         let oid = c_string("object", object)?;
-        let k = c_string("omap key", key)?;
+        let (start, filter) = (c_string("omap key", after)?, c_string("omap key", prefix)?);
         // Safety: released below on every path.
         let op = unsafe { self.lib().rados_create_read_op() };
         let mut iter: sys::rados_omap_iter_t = ptr::null_mut();
@@ -124,9 +187,9 @@ impl Io {
         let rc = unsafe {
             self.lib().rados_read_op_omap_get_vals2(
                 op,
-                ptr::null(),
-                k.as_ptr(),
-                16,
+                start.as_ptr(),
+                filter.as_ptr(),
+                max,
                 &mut iter,
                 &mut more,
                 &mut prval,
@@ -142,20 +205,29 @@ impl Io {
         let result = check(rc, "reading the omap of", &target).and_then(|_| {
             check(prval, "reading the omap of", &target)?;
             // Safety: the iterator operate filled, read to its end, then freed.
-            unsafe { self.find_in(iter, key) }
+            unsafe { self.pairs_of(iter, &target) }
         });
         // Safety: the operation is this function's own.
         unsafe { self.lib().rados_release_read_op(op) };
-        result
+        Ok((result?, more != 0))
     }
 
     /// # Safety
     /// `iter` must be an iterator a completed read operation filled (or null).
-    unsafe fn find_in(&self, iter: sys::rados_omap_iter_t, key: &str) -> Result<Option<String>> {
+    unsafe fn pairs_of(
+        &self,
+        iter: sys::rados_omap_iter_t,
+        target: &str,
+    ) -> Result<Vec<(String, String)>> {
+        let mut pairs = Vec::new();
         if iter.is_null() {
-            return Ok(None);
+            return Ok(pairs);
         }
-        let mut found = None;
+        let text = |bytes: &[u8]| {
+            String::from_utf8(bytes.to_vec())
+                .map_err(|_| Error::inconsistent(format!("an omap entry of {target}: not UTF-8")))
+        };
+        let mut result = Ok(());
         loop {
             let (mut k, mut v): (*mut c_char, *mut c_char) = (ptr::null_mut(), ptr::null_mut());
             let (mut k_len, mut v_len) = (0usize, 0usize);
@@ -165,16 +237,31 @@ impl Io {
             if rc < 0 || k.is_null() {
                 break;
             }
-            let name = std::slice::from_raw_parts(k.cast::<u8>(), k_len);
-            if name == key.as_bytes() {
-                let value = std::slice::from_raw_parts(v.cast::<u8>(), v_len);
-                found = Some(String::from_utf8(value.to_vec()).map_err(|_| {
-                    Error::inconsistent(format!("omap {key} of {}: not UTF-8", self.spec()))
-                })?);
+            let key = std::slice::from_raw_parts(k.cast::<u8>(), k_len);
+            let value = std::slice::from_raw_parts(v.cast::<u8>(), v_len);
+            match (text(key), text(value)) {
+                (Ok(key), Ok(value)) => pairs.push((key, value)),
+                (Err(e), _) | (_, Err(e)) => result = Err(e),
             }
         }
         self.lib().rados_omap_get_end(iter);
-        Ok(found)
+        result.map(|()| pairs)
+    }
+
+    /// Remove `object`; `NotFound` when there is none.
+    pub fn remove_object(&self, object: &str) -> Result<()> {
+        let op = WriteOp::new(self);
+        // Safety: a valid operation.
+        unsafe { self.lib().rados_write_op_remove(op.handle) };
+        op.operate(object, "removing object")
+    }
+
+    /// The value of omap `key` of `object`; `None` when the object has no such key,
+    /// `NotFound` when there is no such object.
+    pub fn omap_value(&self, object: &str, key: &str) -> Result<Option<String>> {
+        // Keys with `key` as their prefix sort from it on: the first is it, if it is there.
+        let (page, _) = self.omap_page(object, key, "", 1)?;
+        Ok(page.into_iter().find(|(k, _)| k == key).map(|(_, v)| v))
     }
 
     /// The cluster's raw capacity and use, in bytes: (total, used, available).
@@ -189,4 +276,8 @@ impl Io {
         check(rc, "reading the capacity of the cluster of", &self.spec())?;
         Ok((stat.kb * 1024, stat.kb_used * 1024, stat.kb_avail * 1024))
     }
+}
+
+fn libc_ecanceled() -> c_int {
+    nix::errno::Errno::ECANCELED as c_int
 }

@@ -11,6 +11,8 @@
 //!   pool's trash (clone format 2 lets clones read a trashed parent), and is removed from the
 //!   trash when its last clone is deleted.
 
+mod catalog;
+mod host;
 mod names;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -22,6 +24,7 @@ use devicemapper::Device;
 use crate::config::Config;
 use crate::crash::{self, Point};
 use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::catalog::Catalog;
 use crate::kernel::device_io::{DeviceFile, ThinIo};
 use crate::kernel::rbd::{self, map, Cluster, ClusterConfig, ImageFeatures, Io, MapRequest};
 use crate::kernel::thin_tools::CheckReport;
@@ -49,6 +52,10 @@ pub struct RbdPool {
     flatten_depth: u32,
     /// The pool record (`pool.json`), which a destroy removes last.
     record_path: PathBuf,
+    /// The layers of every host of the pool.
+    catalog: catalog::RadosCatalog,
+    /// This host's transaction id's key in the state object.
+    transaction_key: String,
 }
 
 /// Connect to the cluster `config` names. A configuration file that is not there, a cluster
@@ -101,6 +108,35 @@ pub fn check_cluster(config: &Config) -> Result<String> {
     ))
 }
 
+/// Make the pool's state object, or give this host its transaction id in it: 0, or for the
+/// first host of a pool from before hosts shared it, that pool's (moved, in one operation).
+fn open_state_object(io: &Io, object: &str, key: &str) -> Result<()> {
+    match io.create_object(object, key, "0") {
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+        other => return other,
+    }
+    if io.omap_value(object, key)?.is_some() {
+        return Ok(());
+    }
+    if let Some(legacy) = io.omap_value(object, names::TRANSACTION_ID)? {
+        if io.omap_swap(
+            object,
+            names::TRANSACTION_ID,
+            Some(&legacy),
+            None,
+            &[(key, &legacy)],
+        )? {
+            return Ok(());
+        }
+    }
+    if io.omap_swap(object, key, None, Some("0"), &[])? {
+        return Ok(());
+    }
+    Err(Error::inconsistent(format!(
+        "{object}: this host's transaction id {key} appeared while it was being made;          another thinstackd uses this state directory's host name"
+    )))
+}
+
 impl RbdPool {
     /// Connect to the cluster `config` names and open (or make) the pool's state object.
     pub fn open(config: &Config) -> Result<Self> {
@@ -120,16 +156,22 @@ impl RbdPool {
             exclusive: false,
         };
         let name = config.pool.name.clone();
-        match io.create_object(&names::state_object(&name), names::TRANSACTION_ID, "0") {
-            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
-            other => other?,
-        }
+        let host = host::host_id(config.state_dir.path())?;
+        let transaction_key = names::transaction_id_of(&host);
+        open_state_object(&io, &names::state_object(&name), &transaction_key)?;
+        let catalog = catalog::RadosCatalog::open(
+            cluster.io(&rbd.pool, namespace)?,
+            names::catalog_object(&name),
+            host,
+        )?;
         let pool = RbdPool {
             name,
             io,
             map_template,
             flatten_depth: rbd.flatten_depth,
             record_path: crate::pool::record::path(config),
+            catalog,
+            transaction_key,
         };
         // A crash between a clone's removal and its trashed parent's leaves the parent there.
         pool.purge_trash()?;
@@ -149,7 +191,8 @@ impl RbdPool {
         Ok(self.mappings()?.into_iter().find(|m| m.image == image))
     }
 
-    /// The kernel's mappings of this pool's images (heads only).
+    /// The kernel's mappings of this pool's images (heads only) that this daemon's client
+    /// made: another daemon on this host, as another client, has its own.
     fn mappings(&self) -> Result<Vec<map::Mapped>> {
         let namespace = self.io.namespace().unwrap_or_default();
         Ok(map::mapped()?
@@ -158,6 +201,7 @@ impl RbdPool {
                 m.pool == self.io.pool()
                     && m.namespace == namespace
                     && m.snapshot == "-"
+                    && m.client == self.map_template.client
                     && thin_of_image(&self.name, &m.image).is_some()
             })
             .collect())
@@ -328,7 +372,7 @@ impl PoolKernel for RbdPool {
         let object = names::state_object(&self.name);
         let transaction_id = self
             .io
-            .omap_value(&object, names::TRANSACTION_ID)?
+            .omap_value(&object, &self.transaction_key)?
             .ok_or_else(|| Error::inconsistent(format!("{object} has no transaction id")))?
             .parse()
             .map_err(|_| {
@@ -377,6 +421,10 @@ impl PoolKernel for RbdPool {
         self.finish_clone(origin, new, Some(depth))
     }
 
+    fn catalog(&self) -> Option<&dyn Catalog> {
+        Some(&self.catalog)
+    }
+
     fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
         if made {
             return self.finish_clone(origin, new, None);
@@ -403,7 +451,7 @@ impl PoolKernel for RbdPool {
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
         self.io.compare_and_set(
             &names::state_object(&self.name),
-            names::TRANSACTION_ID,
+            &self.transaction_key,
             &old.to_string(),
             &new.to_string(),
         )
@@ -583,11 +631,23 @@ impl PoolKernel for RbdPool {
         false
     }
 
+    /// This host leaves the pool; the last host to leave, with no layer left in the catalog,
+    /// removes the pool's objects.
     fn destroy(&self) -> Result<()> {
         self.purge_trash()?;
-        match self.io.remove_object(&names::state_object(&self.name)) {
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            other => other?,
+        let state = names::state_object(&self.name);
+        let ours = self.io.omap_value(&state, &self.transaction_key)?;
+        self.io
+            .omap_swap(&state, &self.transaction_key, ours.as_deref(), None, &[])?;
+        let hosts_left = self.io.omap_entries(&state, names::TRANSACTION_ID)?;
+        let layers_left = self.catalog.entries()?.entries;
+        if hosts_left.is_empty() && layers_left.is_empty() {
+            for object in [state, names::catalog_object(&self.name)] {
+                match self.io.remove_object(&object) {
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    other => other?,
+                }
+            }
         }
         crate::records::remove(&self.record_path)
     }

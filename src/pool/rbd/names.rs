@@ -36,8 +36,20 @@ pub fn state_object(pool: &PoolName) -> String {
 /// The image metadata key holding how many parents the image has.
 pub const DEPTH: &str = "thinstack.depth";
 
-/// The state object's omap key for the transaction id.
+/// The state object's omap key for the transaction id of a pool from before hosts shared
+/// it: the first host to start takes it as its own.
 pub const TRANSACTION_ID: &str = "transaction_id";
+
+/// The state object's omap key for `host`'s transaction id (each host has its own intents,
+/// so its own transaction id).
+pub fn transaction_id_of(host: &str) -> String {
+    format!("transaction_id.{host}")
+}
+
+/// The object holding the pool's catalog of layers (`catalog.rs`).
+pub fn catalog_object(pool: &PoolName) -> String {
+    format!("{pool}.thinstack-catalog")
+}
 
 #[cfg(test)]
 mod tests {
