@@ -79,6 +79,13 @@ const CEPH_FUNCTIONS: &[&str] = &[
     "rbd_lock_get_owners",
     "rbd_lock_get_owners_cleanup",
     "rbd_lock_break",
+    "rbd_get_id",
+    "rbd_watchers_list",
+    "rbd_watchers_list_cleanup",
+    "rados_lock_exclusive",
+    "rados_list_lockers",
+    "rados_break_lock",
+    "rados_getaddrs",
 ];
 
 /// Bindings of [`CEPH_FUNCTIONS`] as a struct that loads them from a shared library at run

@@ -2,9 +2,9 @@
 //! real Unix socket against `thinstackd --sim`, and every response, errors included, validated
 //! against the schema the document gives for its status.
 //!
-//! Two routes cannot succeed on the sim, and are held to their error responses here: adding a
-//! disk needs an LVM pool, and adopting needs a thin device no record owns (the kernel tests
-//! drive both to success).
+//! Three routes cannot succeed on the sim, and are held to their error responses here: adding
+//! a disk needs an LVM pool, adopting needs a thin device no record owns, and breaking a writer
+//! lock needs a pool shared by hosts (the kernel tests drive all three to success).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -21,8 +21,11 @@ use common::sim::SimDaemon;
 const OPENAPI: &str = include_str!("../src/daemon/openapi.json");
 
 /// Routes that cannot succeed on the sim (see the module's comment).
-const NO_SUCCESS_ON_THE_SIM: &[(&str, &str)] =
-    &[("POST", "/v1/pool/add-device"), ("POST", "/v1/pool/adopt")];
+const NO_SUCCESS_ON_THE_SIM: &[(&str, &str)] = &[
+    ("POST", "/v1/pool/add-device"),
+    ("POST", "/v1/pool/adopt"),
+    ("POST", "/v1/layers/{name}/break-lock"),
+];
 
 /// `thinstackd --sim`, with a mount root, answering on its API socket.
 struct Api {
@@ -389,6 +392,8 @@ fn every_route_answers_as_the_document_says() {
     c.call(d, "POST /v1/layers/nope/activate", none(), 404);
     c.call(d, "POST /v1/layers/kid/deactivate", none(), 200);
     c.call(d, "POST /v1/layers/nope/deactivate", none(), 404);
+    // A pool of one host has no writer locks.
+    c.call(d, "POST /v1/layers/kid/break-lock", none(), 409);
     c.call(
         d,
         "POST /v1/layers/kid/resize",

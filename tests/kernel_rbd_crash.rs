@@ -144,6 +144,25 @@ fn check_after_crash(config: &Config, what: &str) {
         "{what}: mapped images left"
     );
     let names: BTreeSet<String> = layers.iter().map(|l| l.name.to_string()).collect();
+    // The pool's catalog agrees: an entry per layer, none left half made or half removed.
+    let catalog = engine
+        .kernel()
+        .catalog()
+        .unwrap()
+        .entries()
+        .unwrap()
+        .entries;
+    assert_eq!(
+        catalog.keys().cloned().collect::<BTreeSet<_>>(),
+        names,
+        "{what}: catalog vs records"
+    );
+    for (name, entry) in &catalog {
+        assert!(
+            entry.contains(r#""state":"ready""#),
+            "{what}: {name}: {entry}"
+        );
+    }
     assert_eq!(read_file(&engine, "base"), "base data", "{what}");
     if names.contains("work") {
         assert_eq!(read_file(&engine, "work"), "work data", "{what}");
@@ -212,7 +231,9 @@ fn rbd_crash_at_every_point() {
         let points: BTreeSet<String> = std::fs::read_to_string(&trace)
             .unwrap_or_default()
             .lines()
-            .filter(|p| p.starts_with("rbd.") || p.starts_with("pool_step."))
+            .filter(|p| {
+                p.starts_with("rbd.") || p.starts_with("pool_step.") || p.starts_with("shared.")
+            })
             .map(str::to_owned)
             .collect();
         assert!(
@@ -238,11 +259,11 @@ fn rbd_crash_at_every_point() {
     let missing: Vec<&str> = thinstack::crash::Point::ALL
         .iter()
         .map(|p| p.name())
-        .filter(|p| p.starts_with("rbd.") && !crashed.contains(*p))
+        .filter(|p| (p.starts_with("rbd.") || p.starts_with("shared.")) && !crashed.contains(*p))
         .collect();
     assert!(
         missing.is_empty(),
-        "rbd crash points never crashed: {missing:?}"
+        "rbd and shared crash points never crashed: {missing:?}"
     );
     eprintln!("rbd: crashed at {} points: {crashed:?}", crashed.len());
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use std::fs;
 
 use common::ceph::cluster;
+use common::daemon::TestDaemon;
 use common::{require_dm_thin, TestPool};
 use thinstack::engine::{CreateLayer, Engine, Settings};
 use thinstack::kernel::rbd::map;
@@ -134,4 +135,110 @@ fn two_engines_share_layers_names_and_ids_through_the_pool_catalog() {
     let b = open(&tb);
     assert!(!names(&b).contains("race-0"));
     assert_eq!(names(&a), names(&b));
+}
+
+/// The exit codes of `thinstack` for an existing name and a busy layer (README, "Exit codes").
+const ALREADY_EXISTS: i32 = 4;
+const BUSY: i32 = 5;
+
+fn layer_names(d: &TestDaemon) -> BTreeSet<String> {
+    d.json(&["layer", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+#[ignore = "kernel test: run with scripts/vm-test"]
+fn two_daemons_race_for_names_refuse_each_others_written_layers_and_outlive_a_sigkill() {
+    require_rbd();
+    let ns = format!("t{}-daemons", std::process::id());
+    let mut a = TestDaemon::start("host-a", &host_toml(&ns, "host-a"));
+    let mut b = TestDaemon::start("host-b", &host_toml(&ns, "host-b"));
+    a.json(&["layer", "create", "base"]);
+    a.json(&["layer", "commit", "base"]);
+
+    // The name race, through the two sockets at once: each name is made once, and the loser
+    // hears "already exists".
+    let names: Vec<String> = (0..8).map(|i| format!("race-{i}")).collect();
+    let codes: Vec<Vec<i32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = [&a, &b]
+            .into_iter()
+            .map(|d| {
+                let names = &names;
+                s.spawn(move || {
+                    names
+                        .iter()
+                        .map(|n| d.cli(&["layer", "create", n, "--parent", "base"]).code)
+                        .collect()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, name) in names.iter().enumerate() {
+        let mut got = [codes[0][i], codes[1][i]];
+        got.sort();
+        assert_eq!(got, [0, ALREADY_EXISTS], "{name}: exit codes {got:?}");
+    }
+    assert_eq!(layer_names(&a), layer_names(&b));
+
+    // A layer A writes is refused to B: to mount, to activate, to snapshot.
+    a.json(&["layer", "create", "work", "--parent", "base"]);
+    let mounted = a.cli(&["layer", "mount", "work"]);
+    assert_eq!(mounted.code, 0, "{mounted:?}");
+    let on_a = std::path::PathBuf::from(mounted.stdout.trim());
+    fs::write(on_a.join("from-a"), "written on host a").unwrap();
+    nix::unistd::sync();
+    for args in [
+        &["layer", "mount", "work"][..],
+        &["layer", "activate", "work"],
+        &["layer", "create", "snap", "--parent", "work"],
+    ] {
+        let refused = b.cli(args);
+        assert_eq!(refused.code, BUSY, "{args:?}: {refused:?}");
+        assert!(refused.stderr.contains("written by host"), "{refused:?}");
+    }
+
+    // A SIGKILL of A: its kernel still has the layer mapped, so B is still refused; A's next
+    // start has every layer and takes its own lock back; once A lets go, B writes it.
+    a.kill9();
+    assert_eq!(b.cli(&["layer", "activate", "work"]).code, BUSY);
+    a.spawn();
+    assert_eq!(layer_names(&a), layer_names(&b));
+    assert_eq!(a.cli(&["layer", "unmount", "work"]).code, 0);
+    assert_eq!(a.cli(&["layer", "deactivate", "work"]).code, 0);
+    let mounted = b.cli(&["layer", "mount", "work"]);
+    assert_eq!(mounted.code, 0, "{mounted:?}");
+    let on_b = std::path::PathBuf::from(mounted.stdout.trim());
+    assert_eq!(
+        fs::read_to_string(on_b.join("from-a")).unwrap(),
+        "written on host a"
+    );
+
+    // B dies holding it: an operator on A breaks the lock (fencing B's client), and A writes.
+    b.kill9();
+    assert_eq!(a.cli(&["layer", "activate", "work"]).code, BUSY);
+    let broken = a.json(&["layer", "break-lock", "work"]);
+    assert_eq!(broken["name"], "work", "{broken}");
+    let b_host = fs::read_to_string(b.pool.config.state_dir.path().join("rbd-host")).unwrap();
+    assert_eq!(broken["holder"], b_host.trim(), "{broken}");
+    assert!(
+        !broken["fenced"].as_array().unwrap().is_empty(),
+        "B's kernel client was not fenced: {broken}"
+    );
+    let mounted = a.cli(&["layer", "mount", "work"]);
+    assert_eq!(mounted.code, 0, "{mounted:?}");
+    let on_a = std::path::PathBuf::from(mounted.stdout.trim());
+    fs::write(on_a.join("after-break"), "written on host a again").unwrap();
+    assert_eq!(a.cli(&["layer", "unmount", "work"]).code, 0);
+    assert_eq!(a.cli(&["layer", "deactivate", "work"]).code, 0);
+    let nothing = a.cli(&["layer", "break-lock", "work"]);
+    assert_eq!(nothing.code, 3, "no holder is not_found: {nothing:?}");
+
+    // Doctor on A finds nothing half made.
+    let doctor = a.cli(&["pool", "doctor"]);
+    assert_eq!(doctor.code, 0, "{doctor:?}");
 }

@@ -53,6 +53,17 @@ pub struct CreateRequest {
     pub exists_ok: bool,
 }
 
+/// `POST /v1/layers/{name}/break-lock`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakLockResponse {
+    /// The layer.
+    pub name: LayerName,
+    /// The host that held its writer lock.
+    pub holder: String,
+    /// The clients fenced (blocklisted by the cluster), so they cannot write on.
+    pub fenced: Vec<String>,
+}
+
 /// `POST /v1/layers/{name}/mount`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

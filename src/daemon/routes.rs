@@ -10,11 +10,11 @@ use serde_json::Value;
 use super::Daemon;
 use crate::api;
 use crate::api::{
-    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CheckpointRequest, CreateRequest,
-    DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse, ExtendRequest,
-    ExtendResponse, MountRequest, MountResponse, PruneRequest, PruneResponse, RemoveResponse,
-    RemovedLayer, ResetRequest, ResizeRequest, TrimResponse, UnmountRequest, UsageResponse,
-    VersionResponse,
+    AddDeviceRequest, AddDeviceResponse, AdoptRequest, BreakLockResponse, CheckpointRequest,
+    CreateRequest, DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoneResponse,
+    ExtendRequest, ExtendResponse, MountRequest, MountResponse, PruneRequest, PruneResponse,
+    RemoveResponse, RemovedLayer, ResetRequest, ResizeRequest, TrimResponse, UnmountRequest,
+    UsageResponse, VersionResponse,
 };
 use crate::engine::{CreateLayer, OutsideChange, PruneFilter, Removal};
 use crate::error::{Error, ErrorKind, Result};
@@ -93,6 +93,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/v1/layers/{name}/usage", layer_usage),
     route("POST", "/v1/layers/{name}/activate", activate_layer),
     route("POST", "/v1/layers/{name}/deactivate", deactivate_layer),
+    route("POST", "/v1/layers/{name}/break-lock", break_lock),
     route("POST", "/v1/layers/{name}/mount", mount_layer),
     route("POST", "/v1/layers/{name}/unmount", unmount_layer),
     route("POST", "/v1/layers/{name}/resize", resize_layer),
@@ -476,6 +477,16 @@ fn deactivate_layer(daemon: &Daemon, call: &Call) -> Result<Reply> {
     not_containerds(daemon, call, OutsideChange::Deactivate)?;
     daemon.engine.deactivate(name(call))?;
     done(call, "deactivated")
+}
+
+fn break_lock(daemon: &Daemon, call: &Call) -> Result<Reply> {
+    only_query(call, &[])?;
+    let broken = daemon.engine.break_lock(name(call))?;
+    ok(BreakLockResponse {
+        name: LayerName::new(name(call))?,
+        holder: broken.holder,
+        fenced: broken.fenced,
+    })
 }
 
 fn done(call: &Call, what: &str) -> Result<Reply> {

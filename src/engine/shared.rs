@@ -20,7 +20,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::*;
-use crate::kernel::catalog::{Catalog, CatalogEntries};
+use crate::kernel::catalog::{BrokenLock, Catalog, CatalogEntries, Moved};
 
 /// A layer's entry in the catalog: its durable facts, which version of them, and who wrote it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -102,6 +102,20 @@ pub(super) struct Seen {
     raw: BTreeMap<String, String>,
 }
 
+impl Seen {
+    /// This host changed entry `name` to `raw` (removed it when `None`), moving the catalog's
+    /// generation: still up to date if it had read the generation the change was made on.
+    fn changed(&mut self, name: String, raw: Option<String>, moved: Moved) {
+        match raw {
+            Some(raw) => self.raw.insert(name, raw),
+            None => self.raw.remove(&name),
+        };
+        if self.generation.as_ref() == Some(&moved.before) {
+            self.generation = Some(moved.after);
+        }
+    }
+}
+
 fn parse(name: &str, raw: &str) -> Result<Entry> {
     serde_json::from_str(raw).map_err(|e| {
         Error::inconsistent(format!(
@@ -149,12 +163,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             facts,
         };
         let new_raw = serde_json::to_string(&entry).expect("entries always serialize");
-        if let Err(e) = catalog.swap(&name, old_raw.as_deref(), Some(&new_raw)) {
-            // Read again before the next operation: the refusal says the catalog moved.
-            self.seen().generation = None;
-            return Err(e);
-        }
-        self.seen().raw.insert(name, new_raw);
+        let moved = match catalog.swap(&name, old_raw.as_deref(), Some(&new_raw)) {
+            Ok(moved) => moved,
+            Err(e) => {
+                // Read again before the next operation: the refusal says the catalog moved.
+                self.seen().generation = None;
+                return Err(e);
+            }
+        };
+        self.seen().changed(name, Some(new_raw), moved);
         record.shared_version = Some(entry.version);
         crash::point(crash::Point::SharedPublished);
         Ok(())
@@ -171,9 +188,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return;
         };
         match catalog.swap(name.as_str(), Some(&old), None) {
-            Ok(()) => {
-                self.seen().raw.remove(name.as_str());
-            }
+            Ok(moved) => self.seen().changed(name.as_str().to_string(), None, moved),
             Err(e) => {
                 tracing::warn!(layer = %name, error = %e, "could not take the removed layer out of the pool's catalog; the next start does");
             }
@@ -286,8 +301,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // touched and are removed after the layer's image: nothing of it is in the pool.
         let raw = self.seen().raw.get(name.as_str()).cloned();
         if let Some(raw) = raw {
-            catalog.swap(name.as_str(), Some(&raw), None)?;
-            self.seen().raw.remove(name.as_str());
+            let moved = catalog.swap(name.as_str(), Some(&raw), None)?;
+            self.seen().changed(name.as_str().to_string(), None, moved);
             tracing::info!(layer = %name, state = ?entry.facts.state, "released the catalog entry of a layer this host's crash cut short");
         }
         Ok(())
@@ -341,6 +356,22 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 self.write_unpublished(record)
             }
         }
+    }
+
+    /// Take layer `name`'s writer lock away from the host that holds it, fencing that host's
+    /// clients of the layer's image, so this host may write it. For an operator who knows that
+    /// host is dead: one still alive loses its writes from then on (see the README).
+    pub fn break_lock(&self, name: &str) -> Result<BrokenLock> {
+        let (name, _guard) = self.lock_layer(name)?;
+        let record = self.ready_record(&name)?;
+        let broken = self.kernel.break_writer_lock(record.thin_id).map_err(|e| {
+            e.context(format!(
+                "breaking the writer lock of layer {:?}",
+                name.as_str()
+            ))
+        })?;
+        tracing::warn!(layer = %name, holder = %broken.holder, fenced = ?broken.fenced, "writer lock broken");
+        Ok(broken)
     }
 
     /// Write a record the catalog already agrees with.

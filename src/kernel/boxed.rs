@@ -42,6 +42,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).catalog()
     }
 
+    fn break_writer_lock(&self, id: ThinId) -> Result<super::catalog::BrokenLock> {
+        (**self).break_writer_lock(id)
+    }
+
     fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
         (**self).settle_snapshot(origin, new, made)
     }

@@ -21,6 +21,16 @@ pub struct CatalogEntries {
     pub entries: BTreeMap<String, String>,
 }
 
+/// The generation a change of the catalog moved it from and to: a host that had read the
+/// catalog at `before` has read all of it but this change, which it made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Moved {
+    /// The generation the change was made on.
+    pub before: String,
+    /// The generation it made.
+    pub after: String,
+}
+
 /// A catalog of layers shared by the hosts of one pool.
 pub trait Catalog: Send + Sync {
     /// This host's name in the catalog: which host made, or is changing, an entry.
@@ -32,9 +42,19 @@ pub trait Catalog: Send + Sync {
     /// Every entry.
     fn entries(&self) -> Result<CatalogEntries>;
     /// Set entry `name` to `new` (remove it when `None`) if it is `old` now (absent when
-    /// `None`). `AlreadyExists` when `old` is `None` and the name is taken; `Busy` when the
-    /// entry is not `old` any more (another host changed it).
-    fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<()>;
+    /// `None`), moving the generation on by one. `AlreadyExists` when `old` is `None` and the
+    /// name is taken; `Busy` when the entry is not `old` any more (another host changed it).
+    fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<Moved>;
+}
+
+/// What breaking another host's writer lock did ([`crate::kernel::PoolKernel::break_writer_lock`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BrokenLock {
+    /// The host that held it.
+    pub holder: String,
+    /// The clients fenced (blocklisted) so that they cannot write on: that host's kernel
+    /// mapping of the image, and whoever else had it open.
+    pub fenced: Vec<String>,
 }
 
 /// The error of a [`Catalog::swap`] whose `old` did not hold.
@@ -128,7 +148,7 @@ impl Catalog for SimCatalogHost {
         })
     }
 
-    fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<()> {
+    fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<Moved> {
         let mut state = self.catalog.state();
         if state.entries.get(name).map(String::as_str) != old {
             return Err(swap_refused(name, old));
@@ -138,7 +158,10 @@ impl Catalog for SimCatalogHost {
             None => state.entries.remove(name),
         };
         state.changes += 1;
-        Ok(())
+        Ok(Moved {
+            before: (state.changes - 1).to_string(),
+            after: state.changes.to_string(),
+        })
     }
 }
 

@@ -135,6 +135,16 @@ pub trait PoolKernel {
     fn catalog(&self) -> Option<&dyn catalog::Catalog> {
         None
     }
+    /// Take away the writer lock another host holds on thin `id` (a pool shared by hosts), and
+    /// fence that host's clients of it, so this host may write it. For an operator who knows
+    /// that host is dead: a live one loses its writes. `Unsupported` on a pool of one host.
+    fn break_writer_lock(&self, id: ThinId) -> Result<catalog::BrokenLock> {
+        let _ = id;
+        Err(crate::error::Error::new(
+            crate::error::ErrorKind::Unsupported,
+            "this pool is one host's: it has no writer locks to break (only backend rbd is shared by hosts)",
+        ))
+    }
     /// Move the transaction id from `old` to `new`; refused unless `old` is current.
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()>;
     /// Every thin id the pool's metadata holds.

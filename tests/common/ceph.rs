@@ -41,6 +41,10 @@ impl TestCluster {
     /// The keyring of client `name` (made the first time), which may use the test pool's
     /// images as a host's thinstackd does: `profile rbd` on the monitors and the pool.
     pub fn client_keyring(&self, name: &str) -> PathBuf {
+        // Tests run side by side: one makes the file while the others wait, never reading
+        // it half written.
+        static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _making = MAKING.lock().unwrap_or_else(|e| e.into_inner());
         let keyring = self.conf.with_file_name(format!("client.{name}.keyring"));
         if !keyring.exists() {
             let out = Command::new("timeout")

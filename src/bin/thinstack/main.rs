@@ -11,11 +11,11 @@ use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use serde_json::Value;
 use thinstack::api::{
-    AddDeviceRequest, AddDeviceResponse, AdoptRequest, CheckResponse, CreateRequest,
-    DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoctorResponse, DoneResponse,
-    Event, ExtendRequest, ExtendResponse, FindingStatus, Layer, MountRequest, MountResponse,
-    PoolStatus, PruneRequest, PruneResponse, Removal, RemoveResponse, ResizeRequest, TrimResponse,
-    UnmountRequest, UsageResponse,
+    AddDeviceRequest, AddDeviceResponse, AdoptRequest, BreakLockResponse, CheckResponse,
+    CreateRequest, DestroyRequest, DestroyResponse, DeviceResponse, DoctorRequest, DoctorResponse,
+    DoneResponse, Event, ExtendRequest, ExtendResponse, FindingStatus, Layer, MountRequest,
+    MountResponse, PoolStatus, PruneRequest, PruneResponse, Removal, RemoveResponse, ResizeRequest,
+    TrimResponse, UnmountRequest, UsageResponse,
 };
 use thinstack::client::{Client, ClientError, DEFAULT_SOCKET};
 use thinstack::names::{ThinId, THIN_ID_MAX};
@@ -169,6 +169,13 @@ enum LayerCommand {
     },
     /// Deactivate a layer's block device.
     Deactivate {
+        /// The layer.
+        name: String,
+    },
+    /// Take a layer's writer lock from the host that holds it (backend rbd), fencing that
+    /// host's clients of the layer. Only for a host known to be dead: one still alive loses
+    /// its writes.
+    BreakLock {
         /// The layer.
         name: String,
     },
@@ -708,6 +715,19 @@ fn layer(client: &mut Client, command: LayerCommand) -> Result<Output, ClientErr
             let done: DoneResponse = client.post(&layer_path(&name, "deactivate"), &Value::Null)?;
             let text = format!("Deactivated layer {}.", done.name);
             Ok(output(&done, text))
+        }
+        LayerCommand::BreakLock { name } => {
+            let broken: BreakLockResponse =
+                client.post(&layer_path(&name, "break-lock"), &Value::Null)?;
+            let text = format!(
+                "Broke host {}'s writer lock on layer {}; fenced {} client(s){}{}.",
+                broken.holder,
+                broken.name,
+                broken.fenced.len(),
+                if broken.fenced.is_empty() { "" } else { ": " },
+                broken.fenced.join(", ")
+            );
+            Ok(output(&broken, text))
         }
         LayerCommand::Mount {
             name,

@@ -128,6 +128,18 @@ impl Cluster {
         &self.config
     }
 
+    /// Fence the client at `address` (`ip:port/nonce`): the cluster refuses its every
+    /// request from now on (until the blocklist entry expires, an hour by default), so a host
+    /// that only seemed dead cannot write on.
+    pub fn blocklist(&self, address: &str) -> Result<()> {
+        let command = serde_json::json!({
+            "prefix": "osd blocklist",
+            "blocklistop": "add",
+            "addr": address,
+        });
+        self.mon_command(&command.to_string()).map(drop)
+    }
+
     /// Run a monitor command (JSON, as `ceph ... -f json` sends it); returns its output.
     pub fn mon_command(&self, command: &str) -> Result<Vec<u8>> {
         let text = c_string("monitor command", command)?;
@@ -164,6 +176,24 @@ impl Cluster {
             }
         })?;
         Ok(output)
+    }
+
+    /// This connection's own addresses, as the cluster lists its clients' (`ip:port/nonce`,
+    /// possibly several in brackets).
+    pub fn own_addresses(&self) -> Result<String> {
+        let mut text: *mut c_char = ptr::null_mut();
+        // Safety: librados allocates the string, freed below.
+        let rc = unsafe { self.lib.rados_getaddrs(self.handle, &mut text) };
+        check(rc, "reading the client's addresses", "the cluster")?;
+        // Safety: a NUL-terminated string of librados's, freed once.
+        let addresses = unsafe {
+            let owned = std::ffi::CStr::from_ptr(text)
+                .to_string_lossy()
+                .into_owned();
+            self.lib.rados_buffer_free(text);
+            owned
+        };
+        Ok(addresses)
     }
 
     /// The monitors' addresses for the kernel's client (its messenger v1 addresses), from the

@@ -494,6 +494,49 @@ impl Image<'_> {
         Ok(names)
     }
 
+    /// The image's id in its pool (its header object is `rbd_header.<id>`).
+    pub fn id(&self) -> Result<String> {
+        let mut buf = vec![0u8; 64];
+        loop {
+            // Safety: the buffer is `buf.len()` bytes; librbd writes a NUL-terminated id.
+            let rc = unsafe {
+                self.io
+                    .lib()
+                    .rbd_get_id(self.handle, buf.as_mut_ptr().cast(), buf.len())
+            };
+            if rc == -(nix::errno::Errno::ERANGE as i32) && buf.len() < 4096 {
+                buf.resize(buf.len() * 4, 0);
+                continue;
+            }
+            check(rc, "reading the id of", &self.spec)?;
+            // Safety: NUL-terminated within the buffer, as librbd wrote it.
+            return Ok(unsafe { owned(buf.as_ptr().cast()) });
+        }
+    }
+
+    /// The addresses of the clients watching the image: whoever has it open or mapped.
+    pub fn watchers(&self) -> Result<Vec<String>> {
+        let mut watchers: Vec<sys::rbd_image_watcher_t> = Vec::with_capacity(64);
+        let mut count = watchers.capacity();
+        // Safety: room for `count` entries; librbd fills `count` of them.
+        let rc = unsafe {
+            self.io
+                .lib()
+                .rbd_watchers_list(self.handle, watchers.as_mut_ptr(), &mut count)
+        };
+        check(rc, "listing the watchers of", &self.spec)?;
+        // Safety: `count` entries filled, their strings freed once by the cleanup.
+        let addresses = unsafe {
+            watchers.set_len(count);
+            let addresses = watchers.iter().map(|w| owned(w.addr)).collect();
+            self.io
+                .lib()
+                .rbd_watchers_list_cleanup(watchers.as_mut_ptr(), count);
+            addresses
+        };
+        Ok(addresses)
+    }
+
     /// Break the exclusive lock `owner` holds (and blocklist it, so a host that only seemed
     /// dead cannot write on).
     pub fn break_lock(&self, owner: &str) -> Result<()> {

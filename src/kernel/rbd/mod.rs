@@ -11,6 +11,7 @@ mod cluster;
 mod image;
 mod keyring;
 mod library;
+mod locks;
 pub mod map;
 mod objects;
 mod sys;
@@ -18,7 +19,9 @@ mod sys;
 pub use cluster::{Cluster, ClusterConfig, Io};
 pub use image::{Image, ImageFeatures, Snapshot, TrashedImage};
 pub use keyring::{keyring_has_client, secret_of};
+pub use locks::Locker;
 pub use map::{MapRequest, Mapped};
+pub use objects::Guarded;
 
 use std::ffi::CString;
 

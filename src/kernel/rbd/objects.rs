@@ -2,6 +2,7 @@
 //! cluster (its transaction id), guarded by compare-and-set so a change never lands on a value
 //! someone else changed first.
 
+use std::cell::UnsafeCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_int};
 use std::ptr;
@@ -40,6 +41,44 @@ impl<'a> WriteOp<'a> {
         Ok(())
     }
 
+    /// Compare omap `key` with `value` (an absent key compares as ""); the outcome is read
+    /// once the operation ran.
+    fn compare(&self, key: &str, value: &str) -> Result<Box<Compared>> {
+        let k = c_string("omap key", key)?;
+        let compared = Box::new(Compared(UnsafeCell::new(0)));
+        // Safety: a valid operation; the result slot is boxed, so it stays put until the
+        // operation ran (the caller keeps it past operate), and librados writes it only then.
+        unsafe {
+            self.io.lib().rados_write_op_omap_cmp(
+                self.handle,
+                k.as_ptr(),
+                sys::LIBRADOS_CMPXATTR_OP_EQ as u8,
+                value.as_ptr().cast::<c_char>(),
+                value.len(),
+                compared.0.get(),
+            )
+        };
+        Ok(compared)
+    }
+
+    /// Set omap `key` to `value`, or remove it when `None`.
+    fn change(&self, key: &str, value: Option<&str>) -> Result<()> {
+        match value {
+            Some(value) => self.set(key, value),
+            None => {
+                let k = c_string("omap key", key)?;
+                let keys = [k.as_ptr()];
+                // Safety: one key; librados copies it now.
+                unsafe {
+                    self.io
+                        .lib()
+                        .rados_write_op_omap_rm_keys(self.handle, keys.as_ptr(), 1)
+                };
+                Ok(())
+            }
+        }
+    }
+
     fn set(&self, key: &str, value: &str) -> Result<()> {
         let k = c_string("omap key", key)?;
         let keys = [k.as_ptr()];
@@ -57,6 +96,28 @@ impl<'a> WriteOp<'a> {
         };
         Ok(())
     }
+}
+
+/// Where librados puts the outcome of one comparison of a write operation.
+struct Compared(UnsafeCell<c_int>);
+
+impl Compared {
+    fn failed(&self) -> bool {
+        // Safety: librados wrote it during operate, which has returned.
+        let value = unsafe { *self.0.get() };
+        value == -(nix::errno::Errno::ECANCELED as c_int)
+    }
+}
+
+/// Which comparison of [`Io::omap_swap_guarded`] failed, if one did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarded {
+    /// Both held; both keys changed.
+    Done,
+    /// The key was not what was expected; nothing changed.
+    KeyDiffered,
+    /// The key was, the guard was not; nothing changed.
+    GuardDiffered,
 }
 
 impl Drop for WriteOp<'_> {
@@ -87,19 +148,7 @@ impl Io {
     /// when it is not, `NotFound` when there is no such object.
     pub fn compare_and_set(&self, object: &str, key: &str, old: &str, new: &str) -> Result<()> {
         let op = WriteOp::new(self);
-        let k = c_string("omap key", key)?;
-        let mut compared: c_int = 0;
-        // Safety: a valid operation; `compared` outlives operate, which fills it.
-        unsafe {
-            self.lib().rados_write_op_omap_cmp(
-                op.handle,
-                k.as_ptr(),
-                sys::LIBRADOS_CMPXATTR_OP_EQ as u8,
-                old.as_ptr().cast::<c_char>(),
-                old.len(),
-                &mut compared,
-            )
-        };
+        let _compared = op.compare(key, old)?;
         op.set(key, new)?;
         op.operate(object, &format!("changing {key} from {old} to {new} in"))
     }
@@ -117,38 +166,36 @@ impl Io {
         also: &[(&str, &str)],
     ) -> Result<bool> {
         let op = WriteOp::new(self);
-        let k = c_string("omap key", key)?;
-        // An absent key compares as an empty value; entries are never empty.
-        let expected = old.unwrap_or("");
-        let mut compared: c_int = 0;
-        // Safety: a valid operation; `compared` outlives operate, which fills it.
-        unsafe {
-            self.lib().rados_write_op_omap_cmp(
-                op.handle,
-                k.as_ptr(),
-                sys::LIBRADOS_CMPXATTR_OP_EQ as u8,
-                expected.as_ptr().cast::<c_char>(),
-                expected.len(),
-                &mut compared,
-            )
-        };
-        match new {
-            Some(new) => op.set(key, new)?,
-            None => {
-                let keys = [k.as_ptr()];
-                // Safety: one key; librados copies it now.
-                unsafe {
-                    self.lib()
-                        .rados_write_op_omap_rm_keys(op.handle, keys.as_ptr(), 1)
-                };
-            }
-        }
+        let compared = op.compare(key, old.unwrap_or(""))?;
+        op.change(key, new)?;
         for (key, value) in also {
             op.set(key, value)?;
         }
         match op.operate(object, &format!("changing omap {key} of")) {
             Ok(()) => Ok(true),
-            Err(_) if compared == -libc_ecanceled() => Ok(false),
+            Err(_) if compared.failed() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`Io::omap_swap`] of `(key, old, new)` guarded by omap key `guard` being `was` ("" for
+    /// absent), which becomes `then`: both compared, both changed, in one operation. Says
+    /// which comparison failed, if one did.
+    pub fn omap_swap_guarded(
+        &self,
+        object: &str,
+        (key, old, new): (&str, Option<&str>, Option<&str>),
+        (guard, was, then): (&str, &str, &str),
+    ) -> Result<Guarded> {
+        let op = WriteOp::new(self);
+        let key_compared = op.compare(key, old.unwrap_or(""))?;
+        let guard_compared = op.compare(guard, was)?;
+        op.change(key, new)?;
+        op.set(guard, then)?;
+        match op.operate(object, &format!("changing omap {key} of")) {
+            Ok(()) => Ok(Guarded::Done),
+            Err(_) if key_compared.failed() => Ok(Guarded::KeyDiffered),
+            Err(_) if guard_compared.failed() => Ok(Guarded::GuardDiffered),
             Err(e) => Err(e),
         }
     }
@@ -276,8 +323,4 @@ impl Io {
         check(rc, "reading the capacity of the cluster of", &self.spec())?;
         Ok((stat.kb * 1024, stat.kb_used * 1024, stat.kb_avail * 1024))
     }
-}
-
-fn libc_ecanceled() -> c_int {
-    nix::errno::Errno::ECANCELED as c_int
 }

@@ -1,13 +1,14 @@
 //! An rbd pool's catalog of layers ([`Catalog`]): one RADOS object beside the images, whose
 //! omap holds an entry per layer (`layer.<name>`), the last thin id handed out, and a
-//! generation that every change sets anew. Each change is one RADOS write operation that
-//! compares before it writes, so it is atomic across hosts.
+//! generation that every change moves on by one. Each change is one RADOS write operation that
+//! compares the entry and the generation before it writes, so it is atomic across hosts, and
+//! a host that made the last change knows it has read everything else.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
-use crate::error::{ErrorKind, Result};
-use crate::kernel::catalog::{self, Catalog, CatalogEntries};
-use crate::kernel::rbd::Io;
+use crate::error::{Error, ErrorKind, Result};
+use crate::kernel::catalog::{self, Catalog, CatalogEntries, Moved};
+use crate::kernel::rbd::{Guarded, Io};
 use crate::names::ThinId;
 
 const LAYER_PREFIX: &str = "layer.";
@@ -19,8 +20,9 @@ pub struct RadosCatalog {
     io: Io,
     object: String,
     host: String,
-    /// Makes each generation this host writes distinct from its last.
-    changes: AtomicU64,
+    /// The generation this host last read or wrote: the guess each change compares against
+    /// (right unless another host changed the catalog since).
+    generation: Mutex<u64>,
 }
 
 impl RadosCatalog {
@@ -30,20 +32,38 @@ impl RadosCatalog {
             Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
             other => other?,
         }
-        Ok(RadosCatalog {
+        let catalog = RadosCatalog {
             io,
             object,
             host,
-            changes: AtomicU64::new(0),
-        })
+            generation: Mutex::new(0),
+        };
+        catalog.read_generation()?;
+        Ok(catalog)
     }
 
-    fn new_generation(&self) -> String {
-        let change = self.changes.fetch_add(1, Ordering::Relaxed);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        format!("{}:{now}:{change}", self.host)
+    /// The generation now, read from the cluster (0 for a catalog no change has touched).
+    fn read_generation(&self) -> Result<u64> {
+        let text = self
+            .io
+            .omap_value(&self.object, GENERATION)?
+            .unwrap_or_default();
+        let generation = if text.is_empty() {
+            0
+        } else {
+            text.parse().map_err(|_| {
+                Error::inconsistent(format!(
+                    "{}: generation {text:?} is not a number",
+                    self.object
+                ))
+            })?
+        };
+        *self.last_generation() = generation;
+        Ok(generation)
+    }
+
+    fn last_generation(&self) -> MutexGuard<'_, u64> {
+        self.generation.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -70,15 +90,15 @@ impl Catalog for RadosCatalog {
     }
 
     fn generation(&self) -> Result<String> {
-        Ok(self
-            .io
-            .omap_value(&self.object, GENERATION)?
-            .unwrap_or_default())
+        self.read_generation().map(|g| g.to_string())
     }
 
     fn entries(&self) -> Result<CatalogEntries> {
         let mut all = self.io.omap_entries(&self.object, "")?;
-        let generation = all.remove(GENERATION).unwrap_or_default();
+        let generation = all
+            .remove(GENERATION)
+            .filter(|g| !g.is_empty())
+            .unwrap_or_else(|| "0".into());
         let entries = all
             .into_iter()
             .filter_map(|(key, value)| Some((key.strip_prefix(LAYER_PREFIX)?.to_string(), value)))
@@ -89,16 +109,41 @@ impl Catalog for RadosCatalog {
         })
     }
 
-    fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<()> {
+    fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<Moved> {
         let key = format!("{LAYER_PREFIX}{name}");
-        let generation = self.new_generation();
-        if self
-            .io
-            .omap_swap(&self.object, &key, old, new, &[(GENERATION, &generation)])?
-        {
-            Ok(())
-        } else {
-            Err(catalog::swap_refused(name, old))
+        let mut before = *self.last_generation();
+        // Each pass that meets a generation another host moved reads it and tries again.
+        for _ in 0..100 {
+            let (was, after) = (generation_text(before), generation_text(before + 1));
+            let outcome = self.io.omap_swap_guarded(
+                &self.object,
+                (&key, old, new),
+                (GENERATION, &was, &after),
+            )?;
+            match outcome {
+                Guarded::Done => {
+                    *self.last_generation() = before + 1;
+                    return Ok(Moved {
+                        before: before.to_string(),
+                        after: (before + 1).to_string(),
+                    });
+                }
+                Guarded::KeyDiffered => return Err(catalog::swap_refused(name, old)),
+                Guarded::GuardDiffered => before = self.read_generation()?,
+            }
         }
+        Err(Error::new(
+            ErrorKind::Busy,
+            format!("the pool's catalog changed 100 times while this host changed layer {name:?}; try again"),
+        ))
+    }
+}
+
+/// How a generation is stored: the counter, but "" for 0 (an absent key compares as "").
+fn generation_text(generation: u64) -> String {
+    if generation == 0 {
+        String::new()
+    } else {
+        generation.to_string()
     }
 }

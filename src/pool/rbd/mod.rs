@@ -14,6 +14,7 @@
 mod catalog;
 mod host;
 mod names;
+mod writer;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -400,6 +401,7 @@ impl PoolKernel for RbdPool {
     }
 
     fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
+        self.refuse_if_written_elsewhere(origin, "snapshot it")?;
         let (origin_image, snapshot) = (self.image(origin), names::clone_snapshot(new));
         let depth = {
             let open = self.io.open(&origin_image, None, false)?;
@@ -423,6 +425,10 @@ impl PoolKernel for RbdPool {
 
     fn catalog(&self) -> Option<&dyn Catalog> {
         Some(&self.catalog)
+    }
+
+    fn break_writer_lock(&self, id: ThinId) -> Result<crate::kernel::catalog::BrokenLock> {
+        self.break_writer(id)
     }
 
     fn settle_snapshot(&self, origin: ThinId, new: ThinId, made: bool) -> Result<()> {
@@ -489,12 +495,27 @@ impl PoolKernel for RbdPool {
                 )));
             }
         }
+        if read_only {
+            self.refuse_if_written_elsewhere(id, "map it read-only here")?;
+        } else {
+            self.claim_writer(id)?;
+        }
         let request = MapRequest {
             image,
             read_only,
             ..self.map_template.clone()
         };
-        Ok(map::map(&request)?.node())
+        match map::map(&request) {
+            Ok(mapped) => Ok(mapped.node()),
+            Err(e) => {
+                if !read_only {
+                    if let Err(release) = self.release_writer(id) {
+                        tracing::warn!(error = %release, "could not let go of the writer lock of an image whose map failed");
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
     fn deactivate(&self, id: ThinId) -> Result<()> {
@@ -504,7 +525,8 @@ impl PoolKernel for RbdPool {
                 self.io.image_spec(&self.image(id))
             ))
         })?;
-        map::unmap(mapping.id)
+        map::unmap(mapping.id)?;
+        self.release_writer(id)
     }
 
     fn active_node(&self, id: ThinId) -> Result<Option<PathBuf>> {

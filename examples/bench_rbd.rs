@@ -1,0 +1,435 @@
+//! The rbd backend's side of `scripts/bench` (`--only rbd`), on the test cluster of
+//! `scripts/ceph-cluster`, in one run:
+//! - `snapshot+clone`: librbd's own steps for a child, in this process over one connection (a
+//!   snapshot of the base named for the child, a clone v2 of it; clone v2 needs no protect),
+//!   beside `create+commit` of the same child through thinstackd's API socket (one kept-alive
+//!   connection): both fan out `--layers` children of one committed base;
+//! - `map`/`unmap`: the kernel's sysfs map of an image, beside thinstack's `activate` and
+//!   `deactivate` of a layer (which add the writer lock and the catalog read);
+//! - chain depth: a chain of 20 layers, each made and committed through the API (the 17th is
+//!   flattened: the kernel maps at most 16 parents), and at each depth the first direct read of
+//!   16 MiB of the base's data through the chain.
+//!
+//! Rows `tool,operation,layer,ms` go to `--csv`; a summary table (medians, ratios, the 1.2x
+//! target) to `--table`.
+//!
+//! bench_rbd --thinstackd BIN --ceph-conf FILE --keyring FILE --pool POOL --csv FILE
+//!           --table FILE --workdir DIR [--layers N]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use thinstack::api::CreateRequest;
+use thinstack::client::Client;
+use thinstack::kernel::rbd::{self, map, Cluster, ClusterConfig, ImageFeatures, MapRequest};
+
+struct Args {
+    thinstackd: PathBuf,
+    conf: PathBuf,
+    keyring: PathBuf,
+    pool: String,
+    csv: PathBuf,
+    table: PathBuf,
+    workdir: PathBuf,
+    layers: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut values = std::collections::HashMap::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or(format!("{flag} needs a value"))?;
+        values.insert(flag, value);
+    }
+    let mut take = |flag: &str| values.remove(flag).ok_or(format!("{flag} is required"));
+    Ok(Args {
+        thinstackd: take("--thinstackd")?.into(),
+        conf: take("--ceph-conf")?.into(),
+        keyring: take("--keyring")?.into(),
+        pool: take("--pool")?,
+        csv: take("--csv")?.into(),
+        table: take("--table")?.into(),
+        workdir: take("--workdir")?.into(),
+        layers: take("--layers")
+            .unwrap_or_else(|_| "30".into())
+            .parse()
+            .map_err(|e| format!("--layers: {e}"))?,
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    match parse_args().and_then(|args| run(&args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench_rbd: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Timings of one operation, in milliseconds.
+#[derive(Default)]
+struct Series(Vec<f64>);
+
+impl Series {
+    fn median(&self) -> f64 {
+        let mut sorted = self.0.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+    }
+}
+
+struct Csv(File);
+
+impl Csv {
+    fn row(&mut self, tool: &str, operation: &str, layer: usize, ms: f64) -> Result<(), String> {
+        writeln!(self.0, "{tool},{operation},{layer},{ms:.3}").map_err(|e| e.to_string())
+    }
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T, String>) -> Result<(T, f64), String> {
+    let start = Instant::now();
+    let value = f()?;
+    Ok((value, start.elapsed().as_secs_f64() * 1000.0))
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let mut csv = Csv(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&args.csv)
+        .map_err(|e| format!("{}: {e}", args.csv.display()))?);
+    let cluster = Cluster::connect(&ClusterConfig {
+        ceph_conf: args.conf.clone(),
+        client: "admin".into(),
+        keyring: Some(args.keyring.clone()),
+        timeout: Duration::from_secs(120),
+    })
+    .map_err(|e| e.to_string())?;
+    let floor = librbd_floor(args, &cluster, &mut csv)?;
+    let sysfs = sysfs_maps(args, &cluster, &mut csv)?;
+    let daemon = Daemon::start(args)?;
+    let ours = thinstack_layers(args, &daemon, &mut csv)?;
+    let chain = chain_depth(args, &daemon, &mut csv)?;
+    drop(daemon);
+    write_table(args, &floor, &sysfs, &ours, &chain)
+}
+
+/// librbd's own snapshot + clone of each child of one base, in this process.
+fn librbd_floor(
+    args: &Args,
+    cluster: &std::sync::Arc<Cluster>,
+    csv: &mut Csv,
+) -> Result<Series, String> {
+    let io = cluster
+        .io_making_namespace(&args.pool, Some("bench-librbd"))
+        .map_err(|e| e.to_string())?;
+    let features = ImageFeatures::default();
+    io.create_image("base", 512 << 20, features)
+        .map_err(|e| e.to_string())?;
+    let mut series = Series::default();
+    for i in 1..=args.layers {
+        let (child, snapshot) = (format!("kid-{i}"), format!("to-{i}"));
+        let ((), ms) = timed(|| {
+            let base = io.open("base", None, false).map_err(|e| e.to_string())?;
+            base.snapshot(&snapshot).map_err(|e| e.to_string())?;
+            drop(base);
+            io.clone_image("base", &snapshot, &child, features)
+                .map_err(|e| e.to_string())
+        })?;
+        csv.row("rbd-librbd", "snapshot+clone", i, ms)?;
+        series.0.push(ms);
+    }
+    Ok(series)
+}
+
+/// The kernel's sysfs map and unmap of each of those children, with no thinstack.
+fn sysfs_maps(
+    args: &Args,
+    cluster: &std::sync::Arc<Cluster>,
+    csv: &mut Csv,
+) -> Result<(Series, Series), String> {
+    let request = MapRequest {
+        monitors: cluster
+            .kernel_monitor_addresses()
+            .map_err(|e| e.to_string())?,
+        client: "admin".into(),
+        secret: rbd::secret_of(cluster).map_err(|e| e.to_string())?,
+        pool: args.pool.clone(),
+        namespace: Some("bench-librbd".into()),
+        image: String::new(),
+        read_only: false,
+        exclusive: false,
+    };
+    let (mut maps, mut unmaps) = (Series::default(), Series::default());
+    for i in 1..=args.layers {
+        let request = MapRequest {
+            image: format!("kid-{i}"),
+            ..request.clone()
+        };
+        let (mapped, ms) = timed(|| map::map(&request).map_err(|e| e.to_string()))?;
+        csv.row("rbd-sysfs", "map", i, ms)?;
+        maps.0.push(ms);
+        let ((), ms) = timed(|| map::unmap(mapped.id).map_err(|e| e.to_string()))?;
+        csv.row("rbd-sysfs", "unmap", i, ms)?;
+        unmaps.0.push(ms);
+    }
+    Ok((maps, unmaps))
+}
+
+/// thinstackd on an rbd pool in namespace `bench-thinstack`, stopped (pool destroyed) on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(args: &Args) -> Result<Daemon, String> {
+        let dir = args.workdir.join("rbd-daemon");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let socket = dir.join("thinstack.sock");
+        let config = dir.join("thinstack.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "state_dir = {:?}\nsocket = {:?}\n[pool]\nname = \"bench\"\nbackend = \"rbd\"\n\
+                 [pool.rbd]\npool = {:?}\nnamespace = \"bench-thinstack\"\nceph_conf = {:?}\n\
+                 keyring = {:?}\n[layers]\nbase_size = \"512M\"\n",
+                dir.join("state").display().to_string(),
+                socket.display().to_string(),
+                args.pool,
+                args.conf.display().to_string(),
+                args.keyring.display().to_string(),
+            ),
+        )
+        .map_err(|e| e.to_string())?;
+        let log = File::create(dir.join("log")).map_err(|e| e.to_string())?;
+        let child = Command::new(&args.thinstackd)
+            .arg("--config")
+            .arg(&config)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting thinstackd: {e}"))?;
+        let daemon = Daemon { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while Client::new(&daemon.socket)
+            .get::<Value>("/v1/pool")
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "thinstackd did not answer; see {}",
+                    dir.join("log").display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(daemon)
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.socket)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self
+            .client()
+            .post::<Value>("/v1/pool/destroy", &serde_json::json!({"force": true}));
+        let _ = self.child.wait();
+    }
+}
+
+fn post(client: &mut Client, path: &str, body: &impl serde::Serialize) -> Result<Value, String> {
+    client
+        .post(path, body)
+        .map_err(|e| format!("POST {path}: {e}"))
+}
+
+fn create(client: &mut Client, name: &str, parent: Option<&str>) -> Result<(), String> {
+    let request = CreateRequest {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        ..CreateRequest::default()
+    };
+    post(client, "/v1/layers", &request).map(drop)
+}
+
+/// Per child of one committed base: create + commit, then activate and deactivate.
+fn thinstack_layers(
+    args: &Args,
+    daemon: &Daemon,
+    csv: &mut Csv,
+) -> Result<(Series, Series, Series), String> {
+    let mut client = daemon.client();
+    create(&mut client, "base", None)?;
+    post(&mut client, "/v1/layers/base/commit", &Value::Null)?;
+    let mut made = Series::default();
+    for i in 1..=args.layers {
+        let name = format!("kid-{i}");
+        let ((), ms) = timed(|| {
+            create(&mut client, &name, Some("base"))?;
+            post(
+                &mut client,
+                &format!("/v1/layers/{name}/commit"),
+                &Value::Null,
+            )
+            .map(drop)
+        })?;
+        csv.row("rbd-thinstack", "create+commit", i, ms)?;
+        made.0.push(ms);
+    }
+    let (mut activations, mut deactivations) = (Series::default(), Series::default());
+    for i in 1..=args.layers {
+        let name = format!("kid-{i}");
+        let (_, ms) = timed(|| {
+            post(
+                &mut client,
+                &format!("/v1/layers/{name}/activate"),
+                &Value::Null,
+            )
+        })?;
+        csv.row("rbd-thinstack", "activate", i, ms)?;
+        activations.0.push(ms);
+        let (_, ms) = timed(|| {
+            post(
+                &mut client,
+                &format!("/v1/layers/{name}/deactivate"),
+                &Value::Null,
+            )
+        })?;
+        csv.row("rbd-thinstack", "deactivate", i, ms)?;
+        deactivations.0.push(ms);
+    }
+    Ok((made, activations, deactivations))
+}
+
+/// Depth d: the create+commit of layer d of a chain, and the first direct read of 16 MiB of
+/// the base's data through it.
+fn chain_depth(
+    _args: &Args,
+    daemon: &Daemon,
+    csv: &mut Csv,
+) -> Result<Vec<(usize, f64, f64)>, String> {
+    const DEPTH: usize = 20;
+    const READ: usize = 16 << 20;
+    let mut client = daemon.client();
+    create(&mut client, "c0", None)?;
+    // Data in the base to read through the chain: 16 MiB written once.
+    let node = activate(&mut client, "c0")?;
+    write_direct(&node, READ)?;
+    post(&mut client, "/v1/layers/c0/deactivate", &Value::Null)?;
+    post(&mut client, "/v1/layers/c0/commit", &Value::Null)?;
+    let mut rows = Vec::new();
+    for depth in 1..=DEPTH {
+        let (name, parent) = (format!("c{depth}"), format!("c{}", depth - 1));
+        let ((), made) = timed(|| {
+            create(&mut client, &name, Some(&parent))?;
+            post(
+                &mut client,
+                &format!("/v1/layers/{name}/commit"),
+                &Value::Null,
+            )
+            .map(drop)
+        })?;
+        csv.row("rbd-thinstack", "chain create+commit", depth, made)?;
+        let node = activate(&mut client, &name)?;
+        let ((), read) = timed(|| read_direct(&node, READ))?;
+        post(
+            &mut client,
+            &format!("/v1/layers/{name}/deactivate"),
+            &Value::Null,
+        )?;
+        csv.row("rbd-thinstack", "chain read 16MiB", depth, read)?;
+        rows.push((depth, made, read));
+    }
+    Ok(rows)
+}
+
+fn activate(client: &mut Client, name: &str) -> Result<PathBuf, String> {
+    let device = post(client, &format!("/v1/layers/{name}/activate"), &Value::Null)?;
+    Ok(PathBuf::from(device["device"].as_str().ok_or("no device")?))
+}
+
+/// A buffer aligned for O_DIRECT.
+fn aligned(len: usize) -> Vec<u8> {
+    vec![0xa5u8; len + 4096]
+}
+
+fn write_direct(node: &Path, len: usize) -> Result<(), String> {
+    let mut buf = aligned(len);
+    let offset = buf.as_ptr().align_offset(4096);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(node)
+        .map_err(|e| format!("{}: {e}", node.display()))?;
+    file.write_all(&buf[offset..offset + len])
+        .map_err(|e| format!("writing {}: {e}", node.display()))?;
+    buf.clear();
+    Ok(())
+}
+
+fn read_direct(node: &Path, len: usize) -> Result<(), String> {
+    let mut buf = aligned(len);
+    let offset = buf.as_ptr().align_offset(4096);
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(node)
+        .map_err(|e| format!("{}: {e}", node.display()))?;
+    file.read_exact(&mut buf[offset..offset + len])
+        .map_err(|e| format!("reading {}: {e}", node.display()))?;
+    if buf[offset..offset + len].iter().any(|&b| b != 0xa5) {
+        return Err(format!(
+            "{}: the base's data did not read back",
+            node.display()
+        ));
+    }
+    Ok(())
+}
+
+fn write_table(
+    args: &Args,
+    floor: &Series,
+    (maps, unmaps): &(Series, Series),
+    (made, activations, deactivations): &(Series, Series, Series),
+    chain: &[(usize, f64, f64)],
+) -> Result<(), String> {
+    let ratio = made.median() / floor.median();
+    let mut t = String::new();
+    t.push_str(&format!(
+        "Medians over {} children of one committed base; one cluster, one run.\n\n",
+        args.layers
+    ));
+    t.push_str("| per layer | thinstack (API) | beside | ms | ratio | target |\n|---|---|---|---|---|---|\n");
+    t.push_str(&format!(
+        "| create+commit a child | {:.1} ms | librbd snapshot+clone, in-process | {:.1} | {ratio:.2}x | 1.2x: {} |\n",
+        made.median(),
+        floor.median(),
+        if ratio <= 1.2 { "met" } else { "not met" }
+    ));
+    t.push_str(&format!(
+        "| activate | {:.1} ms | sysfs map | {:.1} | {:.2}x | |\n",
+        activations.median(),
+        maps.median(),
+        activations.median() / maps.median()
+    ));
+    t.push_str(&format!(
+        "| deactivate | {:.1} ms | sysfs unmap | {:.1} | {:.2}x | |\n\n",
+        deactivations.median(),
+        unmaps.median(),
+        deactivations.median() / unmaps.median()
+    ));
+    t.push_str("Chain depth (the 17th layer is flattened when made):\n\n| depth | create+commit ms | first direct read of 16 MiB of the base, ms |\n|---|---|---|\n");
+    for (depth, made, read) in chain {
+        t.push_str(&format!("| {depth} | {made:.1} | {read:.1} |\n"));
+    }
+    std::fs::write(&args.table, t).map_err(|e| format!("{}: {e}", args.table.display()))
+}
