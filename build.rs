@@ -85,6 +85,7 @@ const CEPH_FUNCTIONS: &[&str] = &[
     "rados_lock_exclusive",
     "rados_list_lockers",
     "rados_break_lock",
+    "rados_unlock",
     "rados_getaddrs",
 ];
 

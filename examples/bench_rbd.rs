@@ -357,34 +357,34 @@ fn activate(client: &mut Client, name: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(device["device"].as_str().ok_or("no device")?))
 }
 
-/// A buffer aligned for O_DIRECT.
-fn aligned(len: usize) -> Vec<u8> {
-    vec![0xa5u8; len + 4096]
+/// A buffer of `fill` with room to align `len` bytes of it for O_DIRECT.
+fn aligned(len: usize, fill: u8) -> Vec<u8> {
+    vec![fill; len + 4096]
+}
+
+/// `node` opened for direct I/O, to write or to read.
+fn open_direct(node: &Path, write: bool) -> Result<File, String> {
+    std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(nix::libc::O_DIRECT)
+        .open(node)
+        .map_err(|e| format!("{}: {e}", node.display()))
 }
 
 fn write_direct(node: &Path, len: usize) -> Result<(), String> {
-    let mut buf = aligned(len);
+    let buf = aligned(len, 0xa5);
     let offset = buf.as_ptr().align_offset(4096);
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(node)
-        .map_err(|e| format!("{}: {e}", node.display()))?;
-    file.write_all(&buf[offset..offset + len])
-        .map_err(|e| format!("writing {}: {e}", node.display()))?;
-    buf.clear();
-    Ok(())
+    open_direct(node, true)?
+        .write_all(&buf[offset..offset + len])
+        .map_err(|e| format!("writing {}: {e}", node.display()))
 }
 
 fn read_direct(node: &Path, len: usize) -> Result<(), String> {
-    let mut buf = aligned(len);
+    let mut buf = aligned(len, 0);
     let offset = buf.as_ptr().align_offset(4096);
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(node)
-        .map_err(|e| format!("{}: {e}", node.display()))?;
-    file.read_exact(&mut buf[offset..offset + len])
+    open_direct(node, false)?
+        .read_exact(&mut buf[offset..offset + len])
         .map_err(|e| format!("reading {}: {e}", node.display()))?;
     if buf[offset..offset + len].iter().any(|&b| b != 0xa5) {
         return Err(format!(

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::{
-    open_engine, open_engine_with, require_dm_thin, teardown_and_check, RealEngine, TestPool,
+    layer, open_engine, open_engine_with, require_dm_thin, teardown_and_check, RealEngine, TestPool,
 };
 use thinstack::config::Config;
 use thinstack::crash::Point;
@@ -46,14 +46,6 @@ const OPERATIONS: [&str; 12] = [
 const NS: &str = "crash";
 const ACTIVE: &str = "active";
 const COMMITTED: &str = "committed";
-
-fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
-    CreateLayer {
-        name: name.into(),
-        parent: parent.map(Into::into),
-        ..CreateLayer::default()
-    }
-}
 
 /// The operation under test, on the layer "work" (a child of "base").
 fn run_operation(engine: &mut RealEngine, operation: &str) {

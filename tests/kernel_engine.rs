@@ -6,20 +6,12 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
 
-use common::{open_engine, require_dm_thin, teardown_and_check, TestPool};
+use common::{layer, open_engine, require_dm_thin, teardown_and_check, TestPool};
 use thinstack::engine::{CreateLayer, Removal};
 use thinstack::kernel::PoolKernel;
 use thinstack::units::ByteSize;
 use thinstack::vocab::FsType;
 use thinstack::ErrorKind;
-
-fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
-    CreateLayer {
-        name: name.into(),
-        parent: parent.map(Into::into),
-        ..CreateLayer::default()
-    }
-}
 
 fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))

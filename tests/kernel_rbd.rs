@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 
 use common::ceph::cluster;
 use common::daemon::{kill_9_while_clients_create, TestDaemon};
-use common::{require_dm_thin, TestPool};
-use thinstack::engine::{CreateLayer, Engine, Settings};
+use common::{layer, require_dm_thin, TestPool};
+use thinstack::engine::{Engine, Settings};
 use thinstack::kernel::rbd::{map, Cluster, ImageFeatures, MapRequest};
 use thinstack::kernel::real::RealFs;
 use thinstack::kernel::PoolKernel;
@@ -160,14 +160,6 @@ fn images_clone_map_and_list_as_the_rbd_command_sees_them() {
     }
     assert!(io.image_names().unwrap().is_empty());
     assert!(io.trashed_images().unwrap().is_empty());
-}
-
-fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
-    CreateLayer {
-        name: name.into(),
-        parent: parent.map(Into::into),
-        ..CreateLayer::default()
-    }
 }
 
 #[test]

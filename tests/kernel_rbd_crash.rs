@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::ceph::cluster;
-use common::{require_dm_thin, wait_until, TestPool};
+use common::{layer, require_dm_thin, wait_until, TestPool};
 use thinstack::config::Config;
 use thinstack::engine::{CreateLayer, Engine, Settings};
 use thinstack::kernel::real::RealFs;
@@ -33,14 +33,6 @@ fn open(config: &Config) -> RbdEngine {
     let (engine, report) = Engine::open(pool, RealFs, Settings::from_config(config)).unwrap();
     assert!(report.unowned_kept.is_empty(), "{report:?}");
     engine
-}
-
-fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
-    CreateLayer {
-        name: name.into(),
-        parent: parent.map(Into::into),
-        ..CreateLayer::default()
-    }
 }
 
 fn write_file(engine: &RbdEngine, name: &str, text: &str) {

@@ -10,8 +10,8 @@ use std::fs;
 
 use common::ceph::cluster;
 use common::daemon::TestDaemon;
-use common::{require_dm_thin, TestPool};
-use thinstack::engine::{CreateLayer, Engine, Settings};
+use common::{layer, require_dm_thin, TestPool};
+use thinstack::engine::{Engine, Settings};
 use thinstack::kernel::rbd::map;
 use thinstack::kernel::real::RealFs;
 use thinstack::pool::rbd::RbdPool;
@@ -41,14 +41,6 @@ fn open(t: &TestPool) -> RbdEngine {
     let (engine, report) = Engine::open(pool, RealFs, Settings::from_config(&t.config)).unwrap();
     assert!(report.is_clean(), "{report:?}");
     engine
-}
-
-fn layer(name: &str, parent: Option<&str>) -> CreateLayer {
-    CreateLayer {
-        name: name.into(),
-        parent: parent.map(Into::into),
-        ..CreateLayer::default()
-    }
 }
 
 fn names(engine: &RbdEngine) -> BTreeSet<String> {

@@ -134,6 +134,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // so a device between the two is seen in one or the other.
         let mut owned = self.index().owned_ids();
         owned.extend(self.txn().deleting.iter().map(|d| d.thin_id));
+        // On a shared pool, images other hosts are making or removing are theirs.
+        owned.extend(self.shared_ids());
         owned
     }
 }

@@ -28,6 +28,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // The pool is listed first: a record is written before its thin device is made and
         // dropped only after it is deleted, so an id listed here whose record is absent
         // afterwards was never a layer's (or is deleted already).
+        self.refresh_shared()?;
         let pool_ids = self.kernel.thin_ids()?;
         let owned = self.owned_ids();
         Ok(pool_ids.difference(&owned).copied().collect())

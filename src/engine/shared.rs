@@ -195,6 +195,17 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
     }
 
+    /// Every thin id an entry of the catalog (as last read) owns: the layers of every host,
+    /// those being made or removed on another host included.
+    pub(super) fn shared_ids(&self) -> BTreeSet<ThinId> {
+        self.seen()
+            .raw
+            .iter()
+            .filter_map(|(name, raw)| parse(name, raw).ok())
+            .flat_map(|entry| std::iter::once(entry.facts.thin_id).chain(entry.facts.discarding))
+            .collect()
+    }
+
     /// A thin id from the catalog, when the pool has one (so no two hosts make one image).
     pub(super) fn shared_id(&self) -> Result<Option<ThinId>> {
         self.kernel

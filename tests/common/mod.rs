@@ -375,3 +375,12 @@ impl EventLines {
             .collect()
     }
 }
+
+/// A request for layer `name`, a snapshot of `parent` or a new base, with the defaults.
+pub fn layer(name: &str, parent: Option<&str>) -> thinstack::engine::CreateLayer {
+    thinstack::engine::CreateLayer {
+        name: name.into(),
+        parent: parent.map(Into::into),
+        ..Default::default()
+    }
+}

@@ -185,3 +185,28 @@ fn a_crash_of_one_host_at_any_point_is_settled_by_its_next_start() {
     assert!(crashed.contains(&Point::SharedPublished));
     assert!(crashed.contains(&Point::SharedRecordDropped));
 }
+
+#[test]
+fn an_image_another_host_is_making_is_no_leftover_to_the_doctor() {
+    let hosts = Hosts::new();
+    let (a, b) = (hosts.open(A), hosts.open(B));
+    a.create(&base("base")).unwrap();
+    // A dies with its new layer's image made, the layer not yet ready.
+    crate::crash::arm(Point::CreateActivated);
+    let cut = catch_unwind(AssertUnwindSafe(|| a.create(&base("half"))));
+    crate::crash::disarm();
+    assert!(cut.is_err());
+    drop(a);
+    assert_eq!(hosts.catalog_entries()["half"].0, "creating");
+    assert!(
+        b.orphan_thin_ids().unwrap().is_empty(),
+        "B took the image A is making for a leftover"
+    );
+    assert_eq!(names(&b), ["base"], "a layer being made is not listed");
+    // A's next start rolls it back: its image and its entry go.
+    let a = hosts.open(A);
+    assert_eq!(names(&a), ["base"]);
+    assert!(!hosts.catalog_entries().contains_key("half"));
+    assert_eq!(hosts.sim.thin_ids_now().len(), 1);
+    assert!(b.orphan_thin_ids().unwrap().is_empty());
+}

@@ -61,6 +61,30 @@ impl Io {
         }
     }
 
+    /// Let go of this client's hold of lock `lock` on `object` as `cookie`; false when this
+    /// client holds no such hold (another connection's is broken with [`Io::break_lock`]).
+    pub fn unlock(&self, object: &str, lock: &str, cookie: &str) -> Result<bool> {
+        let (oid, name, cookie_c) = (
+            c_string("object", object)?,
+            c_string("lock", lock)?,
+            c_string("lock cookie", cookie)?,
+        );
+        // Safety: valid strings.
+        let rc = unsafe {
+            self.lib()
+                .rados_unlock(self.handle, oid.as_ptr(), name.as_ptr(), cookie_c.as_ptr())
+        };
+        if rc == -(nix::errno::Errno::ENOENT as i32) {
+            return Ok(false);
+        }
+        check(
+            rc,
+            &format!("letting go of lock {lock} on"),
+            &self.object_spec(object),
+        )?;
+        Ok(true)
+    }
+
     /// Who holds lock `lock` on `object` (none when the object or the lock is not there).
     pub fn lockers(&self, object: &str, lock: &str) -> Result<Vec<Locker>> {
         let (oid, name) = (c_string("object", object)?, c_string("lock", lock)?);

@@ -23,6 +23,8 @@ pub struct RadosCatalog {
     /// The generation this host last read or wrote: the guess each change compares against
     /// (right unless another host changed the catalog since).
     generation: Mutex<u64>,
+    /// The last thin id this host handed out or read (the guess of the next allocation).
+    last_id: Mutex<u32>,
 }
 
 impl RadosCatalog {
@@ -37,6 +39,7 @@ impl RadosCatalog {
             object,
             host,
             generation: Mutex::new(0),
+            last_id: Mutex::new(0),
         };
         catalog.read_generation()?;
         Ok(catalog)
@@ -73,19 +76,28 @@ impl Catalog for RadosCatalog {
     }
 
     fn allocate_id(&self) -> Result<ThinId> {
+        // The id this host handed out last is the guess; a miss reads the counter.
+        let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            let last = self
+            let id = catalog::next_id(*last)?;
+            let (was, next) = (last.to_string(), id.value().to_string());
+            if self
+                .io
+                .omap_swap(&self.object, LAST_ID, Some(&was), Some(&next), &[])?
+            {
+                *last = id.value();
+                return Ok(id);
+            }
+            let text = self
                 .io
                 .omap_value(&self.object, LAST_ID)?
                 .unwrap_or_default();
-            let id = catalog::next_id(last.parse().unwrap_or(0))?;
-            let next = id.value().to_string();
-            if self
-                .io
-                .omap_swap(&self.object, LAST_ID, Some(&last), Some(&next), &[])?
-            {
-                return Ok(id);
-            }
+            *last = text.parse().map_err(|_| {
+                Error::inconsistent(format!(
+                    "{}: {LAST_ID} {text:?} is not a number",
+                    self.object
+                ))
+            })?;
         }
     }
 

@@ -57,6 +57,9 @@ pub struct RbdPool {
     catalog: catalog::RadosCatalog,
     /// This host's transaction id's key in the state object.
     transaction_key: String,
+    /// Each image's header object, once known (an image's id never changes): finding it
+    /// opens the image, which opens its every parent.
+    headers: std::sync::Mutex<HashMap<ThinId, String>>,
 }
 
 /// Connect to the cluster `config` names. A configuration file that is not there, a cluster
@@ -173,6 +176,7 @@ impl RbdPool {
             record_path: crate::pool::record::path(config),
             catalog,
             transaction_key,
+            headers: Default::default(),
         };
         // A crash between a clone's removal and its trashed parent's leaves the parent there.
         pool.purge_trash()?;
@@ -271,6 +275,7 @@ impl RbdPool {
     /// the clone's depth is written. `depth` is the clone's, when the caller knows it.
     fn finish_clone(&self, origin: ThinId, new: ThinId, depth: Option<u32>) -> Result<()> {
         let open = self.io.open(&self.image(new), None, false)?;
+        let settling = depth.is_none();
         let depth = match depth {
             Some(depth) => depth,
             None => self.depth_by_parent(&open)?,
@@ -280,7 +285,12 @@ impl RbdPool {
             open.flatten()?;
             crash::point(Point::RbdFlattened);
         }
-        let flattened = open.parent()?.is_none();
+        let flattened = if depth > self.flatten_depth {
+            true
+        } else {
+            // Settling a cut-short clone: a flatten may have happened before the cut.
+            settling && open.parent()?.is_none()
+        };
         if flattened {
             self.remove_snapshot_of(&self.image(origin), &names::clone_snapshot(new))?;
         }
@@ -401,10 +411,11 @@ impl PoolKernel for RbdPool {
     }
 
     fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
-        self.refuse_if_written_elsewhere(origin, "snapshot it")?;
         let (origin_image, snapshot) = (self.image(origin), names::clone_snapshot(new));
         let depth = {
             let open = self.io.open(&origin_image, None, false)?;
+            self.note_header(origin, &open)?;
+            self.refuse_if_written_elsewhere(origin, "snapshot it")?;
             // A snapshot left by a cut-short earlier attempt is named for `new`: it is this one.
             if !open.snapshots()?.iter().any(|s| s.name == snapshot) {
                 let _quiet = self.quiesce(origin)?;
@@ -482,6 +493,7 @@ impl PoolKernel for RbdPool {
         }
         {
             let open = self.io.open(&image, None, false)?;
+            self.note_header(id, &open)?;
             let now = open.size()?;
             if size.bytes() > now {
                 open.resize(size.bytes(), false)?;
@@ -526,6 +538,9 @@ impl PoolKernel for RbdPool {
             ))
         })?;
         map::unmap(mapping.id)?;
+        if mapping.read_only {
+            return Ok(());
+        }
         self.release_writer(id)
     }
 

@@ -12,7 +12,7 @@
 use super::RbdPool;
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::catalog::{BrokenLock, Catalog};
-use crate::kernel::rbd::Locker;
+use crate::kernel::rbd::{Image, Locker};
 use crate::names::ThinId;
 
 /// The lock's name on the header object.
@@ -21,8 +21,24 @@ const WRITER_LOCK: &str = "thinstack.writer";
 impl RbdPool {
     /// The header object of thin `id`'s image.
     fn header(&self, id: ThinId) -> Result<String> {
+        if let Some(header) = self.known_headers().get(&id) {
+            return Ok(header.clone());
+        }
         let open = self.io.open(&self.image(id), None, true)?;
-        Ok(format!("rbd_header.{}", open.id()?))
+        self.note_header(id, &open)
+    }
+
+    /// Note the header object of thin `id`'s image, open as `open`; returns it.
+    pub(super) fn note_header(&self, id: ThinId, open: &Image<'_>) -> Result<String> {
+        let header = format!("rbd_header.{}", open.id()?);
+        self.known_headers().insert(id, header.clone());
+        Ok(header)
+    }
+
+    fn known_headers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<ThinId, String>> {
+        self.headers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn host(&self) -> &str {
@@ -61,6 +77,10 @@ impl RbdPool {
     /// Let go of thin `id`'s writer lock, if this host holds it.
     pub(super) fn release_writer(&self, id: ThinId) -> Result<()> {
         let header = self.header(id)?;
+        if self.io.unlock(&header, WRITER_LOCK, self.host())? {
+            return Ok(());
+        }
+        // Not this connection's hold: one from before a restart, or none.
         for hold in self.holders(&header)?.0 {
             self.io.break_lock(&header, WRITER_LOCK, &hold)?;
         }
