@@ -10,10 +10,11 @@ use std::fs;
 
 use common::ceph::cluster;
 use common::daemon::TestDaemon;
-use common::{layer, require_dm_thin, TestPool};
+use common::{layer, require_dm_thin, wait_until, TestPool};
 use thinstack::engine::{Engine, Settings};
 use thinstack::kernel::rbd::map;
 use thinstack::kernel::real::RealFs;
+use thinstack::kernel::PoolKernel;
 use thinstack::pool::rbd::RbdPool;
 use thinstack::ErrorKind;
 
@@ -127,6 +128,38 @@ fn two_engines_share_layers_names_and_ids_through_the_pool_catalog() {
     let b = open(&tb);
     assert!(!names(&b).contains("race-0"));
     assert_eq!(names(&a), names(&b));
+
+    // A destroy on B only takes B out; on A, the last host, it removes everything.
+    for layer in b.list(&Default::default()).unwrap() {
+        if layer.device.is_some() {
+            b.deactivate(layer.name.as_str()).unwrap();
+        }
+    }
+    let others = b.leaving_shared_pool().unwrap().expect("A shares the pool");
+    assert_eq!(others.len(), 1, "{others:?}");
+    b.kernel().destroy().unwrap();
+    b.forget_pool().unwrap();
+    drop(b);
+    let images = cluster().rbd(&["ls", &format!("{}/{ns}", cluster().pool)]);
+    assert_eq!(
+        images.split_whitespace().count(),
+        names(&a).len(),
+        "{images}"
+    );
+    assert_eq!(a.leaving_shared_pool().unwrap(), None);
+    a.remove_all(true).unwrap();
+    // An image a closed client watched a moment ago is busy until the watch times out.
+    wait_until(
+        "the removed layers' images to be deleted",
+        || {
+            let _ = a.finish_deletions();
+            a.deletions_pending() == 0
+        },
+        || format!("{} deletions pending", a.deletions_pending()),
+    );
+    a.kernel().destroy().unwrap();
+    let images = cluster().rbd(&["ls", &format!("{}/{ns}", cluster().pool)]);
+    assert!(images.trim().is_empty(), "left: {images}");
 }
 
 /// The exit codes of `thinstack` for an existing name and a busy layer (README, "Exit codes").

@@ -248,11 +248,23 @@ impl Daemon {
     }
 
     /// Remove every layer (only when `force`, if there are any), then what thinstack made for
-    /// the pool, and the records; the daemon stops afterwards.
+    /// the pool, and the records; the daemon stops afterwards. On a pool other hosts share,
+    /// only this host leaves it: the layers are theirs too.
     pub fn destroy(&self, force: bool) -> Result<usize> {
         // From here on new requests are refused, so no layer is made while the pool goes.
         self.destroyed.store(true, Ordering::SeqCst);
-        let destroyed = self.engine.remove_all(force).and_then(|removed| {
+        let layers_go = self
+            .engine
+            .leaving_shared_pool()
+            .map(|others| others.is_none());
+        let destroyed = layers_go.and_then(|layers_go| {
+            if layers_go {
+                self.engine.remove_all(force)
+            } else {
+                Ok(0)
+            }
+        });
+        let destroyed = destroyed.and_then(|removed| {
             self.engine
                 .exclusive_pool(|kernel| kernel.destroy().map(|()| removed))
         });

@@ -369,6 +369,30 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
     }
 
+    /// Before a destroy: `Some(other hosts)` when the pool is shared with others, after
+    /// checking that nothing of it is in use here, so the destroy takes only this host out of
+    /// it (its layers are every host's); `None` when this host is the pool's last or only one.
+    pub fn leaving_shared_pool(&self) -> Result<Option<Vec<String>>> {
+        let others = self.kernel.other_hosts()?;
+        if others.is_empty() {
+            return Ok(None);
+        }
+        let in_use = self
+            .index()
+            .names_where(|l| l.active || !l.mounts.is_empty());
+        if !in_use.is_empty() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "this host leaves the pool (hosts {} share it, so their layers stay), but                      layers are active or mounted here: {}; unmount and deactivate them first",
+                    others.join(", "),
+                    in_use.iter().map(LayerName::as_str).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        Ok(Some(others))
+    }
+
     /// Take layer `name`'s writer lock away from the host that holds it, fencing that host's
     /// clients of the layer's image, so this host may write it. For an operator who knows that
     /// host is dead: one still alive loses its writes from then on (see the README).

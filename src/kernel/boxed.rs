@@ -42,6 +42,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).catalog()
     }
 
+    fn other_hosts(&self) -> Result<Vec<String>> {
+        (**self).other_hosts()
+    }
+
     fn break_writer_lock(&self, id: ThinId) -> Result<super::catalog::BrokenLock> {
         (**self).break_writer_lock(id)
     }

@@ -145,6 +145,11 @@ pub trait PoolKernel {
             "this pool is one host's: it has no writer locks to break (only backend rbd is shared by hosts)",
         ))
     }
+    /// The other hosts a shared pool has (by their names in it); none for a pool of one host.
+    /// A destroy on a host that shares the pool with others takes only that host out of it.
+    fn other_hosts(&self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
     /// Move the transaction id from `old` to `new`; refused unless `old` is current.
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()>;
     /// Every thin id the pool's metadata holds.

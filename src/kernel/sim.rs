@@ -554,6 +554,19 @@ impl PoolKernel for Sim {
         self.host.as_ref().map(|host| host as &dyn Catalog)
     }
 
+    fn other_hosts(&self) -> Result<Vec<String>> {
+        let Some(me) = &self.host else {
+            return Ok(Vec::new());
+        };
+        Ok(self
+            .state()
+            .host_transaction_ids
+            .keys()
+            .filter(|host| *host != me.host())
+            .cloned()
+            .collect())
+    }
+
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
         self.enter(SimOp::SetTransactionId)?;
         let mut state = self.state();
@@ -803,6 +816,14 @@ impl PoolKernel for Sim {
     }
 
     fn destroy(&self) -> Result<()> {
+        // A host of a shared pool that others still use only leaves it.
+        if !self.other_hosts()?.is_empty() {
+            let me = self.host.as_ref().map(|h| h.host().to_string());
+            self.state()
+                .host_transaction_ids
+                .retain(|host, _| Some(host) != me.as_ref());
+            return Ok(());
+        }
         let mut state = self.state();
         if !state.active.is_empty() {
             return Err(Error::new(

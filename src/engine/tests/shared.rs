@@ -210,3 +210,30 @@ fn an_image_another_host_is_making_is_no_leftover_to_the_doctor() {
     assert_eq!(hosts.sim.thin_ids_now().len(), 1);
     assert!(b.orphan_thin_ids().unwrap().is_empty());
 }
+
+#[test]
+fn a_destroy_on_one_host_of_several_only_takes_that_host_out() {
+    let hosts = Hosts::new();
+    let (a, b) = (hosts.open(A), hosts.open(B));
+    a.create(&base("kept")).unwrap();
+    b.activate("kept").unwrap();
+    let busy = b.leaving_shared_pool().unwrap_err();
+    assert_eq!(busy.kind(), ErrorKind::Busy, "{busy}");
+    b.deactivate("kept").unwrap();
+    assert_eq!(
+        b.leaving_shared_pool().unwrap(),
+        Some(vec![NAMES[A].to_string()])
+    );
+    b.kernel().destroy().unwrap();
+    b.forget_pool().unwrap();
+    drop(b);
+    // A's layers, and the pool, are as they were.
+    assert_eq!(names(&a), ["kept"]);
+    assert_eq!(hosts.sim.thin_ids_now().len(), 1);
+    // The last host destroys it whole.
+    assert_eq!(a.leaving_shared_pool().unwrap(), None);
+    assert_eq!(a.remove_all(true).unwrap(), 1);
+    a.kernel().destroy().unwrap();
+    assert!(hosts.sim.thin_ids_now().is_empty());
+    assert!(hosts.catalog_entries().is_empty());
+}

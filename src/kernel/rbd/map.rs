@@ -103,15 +103,25 @@ pub fn map(request: &MapRequest) -> Result<Mapped> {
     if !available() {
         return Err(driver_missing());
     }
-    let before: Vec<u32> = mapped()?.iter().map(|m| m.id).collect();
+    // The new device is the image's mapping that was not there before. Only this image's
+    // are compared: an id another image's unmap freed meanwhile may be the new one's.
+    let namespace = request.namespace.clone().unwrap_or_default();
+    let of_image = |m: &Mapped| {
+        m.pool == request.pool
+            && m.image == request.image
+            && m.namespace == namespace
+            && m.snapshot == "-"
+    };
+    let before: Vec<u32> = mapped()?
+        .iter()
+        .filter(|m| of_image(m))
+        .map(|m| m.id)
+        .collect();
     write_bus("add_single_major", &request.line())
         .map_err(|e| e.context(format!("mapping {}", request.spec())))?;
-    let found = mapped()?.into_iter().find(|m| {
-        !before.contains(&m.id)
-            && m.pool == request.pool
-            && m.image == request.image
-            && m.namespace == request.namespace.clone().unwrap_or_default()
-    });
+    let found = mapped()?
+        .into_iter()
+        .find(|m| of_image(m) && !before.contains(&m.id));
     found.ok_or_else(|| {
         Error::inconsistent(format!(
             "mapping {}: the kernel accepted it but no new rbd device shows it in {BUS}/devices",

@@ -438,6 +438,18 @@ impl PoolKernel for RbdPool {
         Some(&self.catalog)
     }
 
+    fn other_hosts(&self) -> Result<Vec<String>> {
+        let state = names::state_object(&self.name);
+        let prefix = names::transaction_id_of("");
+        Ok(self
+            .io
+            .omap_entries(&state, &prefix)?
+            .into_keys()
+            .filter(|key| *key != self.transaction_key)
+            .filter_map(|key| key.strip_prefix(&prefix).map(str::to_string))
+            .collect())
+    }
+
     fn break_writer_lock(&self, id: ThinId) -> Result<crate::kernel::catalog::BrokenLock> {
         self.break_writer(id)
     }
