@@ -234,11 +234,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             generation,
             entries,
         } = catalog.entries()?;
-        {
-            let mut seen = self.seen();
-            seen.raw = entries.clone();
-            seen.generation = Some(generation);
-        }
+        // Not the entries themselves: an operation here may have changed one since the read.
+        self.seen().generation = Some(generation);
         let mut names: BTreeSet<String> = entries.keys().cloned().collect();
         names.extend(self.index().layers.keys().map(|n| n.as_str().to_string()));
         let mut unsettled = false;
@@ -254,7 +251,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 unsettled = true;
                 continue;
             };
-            let entry = match entries.get(&name).map(|raw| parse(&name, raw)).transpose() {
+            let raw = match self.entry_now(catalog, &name, entries.get(&name)) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    tracing::warn!(layer = %layer, error = %e, "could not read the layer's catalog entry; tried again at the next read");
+                    unsettled = true;
+                    continue;
+                }
+            };
+            let entry = match raw.as_deref().map(|raw| parse(&name, raw)).transpose() {
                 Ok(entry) => entry,
                 Err(e) => {
                     tracing::warn!(error = %e, "left alone");
@@ -271,6 +276,30 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.seen().generation = None;
         }
         Ok(())
+    }
+
+    /// Entry `name` as it is now, the layer's lock held: the full read's copy when it is what
+    /// this host knew already, else read again (an operation here may have changed the entry
+    /// after the full read: a layer made meanwhile would otherwise look removed elsewhere).
+    /// This host's knowledge of it becomes that.
+    fn entry_now(
+        &self,
+        catalog: &dyn Catalog,
+        name: &str,
+        read: Option<&String>,
+    ) -> Result<Option<String>> {
+        let known = self.seen().raw.get(name).cloned();
+        let now = if read == known.as_ref() {
+            known
+        } else {
+            catalog.entry(name)?
+        };
+        let mut seen = self.seen();
+        match &now {
+            Some(raw) => seen.raw.insert(name.to_string(), raw.clone()),
+            None => seen.raw.remove(name),
+        };
+        Ok(now)
     }
 
     fn sync_layer(

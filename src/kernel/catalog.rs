@@ -41,6 +41,8 @@ pub trait Catalog: Send + Sync {
     fn generation(&self) -> Result<String>;
     /// Every entry.
     fn entries(&self) -> Result<CatalogEntries>;
+    /// Entry `name` now (one small read).
+    fn entry(&self, name: &str) -> Result<Option<String>>;
     /// Set entry `name` to `new` (remove it when `None`) if it is `old` now (absent when
     /// `None`), moving the generation on by one. `AlreadyExists` when `old` is `None` and the
     /// name is taken; `Busy` when the entry is not `old` any more (another host changed it).
@@ -96,6 +98,8 @@ struct SimCatalogState {
     entries: BTreeMap<String, String>,
     last_id: u32,
     changes: u64,
+    /// What the next full read returns instead of the entries ([`SimCatalog::stale_read_once`]).
+    stale: Option<CatalogEntries>,
 }
 
 impl SimCatalog {
@@ -114,6 +118,24 @@ impl SimCatalog {
     /// Every entry (for tests).
     pub fn entries_now(&self) -> BTreeMap<String, String> {
         self.state().entries.clone()
+    }
+
+    /// The entries as they are now, to be served by a later read.
+    pub fn read_now(&self) -> CatalogEntries {
+        let state = self.state();
+        CatalogEntries {
+            generation: state.changes.to_string(),
+            entries: state.entries.clone(),
+        }
+    }
+
+    /// Make the next full read return `read` (taken earlier), as a read that left the
+    /// cluster before changes this host made since would: its generation moves on, so a
+    /// host's next read is a full one.
+    pub fn stale_read_once(&self, read: CatalogEntries) {
+        let mut state = self.state();
+        state.changes += 1;
+        state.stale = Some(read);
     }
 }
 
@@ -141,11 +163,18 @@ impl Catalog for SimCatalogHost {
     }
 
     fn entries(&self) -> Result<CatalogEntries> {
-        let state = self.catalog.state();
+        let mut state = self.catalog.state();
+        if let Some(stale) = state.stale.take() {
+            return Ok(stale);
+        }
         Ok(CatalogEntries {
             generation: state.changes.to_string(),
             entries: state.entries.clone(),
         })
+    }
+
+    fn entry(&self, name: &str) -> Result<Option<String>> {
+        Ok(self.catalog.state().entries.get(name).cloned())
     }
 
     fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<Moved> {

@@ -237,3 +237,23 @@ fn a_destroy_on_one_host_of_several_only_takes_that_host_out() {
     assert!(hosts.sim.thin_ids_now().is_empty());
     assert!(hosts.catalog_entries().is_empty());
 }
+
+/// A full read of the catalog that left before this host made a layer (the read, then the
+/// create, then the pass over the records): the layer is not taken for one removed elsewhere
+/// (its record dropped, its image left with no owner). containerd's suite on rbd met this.
+#[test]
+fn a_read_older_than_a_layer_made_here_drops_no_layer() {
+    let hosts = Hosts::new();
+    let a = hosts.open(A);
+    a.create(&base("base")).unwrap();
+    let before = hosts.catalog.read_now();
+    a.create(&child("new", "base")).unwrap();
+    a.commit("base").unwrap();
+    hosts.catalog.stale_read_once(before);
+    assert_eq!(names(&a), ["base", "new"]);
+    assert!(a.inspect("base").unwrap().committed);
+    assert!(a.orphan_thin_ids().unwrap().is_empty());
+    assert_eq!(hosts.catalog_entries().len(), 2);
+    // Changes still go through: what this host knows of each entry is what it wrote.
+    a.commit("new").unwrap();
+}

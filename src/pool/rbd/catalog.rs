@@ -121,6 +121,11 @@ impl Catalog for RadosCatalog {
         })
     }
 
+    fn entry(&self, name: &str) -> Result<Option<String>> {
+        self.io
+            .omap_value(&self.object, &format!("{LAYER_PREFIX}{name}"))
+    }
+
     fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<Moved> {
         let key = format!("{LAYER_PREFIX}{name}");
         let mut before = *self.last_generation();
