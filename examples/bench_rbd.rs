@@ -261,6 +261,17 @@ fn create(client: &mut Client, name: &str, parent: Option<&str>) -> Result<(), S
     post(client, "/v1/layers", &request).map(drop)
 }
 
+/// `POST /v1/layers/{name}/{action}` with no body (commit, activate, deactivate).
+fn on_layer(client: &mut Client, name: &str, action: &str) -> Result<Value, String> {
+    post(client, &format!("/v1/layers/{name}/{action}"), &Value::Null)
+}
+
+/// Layer `name` made (a child of `parent`) and committed: the operation timed per layer.
+fn create_and_commit(client: &mut Client, name: &str, parent: Option<&str>) -> Result<(), String> {
+    create(client, name, parent)?;
+    on_layer(client, name, "commit").map(drop)
+}
+
 /// Per child of one committed base: create + commit, then activate and deactivate.
 fn thinstack_layers(
     args: &Args,
@@ -269,41 +280,21 @@ fn thinstack_layers(
 ) -> Result<(Series, Series, Series), String> {
     let mut client = daemon.client();
     create(&mut client, "base", None)?;
-    post(&mut client, "/v1/layers/base/commit", &Value::Null)?;
+    on_layer(&mut client, "base", "commit")?;
     let mut made = Series::default();
     for i in 1..=args.layers {
         let name = format!("kid-{i}");
-        let ((), ms) = timed(|| {
-            create(&mut client, &name, Some("base"))?;
-            post(
-                &mut client,
-                &format!("/v1/layers/{name}/commit"),
-                &Value::Null,
-            )
-            .map(drop)
-        })?;
+        let ((), ms) = timed(|| create_and_commit(&mut client, &name, Some("base")))?;
         csv.row("rbd-thinstack", "create+commit", i, ms)?;
         made.0.push(ms);
     }
     let (mut activations, mut deactivations) = (Series::default(), Series::default());
     for i in 1..=args.layers {
         let name = format!("kid-{i}");
-        let (_, ms) = timed(|| {
-            post(
-                &mut client,
-                &format!("/v1/layers/{name}/activate"),
-                &Value::Null,
-            )
-        })?;
+        let (_, ms) = timed(|| on_layer(&mut client, &name, "activate"))?;
         csv.row("rbd-thinstack", "activate", i, ms)?;
         activations.0.push(ms);
-        let (_, ms) = timed(|| {
-            post(
-                &mut client,
-                &format!("/v1/layers/{name}/deactivate"),
-                &Value::Null,
-            )
-        })?;
+        let (_, ms) = timed(|| on_layer(&mut client, &name, "deactivate"))?;
         csv.row("rbd-thinstack", "deactivate", i, ms)?;
         deactivations.0.push(ms);
     }
@@ -324,28 +315,16 @@ fn chain_depth(
     // Data in the base to read through the chain: 16 MiB written once.
     let node = activate(&mut client, "c0")?;
     write_direct(&node, READ)?;
-    post(&mut client, "/v1/layers/c0/deactivate", &Value::Null)?;
-    post(&mut client, "/v1/layers/c0/commit", &Value::Null)?;
+    on_layer(&mut client, "c0", "deactivate")?;
+    on_layer(&mut client, "c0", "commit")?;
     let mut rows = Vec::new();
     for depth in 1..=DEPTH {
         let (name, parent) = (format!("c{depth}"), format!("c{}", depth - 1));
-        let ((), made) = timed(|| {
-            create(&mut client, &name, Some(&parent))?;
-            post(
-                &mut client,
-                &format!("/v1/layers/{name}/commit"),
-                &Value::Null,
-            )
-            .map(drop)
-        })?;
+        let ((), made) = timed(|| create_and_commit(&mut client, &name, Some(&parent)))?;
         csv.row("rbd-thinstack", "chain create+commit", depth, made)?;
         let node = activate(&mut client, &name)?;
         let ((), read) = timed(|| read_direct(&node, READ))?;
-        post(
-            &mut client,
-            &format!("/v1/layers/{name}/deactivate"),
-            &Value::Null,
-        )?;
+        on_layer(&mut client, &name, "deactivate")?;
         csv.row("rbd-thinstack", "chain read 16MiB", depth, read)?;
         rows.push((depth, made, read));
     }
@@ -353,7 +332,7 @@ fn chain_depth(
 }
 
 fn activate(client: &mut Client, name: &str) -> Result<PathBuf, String> {
-    let device = post(client, &format!("/v1/layers/{name}/activate"), &Value::Null)?;
+    let device = on_layer(client, name, "activate")?;
     Ok(PathBuf::from(device["device"].as_str().ok_or("no device")?))
 }
 
