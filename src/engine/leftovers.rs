@@ -25,13 +25,25 @@ pub enum StalePoint {
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Thin devices in the pool that no record owns.
     pub fn orphan_thin_ids(&self) -> Result<Vec<ThinId>> {
-        // The pool is listed first: a record is written before its thin device is made and
-        // dropped only after it is deleted, so an id listed here whose record is absent
-        // afterwards was never a layer's (or is deleted already).
+        // The pool is listed first, its owners read after: an owner (a record, the deletion
+        // queue, another host's catalog entry) exists before its device is made and lets it
+        // go only once it is deleted, so an id listed here that no owner has afterwards was
+        // never a layer's, or was deleted in between.
+        let listed = self.kernel.thin_ids()?;
         self.refresh_shared()?;
-        let pool_ids = self.kernel.thin_ids()?;
         let owned = self.owned_ids();
-        Ok(pool_ids.difference(&owned).copied().collect())
+        let unowned: Vec<ThinId> = listed.difference(&owned).copied().collect();
+        if unowned.is_empty() {
+            return Ok(unowned);
+        }
+        // Ids are never handed out twice, so one still in the pool is the device listed, and
+        // no owner had it: a leftover. (On rbd a deletion takes long enough to often finish
+        // in the gap, and the owners' read waits for the deletion in flight.)
+        let still = self.kernel.thin_ids()?;
+        Ok(unowned
+            .into_iter()
+            .filter(|id| still.contains(id))
+            .collect())
     }
 
     /// Deactivate and delete thin device `id`, which no record owns. Refused when a record

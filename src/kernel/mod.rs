@@ -23,6 +23,7 @@ pub mod real;
 pub mod sim;
 mod sim_blocks;
 mod sim_files;
+pub mod sim_gate;
 pub mod superblock;
 pub mod table;
 pub mod thin_metadata;

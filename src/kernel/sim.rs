@@ -17,6 +17,7 @@ use crate::kernel::catalog::{Catalog, SimCatalog, SimCatalogHost};
 use crate::kernel::device_io::{zero_plan, ThinIo};
 use crate::kernel::sim_blocks::{self, Block, Blocks};
 use crate::kernel::sim_files::{self, Tree};
+pub use crate::kernel::sim_gate::SimGate;
 use crate::kernel::thin_tools::CheckReport;
 use crate::kernel::{
     DeletedLoopFile, DeltaRun, DmDevice, FsKernel, PoolKernel, PoolUsage, Room, ThinUsage,
@@ -29,7 +30,7 @@ use crate::vocab::{Health, Space};
 /// The names the sim's thin devices have, as the doctor lists them.
 const SIM_DM_PREFIX: &str = "thinstack-sim-thin-";
 
-/// The operations failure injection can target.
+/// The operations failure injection and gates can target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SimOp {
     /// `create_thin`
@@ -54,6 +55,8 @@ pub enum SimOp {
     Unmount,
     /// grow
     Grow,
+    /// listing the pool's thin ids (a gate holds the call once it has the list)
+    ThinIds,
 }
 
 /// Pool data a thin device maps outside its files (what mkfs wrote, what a test wrote): one
@@ -120,6 +123,8 @@ struct SimState {
     /// Failures to inject: operation -> calls to let pass before failing once.
     failures: BTreeMap<SimOp, (usize, ErrorKind)>,
     calls: BTreeMap<SimOp, usize>,
+    /// Gates the next call of an operation stops at ([`Sim::gate`]).
+    gates: BTreeMap<SimOp, Arc<SimGate>>,
 }
 
 /// The in-memory kernel. Clones share one state, as two handles on one kernel do.
@@ -221,6 +226,22 @@ impl Sim {
     /// Make the call of `op` after `after` more successful calls fail once with `kind`.
     pub fn fail_at(&self, op: SimOp, after: usize, kind: ErrorKind) {
         self.state().failures.insert(op, (after, kind));
+    }
+
+    /// Stop the next call of `op` at a gate until the test opens it: a delete before it
+    /// deletes, a listing of thin ids once it has the list.
+    pub fn gate(&self, op: SimOp) -> Arc<SimGate> {
+        let gate = Arc::new(SimGate::default());
+        self.state().gates.insert(op, gate.clone());
+        gate
+    }
+
+    /// Wait at `op`'s gate, if a test set one (taken: it holds one call).
+    fn pass_gate(&self, op: SimOp) {
+        let gate = self.state().gates.remove(&op);
+        if let Some(gate) = gate {
+            gate.pass();
+        }
     }
 
     /// Hold thin `id`'s device open, as another process would (deactivation is `Busy`).
@@ -532,6 +553,7 @@ impl PoolKernel for Sim {
 
     fn delete_thin(&self, id: ThinId) -> Result<()> {
         self.enter(SimOp::Delete)?;
+        self.pass_gate(SimOp::Delete);
         let mut state = self.state();
         Sim::refuse_if_read_only(&state)?;
         if !state.thins.contains_key(&id) {
@@ -589,7 +611,10 @@ impl PoolKernel for Sim {
     }
 
     fn thin_ids(&self) -> Result<BTreeSet<ThinId>> {
-        Ok(self.thin_ids_now())
+        self.enter(SimOp::ThinIds)?;
+        let ids = self.thin_ids_now();
+        self.pass_gate(SimOp::ThinIds);
+        Ok(ids)
     }
 
     fn activate(&self, id: ThinId, size: ByteSize, read_only: bool) -> Result<PathBuf> {

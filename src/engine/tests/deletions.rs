@@ -151,3 +151,31 @@ fn a_record_restored_over_a_queued_device_keeps_it() {
     assert_eq!(engine.inspect("base").unwrap().thin_id, id);
     assert_consistent(&f, engine);
 }
+
+/// The doctor lists the pool, then reads who owns each device. A queued device whose deletion
+/// finishes between the two (the deletion holds the queue while it runs, so the doctor waits
+/// for it) is gone, not a leftover: found by containerd's suite on rbd, where a deletion
+/// takes long enough to land in that gap.
+#[test]
+fn a_device_deleted_while_the_doctor_looks_is_no_leftover() {
+    let f = Fixture::new();
+    let engine = f.engine();
+    engine.create(&base("kept")).unwrap();
+    let gone = engine.create(&base("gone")).unwrap().thin_id;
+    let deleting = f.sim.gate(SimOp::Delete);
+    let listed = f.sim.gate(SimOp::ThinIds);
+    let wait = Duration::from_secs(60);
+    std::thread::scope(|s| {
+        // No watcher: the removal deletes the device itself, and stops at the gate.
+        let removal = s.spawn(|| engine.remove("gone"));
+        assert!(deleting.wait_reached(wait), "the deletion started");
+        let doctor = s.spawn(|| engine.orphan_thin_ids());
+        assert!(listed.wait_reached(wait), "the doctor listed the pool");
+        listed.open();
+        deleting.open();
+        assert_eq!(removal.join().unwrap().unwrap(), Removal::Removed);
+        assert_eq!(doctor.join().unwrap().unwrap(), Vec::<ThinId>::new());
+    });
+    assert!(!f.sim.thin_ids_now().contains(&gone));
+    assert_consistent(&f, engine);
+}
