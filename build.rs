@@ -65,6 +65,7 @@ const CEPH_FUNCTIONS: &[&str] = &[
     "rbd_snap_exists",
     "rbd_snap_list",
     "rbd_snap_list_end",
+    "rbd_snap_get_namespace_type",
     "rbd_list_children3",
     "rbd_linked_image_spec_list_cleanup",
     "rbd_diff_iterate2",

@@ -15,7 +15,9 @@ use thinstack::engine::{Engine, Settings};
 use thinstack::kernel::rbd::{map, Cluster, ImageFeatures, MapRequest};
 use thinstack::kernel::real::RealFs;
 use thinstack::kernel::PoolKernel;
+use thinstack::names::ThinId;
 use thinstack::pool::rbd::RbdPool;
+use thinstack::units::ByteSize;
 use thinstack::ErrorKind;
 
 fn require_rbd() {
@@ -224,6 +226,47 @@ fn the_engine_makes_commits_mounts_and_removes_layers_on_rbd_images() {
     assert!(pool.active_ids().unwrap().is_empty());
     let trash = test.rbd(&["trash", "ls", &format!("{}/{ns}", test.pool)]);
     assert!(trash.trim().is_empty(), "left in the trash: {trash}");
+}
+
+/// A parent image whose snapshot for a clone was removed while the clone lived keeps that
+/// snapshot in its snapshot trash (until the clone goes), and librbd lists it among the
+/// image's snapshots under a uuid name, which no removal by name finds. Removing the parent
+/// then goes as with any clone alive (to the pool's trash, purged with the clone): found by
+/// containerd's suite on rbd, where the removal once took that "not found" for "gone already"
+/// and left the image with no owner.
+#[test]
+#[ignore = "kernel test: run with scripts/vm-test"]
+fn a_parent_whose_snapshot_is_in_the_snapshot_trash_is_removed_whole() {
+    require_rbd();
+    let test = cluster();
+    let ns = namespace("trashed-snapshot");
+    let t = TestPool::new("rbd-trashed-snapshot", &test.pool_toml(&ns));
+    let pool = RbdPool::open(&t.config).unwrap();
+    let (parent, clone) = (ThinId::new(1).unwrap(), ThinId::new(2).unwrap());
+    pool.create_thin(parent).unwrap();
+    pool.resize(parent, ByteSize::mib(64)).unwrap();
+    pool.snapshot(parent, clone).unwrap();
+    let spec = |id: ThinId| format!("{}/{ns}/{}", test.pool, pool_image(&t, id));
+    // As a clone's removal cut short after its first step leaves it.
+    test.rbd(&["snap", "rm", &format!("{}@to-{clone}", spec(parent))]);
+    let snapshots = test.rbd(&["snap", "ls", "--all", &spec(parent)]);
+    assert!(snapshots.contains("trash"), "{snapshots}");
+
+    pool.delete_thin(parent).unwrap();
+    assert_eq!(
+        pool.thin_ids().unwrap(),
+        BTreeSet::from([clone]),
+        "the parent waits in the trash"
+    );
+    pool.delete_thin(clone).unwrap();
+    assert!(pool.thin_ids().unwrap().is_empty());
+    let trash = test.rbd(&["trash", "ls", &format!("{}/{ns}", test.pool)]);
+    assert!(trash.trim().is_empty(), "left in the trash: {trash}");
+}
+
+/// The image name of thin `id` in test pool `t`.
+fn pool_image(t: &TestPool, id: ThinId) -> String {
+    format!("{}.thin-{id}", t.config.pool.name)
 }
 
 /// An engine over an rbd pool in `namespace` of the test cluster, with its own state directory.

@@ -275,7 +275,7 @@ impl Image<'_> {
             }
             let count = check(rc, "listing the snapshots of", &self.spec)? as usize;
             // Safety: librbd filled `count` entries; rbd_snap_list_end frees their names.
-            let list = unsafe {
+            let list: Vec<Snapshot> = unsafe {
                 let list = snaps[..count]
                     .iter()
                     .map(|s| Snapshot {
@@ -287,8 +287,32 @@ impl Image<'_> {
                 self.io.lib().rbd_snap_list_end(snaps.as_mut_ptr());
                 list
             };
-            return Ok(list);
+            // The list also holds snapshots removed while clones still read them (in the
+            // trash namespace, named by a uuid): not the user's, and not removable by name;
+            // Ceph drops each when its last clone goes.
+            let mut user = Vec::with_capacity(list.len());
+            for snapshot in list {
+                if self.snapshot_namespace(snapshot.id)?
+                    == sys::rbd_snap_namespace_type_t_RBD_SNAP_NAMESPACE_TYPE_USER
+                {
+                    user.push(snapshot);
+                }
+            }
+            return Ok(user);
         }
+    }
+
+    /// Which namespace snapshot `id` is in (the user's, or the trash's).
+    fn snapshot_namespace(&self, id: u64) -> Result<sys::rbd_snap_namespace_type_t> {
+        let mut namespace: sys::rbd_snap_namespace_type_t = 0;
+        // Safety: an open image; an out-pointer to a plain enum.
+        let rc = unsafe {
+            self.io
+                .lib()
+                .rbd_snap_get_namespace_type(self.handle, id, &mut namespace)
+        };
+        check(rc, "reading the namespace of a snapshot of", &self.spec)?;
+        Ok(namespace)
     }
 
     /// The image and snapshot it is a clone of, `None` when it is not a clone (or its parent

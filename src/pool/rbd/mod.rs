@@ -246,8 +246,10 @@ impl RbdPool {
         // the deletion is retried later. One with clones is kept for them, in the trash.
         if has_clones {
             self.io.trash_image(&image)?;
+            tracing::info!(thin_id = %id, image, "image moved to the pool's trash: clones still read it");
         } else {
             self.io.remove_image(&image)?;
+            tracing::debug!(thin_id = %id, image, "image removed");
         }
         crash::point(Point::RbdImageRemoved);
         if parent_trashed {
@@ -271,10 +273,16 @@ impl RbdPool {
     }
 
     /// The steps of a snapshot after the clone, each safe to repeat: a clone deeper than
-    /// `flatten_depth` is flattened and its origin's snapshot goes (no clone reads it); then
-    /// the clone's depth is written. `depth` is the clone's, when the caller knows it.
+    /// `flatten_depth` is flattened and its origin's snapshot goes (no clone reads it), and its
+    /// depth is written as its own. `depth` is the clone's, when the caller knows it: a clone
+    /// that stays a clone then needs nothing (it carries its origin's depth, [`names::DEPTH`]).
+    #[tracing::instrument(level = "debug", skip_all)]
     fn finish_clone(&self, origin: ThinId, new: ThinId, depth: Option<u32>) -> Result<()> {
-        let open = self.io.open(&self.image(new), None, false)?;
+        if depth.is_some_and(|depth| depth <= self.flatten_depth) {
+            return Ok(());
+        }
+        let image = self.image(new);
+        let open = self.io.open(&image, None, false)?;
         let settling = depth.is_none();
         let depth = match depth {
             Some(depth) => depth,
@@ -295,12 +303,13 @@ impl RbdPool {
             self.remove_snapshot_of(&self.image(origin), &names::clone_snapshot(new))?;
         }
         let depth = if flattened { 0 } else { depth };
-        open.set_metadata(names::DEPTH, &depth.to_string())
+        open.set_metadata(names::DEPTH, &names::depth_value(depth, &image))
     }
 
     /// Make a mapped origin's content whole on the cluster for a snapshot, as a dm suspend
     /// does for a thin device: its mounted filesystem is frozen (thawed when the guard drops),
     /// and what was written to the device itself is flushed.
+    #[tracing::instrument(level = "debug", skip_all)]
     fn quiesce(&self, origin: ThinId) -> Result<Option<crate::kernel::freeze::Frozen>> {
         let Some(mapping) = self.mapping(origin)? else {
             return Ok(None);
@@ -318,13 +327,14 @@ impl RbdPool {
         Ok(None)
     }
 
-    /// How many parents an open image has: its metadata says (written when it was made, after
-    /// any flatten), or (an image made without it) its chain is walked.
-    fn depth_of(&self, open: &rbd::Image<'_>) -> Result<u32> {
-        if let Some(depth) = open.metadata(names::DEPTH)?.and_then(|d| d.parse().ok()) {
-            return Ok(depth);
+    /// How many parents open image `name` has: its metadata says (its own, or its parent's
+    /// copied by the clone), or (an image made without it) its chain is walked.
+    fn depth_of(&self, name: &str, open: &rbd::Image<'_>) -> Result<u32> {
+        let raw = open.metadata(names::DEPTH)?;
+        match raw.as_deref().and_then(|raw| names::depth_from(raw, name)) {
+            Some(depth) => Ok(depth),
+            None => self.depth_by_parent(open),
         }
-        self.depth_by_parent(open)
     }
 
     /// How many parents an open image has, counted from its parent's depth (its own depth
@@ -332,8 +342,27 @@ impl RbdPool {
     fn depth_by_parent(&self, open: &rbd::Image<'_>) -> Result<u32> {
         match open.parent()? {
             None => Ok(0),
-            Some((parent, _)) => Ok(self.depth_of(&self.io.open(&parent, None, true)?)? + 1),
+            Some((parent, _)) => {
+                Ok(self.depth_of(&parent, &self.io.open(&parent, None, true)?)? + 1)
+            }
         }
+    }
+
+    /// Origin `name`'s depth, written as its own first if it is not yet: each clone of it
+    /// starts with a copy of that value, which tells the clone's depth with no write to the
+    /// clone (one write per origin, not per child).
+    #[tracing::instrument(level = "debug", skip_all)]
+    fn origin_depth(&self, name: &str, open: &rbd::Image<'_>) -> Result<u32> {
+        let raw = open.metadata(names::DEPTH)?;
+        let depth = match raw.as_deref().and_then(|raw| names::depth_from(raw, name)) {
+            Some(depth) => depth,
+            None => self.depth_by_parent(open)?,
+        };
+        let own = names::depth_value(depth, name);
+        if raw.as_deref() != Some(own.as_str()) {
+            open.set_metadata(names::DEPTH, &own)?;
+        }
+        Ok(depth)
     }
 
     /// Remove from the trash every image of this pool that no clone needs any more.
@@ -344,7 +373,13 @@ impl RbdPool {
             }
             match self.io.remove_trashed(&trashed.id) {
                 Err(e) if matches!(e.kind(), ErrorKind::Busy) => {} // clones still read it
-                other => other?,
+                other => {
+                    other?;
+                    tracing::info!(
+                        image = trashed.name,
+                        "image removed from the pool's trash: no clone reads it any more"
+                    );
+                }
             }
         }
         Ok(())
@@ -379,6 +414,7 @@ impl PoolKernel for RbdPool {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn usage(&self) -> Result<PoolUsage> {
         let object = names::state_object(&self.name);
         let transaction_id = self
@@ -410,6 +446,7 @@ impl PoolKernel for RbdPool {
             .create_image(&self.image(id), 0, ImageFeatures::default())
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
         let (origin_image, snapshot) = (self.image(origin), names::clone_snapshot(new));
         let depth = {
@@ -421,7 +458,7 @@ impl PoolKernel for RbdPool {
                 let _quiet = self.quiesce(origin)?;
                 open.snapshot(&snapshot)?;
             }
-            self.depth_of(&open)? + 1
+            self.origin_depth(&origin_image, &open)? + 1
         };
         crash::point(Point::RbdSnapshotTaken);
         self.io.clone_image(
@@ -474,9 +511,24 @@ impl PoolKernel for RbdPool {
                 ),
             ));
         }
-        self.remove_image(id)
+        match self.remove_image(id) {
+            // "Gone already" only when it is: a step of the removal may say "not found" of
+            // something else (a snapshot, a clone) while the image stays, and a deletion taken
+            // for done would leave it with no owner.
+            Err(e) if e.kind() == ErrorKind::NotFound && self.thin_ids()?.contains(&id) => {
+                Err(Error::new(
+                    ErrorKind::Kernel,
+                    format!(
+                        "image {} is still in the pool, but removing it failed: {e}",
+                        self.io.image_spec(&image)
+                    ),
+                ))
+            }
+            other => other,
+        }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
         self.io.compare_and_set(
             &names::state_object(&self.name),

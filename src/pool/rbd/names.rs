@@ -33,8 +33,26 @@ pub fn state_object(pool: &PoolName) -> String {
     format!("{pool}.thinstack-pool")
 }
 
-/// The image metadata key holding how many parents the image has.
+/// The image metadata key holding how many parents an image has, as `<depth>@<image>`: the
+/// image it is of. librbd copies a parent's metadata into each clone, so a clone starts with
+/// its parent's value, which says its own depth is one more, and needs no write of its own.
+/// (A bare `<depth>`, written by thinstack before, is the image's own.)
 pub const DEPTH: &str = "thinstack.depth";
+
+/// The value of [`DEPTH`] saying `image` has `depth` parents.
+pub fn depth_value(depth: u32, image: &str) -> String {
+    format!("{depth}@{image}")
+}
+
+/// How many parents `image` has, by its [`DEPTH`] value `raw`: its own value, or its parent's
+/// copied into it by the clone (one more); `None` when `raw` says nothing usable.
+pub fn depth_from(raw: &str, image: &str) -> Option<u32> {
+    match raw.split_once('@') {
+        None => raw.parse().ok(),
+        Some((depth, of)) if of == image => depth.parse().ok(),
+        Some((depth, _parent)) => depth.parse::<u32>().ok()?.checked_add(1),
+    }
+}
 
 /// The state object's omap key for the transaction id of a pool from before hosts shared
 /// it: the first host to start takes it as its own.
@@ -54,6 +72,23 @@ pub fn catalog_object(pool: &PoolName) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_depth_is_the_images_own_or_one_more_than_its_parents() {
+        assert_eq!(depth_from(&depth_value(3, "p.thin-7"), "p.thin-7"), Some(3));
+        assert_eq!(
+            depth_from(&depth_value(3, "p.thin-7"), "p.thin-9"),
+            Some(4),
+            "a clone's copy"
+        );
+        assert_eq!(
+            depth_from("5", "p.thin-9"),
+            Some(5),
+            "the old form is the image's own"
+        );
+        assert_eq!(depth_from("x@p.thin-9", "p.thin-9"), None);
+        assert_eq!(depth_from("", "p.thin-9"), None);
+    }
 
     #[test]
     fn image_names_round_trip_and_refuse_strangers() {
