@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use thinstack::config::{Config, DEFAULT_CONFIG_PATH};
+use tracing_subscriber::fmt::format::FmtSpan;
 use tracing_subscriber::EnvFilter;
 
 /// Manage a dm-thin pool of block layers and serve the thinstack API on a Unix socket.
@@ -124,9 +125,17 @@ fn init_logging(config: &Config) {
         ))
     });
     let terminal = std::io::stderr().is_terminal();
+    // THINSTACK_LOG_SPANS=1 (with RUST_LOG=thinstack=debug): how long each step of an
+    // operation took, a line per step as it ends (time.busy), to see where the time goes.
+    let spans = if std::env::var_os("THINSTACK_LOG_SPANS").is_some() {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_span_events(spans)
         .with_ansi(terminal);
     if terminal {
         builder.init();

@@ -186,6 +186,10 @@ fn guard_metadata(daemon: &Daemon, usage: &PoolUsage) {
 }
 
 fn warn_on_crossing(area: &str, space: &Space, level: &mut usize) {
+    // An area the pool does not have (an rbd pool's dm-thin metadata) never fills.
+    if space.total.bytes() == 0 {
+        return;
+    }
     let percent = space.percent_used();
     let now = WARN_AT.iter().filter(|&&at| percent >= at).count();
     if now > *level {
@@ -273,9 +277,14 @@ fn autoextend_lvm(daemon: &Daemon, usage: &PoolUsage, levels: &mut Levels) {
 /// Used in tests: how a space crossing changes the level.
 #[cfg(test)]
 pub(super) fn level_after(percent_used: u64, level: usize) -> usize {
+    level_after_space(&Space::new(percent_used, 100), level)
+}
+
+/// Used in tests: how `space` changes the level.
+#[cfg(test)]
+pub(super) fn level_after_space(space: &Space, level: usize) -> usize {
     let mut level = level;
-    let space = Space::new(percent_used, 100);
-    warn_on_crossing("data", &space, &mut level);
+    warn_on_crossing("data", space, &mut level);
     level
 }
 

@@ -133,6 +133,9 @@ fn space_warnings_are_logged_once_per_crossing() {
     assert_eq!(level_after(85, 1), 1);
     assert_eq!(level_after(95, 1), 2);
     assert_eq!(level_after(70, 2), 0, "falling back re-arms the warnings");
+    // An rbd pool has no dm-thin metadata: 0 of 0 is no area, not a full one.
+    let none = crate::vocab::Space::new(0, 0);
+    assert_eq!(super::background::level_after_space(&none, 0), 0);
 }
 
 #[test]

@@ -4,6 +4,7 @@ use super::*;
 
 impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Make a layer read-only for good. Refused while it is mounted read-write.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn commit(&self, name: &str) -> Result<Layer> {
         let (name, _guard) = self.lock_healthy(name)?;
         let record = self.ready_record(&name)?;

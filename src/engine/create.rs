@@ -46,6 +46,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// [`Engine::create`], of a containerd snapshot when `snapshot` says which: its key is
     /// claimed with the record, a view is read-only, and a new root's filesystem is bare (no
     /// `lost+found`, root directory mode 0755), as containerd's snapshotters give it.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn create_with(
         &self,
         request: &CreateLayer,
@@ -189,6 +190,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Refuse `what` while the pool is read-only (it would need new blocks or a pool message),
     /// saying why and what to do. Reads, status and growth go on.
     /// Returns the pool's usage, read for the check, so a caller needs no second status read.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn ensure_writable(&self, what: &str) -> Result<PoolUsage> {
         let usage = self.kernel.usage()?;
         let health = usage.health;

@@ -133,6 +133,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Put `record`'s facts in the catalog, when the pool has one and they changed, and note
     /// the version in the record. A record new to this host claims its name. The caller
     /// holds the layer's lock and writes the record next.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn publish(&self, record: &mut LayerRecord) -> Result<()> {
         let Some(catalog) = self.kernel.catalog() else {
             return Ok(());
@@ -215,6 +216,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Follow the catalog when it moved since this host last read it (see the module docs).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn refresh_shared(&self) -> Result<()> {
         let Some(catalog) = self.kernel.catalog() else {
             return Ok(());
@@ -413,9 +415,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return Err(Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "this host leaves the pool (hosts {} share it, so their layers stay), but                      layers are active or mounted here: {}; unmount and deactivate them first",
+                    "this host leaves the pool (hosts {} share it, so their layers stay), but \
+                     layers are active or mounted here: {}; unmount and deactivate them first",
                     others.join(", "),
-                    in_use.iter().map(LayerName::as_str).collect::<Vec<_>>().join(", ")
+                    in_use
+                        .iter()
+                        .map(LayerName::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             ));
         }

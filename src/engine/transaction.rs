@@ -19,6 +19,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// The catalog of a shared pool hears of the change first (see `shared.rs`).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn write(&self, mut record: LayerRecord, durability: Durability) -> Result<()> {
         self.publish(&mut record)?;
         match durability {
@@ -39,6 +40,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// A thin id that is provably free: no record owns it and the pool did not hold it at the
     /// last reconcile (ids made since are all owned by records). It is reserved in the index
     /// until the caller's record owns it.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn allocate_id(&self) -> Result<ThinId> {
         // A shared pool's ids come from its catalog, so no two hosts make one image; one a
         // record here owns (a pool from before the catalog) is skipped.
@@ -75,6 +77,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Send one pool message under the transaction protocol: intent, message, transaction id,
     /// record. A message that fails changes nothing in the pool; the intent is withdrawn.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn pool_step(&self, layer: Option<&LayerName>, op: PoolOp) -> Result<()> {
         // The operations asked ensure_writable before their first change; a status read per
         // message again was the costliest part of a create. A pool made read-only since

@@ -75,6 +75,7 @@ impl Catalog for RadosCatalog {
         &self.host
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn allocate_id(&self) -> Result<ThinId> {
         // The id this host handed out last is the guess; a miss reads the counter.
         let mut last = self.last_id.lock().unwrap_or_else(|e| e.into_inner());
@@ -101,6 +102,7 @@ impl Catalog for RadosCatalog {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn generation(&self) -> Result<String> {
         self.read_generation().map(|g| g.to_string())
     }
@@ -126,6 +128,7 @@ impl Catalog for RadosCatalog {
             .omap_value(&self.object, &format!("{LAYER_PREFIX}{name}"))
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn swap(&self, name: &str, old: Option<&str>, new: Option<&str>) -> Result<Moved> {
         let key = format!("{LAYER_PREFIX}{name}");
         let mut before = *self.last_generation();

@@ -46,6 +46,7 @@ impl RbdPool {
     }
 
     /// Take thin `id`'s writer lock for this host; `Busy` when another host holds it.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn claim_writer(&self, id: ThinId) -> Result<()> {
         let header = self.header(id)?;
         let description = format!("host {} writes this image", self.host());
@@ -88,6 +89,7 @@ impl RbdPool {
     }
 
     /// `Busy` when another host writes thin `id` (`what`: what would be refused).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn refuse_if_written_elsewhere(&self, id: ThinId, what: &str) -> Result<()> {
         let header = self.header(id)?;
         match self.holders(&header)?.1.first() {
