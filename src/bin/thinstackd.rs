@@ -127,17 +127,14 @@ fn init_logging(config: &Config) {
     let terminal = std::io::stderr().is_terminal();
     // THINSTACK_LOG_SPANS=1 (with RUST_LOG=thinstack=debug): how long each step of an
     // operation took, a line per step as it ends (time.busy), to see where the time goes.
-    let spans = if std::env::var_os("THINSTACK_LOG_SPANS").is_some() {
-        FmtSpan::CLOSE
-    } else {
-        FmtSpan::NONE
-    };
+    let spans = std::env::var_os("THINSTACK_LOG_SPANS").is_some();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_span_events(spans)
+        .with_span_events(if spans { FmtSpan::CLOSE } else { FmtSpan::NONE })
         .with_ansi(terminal);
-    if terminal {
+    // Without a timer the subscriber leaves the spans' times out too.
+    if terminal || spans {
         builder.init();
     } else {
         builder.without_time().with_target(false).init();
