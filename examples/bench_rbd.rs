@@ -2,10 +2,13 @@
 //! `scripts/ceph-cluster`, in one run:
 //! - `snapshot+clone`: librbd's own steps for a child, in this process over one connection (a
 //!   snapshot of the base named for the child, a clone v2 of it; clone v2 needs no protect),
-//!   beside `create+commit` of the same child through thinstackd's API socket (one kept-alive
-//!   connection): both fan out `--layers` children of one committed base;
-//! - `map`/`unmap`: the kernel's sysfs map of an image, beside thinstack's `activate` and
-//!   `deactivate` of a layer (which add the writer lock and the catalog read);
+//!   beside `create+commit` of a child through thinstackd's API socket (one kept-alive
+//!   connection). Both fan out `--layers` children of the same image (thinstack's committed
+//!   base, an ext4 filesystem), child by child in turn, which of the two goes first
+//!   alternating: the cluster, the base's growing list of snapshots and the machine's load are
+//!   the same for both (run one after the other, the second side met a busier cluster);
+//! - `map`/`unmap`: the kernel's sysfs map of librbd's children, beside thinstack's `activate`
+//!   and `deactivate` of its own (which add the writer lock and the catalog read);
 //! - chain depth: a chain of 20 layers, each made and committed through the API (the 17th is
 //!   flattened: the kernel maps at most 16 parents), and at each depth the first direct read of
 //!   16 MiB of the base's data through the chain.
@@ -111,41 +114,76 @@ fn run(args: &Args) -> Result<(), String> {
         timeout: Duration::from_secs(120),
     })
     .map_err(|e| e.to_string())?;
-    let floor = librbd_floor(args, &cluster, &mut csv)?;
-    let sysfs = sysfs_maps(args, &cluster, &mut csv)?;
     let daemon = Daemon::start(args)?;
-    let ours = thinstack_layers(args, &daemon, &mut csv)?;
+    let (floor, made) = children_in_turn(args, &cluster, &daemon, &mut csv)?;
+    let sysfs = sysfs_maps(args, &cluster, &mut csv)?;
+    let (activations, deactivations) = thinstack_maps(args, &daemon, &mut csv)?;
     let chain = chain_depth(args, &daemon, &mut csv)?;
     drop(daemon);
-    write_table(args, &floor, &sysfs, &ours, &chain)
+    write_table(
+        args,
+        &floor,
+        &sysfs,
+        &(made, activations, deactivations),
+        &chain,
+    )
 }
 
-/// librbd's own snapshot + clone of each child of one base, in this process.
-fn librbd_floor(
+/// The namespace thinstackd's pool and librbd's children share.
+const NAMESPACE: &str = "bench-thinstack";
+
+/// Each child of one committed base made both ways in turn: librbd's own snapshot + clone in
+/// this process (`librbd-kid-N`), and thinstack's create + commit through the API (`kid-N`).
+fn children_in_turn(
     args: &Args,
     cluster: &std::sync::Arc<Cluster>,
+    daemon: &Daemon,
     csv: &mut Csv,
-) -> Result<Series, String> {
+) -> Result<(Series, Series), String> {
+    let mut client = daemon.client();
+    create(&mut client, "base", None)?;
+    on_layer(&mut client, "base", "commit")?;
+    let base: Value = client
+        .get("/v1/layers/base")
+        .map_err(|e| format!("GET /v1/layers/base: {e}"))?;
+    let id = base["thin_id"]
+        .as_u64()
+        .ok_or("no thin_id for layer base")?;
+    // The pool is named "bench" (Daemon::start): its images are bench.thin-<id>.
+    let base_image = format!("bench.thin-{id}");
     let io = cluster
-        .io_making_namespace(&args.pool, Some("bench-librbd"))
+        .io(&args.pool, Some(NAMESPACE))
         .map_err(|e| e.to_string())?;
-    let features = ImageFeatures::default();
-    io.create_image("base", 512 << 20, features)
-        .map_err(|e| e.to_string())?;
-    let mut series = Series::default();
-    for i in 1..=args.layers {
-        let (child, snapshot) = (format!("kid-{i}"), format!("to-{i}"));
-        let ((), ms) = timed(|| {
-            let base = io.open("base", None, false).map_err(|e| e.to_string())?;
-            base.snapshot(&snapshot).map_err(|e| e.to_string())?;
-            drop(base);
-            io.clone_image("base", &snapshot, &child, features)
-                .map_err(|e| e.to_string())
-        })?;
+    let (mut floor, mut made) = (Series::default(), Series::default());
+    let librbd = |csv: &mut Csv, floor: &mut Series, i: usize| -> Result<(), String> {
+        let ((), ms) = timed(|| librbd_child(&io, &base_image, i))?;
         csv.row("rbd-librbd", "snapshot+clone", i, ms)?;
-        series.0.push(ms);
+        floor.0.push(ms);
+        Ok(())
+    };
+    for i in 1..=args.layers {
+        if i % 2 == 1 {
+            librbd(csv, &mut floor, i)?;
+        }
+        let name = format!("kid-{i}");
+        let ((), ms) = timed(|| create_and_commit(&mut client, &name, Some("base")))?;
+        csv.row("rbd-thinstack", "create+commit", i, ms)?;
+        made.0.push(ms);
+        if i % 2 == 0 {
+            librbd(csv, &mut floor, i)?;
+        }
     }
-    Ok(series)
+    Ok((floor, made))
+}
+
+/// librbd's steps for child `i` of `base`: open, snapshot, close, clone.
+fn librbd_child(io: &rbd::Io, base: &str, i: usize) -> Result<(), String> {
+    let (child, snapshot) = (format!("librbd-kid-{i}"), format!("librbd-to-{i}"));
+    let open = io.open(base, None, false).map_err(|e| e.to_string())?;
+    open.snapshot(&snapshot).map_err(|e| e.to_string())?;
+    drop(open);
+    io.clone_image(base, &snapshot, &child, ImageFeatures::default())
+        .map_err(|e| e.to_string())
 }
 
 /// The kernel's sysfs map and unmap of each of those children, with no thinstack.
@@ -161,7 +199,7 @@ fn sysfs_maps(
         client: "admin".into(),
         secret: rbd::secret_of(cluster).map_err(|e| e.to_string())?,
         pool: args.pool.clone(),
-        namespace: Some("bench-librbd".into()),
+        namespace: Some(NAMESPACE.into()),
         image: String::new(),
         read_only: false,
         exclusive: false,
@@ -169,7 +207,7 @@ fn sysfs_maps(
     let (mut maps, mut unmaps) = (Series::default(), Series::default());
     for i in 1..=args.layers {
         let request = MapRequest {
-            image: format!("kid-{i}"),
+            image: format!("librbd-kid-{i}"),
             ..request.clone()
         };
         let (mapped, ms) = timed(|| map::map(&request).map_err(|e| e.to_string()))?;
@@ -272,22 +310,9 @@ fn create_and_commit(client: &mut Client, name: &str, parent: Option<&str>) -> R
     on_layer(client, name, "commit").map(drop)
 }
 
-/// Per child of one committed base: create + commit, then activate and deactivate.
-fn thinstack_layers(
-    args: &Args,
-    daemon: &Daemon,
-    csv: &mut Csv,
-) -> Result<(Series, Series, Series), String> {
+/// Per child made by `children_in_turn`: thinstack's activate, then deactivate.
+fn thinstack_maps(args: &Args, daemon: &Daemon, csv: &mut Csv) -> Result<(Series, Series), String> {
     let mut client = daemon.client();
-    create(&mut client, "base", None)?;
-    on_layer(&mut client, "base", "commit")?;
-    let mut made = Series::default();
-    for i in 1..=args.layers {
-        let name = format!("kid-{i}");
-        let ((), ms) = timed(|| create_and_commit(&mut client, &name, Some("base")))?;
-        csv.row("rbd-thinstack", "create+commit", i, ms)?;
-        made.0.push(ms);
-    }
     let (mut activations, mut deactivations) = (Series::default(), Series::default());
     for i in 1..=args.layers {
         let name = format!("kid-{i}");
@@ -298,7 +323,7 @@ fn thinstack_layers(
         csv.row("rbd-thinstack", "deactivate", i, ms)?;
         deactivations.0.push(ms);
     }
-    Ok((made, activations, deactivations))
+    Ok((activations, deactivations))
 }
 
 /// Depth d: the create+commit of layer d of a chain, and the first direct read of 16 MiB of
@@ -384,7 +409,7 @@ fn write_table(
     let ratio = made.median() / floor.median();
     let mut t = String::new();
     t.push_str(&format!(
-        "Medians over {} children of one committed base; one cluster, one run.\n\n",
+        "Medians over {} children of one committed base, made both ways in turn; one cluster, one run.\n\n",
         args.layers
     ));
     t.push_str("| per layer | thinstack (API) | beside | ms | ratio | target |\n|---|---|---|---|---|---|\n");
