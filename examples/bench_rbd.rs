@@ -30,6 +30,7 @@ use serde_json::Value;
 use thinstack::api::CreateRequest;
 use thinstack::client::Client;
 use thinstack::kernel::rbd::{self, map, Cluster, ClusterConfig, ImageFeatures, MapRequest};
+use thinstack::names::{PoolName, ThinId};
 
 struct Args {
     thinstackd: PathBuf,
@@ -148,9 +149,11 @@ fn children_in_turn(
         .map_err(|e| format!("GET /v1/layers/base: {e}"))?;
     let id = base["thin_id"]
         .as_u64()
-        .ok_or("no thin_id for layer base")?;
-    // The pool is named "bench" (Daemon::start): its images are bench.thin-<id>.
-    let base_image = format!("bench.thin-{id}");
+        .and_then(|id| ThinId::new(u32::try_from(id).ok()?).ok())
+        .ok_or("no thin id for layer base")?;
+    // The pool is named "bench" (Daemon::start).
+    let pool = PoolName::new("bench").map_err(|e| e.to_string())?;
+    let base_image = thinstack::pool::rbd::image_name(&pool, id);
     let io = cluster
         .io(&args.pool, Some(NAMESPACE))
         .map_err(|e| e.to_string())?;

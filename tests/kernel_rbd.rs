@@ -16,7 +16,7 @@ use thinstack::kernel::rbd::{map, Cluster, ImageFeatures, MapRequest};
 use thinstack::kernel::real::RealFs;
 use thinstack::kernel::PoolKernel;
 use thinstack::names::ThinId;
-use thinstack::pool::rbd::RbdPool;
+use thinstack::pool::rbd::{image_name, RbdPool};
 use thinstack::units::ByteSize;
 use thinstack::ErrorKind;
 
@@ -246,7 +246,7 @@ fn a_parent_whose_snapshot_is_in_the_snapshot_trash_is_removed_whole() {
     pool.create_thin(parent).unwrap();
     pool.resize(parent, ByteSize::mib(64)).unwrap();
     pool.snapshot(parent, clone).unwrap();
-    let spec = |id: ThinId| format!("{}/{ns}/{}", test.pool, pool_image(&t, id));
+    let spec = |id: ThinId| format!("{}/{ns}/{}", test.pool, image_name(&t.config.pool.name, id));
     // As a clone's removal cut short after its first step leaves it.
     test.rbd(&["snap", "rm", &format!("{}@to-{clone}", spec(parent))]);
     let snapshots = test.rbd(&["snap", "ls", "--all", &spec(parent)]);
@@ -262,11 +262,6 @@ fn a_parent_whose_snapshot_is_in_the_snapshot_trash_is_removed_whole() {
     assert!(pool.thin_ids().unwrap().is_empty());
     let trash = test.rbd(&["trash", "ls", &format!("{}/{ns}", test.pool)]);
     assert!(trash.trim().is_empty(), "left in the trash: {trash}");
-}
-
-/// The image name of thin `id` in test pool `t`.
-fn pool_image(t: &TestPool, id: ThinId) -> String {
-    format!("{}.thin-{id}", t.config.pool.name)
 }
 
 /// An engine over an rbd pool in `namespace` of the test cluster, with its own state directory.

@@ -330,11 +330,17 @@ impl RbdPool {
     /// How many parents open image `name` has: its metadata says (its own, or its parent's
     /// copied by the clone), or (an image made without it) its chain is walked.
     fn depth_of(&self, name: &str, open: &rbd::Image<'_>) -> Result<u32> {
+        self.depth_and_value(name, open).map(|(depth, _)| depth)
+    }
+
+    /// [`RbdPool::depth_of`], and the image's depth value as it reads now.
+    fn depth_and_value(&self, name: &str, open: &rbd::Image<'_>) -> Result<(u32, Option<String>)> {
         let raw = open.metadata(names::DEPTH)?;
-        match raw.as_deref().and_then(|raw| names::depth_from(raw, name)) {
-            Some(depth) => Ok(depth),
-            None => self.depth_by_parent(open),
-        }
+        let depth = match raw.as_deref().and_then(|raw| names::depth_from(raw, name)) {
+            Some(depth) => depth,
+            None => self.depth_by_parent(open)?,
+        };
+        Ok((depth, raw))
     }
 
     /// How many parents an open image has, counted from its parent's depth (its own depth
@@ -353,11 +359,7 @@ impl RbdPool {
     /// clone (one write per origin, not per child).
     #[tracing::instrument(level = "debug", skip_all)]
     fn origin_depth(&self, name: &str, open: &rbd::Image<'_>) -> Result<u32> {
-        let raw = open.metadata(names::DEPTH)?;
-        let depth = match raw.as_deref().and_then(|raw| names::depth_from(raw, name)) {
-            Some(depth) => depth,
-            None => self.depth_by_parent(open)?,
-        };
+        let (depth, raw) = self.depth_and_value(name, open)?;
         let own = names::depth_value(depth, name);
         if raw.as_deref() != Some(own.as_str()) {
             open.set_metadata(names::DEPTH, &own)?;
