@@ -319,7 +319,8 @@ pub struct RbdConfig {
     /// How a layer is mapped to a block device.
     pub map: RbdMap,
     /// The most parents a layer's image may have: a clone made deeper is flattened (its
-    /// parents' data copied into it) when it is made. The kernel's rbd driver maps at most 16.
+    /// parents' data copied into it) when it is made. The kernel's rbd driver maps at most 16;
+    /// rbd-nbd has no limit, and this key at most [`RBD_NBD_MAX_FLATTEN_DEPTH`].
     pub flatten_depth: u32,
     /// How long one call to the cluster may take before it fails.
     pub timeout: Timeout,
@@ -343,6 +344,11 @@ impl Default for RbdConfig {
 /// The longest chain of parents the kernel's rbd driver maps (`rbd: parent chain is too long`
 /// beyond it).
 pub const RBD_KERNEL_MAX_PARENTS: u32 = 16;
+
+/// The deepest `flatten_depth` with rbd-nbd, which maps any depth: librbd opens every parent
+/// with an image and reads through them for what the image lacks, so a chain is still
+/// flattened somewhere.
+pub const RBD_NBD_MAX_FLATTEN_DEPTH: u32 = 64;
 
 /// `pool.rbd.map`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1025,20 +1031,24 @@ fn check_rbd(rbd: &RbdConfig) -> std::result::Result<(), KeyError> {
         ));
     }
     check_timeout("pool.rbd.timeout", rbd.timeout, REQUEST_TIMEOUT_RANGE)?;
-    if !(1..=RBD_KERNEL_MAX_PARENTS).contains(&rbd.flatten_depth) {
+    let (deepest, why) = match rbd.map {
+        RbdMap::Krbd => (
+            RBD_KERNEL_MAX_PARENTS,
+            "the kernel's rbd driver maps no image with more parents; map = \"nbd\" allows \
+             deeper chains",
+        ),
+        RbdMap::Nbd => (
+            RBD_NBD_MAX_FLATTEN_DEPTH,
+            "every parent is opened and read through",
+        ),
+    };
+    if !(1..=deepest).contains(&rbd.flatten_depth) {
         return Err(KeyError::new(
             "pool.rbd.flatten_depth",
             format!(
-                "{} is out of range; write from 1 to {RBD_KERNEL_MAX_PARENTS} (the kernel's rbd \
-                 driver maps no image with more parents)",
+                "{} is out of range; write from 1 to {deepest} ({why})",
                 rbd.flatten_depth
             ),
-        ));
-    }
-    if rbd.map == RbdMap::Nbd {
-        return Err(KeyError::new(
-            "pool.rbd.map",
-            "\"nbd\" is not built yet; use \"krbd\" (the kernel's rbd driver)".to_string(),
         ));
     }
     Ok(())
@@ -1196,6 +1206,8 @@ mod tests {
         assert_eq!(config.pool.rbd.flatten_depth, RBD_KERNEL_MAX_PARENTS);
         let round = Config::parse(&config.to_toml(), "t").unwrap();
         assert_eq!(round.pool.rbd, config.pool.rbd);
+        let nbd = format!("{good}map = \"nbd\"\nflatten_depth = 40\n");
+        assert_eq!(Config::parse(&nbd, "t").unwrap().pool.rbd.map, RbdMap::Nbd);
         for (bad, key) in [
             ("", "pool.rbd.pool"),
             ("pool = \"a b\"", "pool.rbd.pool"),
@@ -1213,7 +1225,11 @@ mod tests {
                 "pool.rbd.flatten_depth",
             ),
             ("pool = \"rbd\"\ntimeout = \"2h\"", "pool.rbd.timeout"),
-            ("pool = \"rbd\"\nmap = \"nbd\"", "pool.rbd.map"),
+            ("pool = \"rbd\"\nmap = \"ndb\"", "pool.rbd.map"),
+            (
+                "pool = \"rbd\"\nmap = \"nbd\"\nflatten_depth = 65",
+                "pool.rbd.flatten_depth",
+            ),
             ("pool = \"rbd\"\nmonitors = \"x\"", "monitors"),
         ] {
             let err = error_of(&format!("[pool]\nbackend = \"rbd\"\n[pool.rbd]\n{bad}\n"));

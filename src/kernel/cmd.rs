@@ -43,6 +43,12 @@ pub enum Program {
     Wipefs,
     /// `lvm` (lvm2), run with the command as its first argument (`lvm vgcreate ...`)
     Lvm,
+    /// `rbd-nbd` (rbd-nbd): serves an RBD image as an nbd device
+    RbdNbd,
+    /// `systemd-run` (systemd): starts an rbd-nbd mapping in a scope of its own
+    SystemdRun,
+    /// `setsid` (util-linux): starts an rbd-nbd mapping in a session of its own
+    Setsid,
 }
 
 impl Program {
@@ -60,6 +66,9 @@ impl Program {
             Program::Blkid => "blkid",
             Program::Wipefs => "wipefs",
             Program::Lvm => "lvm",
+            Program::RbdNbd => "rbd-nbd",
+            Program::SystemdRun => "systemd-run",
+            Program::Setsid => "setsid",
         }
     }
 
@@ -71,8 +80,10 @@ impl Program {
             Program::ThinCheck | Program::ThinDump | Program::ThinLs | Program::ThinDelta => {
                 "thin-provisioning-tools"
             }
-            Program::Blkid | Program::Wipefs => "util-linux",
+            Program::Blkid | Program::Wipefs | Program::Setsid => "util-linux",
             Program::Lvm => "lvm2",
+            Program::RbdNbd => "rbd-nbd",
+            Program::SystemdRun => "systemd",
         }
     }
 

@@ -50,7 +50,8 @@ impl MapRequest {
         format!("{} {options} {} {} -", self.monitors, self.pool, self.image)
     }
 
-    fn spec(&self) -> String {
+    /// `pool/[namespace/]image`, as the `rbd` command names it.
+    pub fn spec(&self) -> String {
         match &self.namespace {
             Some(namespace) => format!("{}/{namespace}/{}", self.pool, self.image),
             None => format!("{}/{}", self.pool, self.image),
@@ -58,10 +59,21 @@ impl MapRequest {
     }
 }
 
+/// Which kernel driver serves a mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// The kernel's rbd driver (`/dev/rbd<id>`).
+    Krbd,
+    /// The nbd driver, served by an rbd-nbd process (`/dev/nbd<id>`).
+    Nbd,
+}
+
 /// A mapped image, as sysfs tells it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapped {
-    /// The driver's id (`/dev/rbd<id>`).
+    /// The driver that serves it.
+    pub driver: Driver,
+    /// The driver's number of the device (`/dev/rbd<id>`, `/dev/nbd<id>`).
     pub id: u32,
     /// The pool.
     pub pool: String,
@@ -79,9 +91,17 @@ pub struct Mapped {
 }
 
 impl Mapped {
-    /// `/dev/rbd<id>`.
+    /// The device's name: `rbd<id>` or `nbd<id>`.
+    pub fn device_name(&self) -> String {
+        match self.driver {
+            Driver::Krbd => format!("rbd{}", self.id),
+            Driver::Nbd => format!("nbd{}", self.id),
+        }
+    }
+
+    /// `/dev/rbd<id>` or `/dev/nbd<id>`.
     pub fn node(&self) -> PathBuf {
-        PathBuf::from(format!("/dev/rbd{}", self.id))
+        Path::new("/dev").join(self.device_name())
     }
 }
 
@@ -204,6 +224,7 @@ fn read_mapping(dir: &Path, id: u32) -> std::io::Result<Mapped> {
         .map(|t| t.trim() == "1")
         .unwrap_or(false);
     Ok(Mapped {
+        driver: Driver::Krbd,
         id,
         pool: attr("pool")?,
         namespace,

@@ -5,7 +5,8 @@
 //! headers ([`sys`]); the library is loaded the first time a cluster is connected, so hosts
 //! without Ceph run every other backend. Each call costs a round trip to the cluster, never a
 //! process start. Images are mapped through the kernel's sysfs interface
-//! (`/sys/bus/rbd/add_single_major`), with no `rbd` command.
+//! (`/sys/bus/rbd/add_single_major`), with no `rbd` command, or, with `pool.rbd.map = "nbd"`,
+//! by an rbd-nbd process per device.
 
 mod cluster;
 mod image;
@@ -13,6 +14,8 @@ mod keyring;
 mod library;
 mod locks;
 pub mod map;
+mod mapper;
+pub mod nbd;
 mod objects;
 mod sys;
 
@@ -20,7 +23,9 @@ pub use cluster::{Cluster, ClusterConfig, Io};
 pub use image::{Image, ImageFeatures, Snapshot, TrashedImage};
 pub use keyring::{keyring_has_client, secret_of};
 pub use locks::Locker;
-pub use map::{MapRequest, Mapped};
+pub use map::{Driver, MapRequest, Mapped};
+pub use mapper::Mapper;
+pub use nbd::NbdClient;
 pub use objects::Guarded;
 
 use std::ffi::CString;

@@ -22,12 +22,14 @@ use std::sync::Arc;
 
 use devicemapper::Device;
 
-use crate::config::Config;
+use crate::config::{Config, RbdMap};
 use crate::crash::{self, Point};
 use crate::error::{Error, ErrorKind, Result};
 use crate::kernel::catalog::Catalog;
 use crate::kernel::device_io::{DeviceFile, ThinIo};
-use crate::kernel::rbd::{self, map, Cluster, ClusterConfig, ImageFeatures, Io, MapRequest};
+use crate::kernel::rbd::{
+    self, map, Cluster, ClusterConfig, ImageFeatures, Io, MapRequest, Mapper, NbdClient,
+};
 use crate::kernel::thin_tools::CheckReport;
 use crate::kernel::{
     blockdev, DeletedLoopFile, DeltaKind, DeltaRun, DmDevice, PoolDetails, PoolKernel, PoolUsage,
@@ -47,8 +49,10 @@ const IO_BLOCK: u64 = 64 * 1024;
 pub struct RbdPool {
     name: PoolName,
     io: Io,
-    /// What the kernel's driver is handed to map an image, but for the image.
+    /// What the driver is handed to map an image, but for the image.
     map_template: MapRequest,
+    /// The driver that maps images: the kernel's rbd driver or rbd-nbd.
+    mapper: Mapper,
     /// The most parents an image may have before it is flattened.
     flatten_depth: u32,
     /// The pool record (`pool.json`), which a destroy removes last.
@@ -91,6 +95,21 @@ fn connect(config: &Config) -> Result<Arc<Cluster>> {
     })
 }
 
+/// The driver `config` maps images with; rbd-nbd must be installed to be chosen.
+fn mapper_of(config: &Config) -> Result<Mapper> {
+    let rbd = &config.pool.rbd;
+    match rbd.map {
+        RbdMap::Krbd => Ok(Mapper::Krbd),
+        RbdMap::Nbd => {
+            rbd::nbd::installed().map_err(|e| e.context("pool.rbd.map = \"nbd\""))?;
+            Ok(Mapper::Nbd(NbdClient {
+                ceph_conf: rbd.ceph_conf.path().to_path_buf(),
+                keyring: rbd.keyring.as_ref().map(|k| k.path().to_path_buf()),
+            }))
+        }
+    }
+}
+
 /// What `thinstackd --check-config` says of an rbd pool's cluster: reached, the pool there,
 /// the client's key usable by the kernel; or what is wrong.
 pub fn check_cluster(config: &Config) -> Result<String> {
@@ -104,8 +123,13 @@ pub fn check_cluster(config: &Config) -> Result<String> {
     })?;
     let monitors = cluster.kernel_monitor_addresses()?;
     rbd::secret_of(&cluster)?;
+    let driver = match mapper_of(config)? {
+        Mapper::Krbd => "the kernel's rbd driver",
+        Mapper::Nbd(_) => "rbd-nbd",
+    };
     Ok(format!(
-        "Ceph cluster reached as client.{} (monitors {monitors}); pool {} holds {} images",
+        "Ceph cluster reached as client.{} (monitors {monitors}); pool {} holds {} images; \
+         {driver} maps them",
         rbd.client,
         io.spec(),
         io.image_names()?.len()
@@ -159,6 +183,7 @@ impl RbdPool {
             read_only: false,
             exclusive: false,
         };
+        let mapper = mapper_of(config)?;
         let name = config.pool.name.clone();
         let host = host::host_id(config.state_dir.path())?;
         let transaction_key = names::transaction_id_of(&host);
@@ -172,6 +197,7 @@ impl RbdPool {
             name,
             io,
             map_template,
+            mapper,
             flatten_depth: rbd.flatten_depth,
             record_path: crate::pool::record::path(config),
             catalog,
@@ -190,17 +216,19 @@ impl RbdPool {
         names::image(&self.name, id)
     }
 
-    /// The kernel's mapping of thin `id`'s image, if mapped.
+    /// This host's mapping of thin `id`'s image, if mapped.
     fn mapping(&self, id: ThinId) -> Result<Option<map::Mapped>> {
         let image = self.image(id);
         Ok(self.mappings()?.into_iter().find(|m| m.image == image))
     }
 
-    /// The kernel's mappings of this pool's images (heads only) that this daemon's client
+    /// This host's mappings of this pool's images (heads only) that this daemon's client
     /// made: another daemon on this host, as another client, has its own.
     fn mappings(&self) -> Result<Vec<map::Mapped>> {
         let namespace = self.io.namespace().unwrap_or_default();
-        Ok(map::mapped()?
+        Ok(self
+            .mapper
+            .mapped()?
             .into_iter()
             .filter(|m| {
                 m.pool == self.io.pool()
@@ -586,7 +614,7 @@ impl PoolKernel for RbdPool {
             read_only,
             ..self.map_template.clone()
         };
-        match map::map(&request) {
+        match self.mapper.map(&request) {
             Ok(mapped) => Ok(mapped.node()),
             Err(e) => {
                 if !read_only {
@@ -606,7 +634,7 @@ impl PoolKernel for RbdPool {
                 self.io.image_spec(&self.image(id))
             ))
         })?;
-        map::unmap(mapping.id)?;
+        self.mapper.unmap(&mapping)?;
         if mapping.read_only {
             return Ok(());
         }
@@ -634,7 +662,7 @@ impl PoolKernel for RbdPool {
             .open(&self.image(id), None, false)?
             .resize(size.bytes(), false)?;
         match self.mapping(id)? {
-            Some(mapping) => map::refresh(mapping.id),
+            Some(mapping) => self.mapper.refresh(&mapping, size.bytes()),
             None => Ok(()),
         }
     }
@@ -774,7 +802,7 @@ impl PoolKernel for RbdPool {
         let mut found = Vec::new();
         for mapping in self.mappings()? {
             found.push(DmDevice {
-                name: format!("rbd{}", mapping.id),
+                name: mapping.device_name(),
                 thin: thin_of_image(&self.name, &mapping.image),
                 open_count: u32::from(blockdev::is_held(&mapping.node())?),
             });
@@ -783,11 +811,12 @@ impl PoolKernel for RbdPool {
     }
 
     fn remove_dm_device(&self, name: &str) -> Result<()> {
-        let id = name
-            .strip_prefix("rbd")
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| Error::invalid(format!("{name:?} is not an rbd device of this pool")))?;
-        map::unmap(id)
+        let mapping = self
+            .mappings()?
+            .into_iter()
+            .find(|m| m.device_name() == name)
+            .ok_or_else(|| Error::invalid(format!("{name:?} is not a device of this pool")))?;
+        self.mapper.unmap(&mapping)
     }
 
     fn deleted_loop_files(&self) -> Result<Vec<DeletedLoopFile>> {
