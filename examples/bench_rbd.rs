@@ -11,7 +11,10 @@
 //!   and `deactivate` of its own (which add the writer lock and the catalog read);
 //! - chain depth: a chain of 20 layers, each made and committed through the API (the 17th is
 //!   flattened: the kernel maps at most 16 parents), and at each depth the first direct read of
-//!   16 MiB of the base's data through the chain.
+//!   16 MiB of the base's data through the chain;
+//! - `map = "nbd"`, a second thinstackd whose layers rbd-nbd serves: its activate and
+//!   deactivate beside `rbd-nbd map` and `unmap` of the same images by hand (which goes first
+//!   alternating), and the same chain of 20, which needs no flatten.
 //!
 //! Rows `tool,operation,layer,ms` go to `--csv`; a summary table (medians, ratios, the 1.2x
 //! target) to `--table`.
@@ -115,20 +118,46 @@ fn run(args: &Args) -> Result<(), String> {
         timeout: Duration::from_secs(120),
     })
     .map_err(|e| e.to_string())?;
-    let daemon = Daemon::start(args)?;
+    let daemon = Daemon::start(args, KRBD)?;
     let (floor, made) = children_in_turn(args, &cluster, &daemon, &mut csv)?;
     let sysfs = sysfs_maps(args, &cluster, &mut csv)?;
     let (activations, deactivations) = thinstack_maps(args, &daemon, &mut csv)?;
-    let chain = chain_depth(args, &daemon, &mut csv)?;
+    let chain = chain_depth(&daemon, "rbd-thinstack", &mut csv)?;
+    drop(daemon);
+    let daemon = Daemon::start(args, NBD)?;
+    let nbd = nbd_maps(args, &daemon, &mut csv)?;
+    let nbd_chain = chain_depth(&daemon, "rbd-thinstack-nbd", &mut csv)?;
     drop(daemon);
     write_table(
         args,
         &floor,
         &sysfs,
         &(made, activations, deactivations),
-        &chain,
+        &nbd,
+        &(chain, nbd_chain),
     )
 }
+
+/// A thinstackd's pool: its name and namespace, and its `[pool.rbd]` keys beside the cluster's.
+struct PoolSetup {
+    name: &'static str,
+    namespace: &'static str,
+    keys: &'static str,
+}
+
+/// The kernel's rbd driver maps the layers (the default).
+const KRBD: PoolSetup = PoolSetup {
+    name: "bench",
+    namespace: NAMESPACE,
+    keys: "",
+};
+
+/// rbd-nbd maps them, and a chain of 20 is never flattened.
+const NBD: PoolSetup = PoolSetup {
+    name: "bench-nbd",
+    namespace: "bench-nbd",
+    keys: "map = \"nbd\"\nflatten_depth = 24\n",
+};
 
 /// The namespace thinstackd's pool and librbd's children share.
 const NAMESPACE: &str = "bench-thinstack";
@@ -223,29 +252,32 @@ fn sysfs_maps(
     Ok((maps, unmaps))
 }
 
-/// thinstackd on an rbd pool in namespace `bench-thinstack`, stopped (pool destroyed) on drop.
+/// thinstackd on an rbd pool, stopped (pool destroyed) on drop.
 struct Daemon {
     child: Child,
     socket: PathBuf,
 }
 
 impl Daemon {
-    fn start(args: &Args) -> Result<Daemon, String> {
-        let dir = args.workdir.join("rbd-daemon");
+    fn start(args: &Args, setup: PoolSetup) -> Result<Daemon, String> {
+        let dir = args.workdir.join(format!("rbd-daemon-{}", setup.name));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let socket = dir.join("thinstack.sock");
         let config = dir.join("thinstack.toml");
         std::fs::write(
             &config,
             format!(
-                "state_dir = {:?}\nsocket = {:?}\n[pool]\nname = \"bench\"\nbackend = \"rbd\"\n\
-                 [pool.rbd]\npool = {:?}\nnamespace = \"bench-thinstack\"\nceph_conf = {:?}\n\
-                 keyring = {:?}\n[layers]\nbase_size = \"512M\"\n",
+                "state_dir = {:?}\nsocket = {:?}\n[pool]\nname = {:?}\nbackend = \"rbd\"\n\
+                 [pool.rbd]\npool = {:?}\nnamespace = {:?}\nceph_conf = {:?}\n\
+                 keyring = {:?}\n{}[layers]\nbase_size = \"512M\"\n",
                 dir.join("state").display().to_string(),
                 socket.display().to_string(),
+                setup.name,
                 args.pool,
+                setup.namespace,
                 args.conf.display().to_string(),
                 args.keyring.display().to_string(),
+                setup.keys,
             ),
         )
         .map_err(|e| e.to_string())?;
@@ -329,11 +361,14 @@ fn thinstack_maps(args: &Args, daemon: &Daemon, csv: &mut Csv) -> Result<(Series
     Ok((activations, deactivations))
 }
 
+/// A depth, its create+commit and its read, in ms.
+type ChainRow = (usize, f64, f64);
+
 /// Depth d: the create+commit of layer d of a chain, and the first direct read of 16 MiB of
 /// the base's data through it.
 fn chain_depth(
-    _args: &Args,
     daemon: &Daemon,
+    tool: &str,
     csv: &mut Csv,
 ) -> Result<Vec<(usize, f64, f64)>, String> {
     const DEPTH: usize = 20;
@@ -349,14 +384,94 @@ fn chain_depth(
     for depth in 1..=DEPTH {
         let (name, parent) = (format!("c{depth}"), format!("c{}", depth - 1));
         let ((), made) = timed(|| create_and_commit(&mut client, &name, Some(&parent)))?;
-        csv.row("rbd-thinstack", "chain create+commit", depth, made)?;
+        csv.row(tool, "chain create+commit", depth, made)?;
         let node = activate(&mut client, &name)?;
         let ((), read) = timed(|| read_direct(&node, READ))?;
         on_layer(&mut client, &name, "deactivate")?;
-        csv.row("rbd-thinstack", "chain read 16MiB", depth, read)?;
+        csv.row(tool, "chain read 16MiB", depth, read)?;
         rows.push((depth, made, read));
     }
     Ok(rows)
+}
+
+/// Medians of an nbd pool's activate and deactivate, and of `rbd-nbd map` and `unmap`.
+struct NbdMaps {
+    activate: Series,
+    deactivate: Series,
+    map: Series,
+    unmap: Series,
+}
+
+/// How many children the nbd comparison maps: each map starts a process and connects it.
+const NBD_CHILDREN: usize = 10;
+
+/// Children of a committed base on the nbd daemon's pool, each mapped both ways in turn:
+/// thinstack's activate and deactivate, and `rbd-nbd map` and `unmap` of its image by hand.
+fn nbd_maps(args: &Args, daemon: &Daemon, csv: &mut Csv) -> Result<NbdMaps, String> {
+    let mut client = daemon.client();
+    create_and_commit(&mut client, "base", None)?;
+    let pool = PoolName::new(NBD.name).map_err(|e| e.to_string())?;
+    let mut times = NbdMaps {
+        activate: Series::default(),
+        deactivate: Series::default(),
+        map: Series::default(),
+        unmap: Series::default(),
+    };
+    for i in 1..=NBD_CHILDREN.min(args.layers) {
+        let name = format!("kid-{i}");
+        create_and_commit(&mut client, &name, Some("base"))?;
+        let layer: Value = client
+            .get(&format!("/v1/layers/{name}"))
+            .map_err(|e| format!("GET /v1/layers/{name}: {e}"))?;
+        let id = layer["thin_id"]
+            .as_u64()
+            .and_then(|id| ThinId::new(u32::try_from(id).ok()?).ok())
+            .ok_or(format!("no thin id for layer {name}"))?;
+        let spec = format!(
+            "{}/{}/{}",
+            args.pool,
+            NBD.namespace,
+            thinstack::pool::rbd::image_name(&pool, id)
+        );
+        let mut by_hand = |csv: &mut Csv| -> Result<(), String> {
+            let (device, ms) = timed(|| rbd_nbd(args, &["map", &spec]))?;
+            csv.row("rbd-nbd", "map", i, ms)?;
+            times.map.0.push(ms);
+            let (_, ms) = timed(|| rbd_nbd(args, &["unmap", device.trim()]))?;
+            csv.row("rbd-nbd", "unmap", i, ms)?;
+            times.unmap.0.push(ms);
+            Ok(())
+        };
+        if i % 2 == 1 {
+            by_hand(csv)?;
+        }
+        let (_, ms) = timed(|| on_layer(&mut client, &name, "activate"))?;
+        csv.row("rbd-thinstack-nbd", "activate", i, ms)?;
+        times.activate.0.push(ms);
+        let (_, ms) = timed(|| on_layer(&mut client, &name, "deactivate"))?;
+        csv.row("rbd-thinstack-nbd", "deactivate", i, ms)?;
+        times.deactivate.0.push(ms);
+        if i % 2 == 0 {
+            by_hand(csv)?;
+        }
+    }
+    Ok(times)
+}
+
+/// `rbd-nbd` with `args`, as an operator maps by hand; what it printed.
+fn rbd_nbd(args: &Args, command: &[&str]) -> Result<String, String> {
+    let out = Command::new("rbd-nbd")
+        .arg("--conf")
+        .arg(&args.conf)
+        .arg("--keyring")
+        .arg(&args.keyring)
+        .args(command)
+        .output()
+        .map_err(|e| format!("rbd-nbd: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("rbd-nbd {command:?}: {out:?}"));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn activate(client: &mut Client, name: &str) -> Result<PathBuf, String> {
@@ -407,7 +522,8 @@ fn write_table(
     floor: &Series,
     (maps, unmaps): &(Series, Series),
     (made, activations, deactivations): &(Series, Series, Series),
-    chain: &[(usize, f64, f64)],
+    nbd: &NbdMaps,
+    (chain, nbd_chain): &(Vec<ChainRow>, Vec<ChainRow>),
 ) -> Result<(), String> {
     let ratio = made.median() / floor.median();
     let mut t = String::new();
@@ -429,14 +545,28 @@ fn write_table(
         activations.median() / maps.median()
     ));
     t.push_str(&format!(
-        "| deactivate | {:.1} ms | sysfs unmap | {:.1} | {:.2}x | |\n\n",
+        "| deactivate | {:.1} ms | sysfs unmap | {:.1} | {:.2}x | |\n",
         deactivations.median(),
         unmaps.median(),
         deactivations.median() / unmaps.median()
     ));
-    t.push_str("Chain depth (the 17th layer is flattened when made):\n\n| depth | create+commit ms | first direct read of 16 MiB of the base, ms |\n|---|---|---|\n");
-    for (depth, made, read) in chain {
-        t.push_str(&format!("| {depth} | {made:.1} | {read:.1} |\n"));
+    for (what, ours, theirs, by_hand) in [
+        ("activate", &nbd.activate, &nbd.map, "rbd-nbd map"),
+        ("deactivate", &nbd.deactivate, &nbd.unmap, "rbd-nbd unmap"),
+    ] {
+        t.push_str(&format!(
+            "| {what}, map = nbd ({} children) | {:.1} ms | {by_hand}, by hand | {:.1} | {:.2}x | |\n",
+            ours.0.len(),
+            ours.median(),
+            theirs.median(),
+            ours.median() / theirs.median()
+        ));
+    }
+    t.push_str("\nChain depth: create+commit, and the first direct read of 16 MiB of the base through the chain. With the kernel's rbd driver the 17th layer is flattened when made; with `map = \"nbd\"` (`flatten_depth = 24`) none is.\n\n| depth | krbd: create+commit ms | krbd: read ms | nbd: create+commit ms | nbd: read ms |\n|---|---|---|---|---|\n");
+    for ((depth, made, read), (_, nbd_made, nbd_read)) in chain.iter().zip(nbd_chain) {
+        t.push_str(&format!(
+            "| {depth} | {made:.1} | {read:.1} | {nbd_made:.1} | {nbd_read:.1} |\n"
+        ));
     }
     std::fs::write(&args.table, t).map_err(|e| format!("{}: {e}", args.table.display()))
 }
