@@ -192,7 +192,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Returns the pool's usage, read for the check, so a caller needs no second status read.
     #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn ensure_writable(&self, what: &str) -> Result<PoolUsage> {
-        let usage = self.kernel.usage()?;
+        // As of the last commit: the guard needs health and room, not the latest block.
+        let usage = self.kernel.usage_as_committed()?;
         let health = usage.health;
         if !health.read_only {
             self.refuse_while_intent_unsettled()?;
@@ -263,7 +264,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                     tracing::warn!(error = %e, "deleting removed layers' devices to make room failed");
                     return Err(short);
                 }
-                self.space_above_minimum(&self.kernel.usage()?)
+                self.space_above_minimum(&self.kernel.usage_as_committed()?)
             }
             other => other,
         }

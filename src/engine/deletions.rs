@@ -64,7 +64,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     pub fn finish_deletions(&self) -> Result<usize> {
         let _work = self.deletion_work.lock().unwrap_or_else(|e| e.into_inner());
         let queued = self.txn().deleting.clone();
-        if queued.is_empty() || self.kernel.usage()?.health.read_only {
+        if queued.is_empty() || self.kernel.usage_as_committed()?.health.read_only {
             return Ok(0);
         }
         let mut deleted = 0;

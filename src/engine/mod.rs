@@ -294,6 +294,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             .collect()
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn view(&self, record: LayerRecord) -> Result<Layer> {
         let device = self.kernel.active_node(record.thin_id)?;
         let children = self.children_of(&record.name);

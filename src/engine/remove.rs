@@ -206,7 +206,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// layers removed now.
     pub fn process_deferred(&self) -> Result<Vec<LayerName>> {
         // A read-only pool deletes nothing; they wait until it is writable.
-        if self.kernel.usage()?.health.read_only {
+        if self.kernel.usage_as_committed()?.health.read_only {
             return Ok(Vec::new());
         }
         self.finish_discards();

@@ -89,6 +89,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// of it. The layer keeps its name, labels and record; it takes `to`'s size. One thin
     /// snapshot, no copying. Refused as busy while the layer is mounted, its device is held
     /// open, or it has children.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn reset(&self, name: &str, to: Option<&str>) -> Result<Layer> {
         let name = LayerName::new(name)?;
         let to = match to {
@@ -168,6 +169,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Deactivate `record`'s device for the reset (its record still says whether it should
     /// be active, so a crash brings the new device back as the old one was); `Busy` when
     /// someone holds it open.
+    #[tracing::instrument(level = "debug", skip_all)]
     fn release_for_reset(&self, record: &LayerRecord) -> Result<()> {
         if self.kernel.active_node(record.thin_id)?.is_none() {
             return Ok(());
@@ -189,6 +191,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// it, the record takes it and names the old device as discarding. The old device is
     /// deleted after the answer ([`Engine::finish_discard`]), or by the next operation on the
     /// layer, the next round of deferred work, or the next start, whichever comes first.
+    #[tracing::instrument(level = "debug", skip_all)]
     fn switch_device(
         &self,
         record: LayerRecord,
@@ -260,6 +263,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Delete the thin device a reset left `record` discarding, if any, and record that it
     /// is gone. Gone already is fine.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn finish_discarding(&self, record: LayerRecord) -> Result<LayerRecord> {
         let Some(id) = record.discarding else {
             return Ok(record);

@@ -28,10 +28,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 "layer {name:?} is committed: its device is read-only, so nothing can be discarded from it"
             )));
         }
-        let before = self
-            .ensure_writable(&format!("trim layer {name:?}"))?
-            .data
-            .used;
+        self.ensure_writable(&format!("trim layer {name:?}"))?;
+        // What is given back is the difference of two current counts.
+        let before = self.kernel.usage()?.data.used;
         let record = self.drop_gone_mounts(record)?;
         let trimmed = match record.mounts.iter().find(|(_, m)| !m.read_only) {
             Some((target, _)) => self.fs.trim(target)?,

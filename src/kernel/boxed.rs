@@ -26,6 +26,10 @@ impl<T: PoolKernel + ?Sized> PoolKernel for Box<T> {
         (**self).usage()
     }
 
+    fn usage_as_committed(&self) -> Result<PoolUsage> {
+        (**self).usage_as_committed()
+    }
+
     fn create_thin(&self, id: ThinId) -> Result<()> {
         (**self).create_thin(id)
     }

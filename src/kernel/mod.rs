@@ -115,6 +115,12 @@ pub trait PoolKernel {
     fn details(&self) -> PoolDetails;
     /// Space, transaction id and health. An error when the pool has failed.
     fn usage(&self) -> Result<PoolUsage>;
+    /// [`PoolKernel::usage`] without what it may cost to be current: dm-thin reads it as of
+    /// the last metadata commit (space counts up to a second old) instead of committing
+    /// first. For guards on the way to a change (writable? room?), never for figures.
+    fn usage_as_committed(&self) -> Result<PoolUsage> {
+        self.usage()
+    }
     /// Make a new, empty thin device. `AlreadyExists` when the id is taken.
     fn create_thin(&self, id: ThinId) -> Result<()>;
     /// Make `new` a snapshot of `origin`, suspending an active origin around the message and

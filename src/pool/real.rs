@@ -78,6 +78,22 @@ impl RealPool {
             )),
         }
     }
+
+    /// The engine's view of `status`; an error when the pool has failed.
+    fn usage_from(&self, status: crate::pool::PoolStatus) -> Result<PoolUsage> {
+        let transaction_id = status.transaction_id.ok_or_else(|| {
+            Error::new(
+                ErrorKind::Kernel,
+                format!("pool {} has failed in the kernel", self.pool.name()),
+            )
+        })?;
+        Ok(PoolUsage {
+            transaction_id,
+            data: status.data,
+            metadata: status.metadata,
+            health: status.health,
+        })
+    }
 }
 
 impl PoolKernel for RealPool {
@@ -95,25 +111,19 @@ impl PoolKernel for RealPool {
     }
 
     fn usage(&self) -> Result<PoolUsage> {
-        let status = self.pool.status(&self.dm)?;
-        let transaction_id = status.transaction_id.ok_or_else(|| {
-            Error::new(
-                ErrorKind::Kernel,
-                format!("pool {} has failed in the kernel", self.pool.name()),
-            )
-        })?;
-        Ok(PoolUsage {
-            transaction_id,
-            data: status.data,
-            metadata: status.metadata,
-            health: status.health,
-        })
+        self.usage_from(self.pool.status(&self.dm)?)
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    fn usage_as_committed(&self) -> Result<PoolUsage> {
+        self.usage_from(self.pool.status_as_committed(&self.dm)?)
     }
 
     fn create_thin(&self, id: ThinId) -> Result<()> {
         self.pool.create_thin(&self.dm, id)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn snapshot(&self, origin: ThinId, new: ThinId) -> Result<()> {
         self.pool.snapshot(&self.dm, origin, new)
     }
@@ -122,6 +132,7 @@ impl PoolKernel for RealPool {
         self.pool.delete_thin(&self.dm, id)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn set_transaction_id(&self, old: u64, new: u64) -> Result<()> {
         self.dm.set_transaction_id(self.pool.dm_name(), old, new)
     }
@@ -140,6 +151,7 @@ impl PoolKernel for RealPool {
         self.pool.deactivate_thin(&self.dm, id)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn active_node(&self, id: ThinId) -> Result<Option<PathBuf>> {
         Ok(self
             .pool

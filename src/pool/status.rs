@@ -4,9 +4,19 @@
 use super::*;
 
 impl Pool {
-    /// Everything about the pool's space and health.
+    /// Everything about the pool's space and health, current.
     pub fn status(&self, dm: &Dm) -> Result<PoolStatus> {
-        let working = match dm.pool_status(&self.dm_name)? {
+        self.status_from(dm, dm.pool_status(&self.dm_name)?)
+    }
+
+    /// [`Pool::status`] as of the pool's last metadata commit
+    /// ([`Dm::pool_status_as_committed`]): no metadata write, space counts up to a second old.
+    pub fn status_as_committed(&self, dm: &Dm) -> Result<PoolStatus> {
+        self.status_from(dm, dm.pool_status_as_committed(&self.dm_name)?)
+    }
+
+    fn status_from(&self, dm: &Dm, status: ThinPoolStatus) -> Result<PoolStatus> {
+        let working = match status {
             ThinPoolStatus::Working(status) => status,
             ThinPoolStatus::Error | ThinPoolStatus::Fail => {
                 return Ok(PoolStatus::failed(self));

@@ -608,12 +608,14 @@ impl RecordStore {
     }
 
     /// Write a layer record durably.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn put_layer(&self, record: &LayerRecord) -> Result<()> {
         self.change(Change::layer(record), Durability::Now)
     }
 
     /// Write a layer record, durable with the next durable change (see [`journal`] for when
     /// that is enough).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn stage_layer(&self, record: &LayerRecord) -> Result<()> {
         self.change(Change::layer(record), Durability::WithNext)
     }
@@ -632,11 +634,13 @@ impl RecordStore {
     }
 
     /// Write the transaction record durably.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn put_txn(&self, txn: &TxnRecord) -> Result<()> {
         self.change(Change::Txn { txn: txn.clone() }, Durability::Now)
     }
 
     /// Write the transaction record, durable with the next durable change.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn stage_txn(&self, txn: &TxnRecord) -> Result<()> {
         self.change(Change::Txn { txn: txn.clone() }, Durability::WithNext)
     }
