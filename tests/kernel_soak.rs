@@ -322,6 +322,19 @@ fn activation(api: &mut Client, tally: &Mutex<Tally>, name: &str, on: bool) -> S
     Ok(())
 }
 
+/// The daemon's count of removed layers' thin devices still to be deleted (its metrics).
+fn thin_devices_deleting(d: &TestDaemon) -> u64 {
+    let metrics = d.cli(&["pool", "metrics"]);
+    assert_eq!(metrics.code, 0, "{metrics:?}");
+    metrics
+        .stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("thinstack_thin_devices_deleting "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no thinstack_thin_devices_deleting in {}", metrics.stdout))
+        as u64
+}
+
 /// `thin_ls` on the pool's metadata: the pool's thin ids.
 fn thin_ls_ids(d: &TestDaemon) -> BTreeSet<u64> {
     let pool = format!("thinstack-1-{}-pool", d.pool.config.pool.name);
@@ -352,6 +365,14 @@ fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) -> Checked {
     for layer in &layers {
         assert_eq!(layer["state"], "ready", "round {round}: {layer}");
     }
+    // A kill leaves removed layers' devices queued for deletion, and the restarted daemon's
+    // first round deletes them, after it answers: wait for that, or a device still queued
+    // looks like one no record owns.
+    common::wait_until(
+        "the restarted daemon to delete the devices the kill left queued",
+        || thin_devices_deleting(d) == 0,
+        || d.log_text(),
+    );
     // Records and pool agree exactly.
     let recorded: BTreeSet<u64> = layers
         .iter()

@@ -76,6 +76,15 @@ pub fn map(request: &MapRequest, client: &NbdClient) -> Result<Mapped> {
                 request.spec()
             ))
         })?;
+    // rbd-nbd prints the device once it is set up; the driver's `pid` attribute may come a
+    // moment after.
+    wait_until(
+        &format!(
+            "an rbd-nbd process to serve /dev/nbd{id} ({})",
+            request.spec()
+        ),
+        || read_mapping(id).is_some(),
+    )?;
     read_mapping(id).ok_or_else(|| {
         Error::inconsistent(format!(
             "mapping {}: rbd-nbd said /dev/nbd{id}, but no rbd-nbd process serves it",
