@@ -173,16 +173,7 @@ fn children_in_turn(
     let mut client = daemon.client();
     create(&mut client, "base", None)?;
     on_layer(&mut client, "base", "commit")?;
-    let base: Value = client
-        .get("/v1/layers/base")
-        .map_err(|e| format!("GET /v1/layers/base: {e}"))?;
-    let id = base["thin_id"]
-        .as_u64()
-        .and_then(|id| ThinId::new(u32::try_from(id).ok()?).ok())
-        .ok_or("no thin id for layer base")?;
-    // The pool is named "bench" (Daemon::start).
-    let pool = PoolName::new("bench").map_err(|e| e.to_string())?;
-    let base_image = thinstack::pool::rbd::image_name(&pool, id);
+    let base_image = image_of(&mut client, KRBD.name, "base")?;
     let io = cluster
         .io(&args.pool, Some(NAMESPACE))
         .map_err(|e| e.to_string())?;
@@ -334,6 +325,19 @@ fn create(client: &mut Client, name: &str, parent: Option<&str>) -> Result<(), S
     post(client, "/v1/layers", &request).map(drop)
 }
 
+/// The image of layer `name` in thinstackd's pool `pool`.
+fn image_of(client: &mut Client, pool: &str, name: &str) -> Result<String, String> {
+    let layer: Value = client
+        .get(&format!("/v1/layers/{name}"))
+        .map_err(|e| format!("GET /v1/layers/{name}: {e}"))?;
+    let id = layer["thin_id"]
+        .as_u64()
+        .and_then(|id| ThinId::new(u32::try_from(id).ok()?).ok())
+        .ok_or(format!("no thin id for layer {name}"))?;
+    let pool = PoolName::new(pool).map_err(|e| e.to_string())?;
+    Ok(thinstack::pool::rbd::image_name(&pool, id))
+}
+
 /// `POST /v1/layers/{name}/{action}` with no body (commit, activate, deactivate).
 fn on_layer(client: &mut Client, name: &str, action: &str) -> Result<Value, String> {
     post(client, &format!("/v1/layers/{name}/{action}"), &Value::Null)
@@ -410,7 +414,6 @@ const NBD_CHILDREN: usize = 10;
 fn nbd_maps(args: &Args, daemon: &Daemon, csv: &mut Csv) -> Result<NbdMaps, String> {
     let mut client = daemon.client();
     create_and_commit(&mut client, "base", None)?;
-    let pool = PoolName::new(NBD.name).map_err(|e| e.to_string())?;
     let mut times = NbdMaps {
         activate: Series::default(),
         deactivate: Series::default(),
@@ -420,18 +423,11 @@ fn nbd_maps(args: &Args, daemon: &Daemon, csv: &mut Csv) -> Result<NbdMaps, Stri
     for i in 1..=NBD_CHILDREN.min(args.layers) {
         let name = format!("kid-{i}");
         create_and_commit(&mut client, &name, Some("base"))?;
-        let layer: Value = client
-            .get(&format!("/v1/layers/{name}"))
-            .map_err(|e| format!("GET /v1/layers/{name}: {e}"))?;
-        let id = layer["thin_id"]
-            .as_u64()
-            .and_then(|id| ThinId::new(u32::try_from(id).ok()?).ok())
-            .ok_or(format!("no thin id for layer {name}"))?;
         let spec = format!(
             "{}/{}/{}",
             args.pool,
             NBD.namespace,
-            thinstack::pool::rbd::image_name(&pool, id)
+            image_of(&mut client, NBD.name, &name)?
         );
         let mut by_hand = |csv: &mut Csv| -> Result<(), String> {
             let (device, ms) = timed(|| rbd_nbd(args, &["map", &spec]))?;

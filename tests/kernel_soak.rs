@@ -326,13 +326,7 @@ fn activation(api: &mut Client, tally: &Mutex<Tally>, name: &str, on: bool) -> S
 fn thin_devices_deleting(d: &TestDaemon) -> u64 {
     let metrics = d.cli(&["pool", "metrics"]);
     assert_eq!(metrics.code, 0, "{metrics:?}");
-    metrics
-        .stdout
-        .lines()
-        .find_map(|line| line.strip_prefix("thinstack_thin_devices_deleting "))
-        .and_then(|value| value.trim().parse::<f64>().ok())
-        .unwrap_or_else(|| panic!("no thinstack_thin_devices_deleting in {}", metrics.stdout))
-        as u64
+    common::sample(&metrics.stdout, "thinstack_thin_devices_deleting") as u64
 }
 
 /// `thin_ls` on the pool's metadata: the pool's thin ids.

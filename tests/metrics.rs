@@ -11,7 +11,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 
 use common::sim::SimDaemon;
-use common::{promtool, promtool_check_metrics};
+use common::{promtool, promtool_check_metrics, sample};
 use thinstack::client::{Client, ClientError};
 use thinstack::ErrorKind;
 
@@ -48,16 +48,6 @@ fn start() -> (SimDaemon, Client, u16) {
 
 fn post(client: &mut Client, path: &str, body: serde_json::Value) -> Result<(), ClientError> {
     client.post::<serde_json::Value>(path, &body).map(|_| ())
-}
-
-/// The value of the sample `series` (name and labels, as written) in `text`.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
-            value.parse().ok()
-        })
-        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
 }
 
 /// `GET /metrics` over TCP, as a scraper sends it.

@@ -321,6 +321,16 @@ pub fn promtool(args: &[&str], input: &str, dir: &std::path::Path) -> String {
     said
 }
 
+/// The value of the sample `series` (name and labels, as written) in the metrics `text`.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+            value.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in:\n{text}"))
+}
+
 /// `promtool check metrics` on `text`: fails the test on any problem it reports.
 pub fn promtool_check_metrics(text: &str) {
     let said = promtool(&["check", "metrics"], text, std::path::Path::new("."));

@@ -78,19 +78,13 @@ pub fn map(request: &MapRequest, client: &NbdClient) -> Result<Mapped> {
         })?;
     // rbd-nbd prints the device once it is set up; the driver's `pid` attribute may come a
     // moment after.
-    wait_until(
+    wait_for(
         &format!(
             "an rbd-nbd process to serve /dev/nbd{id} ({})",
             request.spec()
         ),
-        || read_mapping(id).is_some(),
-    )?;
-    read_mapping(id).ok_or_else(|| {
-        Error::inconsistent(format!(
-            "mapping {}: rbd-nbd said /dev/nbd{id}, but no rbd-nbd process serves it",
-            request.spec()
-        ))
-    })
+        || read_mapping(id),
+    )
 }
 
 /// rbd-nbd's arguments to map `request`, its image spec last.
@@ -149,10 +143,7 @@ fn unit_name(request: &MapRequest) -> String {
 
 /// Every image rbd-nbd serves on this host.
 pub fn mapped() -> Result<Vec<Mapped>> {
-    let entries = match fs::read_dir("/sys/block") {
-        Ok(entries) => entries,
-        Err(e) => return Err(Error::io("reading /sys/block", e)),
-    };
+    let entries = fs::read_dir("/sys/block").map_err(|e| Error::io("reading /sys/block", e))?;
     let mut list: Vec<Mapped> = entries
         .filter_map(|entry| {
             let name = entry.ok()?.file_name();
@@ -227,6 +218,7 @@ fn parse_command_line(args: &[String]) -> Option<Mapped> {
                 _ => {}
             }
         } else if option.starts_with('-') {
+            // A flag without a value (--exclusive, --try-netlink, ...): nothing to read.
         } else if command.is_none() {
             command = Some(arg.clone());
         } else {
@@ -300,8 +292,16 @@ pub fn refresh(mapping: &Mapped, bytes: u64) -> Result<()> {
 }
 
 fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<()> {
+    wait_for(what, || done().then_some(()))
+}
+
+/// What `found` gives once it gives something, within [`SETTLE_WAIT`].
+fn wait_for<T>(what: &str, found: impl Fn() -> Option<T>) -> Result<T> {
     let deadline = Instant::now() + SETTLE_WAIT;
-    while !done() {
+    loop {
+        if let Some(value) = found() {
+            return Ok(value);
+        }
         if Instant::now() >= deadline {
             return Err(Error::new(
                 ErrorKind::Kernel,
@@ -313,7 +313,6 @@ fn wait_until(what: &str, done: impl Fn() -> bool) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 #[cfg(test)]
