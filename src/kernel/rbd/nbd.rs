@@ -157,8 +157,8 @@ pub fn mapped() -> Result<Vec<Mapped>> {
 
 /// `/dev/nbd<id>`'s mapping: the process serving it, when that is rbd-nbd.
 fn read_mapping(id: u32) -> Option<Mapped> {
-    let pid = fs::read_to_string(format!("/sys/block/nbd{id}/pid")).ok()?;
-    let cmdline = fs::read(format!("/proc/{}/cmdline", pid.trim())).ok()?;
+    let pid = server_pid(id)?;
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<String> = cmdline
         .split(|b| *b == 0)
         .filter(|a| !a.is_empty())
@@ -265,12 +265,34 @@ pub fn unmap(mapping: &Mapped) -> Result<()> {
             ),
         ));
     }
+    let server = server_pid(mapping.id);
     cmd::run(Program::RbdNbd, [Path::new("unmap"), node.as_path()])
         .map_err(|e| e.context(format!("unmapping {}", node.display())))?;
-    // rbd-nbd's unmap returns once the device is disconnected; its process ends after.
+    // rbd-nbd's unmap returns once the device is disconnected; its process, which still has
+    // the image open, ends after: wait for it, so the image is free when this returns.
     wait_until(&format!("rbd-nbd to let go of {}", node.display()), || {
-        read_mapping(mapping.id).is_none()
+        read_mapping(mapping.id).is_none() && !server.is_some_and(running)
     })
+}
+
+/// The pid of the process serving `/dev/nbd<id>`, if one does.
+fn server_pid(id: u32) -> Option<u32> {
+    fs::read_to_string(format!("/sys/block/nbd{id}/pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Whether process `pid` is alive (a zombie is not: it has let go of everything).
+fn running(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rfind(')')
+        .and_then(|end| stat[end + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X") | None)
 }
 
 /// Wait until the device of `mapping` is `bytes` long: rbd-nbd learns of an image's resize
@@ -371,6 +393,12 @@ mod tests {
         assert!(parse_command_line(&args("rbd-nbd list-mapped")).is_none());
         assert!(parse_command_line(&args("qemu-nbd map p/img")).is_none());
         assert!(parse_command_line(&args("rbd-nbd map a/b/c/d")).is_none());
+    }
+
+    #[test]
+    fn a_live_process_is_running_and_a_gone_one_is_not() {
+        assert!(running(std::process::id()));
+        assert!(!running(u32::MAX));
     }
 
     #[test]
