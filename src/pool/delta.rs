@@ -1,18 +1,35 @@
-//! Where one thin device differs from another, read from the pool's metadata with
-//! `thin_delta` through a metadata snapshot: what an incremental export sends, found without
-//! reading either device.
+//! Where one thin device differs from another, read from the pool's metadata through a
+//! metadata snapshot: what an incremental export sends, found without reading either device.
+//! thinstack reads the metadata in-process ([`thin_metadata::snapshot_delta`]); `thin_delta`
+//! reads it the same way as a process, and is what the kernel tests check it against.
 
 use crate::error::{Error, Result};
 use crate::kernel::cmd::{self, Program};
 use crate::kernel::dm::Dm;
+use crate::kernel::thin_metadata;
 use crate::kernel::{DeltaKind, DeltaRun};
 use crate::names::ThinId;
 use crate::pool::Pool;
 use crate::units::ByteSize;
 
-/// Where thin `id` differs from thin `base`, or every range it maps without a base (a delta
-/// of a device with itself is all `same`: its mapped ranges), in bytes, ascending.
+/// Where thin `id` differs from thin `base`, or every range it maps without a base, in
+/// bytes, ascending.
 pub fn thin_delta_of(
+    dm: &Dm,
+    pool: &Pool,
+    base: Option<ThinId>,
+    id: ThinId,
+) -> Result<Vec<DeltaRun>> {
+    let block_size = ByteSize::from_sectors(pool.block_size());
+    let purpose = "find the layer's changed blocks";
+    super::real::with_metadata_snapshot(dm, pool, purpose, || {
+        thin_metadata::snapshot_delta(pool.metadata_node(), base, id, block_size)
+    })
+}
+
+/// [`thin_delta_of`], as `thin_delta` reports it (a delta of a device with itself is all
+/// `same`: its mapped ranges).
+pub fn thin_delta_by_tool(
     dm: &Dm,
     pool: &Pool,
     base: Option<ThinId>,

@@ -43,7 +43,7 @@ use crate::units::{ByteSize, DataBlocks, MetaBlocks, Sectors};
 use crate::vocab::WhenFull;
 pub use crate::vocab::{Health, Space};
 
-pub use delta::thin_delta_of;
+pub use delta::{thin_delta_by_tool, thin_delta_of};
 pub use loop_files::{loop_files, LoopBacking};
 use pool_table::{owned_table, pool_params, verify_owned_table, when_full_of};
 pub use real::{thin_ids_by_thin_dump, thin_ids_of, RealPool};
