@@ -71,6 +71,8 @@ points! {
     ResetRecordWritten => "reset.record_written",
     ResetSwitched => "reset.switched",
     ResetDone => "reset.done",
+    ResetSpareClaimed => "reset.spare_claimed",
+    ResetSpareMade => "reset.spare_made",
     LvmRecordWritten => "lvm.record_written",
     LvmPvsCreated => "lvm.pvs_created",
     LvmVgCreated => "lvm.vg_created",

@@ -27,7 +27,7 @@ use thinstack::vocab::FsType;
 /// Set in the child: "<operation>\t<config file>".
 const CHILD_ENV: &str = "THINSTACK_CRASH_CHILD";
 
-const OPERATIONS: [&str; 12] = [
+const OPERATIONS: [&str; 13] = [
     "create_base",
     "create_child",
     "create_larger_child",
@@ -39,6 +39,7 @@ const OPERATIONS: [&str; 12] = [
     "snapshot_commit_held",
     "checkpoint",
     "reset_to_parent",
+    "reset_with_spare",
     "import",
 ];
 
@@ -78,6 +79,14 @@ fn run_operation(engine: &mut RealEngine, operation: &str) {
             commit_snapshot(engine);
         }
         "checkpoint" => drop(engine.checkpoint("work", "cp", &BTreeMap::new()).unwrap()),
+        "reset_with_spare" => {
+            // The round after a reset makes a spare; the next reset takes it, and the round
+            // after that makes the next.
+            for _ in 0..2 {
+                engine.reset("work", None).unwrap();
+                engine.process_deferred().unwrap();
+            }
+        }
         "reset_to_parent" => {
             engine.reset("work", None).unwrap();
             // As the daemon does after answering: the old device goes.
@@ -215,7 +224,11 @@ fn check_after_crash(t: &TestPool, operation: &str, point: &str) {
     engine.finish_deletions().unwrap();
     assert_eq!(engine.deletions_pending(), 0, "{what}");
     let layers = engine.list(&BTreeMap::new()).unwrap();
-    let owned: BTreeSet<_> = layers.iter().map(|l| l.thin_id).collect();
+    // Each layer's own device, and a spare made ahead for its next reset.
+    let owned: BTreeSet<_> = layers
+        .iter()
+        .flat_map(|l| std::iter::once(l.thin_id).chain(l.reset_spare))
+        .collect();
     let pool_ids = engine.kernel().thin_ids().unwrap();
     assert_eq!(pool_ids, owned, "{what}: pool ids vs records; {report:?}");
     for l in &layers {
@@ -259,7 +272,7 @@ fn check_after_crash(t: &TestPool, operation: &str, point: &str) {
     if names.contains("work") {
         let data = read_file(&mut engine, "work", "data");
         // A reset takes it back to its parent's content whole, or leaves it whole.
-        let reset = operation == "reset_to_parent" && data == "base data";
+        let reset = operation.starts_with("reset_") && data == "base data";
         assert!(data == "work data" || reset, "{what}: work holds {data:?}");
     }
     for copy in ["cp", "copy"].into_iter().filter(|n| names.contains(*n)) {

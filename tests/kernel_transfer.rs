@@ -234,8 +234,35 @@ fn kernel_transfer_a_mounted_layer_is_checkpointed_and_reset() {
         // Writable again after the reset, and a checkpoint is no child: work stays free.
         write_files(&d, "work", &[("c", b"third".to_vec())]);
         assert_eq!(names(read_files(&d, "work")), ["base", "c"], "{fs}");
+
+        // After the answer, the daemon made a spare (a snapshot of the parent): the next
+        // reset to the parent takes it, and holds the parent's files.
+        let spare = wait_for_spare(&d, "work");
+        let reset = d.json(&["layer", "reset", "work"]);
+        assert_eq!(reset["thin_id"], spare, "{fs}: the spare taken");
+        assert_eq!(names(read_files(&d, "work")), ["base"], "{fs}");
+        write_files(&d, "work", &[("c", b"third".to_vec())]);
+        let doctor = d.cli(&["pool", "doctor"]);
+        assert_eq!(doctor.code, 0, "{fs}: {doctor:?}");
         let run = d.cli(&["layer", "remove", "work"]);
         assert_eq!(run.code, 0, "{run:?}");
         assert_eq!(names(read_files(&d, "cp1")), ["a", "base"], "{fs}");
+    }
+}
+
+/// The spare the daemon makes for `layer`'s next reset, once it has one (it is made after a
+/// reset's answer, by the deferred work).
+fn wait_for_spare(d: &TestDaemon, layer: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let inspected = d.json(&["layer", "inspect", layer]);
+        if let Some(spare) = inspected.get("reset_spare") {
+            return spare.clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spare for {layer} after 120 s: {inspected}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }

@@ -60,6 +60,10 @@ pub struct Layer {
     /// The layer this one is a checkpoint of (`layer reset --to` takes it back there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_of: Option<LayerName>,
+    /// The thin device made ahead for the layer's next reset to its parent (a snapshot of
+    /// the parent), which that reset takes instead of snapshotting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_spare: Option<ThinId>,
     /// What it maps and holds alone, where asked for (`GET /v1/layers?usage=true`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<super::UsageResponse>,
@@ -155,6 +159,7 @@ impl From<engine::Layer> for Layer {
             degraded: layer.degraded,
             content_id: layer.content_id,
             checkpoint_of: layer.checkpoint_of,
+            reset_spare: layer.reset_spare,
             usage: None,
         }
     }

@@ -319,6 +319,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             degraded,
             content_id: record.content_id,
             checkpoint_of: record.checkpoint_of,
+            reset_spare: record.spare,
         })
     }
 

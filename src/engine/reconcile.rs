@@ -45,6 +45,9 @@ pub struct ReconcileReport {
     pub awaiting_writable: Vec<LayerName>,
     /// Layers a reset was under way on, and how it was settled.
     pub resets_settled: Vec<String>,
+    /// Layers whose spare for the next reset a crash kept from being made: the records no
+    /// longer name it.
+    pub spares_dropped: Vec<LayerName>,
 }
 
 impl ReconcileReport {
@@ -76,6 +79,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             self.roll_back_creating(&mut report)?;
             self.finish_removing(&mut report)?;
             self.settle_resets(&mut report)?;
+            self.settle_spares(&pool_ids, &mut report)?;
             self.settle_unowned(&pool_ids, &owned, being_made, &mut report)?;
         } else {
             // The pool's thin ids are read through a metadata snapshot, a message a read-only
@@ -292,6 +296,27 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 }
                 Ok(())
             });
+        }
+        Ok(())
+    }
+
+    /// Spares a crash cut short: a record claims its spare's id before the pool snapshots
+    /// the parent, so one the pool does not have was never made, and the record lets it go.
+    fn settle_spares(
+        &self,
+        pool_ids: &BTreeSet<ThinId>,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let unmade = self
+            .index()
+            .names_where(|l| l.spare.is_some_and(|id| !pool_ids.contains(&id)));
+        for name in unmade {
+            let record = self.record(&name)?;
+            self.put(LayerRecord {
+                spare: None,
+                ..record
+            })?;
+            report.spares_dropped.push(name);
         }
         Ok(())
     }

@@ -137,8 +137,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Finish removing a layer in state `removing`; `wait` retries a busy device briefly.
     /// The caller holds the layer's lock.
     pub(super) fn finish_removal(&self, record: LayerRecord, wait: bool) -> Result<Removal> {
-        // The device a reset left behind goes first, while the record still owns it.
-        let record = self.finish_discarding(record)?;
+        // The device a reset left behind and a spare go first, while the record still owns
+        // them.
+        let record = self.drop_spare(self.finish_discarding(record)?)?;
         let name = record.name.clone();
         let id = record.thin_id;
         if !record.missing {

@@ -6,6 +6,11 @@
 //! under way (`discarding`), so a crash at any step leaves each device owned, and the next
 //! start deletes the one the record does not hold: the new one before the record took it
 //! (rolled back), the old one after (finished).
+//!
+//! After a reset, the deferred work makes a spare: a snapshot of the parent, named by the
+//! record (`spare`), which the next reset to the parent takes with one record write instead
+//! of a snapshot. The parent is committed, so a spare made at any time holds what a snapshot
+//! made at the reset would.
 
 use super::*;
 
@@ -114,15 +119,20 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let usage = self.ensure_writable(&format!("reset layer {name:?}"))?;
         self.check_space(&usage)?;
         self.release_for_reset(&record)?;
-        let new_id = self.allocate_id()?;
-        let reset = self
-            .switch_device(record.clone(), &target, new_id)
-            .map_err(|e| e.context(format!("resetting layer {name:?} to {to:?}")))?;
+        let spare = record.spare.filter(|_| record.parent.as_ref() == Some(&to));
+        let reset = match spare {
+            Some(spare) => self.take_spare(record, &target, spare),
+            None => {
+                let new_id = self.allocate_id()?;
+                self.switch_device(record, &target, new_id)
+            }
+        }
+        .map_err(|e| e.context(format!("resetting layer {name:?} to {to:?}")))?;
         crash::point(crash::Point::ResetDone);
         if reset.active {
             self.ensure_active(&reset)?;
         }
-        tracing::info!(layer = %name, to = %to, thin_id = %new_id, "layer reset");
+        tracing::info!(layer = %name, to = %to, thin_id = %reset.thin_id, spare = spare.is_some(), "layer reset");
         self.emit(Some(&name), EventKind::LayerReset);
         self.view(reset)
     }
@@ -233,6 +243,96 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(switched)
     }
 
+    /// The reset to the parent when a spare was made ahead: the record takes the spare and
+    /// names the old device as discarding, in one write; the pool is not touched.
+    #[tracing::instrument(level = "debug", skip_all)]
+    fn take_spare(
+        &self,
+        record: LayerRecord,
+        target: &LayerRecord,
+        spare: ThinId,
+    ) -> Result<LayerRecord> {
+        let switched = LayerRecord {
+            thin_id: spare,
+            discarding: Some(record.thin_id),
+            spare: None,
+            size: target.size,
+            fs_uuid: target.fs_uuid.clone(),
+            resizing_to: None,
+            ..record
+        };
+        self.put(switched.clone())?;
+        crash::point(crash::Point::ResetSwitched);
+        Ok(switched)
+    }
+
+    /// Make a spare for layer `name`'s next reset to its parent, unless it has one: the
+    /// record claims a thin id (durable with the snapshot's intent), then the pool snapshots
+    /// the parent as it. Not on a pool with a catalog (rbd), whose ids and images it keeps
+    /// for every host. A failure leaves the layer without a spare, and its next reset snapshots as it
+    /// would without one.
+    #[tracing::instrument(level = "debug", skip_all)]
+    pub(super) fn prepare_spare(&self, name: &LayerName) -> Result<()> {
+        if self.kernel.catalog().is_some() {
+            return Ok(());
+        }
+        let _guard = self.locks.lock(name);
+        let Ok(record) = self.ready_record(name) else {
+            return Ok(()); // removed or being removed meanwhile
+        };
+        let Some(parent) = record.parent.clone() else {
+            return Ok(());
+        };
+        if record.spare.is_some()
+            || record.discarding.is_some()
+            || record.committed
+            || self.ensure_not_degraded(name).is_err()
+        {
+            return Ok(());
+        }
+        let parent = self.ready_record(&parent)?;
+        let usage = self.ensure_writable(&format!("prepare a reset of layer {name:?}"))?;
+        self.check_space(&usage)?;
+        let id = self.allocate_id()?;
+        let claiming = LayerRecord {
+            spare: Some(id),
+            ..record
+        };
+        if let Err(e) = self.stage(claiming.clone()) {
+            self.index().used_ids.remove(&id);
+            return Err(e);
+        }
+        crash::point(crash::Point::ResetSpareClaimed);
+        let snapshot = PoolOp::Snapshot {
+            origin: parent.thin_id,
+            id,
+        };
+        if let Err(e) = self.pool_step(Some(name), snapshot) {
+            if let Err(undo) = self.drop_spare(claiming) {
+                self.degrade(name, format!("the undo of a failed spare failed: {undo}"));
+            }
+            return Err(e);
+        }
+        crash::point(crash::Point::ResetSpareMade);
+        tracing::debug!(layer = %name, thin_id = %id, "spare made for the next reset");
+        Ok(())
+    }
+
+    /// Delete `record`'s spare, if it has one, and record that it is gone. Gone already is
+    /// fine.
+    pub(super) fn drop_spare(&self, record: LayerRecord) -> Result<LayerRecord> {
+        let Some(id) = record.spare else {
+            return Ok(record);
+        };
+        self.remove_thin_device(Some(&record.name), id)?;
+        let settled = LayerRecord {
+            spare: None,
+            ..record
+        };
+        self.put(settled.clone())?;
+        Ok(settled)
+    }
+
     /// Delete the device a reset of layer `name` left to discard, if it still has one.
     /// The daemon calls it after answering a reset, so the reset waits for one pool message
     /// (the snapshot), not two.
@@ -251,12 +351,17 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// [`Engine::finish_discard`] for every layer that has a device to discard: the deferred
-    /// work's round catches what an answered reset left (a failed delete, say).
+    /// work's round catches what an answered reset left (a failed delete, say). A layer
+    /// that was reset is likely to be reset again: each then gets a spare made ahead.
     pub(super) fn finish_discards(&self) {
         let discarding = self.index().names_where(|l| l.discarding.is_some());
         for name in discarding {
             if let Err(e) = self.finish_discard(name.as_str()) {
                 tracing::warn!(layer = %name, error = %e, "deleting the device a reset replaced failed; will retry");
+                continue;
+            }
+            if let Err(e) = self.prepare_spare(&name) {
+                tracing::warn!(layer = %name, error = %e, "making a spare for the next reset failed; that reset will snapshot");
             }
         }
     }

@@ -141,6 +141,8 @@ pub struct Layer {
     pub content_id: Option<ContentId>,
     /// The layer this one is a checkpoint of.
     pub checkpoint_of: Option<LayerName>,
+    /// The thin device made ahead for the next reset to the parent, if one is.
+    pub reset_spare: Option<ThinId>,
 }
 
 impl Layer {

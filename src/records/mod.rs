@@ -294,6 +294,12 @@ pub struct LayerRecord {
     /// ever unowned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discarding: Option<ThinId>,
+    /// A snapshot of the parent made ahead for the layer's next reset to its parent, which
+    /// then takes it with one record write and no pool message. Written before the pool is
+    /// touched, so it may name a device a crash kept from being made: the next start drops
+    /// it unless the pool has it. The parent is committed, so the spare never goes stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spare: Option<ThinId>,
     /// On a pool shared by hosts: the version of the layer's catalog entry this record last
     /// agreed with (`None`: never in a catalog). A start tells by it whether the catalog or
     /// this record has the newer facts.
@@ -334,13 +340,17 @@ impl LayerRecord {
             content_id: None,
             checkpoint_of: None,
             discarding: None,
+            spare: None,
             shared_version: None,
         }
     }
 
-    /// The thin devices the record owns: its own, and one a reset is discarding.
+    /// The thin devices the record owns: its own, one a reset is discarding, and a spare
+    /// made ahead for the next reset.
     pub fn thin_ids(&self) -> impl Iterator<Item = ThinId> {
-        std::iter::once(self.thin_id).chain(self.discarding)
+        std::iter::once(self.thin_id)
+            .chain(self.discarding)
+            .chain(self.spare)
     }
 
     /// The size to activate the device at: a resize under way may have grown it already.
@@ -752,6 +762,7 @@ mod tests {
             content_id: Some(ContentId::new("0123456789abcdef0123456789abcdef").unwrap()),
             checkpoint_of: Some(LayerName::new("work").unwrap()),
             discarding: Some(ThinId::new(2).unwrap()),
+            spare: Some(ThinId::new(4).unwrap()),
             shared_version: Some(3),
         };
         store.put_layer(&record).unwrap();

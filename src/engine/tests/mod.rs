@@ -97,7 +97,11 @@ fn assert_consistent(f: &Fixture, engine: impl Sized) {
     for layer in &layers {
         assert_eq!(layer.state, LayerState::Ready, "{layer:?}");
     }
-    let owned: BTreeSet<ThinId> = layers.iter().map(|l| l.thin_id).collect();
+    // Each layer's own device, and a spare made ahead for its next reset.
+    let owned: BTreeSet<ThinId> = layers
+        .iter()
+        .flat_map(|l| std::iter::once(l.thin_id).chain(l.reset_spare))
+        .collect();
     assert_eq!(f.sim.thin_ids_now(), owned, "pool ids vs record ids");
     let active = f.sim.active_ids().unwrap();
     assert!(

@@ -199,6 +199,115 @@ fn a_failed_snapshot_leaves_the_layer_as_it_was() {
     assert_consistent(&f, engine);
 }
 
+/// The layer's spare, made by the deferred work after a reset.
+fn spare(engine: &Engine<Sim, Sim>) -> Option<ThinId> {
+    engine.inspect("work").unwrap().reset_spare
+}
+
+/// After a reset, the deferred round makes a spare (a snapshot of the parent); the next reset
+/// to the parent takes it without a pool message, and the round makes the next one.
+#[test]
+fn a_reset_takes_the_spare_the_one_before_left() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    engine.reset("work", None).unwrap();
+    assert_eq!(spare(&engine), None, "made after the answer, not by it");
+    engine.process_deferred().unwrap();
+    let made = spare(&engine).expect("a spare after the round");
+    assert!(f.sim.thin_ids_now().contains(&made));
+    write(&f, &engine, "work", 5);
+
+    let old = thin(&engine, "work");
+    let before = f.sim.thin_ids_now();
+    let reset = engine.reset("work", None).unwrap();
+    assert_eq!(reset.thin_id, made, "the spare, taken");
+    assert_eq!(reset.reset_spare, None);
+    assert_eq!(
+        f.sim.thin_ids_now(),
+        before,
+        "no snapshot made, nothing deleted yet"
+    );
+    assert_eq!(byte(&f, &engine, "work"), 1, "back to the parent");
+    assert_eq!(reset.labels["team"], "ci");
+
+    engine.process_deferred().unwrap();
+    let next = spare(&engine).expect("the next spare");
+    let ids = f.sim.thin_ids_now();
+    assert!(!ids.contains(&old) && ids.contains(&next), "{ids:?}");
+    assert_consistent(&f, engine);
+}
+
+/// A spare is the parent's content, whatever the layer did meanwhile; a reset to a
+/// checkpoint leaves it for the next reset to the parent; removal and commit leave no device.
+#[test]
+fn a_spare_holds_the_parent_and_goes_with_its_layer() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    engine.checkpoint("work", "cp", &BTreeMap::new()).unwrap();
+    engine.reset("work", None).unwrap();
+    engine.process_deferred().unwrap();
+    let made = spare(&engine).unwrap();
+    write(&f, &engine, "work", 7);
+    engine.reset("work", Some("cp")).unwrap();
+    assert_eq!(byte(&f, &engine, "work"), 2, "the checkpoint's content");
+    assert_eq!(spare(&engine), Some(made), "kept for the parent");
+    engine.reset("work", None).unwrap();
+    assert_eq!(thin(&engine, "work"), made);
+    assert_eq!(byte(&f, &engine, "work"), 1);
+    engine.process_deferred().unwrap();
+    assert!(spare(&engine).is_some());
+    engine.remove("work").unwrap();
+    assert_consistent(&f, engine);
+    let engine = f.engine();
+    let left = f.sim.thin_ids_now();
+    let owned: BTreeSet<ThinId> = ["base", "cp"].iter().map(|n| thin(&engine, n)).collect();
+    assert_eq!(left, owned, "nothing of work's left");
+}
+
+/// A crash at any step of a reset that takes a spare and of the round that makes the next
+/// leaves the layer with its old content or the parent's, and no device unowned.
+#[test]
+fn a_crash_while_a_spare_is_made_or_taken_is_settled_on_open() {
+    let setup_with_spare = |f: &Fixture| {
+        setup(f);
+        let engine = f.engine();
+        engine.reset("work", None).unwrap();
+        engine.process_deferred().unwrap();
+        assert!(spare(&engine).is_some());
+        write(f, &engine, "work", 2);
+    };
+    let op = |e: &mut Engine<Sim, Sim>| {
+        e.reset("work", None).unwrap();
+        e.process_deferred().unwrap();
+    };
+    let check = |f: &Fixture, point: Point, nth: u32| {
+        let (engine, report) = f.open();
+        let content = byte(f, &engine, "work");
+        assert!(
+            content == 1 || content == 2,
+            "at {point}#{nth}: work holds {content}; {report:?}"
+        );
+        assert_consistent(f, engine);
+        // The next reset works, with a spare or without.
+        let engine = f.engine();
+        engine.reset("work", None).unwrap();
+        assert_eq!(byte(f, &engine, "work"), 1, "at {point}#{nth}");
+        engine.process_deferred().unwrap();
+        assert_consistent(f, engine);
+    };
+    let crashed = crash_everywhere(&setup_with_spare, &op, &check);
+    require_points(&crashed, |p| {
+        [
+            Point::ResetSwitched,
+            Point::ResetSpareClaimed,
+            Point::ResetSpareMade,
+        ]
+        .contains(p)
+    });
+}
+
 #[test]
 fn a_crash_at_any_step_of_a_reset_or_checkpoint_is_settled_on_open() {
     type Op = fn(&mut Engine<Sim, Sim>);
@@ -227,7 +336,10 @@ fn a_crash_at_any_step_of_a_reset_or_checkpoint_is_settled_on_open() {
         };
         crashed.extend(crash_everywhere(&setup, &op, &check));
     }
+    // The spare's points are the next test's.
     require_points(&crashed, |p| {
-        p.name().starts_with("reset.") || p.name().starts_with("checkpoint.")
+        let name = p.name();
+        (name.starts_with("reset.") && !name.starts_with("reset.spare_"))
+            || name.starts_with("checkpoint.")
     });
 }
