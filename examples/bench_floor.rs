@@ -8,15 +8,22 @@
 //!   the kernel work behind `lvcreate -s`, `ctr snapshots prepare` or thinstack's
 //!   `create --parent` + `activate`;
 //! - `message`: per layer, `create_snap` of the previous (inactive) thin device and a
-//!   `set_transaction_id`: the kernel work behind thinstack's `create --parent` + `commit`.
+//!   `set_transaction_id`: the kernel work behind thinstack's `create --parent` + `commit`;
+//! - `reset`: an origin that holds `--origin-mib` MiB of data (written once, then inactive),
+//!   and per round a `create_snap` of that same origin and a `set_transaction_id`, timed; the
+//!   snapshot of the round before is deleted after the timing. The kernel work behind
+//!   thinstack's `layer reset`, which snapshots the same parent each time and deletes the old
+//!   device after it answers. A snapshot's cost depends on its origin, so this is the floor a
+//!   reset is held to.
 //!
 //! `--udev wait` waits for udev after each resume as dmsetup does (a cookie per change);
 //! `--udev nowait` announces nothing and waits for nothing.
 //!
-//! bench_floor --pool DM_NAME --layers N --sequence activate|message --udev wait|nowait
-//!             --size BYTES --csv FILE --label LABEL
+//! bench_floor --pool DM_NAME --layers N --sequence activate|message|reset --udev wait|nowait
+//!             --size BYTES [--origin-mib N] --csv FILE --label LABEL
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -25,10 +32,18 @@ use thinstack::kernel::dm::{self, Dm, Udev};
 use thinstack::names::ThinId;
 use thinstack::units::ByteSize;
 
+#[derive(Clone, Copy, PartialEq)]
+enum Sequence {
+    Activate,
+    Message,
+    Reset,
+}
+
 struct Args {
     pool: String,
     layers: u32,
-    activate: bool,
+    sequence: Sequence,
+    origin_mib: u64,
     udev: Udev,
     size: ByteSize,
     csv: PathBuf,
@@ -39,7 +54,8 @@ fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         pool: String::new(),
         layers: 20,
-        activate: true,
+        sequence: Sequence::Activate,
+        origin_mib: 0,
         udev: Udev::Wait,
         size: ByteSize::mib(512),
         csv: PathBuf::new(),
@@ -52,11 +68,15 @@ fn parse_args() -> Result<Args, String> {
             "--pool" => args.pool = value,
             "--layers" => args.layers = value.parse().map_err(|e| format!("--layers: {e}"))?,
             "--sequence" => {
-                args.activate = match value.as_str() {
-                    "activate" => true,
-                    "message" => false,
-                    other => return Err(format!("--sequence activate|message, not {other}")),
+                args.sequence = match value.as_str() {
+                    "activate" => Sequence::Activate,
+                    "message" => Sequence::Message,
+                    "reset" => Sequence::Reset,
+                    other => return Err(format!("--sequence activate|message|reset, not {other}")),
                 }
+            }
+            "--origin-mib" => {
+                args.origin_mib = value.parse().map_err(|e| format!("--origin-mib: {e}"))?
             }
             "--udev" => {
                 args.udev = match value.as_str() {
@@ -105,32 +125,110 @@ fn run(args: &Args) -> Result<(), String> {
     };
 
     dm.create_thin(&pool, thin(1)).map_err(|e| e.to_string())?;
-    if args.activate {
-        activate(1)?;
-    }
-    let mut costs = Vec::with_capacity(args.layers as usize);
-    for (txn, id) in (first_txn..).zip(2..args.layers + 2) {
-        let started = Instant::now();
-        if args.activate {
-            let origin = name(id - 1);
-            dm.snapshot(&pool, thin(id - 1), Some(&origin), thin(id), args.udev)
-                .map_err(|e| e.to_string())?;
-            activate(id)?;
-        } else {
-            dm.snapshot(&pool, thin(id - 1), None, thin(id), args.udev)
-                .map_err(|e| e.to_string())?;
-            dm.set_transaction_id(&pool, txn, txn + 1)
-                .map_err(|e| e.to_string())?;
+    let costs = match args.sequence {
+        Sequence::Activate => {
+            activate(1)?;
+            let mut costs = Vec::with_capacity(args.layers as usize);
+            for id in 2..args.layers + 2 {
+                let started = Instant::now();
+                let origin = name(id - 1);
+                dm.snapshot(&pool, thin(id - 1), Some(&origin), thin(id), args.udev)
+                    .map_err(|e| e.to_string())?;
+                activate(id)?;
+                costs.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            for id in (1..args.layers + 2).rev() {
+                dm.remove_device(&name(id), args.udev)
+                    .map_err(|e| e.to_string())?;
+            }
+            costs
         }
-        costs.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    if args.activate {
-        for id in (1..args.layers + 2).rev() {
-            dm.remove_device(&name(id), args.udev)
-                .map_err(|e| e.to_string())?;
+        Sequence::Message => {
+            let mut costs = Vec::with_capacity(args.layers as usize);
+            for (txn, id) in (first_txn..).zip(2..args.layers + 2) {
+                let started = Instant::now();
+                dm.snapshot(&pool, thin(id - 1), None, thin(id), args.udev)
+                    .map_err(|e| e.to_string())?;
+                dm.set_transaction_id(&pool, txn, txn + 1)
+                    .map_err(|e| e.to_string())?;
+                costs.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            costs
         }
-    }
+        Sequence::Reset => {
+            activate(1)?;
+            fill(&kernel_path(&dm, &name(1))?, args.origin_mib)?;
+            dm.remove_device(&name(1), args.udev)
+                .map_err(|e| e.to_string())?;
+            let mut costs = Vec::with_capacity(args.layers as usize);
+            for (txn, id) in (first_txn..).zip(2..args.layers + 2) {
+                let started = Instant::now();
+                dm.snapshot(&pool, thin(1), None, thin(id), args.udev)
+                    .map_err(|e| e.to_string())?;
+                dm.set_transaction_id(&pool, txn, txn + 1)
+                    .map_err(|e| e.to_string())?;
+                costs.push(started.elapsed().as_secs_f64() * 1000.0);
+                if id > 2 {
+                    dm.delete_thin(&pool, thin(id - 1))
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            costs
+        }
+    };
     append_csv(args, &costs)
+}
+
+fn kernel_path(dm: &Dm, name: &DmNameBuf) -> Result<PathBuf, String> {
+    let info = dm.info(name).map_err(|e| e.to_string())?;
+    Ok(dm::kernel_node(&info))
+}
+
+/// Write `mib` MiB of data that differs from block to block (so nothing shares or compresses)
+/// to `device`, with direct I/O, as a layer's writes reach the pool.
+fn fill(device: &std::path::Path, mib: u64) -> Result<(), String> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
+        .open(device)
+        .map_err(|e| format!("{}: {e}", device.display()))?;
+    let mut buffer = AlignedMib::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..mib {
+        for word in buffer.words() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *word = state;
+        }
+        file.write_all(buffer.bytes())
+            .map_err(|e| format!("{}: {e}", device.display()))?;
+    }
+    Ok(())
+}
+
+/// One MiB aligned for direct I/O.
+struct AlignedMib(Box<[u64]>);
+
+impl AlignedMib {
+    fn new() -> AlignedMib {
+        // A boxed slice of u64 is 8-byte aligned; over-allocate and start at a page boundary.
+        AlignedMib(vec![0u64; (1 << 17) + 512].into_boxed_slice())
+    }
+    fn offset(&self) -> usize {
+        let address = self.0.as_ptr() as usize;
+        ((4096 - address % 4096) % 4096) / 8
+    }
+    fn words(&mut self) -> &mut [u64] {
+        let offset = self.offset();
+        &mut self.0[offset..offset + (1 << 17)]
+    }
+    fn bytes(&self) -> &[u8] {
+        let offset = self.offset();
+        let words = &self.0[offset..offset + (1 << 17)];
+        // SAFETY: u64s reinterpreted as their bytes; any bit pattern is a valid u8.
+        unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), 1 << 20) }
+    }
 }
 
 fn append_csv(args: &Args, costs: &[f64]) -> Result<(), String> {
@@ -139,10 +237,10 @@ fn append_csv(args: &Args, costs: &[f64]) -> Result<(), String> {
         .append(true)
         .open(&args.csv)
         .map_err(|e| format!("{}: {e}", args.csv.display()))?;
-    let operation = if args.activate {
-        "snapshot+activate"
-    } else {
-        "snapshot (inactive origin)"
+    let operation = match args.sequence {
+        Sequence::Activate => "snapshot+activate",
+        Sequence::Message => "snapshot (inactive origin)",
+        Sequence::Reset => "snapshot of one origin holding data",
     };
     for (i, ms) in costs.iter().enumerate() {
         writeln!(file, "{},{operation},{},{ms:.3}", args.label, i + 1)

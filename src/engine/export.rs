@@ -157,6 +157,7 @@ fn from_name(base: &Option<(LayerRecord, ContentId)>) -> Option<&str> {
 }
 
 /// Read `runs` of `device` (of `size` bytes) into `writer`, and finish the stream.
+#[tracing::instrument(level = "debug", skip_all)]
 fn write_runs<W: Write>(
     mut device: Box<dyn crate::kernel::device_io::ThinIo>,
     mut writer: StreamWriter<W>,

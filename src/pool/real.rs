@@ -141,12 +141,14 @@ impl PoolKernel for RealPool {
         thin_ids_of(&self.dm, &self.pool)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn activate(&self, id: ThinId, size: ByteSize, read_only: bool) -> Result<PathBuf> {
         self.pool
             .activate_thin(&self.dm, id, size, read_only)
             .map(|active| active.node)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn deactivate(&self, id: ThinId) -> Result<()> {
         self.pool.deactivate_thin(&self.dm, id)
     }
@@ -191,10 +193,12 @@ impl PoolKernel for RealPool {
         thin_usage_of(&self.dm, &self.pool)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn thin_delta(&self, base: Option<ThinId>, id: ThinId) -> Result<Vec<DeltaRun>> {
         crate::pool::thin_delta_of(&self.dm, &self.pool, base, id)
     }
 
+    #[tracing::instrument(level = "debug", skip_all)]
     fn open_thin(&self, id: ThinId) -> Result<Box<dyn ThinIo>> {
         let node = self.active_node(id)?.ok_or_else(|| {
             Error::not_found(format!(
