@@ -40,7 +40,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                     format!("thin device {id} is a removed layer's, queued for deletion; it cannot be adopted"),
                 ));
             }
-            if let Some(owner) = self.index().layers.values().find(|l| l.thin_id == id) {
+            let owner = self.index().layers.values().find(|l| l.thin_ids().any(|t| t == id)).cloned();
+            if let Some(owner) = owner {
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,
                     format!(

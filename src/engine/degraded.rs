@@ -74,7 +74,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                 }
             }
             LayerState::Ready => {
-                let record = self.finish_discarding(record)?;
+                let record = self.drop_spare(self.finish_discarding(record)?)?;
                 self.settle_activation(&record)?;
             }
         }

@@ -127,8 +127,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             .map(|l| l.name.clone())
     }
 
-    /// Every thin id the records own: each layer's own, one a reset is discarding, and the
-    /// devices queued for deletion.
+    /// Every thin id the records own: each layer's own, one a reset is discarding, a spare
+    /// for the next reset, and the devices queued for deletion.
     pub(super) fn owned_ids(&self) -> BTreeSet<ThinId> {
         // The index before the queue: a removal queues its device before it drops its record,
         // so a device between the two is seen in one or the other.

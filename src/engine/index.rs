@@ -88,7 +88,8 @@ impl Index {
         }
     }
 
-    /// Every thin id a record owns: each layer's own, and one a reset is discarding.
+    /// Every thin id a record owns: each layer's own, one a reset is discarding, and a spare
+    /// for the next reset.
     pub(super) fn owned_ids(&self) -> BTreeSet<ThinId> {
         self.layers
             .values()

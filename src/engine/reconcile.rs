@@ -301,15 +301,15 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     }
 
     /// Spares a crash cut short: a record claims its spare's id before the pool snapshots
-    /// the parent, so one the pool does not have was never made, and the record lets it go.
+    /// the parent, so one the pool does not have was never made, and the record lets it go
+    /// (as it does one queued for deletion, which no record should name).
     fn settle_spares(
         &self,
         pool_ids: &BTreeSet<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let unmade = self
-            .index()
-            .names_where(|l| l.spare.is_some_and(|id| !pool_ids.contains(&id)));
+        let gone = |id: ThinId| !pool_ids.contains(&id) || self.txn().is_deleting(id);
+        let unmade = self.index().names_where(|l| l.spare.is_some_and(gone));
         for name in unmade {
             let record = self.record(&name)?;
             self.put(LayerRecord {

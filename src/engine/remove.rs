@@ -137,9 +137,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Finish removing a layer in state `removing`; `wait` retries a busy device briefly.
     /// The caller holds the layer's lock.
     pub(super) fn finish_removal(&self, record: LayerRecord, wait: bool) -> Result<Removal> {
-        // The device a reset left behind and a spare go first, while the record still owns
-        // them.
-        let record = self.drop_spare(self.finish_discarding(record)?)?;
+        // The device a reset left behind goes first, while the record still owns it.
+        let record = self.finish_discarding(record)?;
         let name = record.name.clone();
         let id = record.thin_id;
         if !record.missing {
@@ -172,11 +171,19 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             })?;
             crash::point(crash::Point::RemoveQueued);
         }
+        // A spare for a reset goes with the layer's device, deleted in the background.
+        if let Some(spare) = record.spare {
+            self.queue_deletion(Deletion {
+                thin_id: spare,
+                size: record.size,
+                discard: false,
+            })?;
+        }
         self.remove_default_mount_point(&name);
         self.drop_record(&name)?;
         tracing::info!(layer = %name, thin_id = %id, "layer removed");
         self.emit(Some(&name), EventKind::LayerRemoved);
-        if !record.missing {
+        if !record.missing || record.spare.is_some() {
             self.deletions_queued();
         }
         Ok(Removal::Removed)

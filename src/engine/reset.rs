@@ -119,7 +119,11 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let usage = self.ensure_writable(&format!("reset layer {name:?}"))?;
         self.check_space(&usage)?;
         self.release_for_reset(&record)?;
-        let spare = record.spare.filter(|_| record.parent.as_ref() == Some(&to));
+        let spare = record.spare.filter(|&spare| {
+            record.parent.as_ref() == Some(&to)
+                && target.committed
+                && !self.txn().is_deleting(spare)
+        });
         let reset = match spare {
             Some(spare) => self.take_spare(record, &target, spare),
             None => {
@@ -230,17 +234,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             return Err(e);
         }
-        let switched = LayerRecord {
-            thin_id: new_id,
-            discarding: Some(old_id),
-            size: target.size,
-            fs_uuid: target.fs_uuid.clone(),
-            resizing_to: None,
-            ..claiming
-        };
-        self.put(switched.clone())?;
-        crash::point(crash::Point::ResetSwitched);
-        Ok(switched)
+        self.switch_record(claiming, target, new_id, old_id)
     }
 
     /// The reset to the parent when a spare was made ahead: the record takes the spare and
@@ -252,10 +246,26 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         target: &LayerRecord,
         spare: ThinId,
     ) -> Result<LayerRecord> {
-        let switched = LayerRecord {
-            thin_id: spare,
-            discarding: Some(record.thin_id),
+        let old_id = record.thin_id;
+        let taken = LayerRecord {
             spare: None,
+            ..record
+        };
+        self.switch_record(taken, target, spare, old_id)
+    }
+
+    /// The record's step of a reset: it holds `new_id` with `target`'s size and filesystem,
+    /// and names `old_id` as discarding.
+    fn switch_record(
+        &self,
+        record: LayerRecord,
+        target: &LayerRecord,
+        new_id: ThinId,
+        old_id: ThinId,
+    ) -> Result<LayerRecord> {
+        let switched = LayerRecord {
+            thin_id: new_id,
+            discarding: Some(old_id),
             size: target.size,
             fs_uuid: target.fs_uuid.clone(),
             resizing_to: None,
@@ -269,8 +279,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// Make a spare for layer `name`'s next reset to its parent, unless it has one: the
     /// record claims a thin id (durable with the snapshot's intent), then the pool snapshots
     /// the parent as it. Not on a pool with a catalog (rbd), whose ids and images it keeps
-    /// for every host. A failure leaves the layer without a spare, and its next reset snapshots as it
-    /// would without one.
+    /// for every host. A failure leaves the layer without a spare, and its next reset
+    /// snapshots as it would without one.
     #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn prepare_spare(&self, name: &LayerName) -> Result<()> {
         if self.kernel.catalog().is_some() {
@@ -291,6 +301,10 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return Ok(());
         }
         let parent = self.ready_record(&parent)?;
+        // A writable parent may change after the snapshot: only a committed one's holds.
+        if !parent.committed {
+            return Ok(());
+        }
         let usage = self.ensure_writable(&format!("prepare a reset of layer {name:?}"))?;
         self.check_space(&usage)?;
         let id = self.allocate_id()?;

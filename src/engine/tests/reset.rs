@@ -239,7 +239,7 @@ fn a_reset_takes_the_spare_the_one_before_left() {
 }
 
 /// A spare is the parent's content, whatever the layer did meanwhile; a reset to a
-/// checkpoint leaves it for the next reset to the parent; removal and commit leave no device.
+/// checkpoint leaves it for the next reset to the parent; removal leaves no device.
 #[test]
 fn a_spare_holds_the_parent_and_goes_with_its_layer() {
     let f = Fixture::new();
@@ -264,6 +264,23 @@ fn a_spare_holds_the_parent_and_goes_with_its_layer() {
     let left = f.sim.thin_ids_now();
     let owned: BTreeSet<ThinId> = ["base", "cp"].iter().map(|n| thin(&engine, n)).collect();
     assert_eq!(left, owned, "nothing of work's left");
+}
+
+/// A writable parent may still change, so a child of one gets no spare: its resets snapshot.
+#[test]
+fn a_writable_parent_gives_no_spare() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    engine.create(&child("kid", "work")).unwrap();
+    engine.reset("kid", None).unwrap();
+    engine.process_deferred().unwrap();
+    assert_eq!(engine.inspect("kid").unwrap().reset_spare, None);
+    write(&f, &engine, "work", 9);
+    engine.reset("kid", None).unwrap();
+    assert_eq!(byte(&f, &engine, "kid"), 9, "the parent as it is now");
+    engine.finish_discard("kid").unwrap();
+    assert_consistent(&f, engine);
 }
 
 /// A crash at any step of a reset that takes a spare and of the round that makes the next
@@ -297,12 +314,27 @@ fn a_crash_while_a_spare_is_made_or_taken_is_settled_on_open() {
         engine.process_deferred().unwrap();
         assert_consistent(f, engine);
     };
-    let crashed = crash_everywhere(&setup_with_spare, &op, &check);
+    let mut crashed = crash_everywhere(&setup_with_spare, &op, &check);
+    // A removal takes the spare with the layer: gone whole, or there whole.
+    let remove = |e: &mut Engine<Sim, Sim>| {
+        e.remove("work").unwrap();
+        e.finish_deletions().unwrap();
+    };
+    let removed = |f: &Fixture, point: Point, nth: u32| {
+        let (engine, report) = f.open();
+        if let Ok(work) = engine.inspect("work") {
+            assert_eq!(byte(f, &engine, "work"), 2, "at {point}#{nth}; {report:?}");
+            assert!(work.reset_spare.is_some(), "at {point}#{nth}");
+        }
+        assert_consistent(f, engine);
+    };
+    crashed.extend(crash_everywhere(&setup_with_spare, &remove, &removed));
     require_points(&crashed, |p| {
         [
             Point::ResetSwitched,
             Point::ResetSpareClaimed,
             Point::ResetSpareMade,
+            Point::RemoveQueued,
         ]
         .contains(p)
     });

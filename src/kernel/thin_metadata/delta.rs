@@ -60,27 +60,27 @@ fn delta(
         .copied()
         .filter(|b| shared.contains(b))
         .collect();
-    let left = own_mappings(device, &left, &shared)?;
-    let right = own_mappings(device, &right, &shared)?;
-    let (mut l, mut r) = (left.iter().peekable(), right.iter().peekable());
+    // Leaf by leaf, so memory holds two leaves, not two devices' mappings.
+    let mut l = OwnMappings::new(device, &left, &shared);
+    let mut r = OwnMappings::new(device, &right, &shared);
     loop {
-        let change = match (l.peek(), r.peek()) {
+        let change = match (l.peek()?, r.peek()?) {
             (None, None) => break,
-            (Some(&&(lb, _)), Some(&&(rb, _))) if lb < rb => {
-                l.next();
+            (Some((lb, _)), Some((rb, _))) if lb < rb => {
+                l.take();
                 Some((lb, DeltaKind::Unmapped))
             }
-            (Some(&&(lb, ld)), Some(&&(rb, rd))) if lb == rb => {
-                l.next();
-                r.next();
+            (Some((lb, ld)), Some((rb, rd))) if lb == rb => {
+                l.take();
+                r.take();
                 (ld != rd).then_some((rb, DeltaKind::Data))
             }
-            (_, Some(&&(rb, _))) => {
-                r.next();
+            (_, Some((rb, _))) => {
+                r.take();
                 Some((rb, DeltaKind::Data))
             }
-            (Some(&&(lb, _)), None) => {
-                l.next();
+            (Some((lb, _)), None) => {
+                l.take();
                 Some((lb, DeltaKind::Unmapped))
             }
         };
@@ -153,17 +153,48 @@ fn leaves(device: &Device<'_>, root: u64) -> Result<Vec<u64>> {
     Err(device.damaged(root, "the data-mapping btree is deeper than any pool's"))
 }
 
-/// The mappings (virtual block, data block) of the `leaves` not in `shared`, in key order.
-fn own_mappings(
-    device: &Device<'_>,
-    leaves: &[u64],
-    shared: &HashSet<u64>,
-) -> Result<Vec<(u64, u64)>> {
-    let mut all = Vec::new();
-    for &leaf in leaves.iter().filter(|leaf| !shared.contains(leaf)) {
-        all.extend(mappings(device, leaf)?);
+/// The mappings (virtual block, data block) of the `leaves` not in `shared`, in key order,
+/// read one leaf at a time.
+struct OwnMappings<'d, 'a> {
+    device: &'d Device<'a>,
+    leaves: std::vec::IntoIter<u64>,
+    current: std::vec::IntoIter<(u64, u64)>,
+    next: Option<(u64, u64)>,
+}
+
+impl<'d, 'a> OwnMappings<'d, 'a> {
+    fn new(device: &'d Device<'a>, leaves: &[u64], shared: &HashSet<u64>) -> Self {
+        let own: Vec<u64> = leaves
+            .iter()
+            .copied()
+            .filter(|leaf| !shared.contains(leaf))
+            .collect();
+        OwnMappings {
+            device,
+            leaves: own.into_iter(),
+            current: Vec::new().into_iter(),
+            next: None,
+        }
     }
-    Ok(all)
+
+    /// The next mapping, not taken; leaves are read as they are reached.
+    fn peek(&mut self) -> Result<Option<(u64, u64)>> {
+        while self.next.is_none() {
+            if let Some(mapping) = self.current.next() {
+                self.next = Some(mapping);
+            } else if let Some(leaf) = self.leaves.next() {
+                self.current = mappings(self.device, leaf)?.into_iter();
+            } else {
+                break;
+            }
+        }
+        Ok(self.next)
+    }
+
+    /// Take the mapping [`OwnMappings::peek`] showed.
+    fn take(&mut self) {
+        self.next = None;
+    }
 }
 
 /// The mappings of one leaf, in key order.
@@ -199,11 +230,22 @@ impl Runs {
     }
 
     fn push(&mut self, block: u64, kind: DeltaKind) -> Result<()> {
-        let offset = block.checked_mul(self.block_bytes).ok_or_else(|| {
-            Error::inconsistent(format!(
-                "the pool's metadata maps block {block}, beyond any device"
-            ))
-        })?;
+        let offset = block
+            .checked_mul(self.block_bytes)
+            .filter(|offset| offset.checked_add(self.block_bytes).is_some())
+            .ok_or_else(|| {
+                Error::inconsistent(format!(
+                    "the pool's metadata maps block {block}, beyond any device"
+                ))
+            })?;
+        // Each leaf's keys are checked in order; this catches damage across leaves.
+        if let Some(last) = self.runs.last() {
+            if offset < last.offset + last.length {
+                return Err(Error::inconsistent(format!(
+                    "the pool's metadata maps block {block} out of order; check the metadata with thin_check"
+                )));
+            }
+        }
         match self.runs.last_mut() {
             Some(last) if last.kind == kind && last.offset + last.length == offset => {
                 last.length += self.block_bytes;
@@ -318,6 +360,18 @@ mod tests {
         image.bytes_mut()[3 * BLOCK + 8] = 99;
         assert_eq!(delta_of(&image, Some(1), 2).unwrap().len(), 3);
         assert!(delta_of(&image, None, 2).is_err());
+    }
+
+    #[test]
+    fn leaves_out_of_order_are_refused() {
+        let mut image = Image::new();
+        let high = image.leaf(&[mapping(50, 1), mapping(51, 2)], 8);
+        let low = image.leaf(&[mapping(10, 3)], 8);
+        let root = image.internal(&[high, low]);
+        let top = image.leaf(&[(1, root)], 8);
+        image.set_root(DATA_MAPPING_ROOT, top);
+        let err = delta_of(&image, None, 1).unwrap_err();
+        assert!(err.to_string().contains("out of order"), "{err}");
     }
 
     #[test]

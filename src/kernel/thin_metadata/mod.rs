@@ -65,17 +65,18 @@ impl<'a> Device<'a> {
 
     fn read(&self, block: u64) -> Result<Box<Block>> {
         let mut buf = Box::new(Block([0; BLOCK]));
-        self.file
-            .read_exact_at(&mut buf.0, block * BLOCK as u64)
-            .map_err(|e| {
-                Error::io(
-                    format!(
-                        "reading block {block} of pool metadata {}",
-                        self.path.display()
-                    ),
-                    e,
-                )
-            })?;
+        let offset = block
+            .checked_mul(BLOCK as u64)
+            .ok_or_else(|| self.damaged(block, "no device is that large"))?;
+        self.file.read_exact_at(&mut buf.0, offset).map_err(|e| {
+            Error::io(
+                format!(
+                    "reading block {block} of pool metadata {}",
+                    self.path.display()
+                ),
+                e,
+            )
+        })?;
         if buf.u64_at(8) != block {
             return Err(self.damaged(block, "it names another block number"));
         }
@@ -106,7 +107,10 @@ impl<'a> Device<'a> {
         };
         let (entries, max) = (node.entries(), node.max_entries());
         let value_size = node.data.u32_at(24) as usize;
-        if entries > max || NODE_HEADER + max * (8 + value_size) > BLOCK {
+        let fits = (8 + value_size)
+            .checked_mul(max)
+            .is_some_and(|bytes| NODE_HEADER + bytes <= BLOCK);
+        if entries > max || !fits {
             return Err(self.damaged(block, "a btree node's header does not fit its block"));
         }
         let internal = node.flags() == INTERNAL_NODE;
