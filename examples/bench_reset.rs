@@ -1,12 +1,13 @@
-//! Resets through the API, back to back on one kept-alive connection, as a program that resets
-//! a layer between jobs would: `--count` resets of `--layer`, each timed at the client (the
-//! round trip on the socket included). The daemon times them too (its operation histogram);
-//! `scripts/bench` reads both. Back to back, like the floor's own loop of snapshots: a command
-//! started per reset would put a process start (translated afresh under emulation) between
-//! every two, and the kernel's code path would be cold at each one in the daemon and warm in
-//! the floor.
+//! Resets through the API on one kept-alive connection, as a program that resets a layer
+//! between jobs would: `--count` resets of `--layer`, each timed at the client (the round trip
+//! on the socket included), one row each, so `scripts/bench` compares medians with the floor's.
+//! No command is started per reset: under emulation a process start (translated afresh) costs
+//! hundreds of ms, and the floor starts none either.
 //!
-//! bench_reset --socket PATH --layer NAME --count N --csv FILE --label LABEL
+//! With `--pause-ms N`, each reset comes N ms after the answer to the one before (untimed), as
+//! resets between jobs come; without, back to back.
+//!
+//! bench_reset --socket PATH --layer NAME --count N [--pause-ms N] --csv FILE --label LABEL
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ struct Args {
     socket: PathBuf,
     layer: String,
     count: usize,
+    pause_ms: u64,
     csv: PathBuf,
     label: String,
 }
@@ -29,6 +31,7 @@ fn parse_args() -> Result<Args, String> {
         socket: PathBuf::new(),
         layer: String::new(),
         count: 30,
+        pause_ms: 0,
         csv: PathBuf::new(),
         label: String::new(),
     };
@@ -39,6 +42,9 @@ fn parse_args() -> Result<Args, String> {
             "--socket" => args.socket = value.into(),
             "--layer" => args.layer = value,
             "--count" => args.count = value.parse().map_err(|e| format!("--count: {e}"))?,
+            "--pause-ms" => {
+                args.pause_ms = value.parse().map_err(|e| format!("--pause-ms: {e}"))?
+            }
             "--csv" => args.csv = value.into(),
             "--label" => args.label = value,
             other => return Err(format!("unknown argument {other:?}")),
@@ -64,11 +70,20 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The CSV's operation: the round trip, paced or back to back.
+fn operation(args: &Args) -> String {
+    match args.pause_ms {
+        0 => "reset (API round trip; back to back)".to_string(),
+        ms => format!("reset (API round trip; {ms} ms apart)"),
+    }
+}
+
 fn run(args: &Args) -> Result<(), String> {
     let mut client = Client::new(&args.socket);
     let path = format!("/v1/layers/{}/reset", args.layer);
     let mut costs = Vec::with_capacity(args.count);
     for _ in 0..args.count {
+        std::thread::sleep(std::time::Duration::from_millis(args.pause_ms));
         let started = Instant::now();
         let _: Value = client
             .post(&path, &ResetRequest::default())
@@ -80,14 +95,10 @@ fn run(args: &Args) -> Result<(), String> {
         .append(true)
         .open(&args.csv)
         .map_err(|e| format!("{}: {e}", args.csv.display()))?;
+    let operation = operation(args);
     for (i, ms) in costs.iter().enumerate() {
-        writeln!(
-            file,
-            "{},reset (API round trip),{},{ms:.3}",
-            args.label,
-            i + 1
-        )
-        .map_err(|e| e.to_string())?;
+        writeln!(file, "{},{operation},{},{ms:.3}", args.label, i + 1)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -116,14 +116,20 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let record = self.finish_discarding(self.ready_record(&name)?)?;
         let target = self.ready_record(&to)?;
         self.check_reset(&record, &target)?;
-        let usage = self.ensure_writable(&format!("reset layer {name:?}"))?;
-        self.check_space(&usage)?;
-        self.release_for_reset(&record)?;
         let spare = record.spare.filter(|&spare| {
             record.parent.as_ref() == Some(&to)
                 && target.committed
                 && !self.txn().is_deleting(spare)
         });
+        if spare.is_some() {
+            // Taking a spare sends the pool nothing, so there is no room or health to check;
+            // a change a crash left unsettled still goes first (it may be the spare's).
+            self.refuse_while_intent_unsettled()?;
+        } else {
+            let usage = self.ensure_writable(&format!("reset layer {name:?}"))?;
+            self.check_space(&usage)?;
+        }
+        self.release_for_reset(&record)?;
         let reset = match spare {
             Some(spare) => self.take_spare(record, &target, spare),
             None => {

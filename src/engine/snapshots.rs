@@ -133,7 +133,9 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// (`Permission`) when containerd made it. Reading them (inspect, usage, a read-only
     /// mount) stays open.
     pub fn refuse_containerds(&self, layer: &str, change: OutsideChange) -> Result<()> {
-        match self.inspect(layer)?.snapshot {
+        // The record says it; a view would also ask the kernel about the device.
+        self.refresh_shared()?;
+        match self.record(&LayerName::new(layer)?)?.snapshot {
             None => Ok(()),
             Some(snapshot) => Err(Error::new(
                 ErrorKind::Permission,
