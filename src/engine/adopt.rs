@@ -40,13 +40,18 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
                     format!("thin device {id} is a removed layer's, queued for deletion; it cannot be adopted"),
                 ));
             }
-            let owner = self.index().layers.values().find(|l| l.thin_ids().any(|t| t == id)).cloned();
+            let owner = self
+                .index()
+                .layers
+                .values()
+                .find(|l| l.thin_ids().any(|t| t == id))
+                .map(|l| l.name.clone());
             if let Some(owner) = owner {
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,
                     format!(
                         "thin device {id} belongs to layer {:?} already",
-                        owner.name.as_str()
+                        owner.as_str()
                     ),
                 ));
             }

@@ -308,9 +308,18 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         pool_ids: &BTreeSet<ThinId>,
         report: &mut ReconcileReport,
     ) -> Result<()> {
-        let gone = |id: ThinId| !pool_ids.contains(&id) || self.txn().is_deleting(id);
-        let unmade = self.index().names_where(|l| l.spare.is_some_and(gone));
-        for name in unmade {
+        // The index's lock is let go before the queue's is taken: elsewhere they nest the
+        // other way round.
+        let claimed: Vec<(LayerName, ThinId)> = self
+            .index()
+            .layers
+            .values()
+            .filter_map(|l| l.spare.map(|id| (l.name.clone(), id)))
+            .collect();
+        let unmade = claimed
+            .into_iter()
+            .filter(|&(_, id)| !pool_ids.contains(&id) || self.txn().is_deleting(id));
+        for (name, _) in unmade {
             let record = self.record(&name)?;
             self.put(LayerRecord {
                 spare: None,

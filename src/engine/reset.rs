@@ -218,29 +218,51 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         target: &LayerRecord,
         new_id: ThinId,
     ) -> Result<LayerRecord> {
-        let name = record.name.clone();
         let old_id = record.thin_id;
         let claiming = LayerRecord {
             discarding: Some(new_id),
             ..record
         };
-        // Durable with the snapshot's intent, before the pool is touched.
+        self.snapshot_claimed(
+            &claiming,
+            target.thin_id,
+            new_id,
+            crash::Point::ResetRecordWritten,
+            "reset",
+            |claim| self.finish_discarding(claim),
+        )?;
+        self.switch_record(claiming, target, new_id, old_id)
+    }
+
+    /// Snapshot `origin` as thin `id`, which `claiming` (a layer's record) claims. The record
+    /// is staged first, durable with the snapshot's intent, so the pool never makes a device
+    /// no record names. If the snapshot fails, `undo` lets the claim go (with whatever the
+    /// pool made); an undo that fails too degrades the layer, naming `what` failed.
+    fn snapshot_claimed(
+        &self,
+        claiming: &LayerRecord,
+        origin: ThinId,
+        id: ThinId,
+        claimed: crash::Point,
+        what: &str,
+        undo: impl FnOnce(LayerRecord) -> Result<LayerRecord>,
+    ) -> Result<()> {
+        let name = &claiming.name;
         if let Err(e) = self.stage(claiming.clone()) {
-            self.index().used_ids.remove(&new_id);
+            self.index().used_ids.remove(&id);
             return Err(e);
         }
-        crash::point(crash::Point::ResetRecordWritten);
-        let snapshot = PoolOp::Snapshot {
-            origin: target.thin_id,
-            id: new_id,
-        };
-        if let Err(e) = self.pool_step(Some(&name), snapshot) {
-            if let Err(undo) = self.finish_discarding(claiming) {
-                self.degrade(&name, format!("the undo of a failed reset failed: {undo}"));
+        crash::point(claimed);
+        if let Err(e) = self.pool_step(Some(name), PoolOp::Snapshot { origin, id }) {
+            if let Err(failed) = undo(claiming.clone()) {
+                self.degrade(
+                    name,
+                    format!("the undo of a failed {what} failed: {failed}"),
+                );
             }
             return Err(e);
         }
-        self.switch_record(claiming, target, new_id, old_id)
+        Ok(())
     }
 
     /// The reset to the parent when a spare was made ahead: the record takes the spare and
@@ -318,21 +340,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             spare: Some(id),
             ..record
         };
-        if let Err(e) = self.stage(claiming.clone()) {
-            self.index().used_ids.remove(&id);
-            return Err(e);
-        }
-        crash::point(crash::Point::ResetSpareClaimed);
-        let snapshot = PoolOp::Snapshot {
-            origin: parent.thin_id,
+        self.snapshot_claimed(
+            &claiming,
+            parent.thin_id,
             id,
-        };
-        if let Err(e) = self.pool_step(Some(name), snapshot) {
-            if let Err(undo) = self.drop_spare(claiming) {
-                self.degrade(name, format!("the undo of a failed spare failed: {undo}"));
-            }
-            return Err(e);
-        }
+            crash::Point::ResetSpareClaimed,
+            "spare",
+            |claim| self.drop_spare(claim),
+        )?;
         crash::point(crash::Point::ResetSpareMade);
         tracing::debug!(layer = %name, thin_id = %id, "spare made for the next reset");
         Ok(())

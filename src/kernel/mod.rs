@@ -185,7 +185,8 @@ pub trait PoolKernel {
     /// the base does not: [`DeltaKind::Data`]; ranges the base maps and it does not:
     /// [`DeltaKind::Unmapped`]), or, without a base, every range it maps; ascending. Read
     /// from the metadata alone (the real pool's through a metadata snapshot, read
-    /// in-process as `thin_delta` reads it), never by reading the devices. The devices should not change meanwhile.
+    /// in-process as `thin_delta` reads it), never by reading the devices. The devices
+    /// should not change meanwhile.
     fn thin_delta(&self, base: Option<ThinId>, id: ThinId) -> Result<Vec<DeltaRun>>;
     /// Read and write the bytes of active thin `id` (writes refused unless it is active
     /// writable).

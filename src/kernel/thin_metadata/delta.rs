@@ -15,6 +15,9 @@ use crate::kernel::{DeltaKind, DeltaRun};
 use crate::names::ThinId;
 use crate::units::ByteSize;
 
+/// The btree's name in errors.
+const TREE: &str = "data-mapping";
+
 /// A mapping's data block: the value without its 24 bits of time.
 const TIME_BITS: u32 = 24;
 
@@ -44,7 +47,7 @@ fn delta(
 ) -> Result<Vec<DeltaRun>> {
     let top = device.snapshot_superblock()?.u64_at(DATA_MAPPING_ROOT);
     let mut runs = Runs::new(block_size.bytes());
-    let right = leaves(device, device_root(device, top, id)?)?;
+    let right = leaves(device, device_root(device, top, id)?, TREE)?;
     let Some(base) = base else {
         for leaf in right {
             for (block, _) in mappings(device, leaf)? {
@@ -53,7 +56,7 @@ fn delta(
         }
         return Ok(runs.done());
     };
-    let left = leaves(device, device_root(device, top, base)?)?;
+    let left = leaves(device, device_root(device, top, base)?, TREE)?;
     let shared: HashSet<u64> = left.iter().copied().collect::<HashSet<_>>();
     let shared: HashSet<u64> = right
         .iter()
@@ -112,7 +115,7 @@ fn device_root(device: &Device<'_>, top: u64, id: ThinId) -> Result<u64> {
             None => return Err(not_in_metadata(device, id)),
         }
     }
-    Err(device.damaged(top, "the data-mapping btree is deeper than any pool's"))
+    Err(device.damaged(top, &format!("the {TREE} btree is deeper than any pool's")))
 }
 
 fn not_in_metadata(device: &Device<'_>, id: ThinId) -> Error {
@@ -120,37 +123,6 @@ fn not_in_metadata(device: &Device<'_>, id: ThinId) -> Error {
         "thin device {id} is not in the metadata snapshot of pool metadata {}",
         device.path.display()
     ))
-}
-
-/// The leaves of the btree below `root`, left to right (so in key order), read level by
-/// level: a dm-thin btree is balanced, so the first node of a level tells whether the level
-/// is the leaves (the others are not read here).
-fn leaves(device: &Device<'_>, root: u64) -> Result<Vec<u64>> {
-    let mut level = vec![root];
-    let mut seen = HashSet::from([root]);
-    for _ in 0..MAX_DEPTH {
-        let mut next = Vec::new();
-        for (i, &block) in level.iter().enumerate() {
-            let node = device.node(block)?;
-            if node.is_leaf() {
-                if i == 0 {
-                    return Ok(level);
-                }
-                return Err(device.damaged(block, "the btree's leaves are not all at one depth"));
-            }
-            for child in (0..node.entries()).map(|e| node.value_u64(e)) {
-                if !seen.insert(child) {
-                    return Err(device.damaged(child, "the data-mapping btree loops"));
-                }
-                next.push(child);
-            }
-        }
-        if next.is_empty() {
-            return Ok(next);
-        }
-        level = next;
-    }
-    Err(device.damaged(root, "the data-mapping btree is deeper than any pool's"))
 }
 
 /// The mappings (virtual block, data block) of the `leaves` not in `shared`, in key order,
@@ -199,10 +171,7 @@ impl<'d, 'a> OwnMappings<'d, 'a> {
 
 /// The mappings of one leaf, in key order.
 fn mappings(device: &Device<'_>, leaf: u64) -> Result<Vec<(u64, u64)>> {
-    let node = device.node(leaf)?;
-    if !node.is_leaf() {
-        return Err(device.damaged(leaf, "the btree's leaves are not all at one depth"));
-    }
+    let node = device.leaf(leaf)?;
     if node.value_size() != 8 {
         return Err(device.damaged(leaf, "its values are not block mappings"));
     }

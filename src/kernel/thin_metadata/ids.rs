@@ -2,7 +2,7 @@
 //! root the metadata snapshot's copy of the superblock names. `thin_dump --skip-mappings` does
 //! the same as a process.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::*;
@@ -17,32 +17,15 @@ pub fn snapshot_thin_ids(metadata: &Path) -> Result<BTreeSet<ThinId>> {
 fn thin_ids(device: &Device<'_>) -> Result<BTreeSet<ThinId>> {
     let root = device.snapshot_superblock()?.u64_at(DEVICE_DETAILS_ROOT);
     let mut ids = BTreeSet::new();
-    collect_keys(device, root, &mut ids)?;
-    Ok(ids)
-}
-
-/// The keys of every leaf below btree node `root`, walked depth-first.
-fn collect_keys(device: &Device<'_>, root: u64, ids: &mut BTreeSet<ThinId>) -> Result<()> {
-    let mut seen = HashSet::new();
-    let mut stack = vec![(root, 0)];
-    while let Some((block, depth)) = stack.pop() {
-        if depth > MAX_DEPTH || !seen.insert(block) {
-            return Err(device.damaged(block, "the device-details btree loops"));
-        }
-        let node = device.node(block)?;
-        if node.is_leaf() {
-            for i in 0..node.entries() {
-                let id = u32::try_from(node.key(i))
-                    .map_err(|_| device.damaged(block, "a thin id is out of range"))?;
-                ids.insert(ThinId::new(id)?);
-            }
-        } else {
-            for i in (0..node.entries()).rev() {
-                stack.push((node.value_u64(i), depth + 1));
-            }
+    for block in leaves(device, root, "device-details")? {
+        let leaf = device.leaf(block)?;
+        for i in 0..leaf.entries() {
+            let id = u32::try_from(leaf.key(i))
+                .map_err(|_| device.damaged(block, "a thin id is out of range"))?;
+            ids.insert(ThinId::new(id)?);
         }
     }
-    Ok(())
+    Ok(ids)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 //! btree node against its header, so a stale or foreign block is refused rather than read.
 //! Kernel tests compare the results with `thin_dump`'s and `thin_delta`'s.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
@@ -120,6 +121,15 @@ impl<'a> Device<'a> {
         Ok(node)
     }
 
+    /// Btree node `block`, which must be a leaf.
+    fn leaf(&self, block: u64) -> Result<Node> {
+        let node = self.node(block)?;
+        if !node.is_leaf() {
+            return Err(self.damaged(block, "the btree's leaves are not all at one depth"));
+        }
+        Ok(node)
+    }
+
     fn damaged(&self, block: u64, why: &str) -> Error {
         Error::inconsistent(format!(
             "block {block} of pool metadata {} is not what the metadata snapshot points to \
@@ -127,6 +137,37 @@ impl<'a> Device<'a> {
             self.path.display()
         ))
     }
+}
+
+/// The leaves of the btree below `root` (the `tree` btree, as errors name it), left to right
+/// (so in key order), read level by level: a dm-thin btree is balanced, so the first node of
+/// a level tells whether the level is the leaves (the others are not read here).
+fn leaves(device: &Device<'_>, root: u64, tree: &str) -> Result<Vec<u64>> {
+    let mut level = vec![root];
+    let mut seen = HashSet::from([root]);
+    for _ in 0..MAX_DEPTH {
+        let mut next = Vec::new();
+        for (i, &block) in level.iter().enumerate() {
+            let node = device.node(block)?;
+            if node.is_leaf() {
+                if i == 0 {
+                    return Ok(level);
+                }
+                return Err(device.damaged(block, "the btree's leaves are not all at one depth"));
+            }
+            for child in (0..node.entries()).map(|e| node.value_u64(e)) {
+                if !seen.insert(child) {
+                    return Err(device.damaged(child, &format!("the {tree} btree loops")));
+                }
+                next.push(child);
+            }
+        }
+        if next.is_empty() {
+            return Ok(next);
+        }
+        level = next;
+    }
+    Err(device.damaged(root, &format!("the {tree} btree is deeper than any pool's")))
 }
 
 /// A btree node: keys, then values of `value_size` bytes (child block numbers in an internal
