@@ -5,7 +5,10 @@
 //! hundreds of ms, and the floor starts none either.
 //!
 //! With `--pause-ms N`, each reset comes N ms after the answer to the one before (untimed), as
-//! resets between jobs come; without, back to back.
+//! resets between jobs come; without, back to back. Paced, each reset is followed (after the
+//! same pause) by a request that does nothing, `GET /v1/version`, timed the same way: what any
+//! API call costs here, the socket's round trip and the daemon's handling, beside what the
+//! reset costs on top of it.
 //!
 //! bench_reset --socket PATH --layer NAME --count N [--pause-ms N] --csv FILE --label LABEL
 
@@ -70,35 +73,61 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// The CSV's operation: the round trip, paced or back to back.
-fn operation(args: &Args) -> String {
+/// The CSV's operations: the reset's round trip, paced or back to back, and the round trip of
+/// a request that does nothing, paced alike.
+fn operations(args: &Args) -> (String, String) {
     match args.pause_ms {
-        0 => "reset (API round trip; back to back)".to_string(),
-        ms => format!("reset (API round trip; {ms} ms apart)"),
+        0 => (
+            "reset (API round trip; back to back)".to_string(),
+            String::new(),
+        ),
+        ms => (
+            format!("reset (API round trip; {ms} ms apart)"),
+            format!("GET /v1/version (API round trip; {ms} ms apart)"),
+        ),
     }
+}
+
+/// Milliseconds `call` took.
+fn timed(call: impl FnOnce() -> Result<(), String>) -> Result<f64, String> {
+    let started = Instant::now();
+    call()?;
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
 }
 
 fn run(args: &Args) -> Result<(), String> {
     let mut client = Client::new(&args.socket);
     let path = format!("/v1/layers/{}/reset", args.layer);
-    let mut costs = Vec::with_capacity(args.count);
-    for _ in 0..args.count {
-        std::thread::sleep(std::time::Duration::from_millis(args.pause_ms));
-        let started = Instant::now();
-        let _: Value = client
-            .post(&path, &ResetRequest::default())
-            .map_err(|e| format!("reset {}: {e}", args.layer))?;
-        costs.push(started.elapsed().as_secs_f64() * 1000.0);
+    let pause = std::time::Duration::from_millis(args.pause_ms);
+    let (reset_operation, null_operation) = operations(args);
+    let mut rows = Vec::with_capacity(2 * args.count);
+    for round in 1..=args.count {
+        std::thread::sleep(pause);
+        let ms = timed(|| {
+            let _: Value = client
+                .post(&path, &ResetRequest::default())
+                .map_err(|e| format!("reset {}: {e}", args.layer))?;
+            Ok(())
+        })?;
+        rows.push((&reset_operation, round, ms));
+        if args.pause_ms > 0 {
+            std::thread::sleep(pause);
+            let ms = timed(|| {
+                let _: Value = client
+                    .get("/v1/version")
+                    .map_err(|e| format!("GET /v1/version: {e}"))?;
+                Ok(())
+            })?;
+            rows.push((&null_operation, round, ms));
+        }
     }
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&args.csv)
         .map_err(|e| format!("{}: {e}", args.csv.display()))?;
-    let operation = operation(args);
-    for (i, ms) in costs.iter().enumerate() {
-        writeln!(file, "{},{operation},{},{ms:.3}", args.label, i + 1)
-            .map_err(|e| e.to_string())?;
+    for (operation, round, ms) in rows {
+        writeln!(file, "{},{operation},{round},{ms:.3}", args.label).map_err(|e| e.to_string())?;
     }
     Ok(())
 }

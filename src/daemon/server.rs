@@ -93,8 +93,9 @@ impl Connection {
                 served = connection => if let Err(e) = served {
                     tracing::debug!(error = %e, "connection ended with an error");
                 },
-                // Dropping the connection closes the socket. A request already received runs
-                // on in its own task, so the operation still finishes whole.
+                // Dropping the connection closes the socket. An operation runs whole before
+                // this can be polled again (see `handler::handle`), and an export or import
+                // runs on in its own task, so an operation started still finishes whole.
                 _ = cut.wait_for(|cut| *cut) => {}
             }
         });
