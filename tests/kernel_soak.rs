@@ -329,15 +329,6 @@ fn thin_devices_deleting(d: &TestDaemon) -> u64 {
     common::sample(&metrics.stdout, "thinstack_thin_devices_deleting") as u64
 }
 
-/// `thin_ls` on the pool's metadata: the pool's thin ids.
-fn thin_ls_ids(d: &TestDaemon) -> BTreeSet<u64> {
-    let pool = format!("thinstack-1-{}-pool", d.pool.config.pool.name);
-    let metadata = loopdev::find_attached(&d.pool.metadata_file())
-        .unwrap()
-        .expect("metadata loop device");
-    common::thin_ls_ids(&pool, &metadata)
-}
-
 /// What one check after a restart found of the layers clients were told about.
 #[derive(Default)]
 struct Checked {
@@ -373,7 +364,7 @@ fn check_after_restart(d: &TestDaemon, model: &Model, round: usize) -> Checked {
         .map(|l| l["thin_id"].as_u64().unwrap())
         .collect();
     assert_eq!(
-        thin_ls_ids(d),
+        d.pool_thin_ids(),
         recorded,
         "round {round}: thin_ls vs records"
     );

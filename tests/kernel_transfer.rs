@@ -244,6 +244,21 @@ fn kernel_transfer_a_mounted_layer_is_checkpointed_and_reset() {
         write_files(&d, "work", &[("c", b"third".to_vec())]);
         let doctor = d.cli(&["pool", "doctor"]);
         assert_eq!(doctor.code, 0, "{fs}: {doctor:?}");
+
+        // Committed, the layer is never reset again: its spare's device is deleted.
+        let spare = wait_for_spare(&d, "work");
+        let committed = d.json(&["layer", "commit", "work"]);
+        assert!(committed.get("reset_spare").is_none(), "{fs}: {committed}");
+        let spare = spare.as_u64().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+        while d.pool_thin_ids().contains(&spare) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{fs}: the spare {spare} still in the pool 120 s after the commit"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        assert_eq!(names(read_files(&d, "work")), ["base", "c"], "{fs}");
         let run = d.cli(&["layer", "remove", "work"]);
         assert_eq!(run.code, 0, "{run:?}");
         assert_eq!(names(read_files(&d, "cp1")), ["a", "base"], "{fs}");

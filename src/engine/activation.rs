@@ -30,9 +30,21 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let mut committed = record;
         committed.committed = true;
         committed.content_id = Some(ContentId::random()?);
+        // A committed layer is never reset, so its spare is let go in the same write, as a
+        // device to discard: the daemon's round deletes it as it does the device a reset
+        // replaced. (One that a reset left to discard goes first; the spare then waits for
+        // the layer's removal.)
+        let spare_let_go = match committed.discarding {
+            None => committed.spare.take(),
+            Some(_) => None,
+        };
+        committed.discarding = committed.discarding.or(spare_let_go);
         self.put(committed.clone())?;
         crash::point(crash::Point::CommitDone);
         tracing::info!(layer = %committed.name, "layer committed");
+        if spare_let_go.is_some() {
+            committed = self.discard_deferred(committed);
+        }
         self.emit(Some(&committed.name), EventKind::LayerCommitted);
         self.view(committed)
     }

@@ -401,6 +401,23 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
     }
 
+    /// Have the thin device `record` discards deleted after the operation answers: by the
+    /// daemon's round, or now where no daemon does deferred work (a failure is logged: the
+    /// next round, or the next start, deletes it).
+    pub(super) fn discard_deferred(&self, record: LayerRecord) -> LayerRecord {
+        if let Some(wake) = self.deferred_waker.get() {
+            wake();
+            return record;
+        }
+        match self.finish_discarding(record.clone()) {
+            Ok(settled) => settled,
+            Err(e) => {
+                tracing::warn!(layer = %record.name, error = %e, "deleting a device the layer let go failed; will retry");
+                record
+            }
+        }
+    }
+
     /// Delete the thin device a reset left `record` discarding, if any, and record that it
     /// is gone. Gone already is fine.
     #[tracing::instrument(level = "debug", skip_all)]

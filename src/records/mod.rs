@@ -291,7 +291,7 @@ pub struct LayerRecord {
     /// A second thin device the layer owns while a reset is under way, to be deleted: the new
     /// device until the record takes it (a crash rolls the reset back), then the old one (a
     /// crash rolls it forward). Written before the pool is touched, so neither device is
-    /// ever unowned.
+    /// ever unowned. A commit names the layer's spare here too, which it no longer needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub discarding: Option<ThinId>,
     /// A snapshot of the parent made ahead for the layer's next reset to its parent, which

@@ -245,6 +245,15 @@ impl TestDaemon {
         messages
     }
 
+    /// `thin_ls` on the pool's metadata: the pool's thin ids, told by the kernel's tools.
+    pub fn pool_thin_ids(&self) -> std::collections::BTreeSet<u64> {
+        let pool = format!("thinstack-1-{}-pool", self.pool.config.pool.name);
+        let metadata = thinstack::kernel::loopdev::find_attached(&self.pool.metadata_file())
+            .unwrap()
+            .expect("metadata loop device");
+        super::thin_ls_ids(&pool, &metadata)
+    }
+
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -266,6 +266,24 @@ fn a_spare_holds_the_parent_and_goes_with_its_layer() {
     assert_eq!(left, owned, "nothing of work's left");
 }
 
+/// A committed layer is never reset: the commit lets its spare go, and the device is deleted.
+#[test]
+fn a_commit_lets_the_spare_go() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    engine.reset("work", None).unwrap();
+    engine.process_deferred().unwrap();
+    let made = spare(&engine).unwrap();
+    let committed = engine.commit("work").unwrap();
+    assert_eq!(committed.reset_spare, None);
+    assert!(
+        !f.sim.thin_ids_now().contains(&made),
+        "the spare's device deleted"
+    );
+    assert_consistent(&f, engine);
+}
+
 /// A writable parent may still change, so a child of one gets no spare: its resets snapshot.
 #[test]
 fn a_writable_parent_gives_no_spare() {
@@ -329,12 +347,39 @@ fn a_crash_while_a_spare_is_made_or_taken_is_settled_on_open() {
         assert_consistent(f, engine);
     };
     crashed.extend(crash_everywhere(&setup_with_spare, &remove, &removed));
+    // A commit lets the spare go: committed without it (its device deleted at the latest by
+    // the next round), or not committed and still holding it.
+    let commit = |e: &mut Engine<Sim, Sim>| {
+        e.commit("work").unwrap();
+    };
+    let committed = |f: &Fixture, point: Point, nth: u32| {
+        let (engine, report) = f.open();
+        let work = engine.inspect("work").unwrap();
+        assert_eq!(byte(f, &engine, "work"), 2, "at {point}#{nth}; {report:?}");
+        assert_eq!(
+            work.committed,
+            work.reset_spare.is_none(),
+            "at {point}#{nth}"
+        );
+        engine.process_deferred().unwrap();
+        assert_consistent(f, engine);
+        let engine = f.engine();
+        let owned: BTreeSet<ThinId> = ["base", "work"].iter().map(|n| thin(&engine, n)).collect();
+        let spare = engine.inspect("work").unwrap().reset_spare;
+        assert_eq!(
+            f.sim.thin_ids_now(),
+            owned.into_iter().chain(spare).collect(),
+            "at {point}#{nth}: no device but the layers' and a spare still held"
+        );
+    };
+    crashed.extend(crash_everywhere(&setup_with_spare, &commit, &committed));
     require_points(&crashed, |p| {
         [
             Point::ResetSwitched,
             Point::ResetSpareClaimed,
             Point::ResetSpareMade,
             Point::RemoveQueued,
+            Point::CommitDone,
         ]
         .contains(p)
     });
