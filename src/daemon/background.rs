@@ -60,8 +60,7 @@ pub fn spawn(
                     let left = next_round.saturating_duration_since(Instant::now());
                     match woken.recv_timeout(left) {
                         Ok(Wake::DeferredWork) => {
-                            // Wakes sent meanwhile (a removal each) are served by this one.
-                            if drain_wakes(&woken) {
+                            if settle(&woken) {
                                 return;
                             }
                             deferred_work(&daemon)
@@ -76,14 +75,23 @@ pub fn spawn(
     Watcher { wake, thread }
 }
 
-/// Take the wakes already sent; returns whether one of them was `Stop`.
-fn drain_wakes(woken: &mpsc::Receiver<Wake>) -> bool {
-    while let Ok(wake) = woken.try_recv() {
-        if matches!(wake, Wake::Stop) {
-            return true;
+/// How long the deferred work waits after the wake that asked for it. The request that asked
+/// is answered meanwhile: the round's pool messages would otherwise compete with its answer
+/// for the CPU (in the VM a reset's round trip was 1 ms longer, median of 100), and wakes
+/// close behind it (a removal each) are served by the same round.
+const DEFERRED_WORK_SETTLE: Duration = Duration::from_millis(20);
+
+/// Wait [`DEFERRED_WORK_SETTLE`], taking the wakes sent meanwhile; returns whether one of them
+/// was `Stop` (which ends the wait at once).
+fn settle(woken: &mpsc::Receiver<Wake>) -> bool {
+    let until = Instant::now() + DEFERRED_WORK_SETTLE;
+    loop {
+        match woken.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            Ok(Wake::DeferredWork) => {}
+            Err(RecvTimeoutError::Timeout) => return false,
+            Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return true,
         }
     }
-    false
 }
 
 /// The warning level last logged for data and metadata (index into `WARN_AT`, plus one).
@@ -330,6 +338,21 @@ mod tests {
     }
 
     const GROWING: &str = "[layers]\nbase_size = \"1G\"\n[pool.loop]\ndata_size = \"64M\"\nautoextend_threshold = \"50%\"\nautoextend_percent = \"50%\"\ndata_size_max = \"100M\"\n";
+
+    #[test]
+    fn the_deferred_work_waits_for_its_wakes_to_settle_and_a_stop_ends_the_wait() {
+        let (wake, woken) = mpsc::channel();
+        wake.send(Wake::DeferredWork).unwrap();
+        let started = Instant::now();
+        assert!(!settle(&woken));
+        assert!(started.elapsed() >= DEFERRED_WORK_SETTLE);
+        assert!(
+            woken.try_recv().is_err(),
+            "the wake sent meanwhile was taken"
+        );
+        wake.send(Wake::Stop).unwrap();
+        assert!(settle(&woken), "a stop ends the wait");
+    }
 
     #[test]
     fn a_pool_over_its_threshold_grows_by_its_step_until_its_maximum() {
