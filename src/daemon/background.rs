@@ -1,5 +1,5 @@
 //! Work the daemon does on its own: retrying deferred removals, deleting devices resets
-//! replaced, watching pool space (warnings
+//! replaced and spares commits let go, watching pool space (warnings
 //! at 80% and 90%), and growing a loop or LVM pool before it fills (an LVM pool only where
 //! dmeventd does not run: then LVM's own monitoring does it).
 
@@ -22,8 +22,8 @@ const WARN_AT: [f64; 2] = [80.0, 90.0];
 pub enum Wake {
     /// The daemon is stopping.
     Stop,
-    /// An operation left work to finish after its answer (a device a reset replaced, or a
-    /// removed layer's, to delete).
+    /// An operation left work to finish after its answer (a device a reset replaced, a spare
+    /// a commit let go, or a removed layer's, to delete).
     DeferredWork,
 }
 
@@ -60,10 +60,13 @@ pub fn spawn(
                     let left = next_round.saturating_duration_since(Instant::now());
                     match woken.recv_timeout(left) {
                         Ok(Wake::DeferredWork) => {
-                            if settle(&woken) {
+                            let stopping = settle(&woken);
+                            // Done before a stop too: what an answer just promised is not
+                            // left for the next start.
+                            deferred_work(&daemon);
+                            if stopping {
                                 return;
                             }
-                            deferred_work(&daemon)
                         }
                         Err(RecvTimeoutError::Timeout) => break,
                         Ok(Wake::Stop) | Err(RecvTimeoutError::Disconnected) => return,
@@ -82,7 +85,7 @@ pub fn spawn(
 const DEFERRED_WORK_SETTLE: Duration = Duration::from_millis(20);
 
 /// Wait [`DEFERRED_WORK_SETTLE`], taking the wakes sent meanwhile; returns whether one of them
-/// was `Stop` (which ends the wait at once).
+/// was `Stop` (which ends the wait at once, for the work to be done before the stop).
 fn settle(woken: &mpsc::Receiver<Wake>) -> bool {
     let until = Instant::now() + DEFERRED_WORK_SETTLE;
     loop {

@@ -112,7 +112,8 @@ pub async fn handle(
     // away and hyper drops this future. An export or an import awaits all along, so it runs
     // as a task of its own. Any other request awaits only until its body is read: from there
     // to its audit line nothing awaits, so nothing can drop it midway, and it runs here on the
-    // connection's task, with no hand-off to another task and back.
+    // connection's task, with no hand-off to another task and back. (One dropped while its
+    // body is still coming, by the stop's cut, did nothing and leaves no audit line.)
     let task = answer_and_audit(context, method.clone(), path.clone(), request);
     let reply = if streams(&method, &path) {
         tokio::spawn(task).await.unwrap_or_else(|e| {

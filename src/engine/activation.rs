@@ -32,8 +32,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         committed.content_id = Some(ContentId::random()?);
         // A committed layer is never reset, so its spare is let go in the same write, as a
         // device to discard: the daemon's round deletes it as it does the device a reset
-        // replaced. (One that a reset left to discard goes first; the spare then waits for
-        // the layer's removal.)
+        // replaced. (If a reset's old device holds that slot still, the round deletes that
+        // one first and then lets the spare go.)
         let spare_let_go = match committed.discarding {
             None => committed.spare.take(),
             Some(_) => None,

@@ -45,8 +45,8 @@ pub struct ReconcileReport {
     pub awaiting_writable: Vec<LayerName>,
     /// Layers a reset was under way on, and how it was settled.
     pub resets_settled: Vec<String>,
-    /// Layers whose spare for the next reset a crash kept from being made: the records no
-    /// longer name it.
+    /// Layers whose spare for the next reset a crash kept from being made (the records no
+    /// longer name it), and committed layers whose spare was deleted.
     pub spares_dropped: Vec<LayerName>,
 }
 
@@ -302,7 +302,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Spares a crash cut short: a record claims its spare's id before the pool snapshots
     /// the parent, so one the pool does not have was never made, and the record lets it go
-    /// (as it does one queued for deletion, which no record should name).
+    /// (as it does one queued for deletion, which no record should name). A committed
+    /// layer's spare, which no reset will take, is deleted.
     fn settle_spares(
         &self,
         pool_ids: &BTreeSet<ThinId>,
@@ -327,11 +328,27 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             })?;
             report.spares_dropped.push(name);
         }
+        // A committed layer is never reset: a spare it still has (a commit found the slot
+        // for a device to discard taken, and the daemon stopped before its round) goes.
+        let committed = self
+            .index()
+            .names_where(|l| l.committed && l.spare.is_some() && l.discarding.is_none());
+        for name in committed {
+            // The layer itself is whole: a failure leaves the spare to the rounds, not the
+            // layer degraded.
+            match self.let_committed_spare_go(self.record(&name)?) {
+                Ok(()) => report.spares_dropped.push(name),
+                Err(e) => {
+                    tracing::warn!(layer = %name, error = %e, "deleting a committed layer's spare failed; the daemon's rounds retry")
+                }
+            }
+        }
         Ok(())
     }
 
     /// Resets a crash cut short: the device the record does not hold is deleted. Before the
-    /// record took the new device, that rolls the reset back; after, it finishes it.
+    /// record took the new device, that rolls the reset back; after, it finishes it. (A
+    /// spare a commit let go is such a device too.)
     fn settle_resets(&self, report: &mut ReconcileReport) -> Result<()> {
         let resetting = self.index().names_where(|l| l.discarding.is_some());
         for name in resetting {

@@ -318,14 +318,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         let Ok(record) = self.ready_record(name) else {
             return Ok(()); // removed or being removed meanwhile
         };
+        if self.ensure_not_degraded(name).is_err() {
+            return Ok(());
+        }
+        if record.committed {
+            return self.let_committed_spare_go(record);
+        }
         let Some(parent) = record.parent.clone() else {
             return Ok(());
         };
-        if record.spare.is_some()
-            || record.discarding.is_some()
-            || record.committed
-            || self.ensure_not_degraded(name).is_err()
-        {
+        if record.spare.is_some() || record.discarding.is_some() {
             return Ok(());
         }
         let parent = self.ready_record(&parent)?;
@@ -368,9 +370,25 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         Ok(settled)
     }
 
-    /// Delete the device a reset of layer `name` left to discard, if it still has one.
-    /// The daemon calls it after answering a reset, so the reset waits for one pool message
-    /// (the snapshot), not two.
+    /// A committed layer is never reset: the spare a commit could not let go (the record's
+    /// slot for a device to discard held a reset's old device then) goes now, named as the
+    /// device to discard first, so a failed delete is retried by the next round.
+    pub(super) fn let_committed_spare_go(&self, record: LayerRecord) -> Result<()> {
+        if record.spare.is_none() || record.discarding.is_some() {
+            return Ok(());
+        }
+        let letting_go = LayerRecord {
+            discarding: record.spare,
+            spare: None,
+            ..record
+        };
+        self.put(letting_go.clone())?;
+        self.finish_discarding(letting_go).map(drop)
+    }
+
+    /// Delete the device layer `name` let go (the one a reset replaced, or the spare a commit
+    /// made useless), if it still has one. The daemon's deferred round calls it after the
+    /// answer, so a reset waits for one pool message (the snapshot), not two.
     pub fn finish_discard(&self, name: &str) -> Result<()> {
         let name = LayerName::new(name)?;
         let _guard = self.locks.lock(&name);
@@ -418,8 +436,8 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         }
     }
 
-    /// Delete the thin device a reset left `record` discarding, if any, and record that it
-    /// is gone. Gone already is fine.
+    /// Delete the thin device `record` names as discarding (one a reset replaced, or a spare
+    /// its commit let go), if any, and record that it is gone. Gone already is fine.
     #[tracing::instrument(level = "debug", skip_all)]
     pub(super) fn finish_discarding(&self, record: LayerRecord) -> Result<LayerRecord> {
         let Some(id) = record.discarding else {

@@ -284,6 +284,70 @@ fn a_commit_lets_the_spare_go() {
     assert_consistent(&f, engine);
 }
 
+/// With a daemon, the commit names the spare as the device to discard and wakes the round,
+/// which deletes it.
+#[test]
+fn a_commit_leaves_the_spare_to_the_round_when_a_daemon_runs_it() {
+    let f = Fixture::new();
+    setup(&f);
+    let engine = f.engine();
+    let wakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = wakes.clone();
+    engine.set_deferred_waker(move || {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    engine.reset("work", None).unwrap();
+    engine.process_deferred().unwrap();
+    let made = spare(&engine).unwrap();
+    assert_eq!(engine.commit("work").unwrap().reset_spare, None);
+    assert_eq!(wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(f.sim.thin_ids_now().contains(&made), "until the round");
+    engine.process_deferred().unwrap();
+    assert!(
+        !f.sim.thin_ids_now().contains(&made),
+        "deleted by the round"
+    );
+    assert_consistent(&f, engine);
+}
+
+/// A commit while a reset's old device still waits to be deleted keeps the spare; the round
+/// that deletes the old device lets the spare go too, and so does a start.
+#[test]
+fn a_spare_a_commit_could_not_let_go_goes_with_the_round_or_the_start() {
+    for by_start in [false, true] {
+        let f = Fixture::new();
+        setup(&f);
+        let engine = f.engine();
+        engine.checkpoint("work", "cp", &BTreeMap::new()).unwrap();
+        engine.reset("work", None).unwrap();
+        engine.process_deferred().unwrap();
+        let made = spare(&engine).unwrap();
+        engine.reset("work", Some("cp")).unwrap();
+        let committed = engine.commit("work").unwrap();
+        assert_eq!(committed.reset_spare, Some(made), "the slot was taken");
+        let engine = if by_start {
+            drop(engine);
+            let (engine, report) = f.open();
+            assert_eq!(report.spares_dropped, [LayerName::new("work").unwrap()]);
+            engine
+        } else {
+            engine.process_deferred().unwrap();
+            engine
+        };
+        assert_eq!(spare(&engine), None, "by start: {by_start}");
+        assert!(
+            !f.sim.thin_ids_now().contains(&made),
+            "by start: {by_start}"
+        );
+        assert_eq!(
+            byte(&f, &engine, "work"),
+            2,
+            "the checkpoint's content, committed"
+        );
+        assert_consistent(&f, engine);
+    }
+}
+
 /// A writable parent may still change, so a child of one gets no spare: its resets snapshot.
 #[test]
 fn a_writable_parent_gives_no_spare() {
