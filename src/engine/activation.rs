@@ -34,16 +34,16 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // device to discard: the daemon's round deletes it as it does the device a reset
         // replaced. (If a reset's old device holds that slot still, the round deletes that
         // one first and then lets the spare go.)
-        let spare_let_go = match committed.discarding {
-            None => committed.spare.take(),
-            Some(_) => None,
-        };
-        committed.discarding = committed.discarding.or(spare_let_go);
+        let spare_let_go = committed.let_spare_go();
         self.put(committed.clone())?;
         crash::point(crash::Point::CommitDone);
         tracing::info!(layer = %committed.name, "layer committed");
         if spare_let_go.is_some() {
-            committed = self.discard_deferred(committed);
+            self.after_answer(|| {
+                if let Err(e) = self.finish_discarding(committed.clone()) {
+                    tracing::warn!(layer = %committed.name, error = %e, "deleting the spare a commit let go failed; will retry");
+                }
+            });
         }
         self.emit(Some(&committed.name), EventKind::LayerCommitted);
         self.view(committed)

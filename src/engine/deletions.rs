@@ -37,13 +37,19 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
 
     /// Have the queued deletions done: by the watcher if there is one, else now.
     pub(super) fn deletions_queued(&self) {
+        self.after_answer(|| {
+            if let Err(e) = self.finish_deletions() {
+                tracing::warn!(error = %e, "deleting removed layers' devices failed; will retry");
+            }
+        });
+    }
+
+    /// Work an operation leaves for after its answer: the daemon's watcher is woken for it
+    /// (its deferred round does all such work), or, where no daemon runs one, `now` does it.
+    pub(super) fn after_answer(&self, now: impl FnOnce()) {
         match self.deferred_waker.get() {
             Some(wake) => wake(),
-            None => {
-                if let Err(e) = self.finish_deletions() {
-                    tracing::warn!(error = %e, "deleting removed layers' devices failed; will retry");
-                }
-            }
+            None => now(),
         }
     }
 

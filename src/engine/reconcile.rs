@@ -332,12 +332,13 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
         // for a device to discard taken, and the daemon stopped before its round) goes.
         let committed = self
             .index()
-            .names_where(|l| l.committed && l.spare.is_some() && l.discarding.is_none());
+            .names_where(|l| l.committed && l.spare.is_some());
         for name in committed {
             // The layer itself is whole: a failure leaves the spare to the rounds, not the
             // layer degraded.
             match self.let_committed_spare_go(self.record(&name)?) {
-                Ok(()) => report.spares_dropped.push(name),
+                Ok(true) => report.spares_dropped.push(name),
+                Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(layer = %name, error = %e, "deleting a committed layer's spare failed; the daemon's rounds retry")
                 }

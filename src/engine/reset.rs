@@ -322,7 +322,7 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             return Ok(());
         }
         if record.committed {
-            return self.let_committed_spare_go(record);
+            return self.let_committed_spare_go(record).map(drop);
         }
         let Some(parent) = record.parent.clone() else {
             return Ok(());
@@ -373,17 +373,14 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
     /// A committed layer is never reset: the spare a commit could not let go (the record's
     /// slot for a device to discard held a reset's old device then) goes now, named as the
     /// device to discard first, so a failed delete is retried by the next round.
-    pub(super) fn let_committed_spare_go(&self, record: LayerRecord) -> Result<()> {
-        if record.spare.is_none() || record.discarding.is_some() {
-            return Ok(());
+    /// Returns whether it had one to let go.
+    pub(super) fn let_committed_spare_go(&self, mut record: LayerRecord) -> Result<bool> {
+        if record.let_spare_go().is_none() {
+            return Ok(false);
         }
-        let letting_go = LayerRecord {
-            discarding: record.spare,
-            spare: None,
-            ..record
-        };
-        self.put(letting_go.clone())?;
-        self.finish_discarding(letting_go).map(drop)
+        self.put(record.clone())?;
+        self.finish_discarding(record)?;
+        Ok(true)
     }
 
     /// Delete the device layer `name` let go (the one a reset replaced, or the spare a commit
@@ -415,23 +412,6 @@ impl<K: PoolKernel, F: FsKernel> Engine<K, F> {
             }
             if let Err(e) = self.prepare_spare(&name) {
                 tracing::warn!(layer = %name, error = %e, "making a spare for the next reset failed; that reset will snapshot");
-            }
-        }
-    }
-
-    /// Have the thin device `record` discards deleted after the operation answers: by the
-    /// daemon's round, or now where no daemon does deferred work (a failure is logged: the
-    /// next round, or the next start, deletes it).
-    pub(super) fn discard_deferred(&self, record: LayerRecord) -> LayerRecord {
-        if let Some(wake) = self.deferred_waker.get() {
-            wake();
-            return record;
-        }
-        match self.finish_discarding(record.clone()) {
-            Ok(settled) => settled,
-            Err(e) => {
-                tracing::warn!(layer = %record.name, error = %e, "deleting a device the layer let go failed; will retry");
-                record
             }
         }
     }

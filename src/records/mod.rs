@@ -345,6 +345,16 @@ impl LayerRecord {
         }
     }
 
+    /// Name the spare as the device to discard, unless that slot holds another still: a layer
+    /// that will never be reset lets its spare go. Returns the spare let go.
+    pub fn let_spare_go(&mut self) -> Option<ThinId> {
+        if self.discarding.is_some() {
+            return None;
+        }
+        self.discarding = self.spare.take();
+        self.discarding
+    }
+
     /// The thin devices the record owns: its own, one a reset is discarding, and a spare
     /// made ahead for the next reset.
     pub fn thin_ids(&self) -> impl Iterator<Item = ThinId> {
